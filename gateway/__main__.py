@@ -1,0 +1,31 @@
+"""python -m kvmesh.gateway — run the gateway on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from kvmesh.config import GatewayConfig, load_settings
+from kvmesh.gateway.server import GatewayServer
+from kvmesh.logs import setup_logging
+from kvmesh.service_main import base_parser, run_until_signalled
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("kvmesh gateway: OpenAI HTTP + kvmesh.v1.Inference gRPC")
+    parser.add_argument("--grpc-port", type=int, default=None, help="Inference gRPC port")
+    parser.add_argument("--router", default=None, help="router host:port")
+    parser.add_argument("--ready-file", type=Path, default=None)
+    args = parser.parse_args(argv)
+    setup_logging("gateway", args.log_level)
+    config = load_settings(
+        GatewayConfig, args.config, host=args.host, port=args.port, grpc_port=args.grpc_port,
+        router=args.router, ready_file=args.ready_file,
+    )
+    asyncio.run(run_until_signalled(lambda: GatewayServer(config)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""kvmesh.v1.Inference: the gateway's gRPC API, over the same pipeline as HTTP."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from pydantic import ValidationError
+
+from kvmesh.errors import InvalidRequestError
+from kvmesh.gateway.core import GatewayCore, new_request_id
+from kvmesh.gateway.pipeline import Finished, run_generation
+from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from kvmesh.gateway.tokenizers import ModelTokenizer
+from kvmesh.gateway.translate import GenerationSpec, sampling_fields_from_proto
+from kvmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+
+def _validated(cls: type, fields: dict[str, object]) -> object:
+    try:
+        return cls.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidRequestError(f"{param}: {first.get('msg')}", param=param) from exc
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, core: GatewayCore) -> None:
+        self._core = core
+
+    async def Chat(
+        self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        fields = sampling_fields_from_proto(request.model, request.sampling, request.stream)
+        fields["messages"] = [
+            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+            for m in request.messages
+        ]
+        req = _validated(ChatCompletionRequest, fields)
+        assert isinstance(req, ChatCompletionRequest)
+        spec, tokenizer = await self._core.prepare_chat(req)
+        async for item in self._generate(spec, tokenizer, request.request_id, "chatcmpl",
+                                         request.stream):
+            yield item
+
+    async def Complete(
+        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        fields = sampling_fields_from_proto(request.model, request.sampling, request.stream)
+        which = request.WhichOneof("prompt")
+        if which is None:
+            raise InvalidRequestError("prompt is required", param="prompt")
+        fields["prompt"] = request.text if which == "text" else list(request.token_ids.ids)
+        req = _validated(CompletionRequest, fields)
+        assert isinstance(req, CompletionRequest)
+        spec, tokenizer = await self._core.prepare_completion(req)
+        async for item in self._generate(spec, tokenizer, request.request_id, "cmpl",
+                                         request.stream):
+            yield item
+
+    async def _generate(
+        self, spec: GenerationSpec, tokenizer: ModelTokenizer, client_id: str, prefix: str,
+        stream: bool,
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        rid = client_id or new_request_id(prefix)
+        created = int(time.time())
+        choices = [inference_pb2.GenerationChoice(index=i) for i in range(spec.n)]
+        async for event in run_generation(self._core.mesh, tokenizer, spec, rid):
+            if isinstance(event, Finished):
+                u = event.usage
+                usage = common_pb2.Usage(
+                    prompt_tokens=u.prompt_tokens,
+                    completion_tokens=u.completion_tokens,
+                    total_tokens=u.total_tokens,
+                    cached_tokens=(u.prompt_tokens_details or {}).get("cached_tokens", 0),
+                )
+                yield inference_pb2.GenerationResponse(
+                    id=rid, model=spec.model, created=created, usage=usage,
+                    choices=[] if stream else choices,
+                )
+            elif stream:
+                yield inference_pb2.GenerationResponse(
+                    id=rid, model=spec.model, created=created,
+                    choices=[inference_pb2.GenerationChoice(
+                        index=event.index, text=event.text, token_ids=event.token_ids,
+                        finish_reason=event.finish_reason or "",
+                    )],
+                )
+            else:
+                choice = choices[event.index]
+                choice.text += event.text
+                choice.token_ids.extend(event.token_ids)
+                if event.finish_reason:
+                    choice.finish_reason = event.finish_reason
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        return inference_pb2.ListModelsResponse(
+            models=[
+                inference_pb2.ModelCard(
+                    id=e.name, owned_by="kvmesh", created=e.created,
+                    max_model_len=e.max_context_length,
+                )
+                for e in self._core.catalog.all()
+            ]
+        )

@@ -1,0 +1,327 @@
+"""The OpenAI-compatible HTTP API (FastAPI)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kvmesh.errors import KvmeshError, http_error_for, openai_error_body
+from kvmesh.gateway.core import GatewayCore, new_request_id
+from kvmesh.gateway.pipeline import ChoiceDelta, Finished, run_generation
+from kvmesh.gateway.schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def error_response(exc: Exception, request_id: str | None = None) -> JSONResponse:
+    """The one place an exception becomes an HTTP status + OpenAI error JSON."""
+    if isinstance(exc, KvmeshError):
+        http = http_error_for(exc.code)
+        body = openai_error_body(exc.message, exc.openai_type, param=exc.param, code=http.status)
+    elif isinstance(exc, grpc.aio.AioRpcError):
+        http = http_error_for(exc.code())
+        param = dict(exc.trailing_metadata() or ()).get("kvmesh-error-param")
+        body = openai_error_body(
+            exc.details() or exc.code().name, http.openai_type, param=param, code=http.status
+        )
+    else:
+        log.exception("internal error", exc_info=exc)
+        http = http_error_for(grpc.StatusCode.INTERNAL)
+        body = openai_error_body(f"internal error: {exc}", http.openai_type, code=http.status)
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    return JSONResponse(body, status_code=http.status, headers=headers)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """Run ``work``; if the client goes away first, cancel it (aborting the engine)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        log.info("client disconnected; generation cancelled")
+        return None
+    return task.result()
+
+
+def _without_null_usage(payload: dict[str, Any]) -> dict[str, Any]:
+    if payload.get("usage") is None:
+        payload.pop("usage", None)
+    return payload
+
+
+async def primed(events: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Pull the first event now, so routing and admission errors become proper HTTP
+    statuses instead of in-band stream errors; then replay it and the rest."""
+    iterator = aiter(events)
+    try:
+        first = await anext(iterator)
+    except StopAsyncIteration:
+        return _empty()
+    except BaseException:
+        await iterator.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def replay() -> AsyncIterator[T]:
+        async with contextlib.aclosing(iterator):
+            yield first
+            async for item in iterator:
+                yield item
+
+    return replay()
+
+
+async def _empty() -> AsyncIterator[Any]:
+    return
+    yield
+
+
+def _sse(payload: Any) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def create_app(core: GatewayCore) -> FastAPI:
+    app = FastAPI(title="kvmesh gateway", version="0.1.0")
+
+    @app.middleware("http")
+    async def request_id_and_limits(request: Request, call_next: Any) -> Any:
+        request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("req")
+        request.state.request_id = request_id
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > core.config.max_body_bytes:
+            body = openai_error_body(
+                f"request body of {length} bytes exceeds the limit of "
+                f"{core.config.max_body_bytes}", "invalid_request_error", code=413,
+            )
+            return JSONResponse(body, status_code=413, headers={REQUEST_ID_HEADER: request_id})
+        response = await call_next(request)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+            for e in errors
+        )
+        body = openai_error_body(
+            message or "invalid request", "invalid_request_error",
+            param=".".join(loc) or None, code=400,
+        )
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(KvmeshError)
+    async def kvmesh_error(request: Request, exc: KvmeshError) -> JSONResponse:
+        return error_response(exc, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(grpc.aio.AioRpcError)
+    async def grpc_error(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
+        return error_response(exc, getattr(request.state, "request_id", None))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready = core.ready_models()
+        status = 200 if ready else 503
+        return JSONResponse({"status": "ok" if ready else "starting", "models": ready},
+                            status_code=status)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(
+            data=[
+                ModelCard(id=e.name, created=e.created, max_model_len=e.max_context_length)
+                for e in core.catalog.all()
+            ]
+        )
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> ModelCard:
+        e = core.catalog.get(model_id)
+        return ModelCard(id=e.name, created=e.created, max_model_len=e.max_context_length)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> JSONResponse | StreamingResponse | None:
+        spec, tokenizer = await core.prepare_chat(body)
+        rid = new_request_id("chatcmpl")
+        created = int(time.time())
+        events = run_generation(core.mesh, tokenizer, spec, rid)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = await primed(events)
+            return StreamingResponse(
+                _chat_stream(events, rid, created, body.model, spec.n, include_usage),
+                media_type="text/event-stream",
+            )
+
+        async def collect() -> ChatCompletionResponse:
+            texts, reasons, final = await _collect(events, spec.n)
+            return ChatCompletionResponse(
+                id=rid, created=created, model=body.model, usage=final,
+                choices=[
+                    ChatChoice(index=i, message=ChatResponseMessage(content=texts[i]),
+                               finish_reason=reasons[i])
+                    for i in range(spec.n)
+                ],
+            )
+
+        result = await cancel_on_disconnect(request, collect())
+        return None if result is None else JSONResponse(result.model_dump())
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(
+        body: CompletionRequest, request: Request
+    ) -> JSONResponse | StreamingResponse | None:
+        spec, tokenizer = await core.prepare_completion(body)
+        rid = new_request_id("cmpl")
+        created = int(time.time())
+        prefix = (spec.prompt_text or tokenizer.decode(spec.prompt_ids)) if body.echo else ""
+        events = run_generation(core.mesh, tokenizer, spec, rid)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = await primed(events)
+            return StreamingResponse(
+                _completion_stream(events, rid, created, body.model, prefix, include_usage),
+                media_type="text/event-stream",
+            )
+
+        async def collect() -> CompletionResponse:
+            texts, reasons, final = await _collect(events, spec.n)
+            return CompletionResponse(
+                id=rid, created=created, model=body.model, usage=final,
+                choices=[
+                    CompletionChoice(index=i, text=prefix + texts[i], finish_reason=reasons[i])
+                    for i in range(spec.n)
+                ],
+            )
+
+        result = await cancel_on_disconnect(request, collect())
+        return None if result is None else JSONResponse(result.model_dump())
+
+    return app
+
+
+async def _collect(
+    events: AsyncIterator[ChoiceDelta | Finished], n: int
+) -> tuple[list[str], list[str | None], Usage]:
+    texts = [""] * n
+    reasons: list[str | None] = [None] * n
+    final: Usage | None = None
+    async for event in events:
+        if isinstance(event, Finished):
+            final = event.usage
+        else:
+            texts[event.index] += event.text
+            if event.finish_reason:
+                reasons[event.index] = event.finish_reason
+    assert final is not None  # run_generation always ends with Finished
+    return texts, reasons, final
+
+
+async def _stream_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Errors after the response started can only be reported in-band."""
+    try:
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for item in events:
+                yield item
+    except (KvmeshError, grpc.aio.AioRpcError) as exc:
+        response = error_response(exc)
+        yield _sse(json.loads(bytes(response.body)))
+    yield _sse("[DONE]")
+
+
+def _chat_stream(
+    events: AsyncIterator[ChoiceDelta | Finished],
+    rid: str, created: int, model: str, n: int, include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return _sse(_without_null_usage(ChatCompletionChunk(
+            id=rid, created=created, model=model, choices=choices, usage=usage
+        ).model_dump()))
+
+    async def frames() -> AsyncIterator[str]:
+        for i in range(n):
+            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                if isinstance(event, Finished):
+                    if include_usage:
+                        yield chunk([], event.usage)
+                elif event.text or event.finish_reason:
+                    yield chunk([ChatChunkChoice(
+                        index=event.index,
+                        delta=ChatDelta(content=event.text or None),
+                        finish_reason=event.finish_reason,
+                    )])
+
+    return _stream_errors(frames())
+
+
+def _completion_stream(
+    events: AsyncIterator[ChoiceDelta | Finished],
+    rid: str, created: int, model: str, prefix: str, include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return _sse(_without_null_usage(CompletionResponse(
+            id=rid, created=created, model=model, choices=choices, usage=usage
+        ).model_dump()))
+
+    async def frames() -> AsyncIterator[str]:
+        echoed: set[int] = set()
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                if isinstance(event, Finished):
+                    if include_usage:
+                        yield chunk([], event.usage)
+                    continue
+                text = event.text
+                if prefix and event.index not in echoed:
+                    echoed.add(event.index)
+                    text = prefix + text
+                if text or event.finish_reason:
+                    yield chunk([CompletionChoice(
+                        index=event.index, text=text, finish_reason=event.finish_reason
+                    )])
+
+    return _stream_errors(frames())

@@ -1,0 +1,72 @@
+"""One generation through the mesh, as API-neutral events (HTTP and gRPC share it)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from kvmesh.errors import KvmeshError
+from kvmesh.gateway.detokenize import TextAssembler
+from kvmesh.gateway.mesh import MeshClient
+from kvmesh.gateway.schemas import Usage
+from kvmesh.gateway.tokenizers import ModelTokenizer
+from kvmesh.gateway.translate import GenerationSpec, finish_reason, usage
+
+
+@dataclass
+class ChoiceDelta:
+    """New text for one choice; ``finish_reason`` set on its last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Finished:
+    usage: Usage
+
+
+async def run_generation(
+    mesh: MeshClient, tokenizer: ModelTokenizer, spec: GenerationSpec, request_id: str
+) -> AsyncIterator[ChoiceDelta | Finished]:
+    assemblers = [TextAssembler(tokenizer.backend, spec.stop) for _ in range(spec.n)]
+    done: set[int] = set()
+    prompt_tokens = len(spec.prompt_ids)
+    cached_tokens = 0
+    stream = mesh.generate(
+        request_id, spec.model, spec.prompt_ids, spec.sampling, spec.prompt_text
+    )
+    async with contextlib.aclosing(stream):
+        async for response in stream:
+            kind = response.WhichOneof("response")
+            if kind == "chunk":
+                chunk = response.chunk
+                cached_tokens = max(cached_tokens, chunk.cached_tokens)
+                if chunk.index in done:
+                    continue
+                assembler = assemblers[chunk.index]
+                text = assembler.add(chunk.token_ids)
+                if assembler.stopped_by is not None:
+                    done.add(chunk.index)
+                    yield ChoiceDelta(chunk.index, text, list(chunk.token_ids), "stop")
+                elif text or chunk.token_ids:
+                    yield ChoiceDelta(chunk.index, text, list(chunk.token_ids))
+            elif kind == "complete":
+                complete = response.complete
+                prompt_tokens = complete.prompt_tokens or prompt_tokens
+                cached_tokens = max(cached_tokens, complete.cached_tokens)
+                if complete.index in done:
+                    continue
+                done.add(complete.index)
+                assembler = assemblers[complete.index]
+                # A streamed Complete repeats the last delta, already counted above.
+                text = assembler.finish()
+                reason = "stop" if assembler.stopped_by else finish_reason(complete.finish_reason)
+                yield ChoiceDelta(complete.index, text, [], reason)
+    if len(done) != spec.n:
+        raise KvmeshError(f"worker stream ended with {len(done)} of {spec.n} choices finished")
+    completion_tokens = sum(len(a.token_ids) for a in assemblers)
+    yield Finished(usage(prompt_tokens, completion_tokens, cached_tokens))

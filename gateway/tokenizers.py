@@ -1,0 +1,130 @@
+"""Per-model tokenizers fetched from workers over VllmEngine.GetTokenizer.
+
+Gateway hosts need no model files: the first worker of a model hands over its
+tokenizer bundle (a zip with the tokenizer and chat template), verified by SHA-256
+and cached on disk by digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from smg_grpc_proto import vllm_engine_pb2_grpc
+from smg_grpc_proto.generated import common_pb2
+
+from kvmesh.errors import InvalidRequestError, NoWorkerAvailableError
+from kvmesh.grpc_util import insecure_channel
+
+log = logging.getLogger(__name__)
+FETCH_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ModelTokenizer:
+    """A model's tokenizer: chat template rendering and (de)tokenization."""
+
+    hf: Any  # transformers PreTrainedTokenizerBase
+
+    @property
+    def backend(self) -> Any:
+        """The fast ``tokenizers.Tokenizer`` (for incremental decoding)."""
+        return self.hf.backend_tokenizer
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        try:
+            rendered = self.hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # jinja errors, missing template
+            raise InvalidRequestError(f"chat template failed: {exc}", param="messages") from exc
+        return str(rendered)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.hf.decode(ids, skip_special_tokens=True))
+
+
+async def fetch_bundle(endpoint: str) -> tuple[bytes, str]:
+    """Stream a worker's tokenizer zip; return (bytes, sha256)."""
+    async with insecure_channel(endpoint) as channel:
+        stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+        parts: list[bytes] = []
+        digest = ""
+        async for chunk in stub.GetTokenizer(
+            common_pb2.GetTokenizerRequest(), timeout=FETCH_TIMEOUT_S
+        ):
+            parts.append(chunk.data)
+            digest = chunk.sha256 or digest
+    data = b"".join(parts)
+    actual = hashlib.sha256(data).hexdigest()
+    if digest and digest != actual:
+        raise ValueError(f"tokenizer bundle from {endpoint} is corrupt (sha256 mismatch)")
+    return data, actual
+
+
+def unpack_bundle(data: bytes, digest: str, cache_dir: Path) -> Path:
+    target = cache_dir / digest
+    if (target / ".complete").exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for name in archive.namelist():
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"unexpected path {name!r} in tokenizer bundle")
+        archive.extractall(target)
+    (target / ".complete").touch()
+    return target
+
+
+def load_tokenizer(folder: Path) -> ModelTokenizer:
+    from transformers import AutoTokenizer
+
+    return ModelTokenizer(AutoTokenizer.from_pretrained(str(folder)))
+
+
+class TokenizerStore:
+    """One tokenizer per model, loaded once (concurrent callers share the load)."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self._cache_dir = cache_dir
+        self._loads: dict[str, asyncio.Task[ModelTokenizer]] = {}
+
+    def prefetch(self, model: str, endpoints: list[str]) -> None:
+        if model not in self._loads or self._loads[model].done() and (
+            self._loads[model].exception() is not None
+        ):
+            self._loads[model] = asyncio.create_task(self._load(model, endpoints))
+
+    async def get(self, model: str, endpoints: list[str]) -> ModelTokenizer:
+        self.prefetch(model, endpoints)
+        return await asyncio.shield(self._loads[model])
+
+    def ready(self, model: str) -> bool:
+        task = self._loads.get(model)
+        return task is not None and task.done() and task.exception() is None
+
+    async def _load(self, model: str, endpoints: list[str]) -> ModelTokenizer:
+        last: Exception | None = None
+        for endpoint in endpoints:
+            try:
+                data, digest = await fetch_bundle(endpoint)
+                folder = await asyncio.to_thread(
+                    unpack_bundle, data, digest, self._cache_dir
+                )
+                tokenizer = await asyncio.to_thread(load_tokenizer, folder)
+                log.info("tokenizer for %s loaded from %s (%s)", model, endpoint, digest[:12])
+                return tokenizer
+            except (grpc.aio.AioRpcError, ValueError, OSError) as exc:
+                log.warning("tokenizer of %s from %s failed: %s", model, endpoint, exc)
+                last = exc
+        raise NoWorkerAvailableError(f"could not load the tokenizer of {model!r}: {last}")

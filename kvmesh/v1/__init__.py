@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for the kvmesh.v1 contracts (see protos/)."""

@@ -1,0 +1,34 @@
+"""python -m kvmesh.router — run the router on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from kvmesh.config import RouterConfig, load_settings
+from kvmesh.logs import setup_logging
+from kvmesh.router.server import RouterServer
+from kvmesh.service_main import base_parser, run_until_signalled
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("kvmesh router: worker registry and routing")
+    parser.add_argument("--policy", default=None, help="round_robin, power_of_two, random")
+    parser.add_argument(
+        "--worker", action="append", default=None, dest="static_workers",
+        help="register a VllmEngine worker by address (repeatable)",
+    )
+    parser.add_argument("--ready-file", type=Path, default=None, help="write the address here")
+    args = parser.parse_args(argv)
+    setup_logging("router", args.log_level)
+    config = load_settings(
+        RouterConfig, args.config, host=args.host, port=args.port, policy=args.policy,
+        static_workers=args.static_workers,
+    )
+    asyncio.run(run_until_signalled(lambda: RouterServer(config, ready_file=args.ready_file)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The worker registry: who serves what, whether they are alive, how loaded.
+
+Pure bookkeeping (no grpc): the servicer feeds it registrations, heartbeats, probe
+results and routed/finished requests; policies read :class:`WorkerState` from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from kvmesh.errors import WorkerNotFoundError
+
+
+@dataclass
+class WorkerLoadView:
+    """Load as last reported by the worker, plus the router's own accounting."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    reported_at: float = 0.0
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    endpoint: str
+    model: str
+    role: str = "both"
+    adapters: tuple[str, ...] = ()
+    block_size: int = 0
+    max_context_length: int = 0
+    kv_capacity_tokens: int = 0
+    metrics_endpoint: str = ""
+    nixl_side_channel: str = ""
+    dp_rank: int = -1
+    self_registered: bool = True
+    last_seen: float = 0.0
+    load: WorkerLoadView = field(default_factory=WorkerLoadView)
+    in_flight: set[str] = field(default_factory=set)
+
+    @property
+    def active(self) -> int:
+        """Requests believed to be on the worker: the larger of what we routed and
+        what it reports (a plain vLLM worker may also take traffic from elsewhere)."""
+        return max(len(self.in_flight), self.load.num_running + self.load.num_waiting)
+
+
+class WorkerRegistry:
+    """Registered workers, keyed by id; changes bump :attr:`version`."""
+
+    def __init__(self, lease_ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._workers: dict[str, WorkerState] = {}
+        self._lease_ttl_s = lease_ttl_s
+        self._clock = clock
+        self.version = 0
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def upsert(self, worker: WorkerState) -> WorkerState:
+        """Add or replace a worker; keeps in-flight accounting across re-registration."""
+        old = self._workers.get(worker.worker_id)
+        if old is not None:
+            worker.in_flight = old.in_flight
+            worker.load = old.load
+        worker.last_seen = self._clock()
+        self._workers[worker.worker_id] = worker
+        self.version += 1
+        return worker
+
+    def remove(self, worker_id: str) -> bool:
+        removed = self._workers.pop(worker_id, None) is not None
+        if removed:
+            self.version += 1
+        return removed
+
+    def get(self, worker_id: str) -> WorkerState:
+        try:
+            return self._workers[worker_id]
+        except KeyError:
+            raise WorkerNotFoundError(f"unknown worker {worker_id!r}") from None
+
+    def touch(self, worker_id: str) -> bool:
+        """Record a sign of life; False when the worker is unknown."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.last_seen = self._clock()
+        return True
+
+    def report_load(
+        self, worker_id: str, num_running: int, num_waiting: int, kv_usage: float
+    ) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return
+        now = self._clock()
+        worker.load = WorkerLoadView(num_running, num_waiting, kv_usage, now)
+        worker.last_seen = now
+
+    def expire(self) -> list[str]:
+        """Remove workers not seen within the lease; return their ids."""
+        cutoff = self._clock() - self._lease_ttl_s
+        dead = [wid for wid, w in self._workers.items() if w.last_seen < cutoff]
+        for wid in dead:
+            self.remove(wid)
+        return dead
+
+    def routed(self, worker_id: str, request_id: str) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.in_flight.add(request_id)
+
+    def finished(self, worker_id: str, request_id: str) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.in_flight.discard(request_id)
+
+    def all(self) -> list[WorkerState]:
+        return list(self._workers.values())
+
+    def candidates(
+        self, model: str, adapter: str = "", exclude: Iterable[str] = ()
+    ) -> list[WorkerState]:
+        """Workers that can decode ``model`` (and serve ``adapter``), in id order."""
+        excluded = set(exclude)
+        return sorted(
+            (
+                w
+                for w in self._workers.values()
+                if w.model == model
+                and w.role in ("both", "decode")
+                and (not adapter or adapter in w.adapters)
+                and w.worker_id not in excluded
+            ),
+            key=lambda w: w.worker_id,
+        )
+
+    def models(self) -> list[str]:
+        return sorted({w.model for w in self._workers.values()})

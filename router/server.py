@@ -1,0 +1,48 @@
+"""The router process: gRPC server with Router, health and reflection."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+
+from kvmesh.config import RouterConfig
+from kvmesh.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.router.servicer import RouterServicer
+from kvmesh.service_main import write_ready_file
+from kvmesh.v1 import router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+
+class RouterServer:
+    def __init__(self, config: RouterConfig, ready_file: Path | None = None) -> None:
+        self.config = config
+        self._ready_file = ready_file
+        self.servicer = RouterServicer(config)
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> str:
+        server = create_server()
+        router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
+        health = add_health_and_reflection(server, [SERVICE_NAME])
+        self.port = bind(server, self.config.host, self.config.port)
+        await server.start()
+        await self.servicer.start()
+        await set_serving(health, [SERVICE_NAME])
+        self._server = server
+        write_ready_file(self._ready_file, {"grpc": self.address})
+        log.info("router serving on %s (policy=%s)", self.address, self.config.policy)
+        return self.address
+
+    async def stop(self) -> None:
+        await self.servicer.stop()
+        if self._server is not None:
+            await self._server.stop(grace=2.0)

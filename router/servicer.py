@@ -1,0 +1,254 @@
+"""kvmesh.v1.Router over the pure registry and policies (thin shell)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+
+from kvmesh.config import RouterConfig
+from kvmesh.errors import InvalidRequestError, ModelNotFoundError
+from kvmesh.grpc_util import insecure_channel
+from kvmesh.router import worker_probe
+from kvmesh.router.policies import RouteContext, make_policy, pick
+from kvmesh.router.registry import WorkerRegistry, WorkerState
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_ROLE_TO_NAME = {
+    common_pb2.WORKER_ROLE_UNSPECIFIED: "both",
+    common_pb2.WORKER_ROLE_BOTH: "both",
+    common_pb2.WORKER_ROLE_PREFILL: "prefill",
+    common_pb2.WORKER_ROLE_DECODE: "decode",
+}
+_NAME_TO_ROLE = {
+    "both": common_pb2.WORKER_ROLE_BOTH,
+    "prefill": common_pb2.WORKER_ROLE_PREFILL,
+    "decode": common_pb2.WORKER_ROLE_DECODE,
+}
+
+
+def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
+    return common_pb2.WorkerInfo(
+        worker_id=w.worker_id,
+        endpoint=w.endpoint,
+        model=w.model,
+        adapters=list(w.adapters),
+        role=_NAME_TO_ROLE[w.role],
+        block_size=w.block_size,
+        nixl_side_channel=w.nixl_side_channel,
+        dp_rank=w.dp_rank,
+        metrics_endpoint=w.metrics_endpoint,
+        max_context_length=w.max_context_length,
+        kv_capacity_tokens=w.kv_capacity_tokens,
+        self_registered=w.self_registered,
+    )
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, config: RouterConfig) -> None:
+        self._config = config
+        self.registry = WorkerRegistry(config.lease_ttl_s)
+        self.policy = make_policy(config.policy, config.seed)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._changed = asyncio.Condition()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._expire_loop()))
+        for endpoint in self._config.static_workers:
+            self._tasks.append(asyncio.create_task(self._register_static(endpoint)))
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._probes.values()]:
+            task.cancel()
+        for task in [*self._tasks, *self._probes.values()]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def _register_static(self, endpoint: str) -> None:
+        """Keep trying to register a by-address worker until it answers."""
+        request = router_pb2.RegisterWorkerRequest(
+            worker=common_pb2.WorkerInfo(endpoint=endpoint, self_registered=False)
+        )
+        while True:
+            try:
+                await self._register(request.worker)
+                return
+            except grpc.aio.AioRpcError as exc:
+                log.info("static worker %s not reachable yet: %s", endpoint, exc.code().name)
+                await asyncio.sleep(self._config.probe_interval_s)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(self._config.heartbeat_interval_s, 1.0))
+            for worker_id in self.registry.expire():
+                log.warning("worker %s expired (no heartbeat or probe)", worker_id)
+                self._stop_probe(worker_id)
+                await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = self._channels[endpoint] = insecure_channel(endpoint)
+        return channel
+
+    def _stop_probe(self, worker_id: str) -> None:
+        task = self._probes.pop(worker_id, None)
+        if task is not None:
+            task.cancel()
+
+    async def _probe_loop(self, worker_id: str, endpoint: str) -> None:
+        """Poll GetLoads: it is both the load feed and the liveness probe."""
+        channel = self._channel(endpoint)
+        while True:
+            try:
+                sample = await worker_probe.sample_load(channel)
+                self.registry.report_load(
+                    worker_id, sample.num_running, sample.num_waiting, sample.kv_usage
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.debug("probe of %s failed: %s", worker_id, exc.code().name)
+            await asyncio.sleep(self._config.probe_interval_s)
+
+    async def _register(self, info: common_pb2.WorkerInfo) -> WorkerState:
+        if not info.endpoint:
+            raise InvalidRequestError("worker.endpoint is required", param="worker.endpoint")
+        facts = await worker_probe.describe(self._channel(info.endpoint))
+        state = WorkerState(
+            worker_id=info.worker_id or info.endpoint,
+            endpoint=info.endpoint,
+            model=info.model or facts.model,
+            role=_ROLE_TO_NAME.get(info.role, "both"),
+            adapters=tuple(info.adapters),
+            block_size=info.block_size or facts.block_size,
+            max_context_length=info.max_context_length or facts.max_context_length,
+            kv_capacity_tokens=info.kv_capacity_tokens or facts.kv_capacity_tokens,
+            metrics_endpoint=info.metrics_endpoint,
+            nixl_side_channel=info.nixl_side_channel,
+            dp_rank=info.dp_rank,
+            self_registered=info.self_registered,
+        )
+        self.registry.upsert(state)
+        self._stop_probe(state.worker_id)
+        self._probes[state.worker_id] = asyncio.create_task(
+            self._probe_loop(state.worker_id, state.endpoint)
+        )
+        log.info(
+            "registered worker %s at %s (model=%s role=%s block_size=%d)",
+            state.worker_id, state.endpoint, state.model, state.role, state.block_size,
+        )
+        await self._notify()
+        return state
+
+    # ---- RPCs ------------------------------------------------------------------
+    async def RegisterWorker(
+        self, request: router_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RegisterWorkerResponse:
+        try:
+            state = await self._register(request.worker)
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"worker {request.worker.endpoint} did not answer: {exc.details()}",
+            )
+        return router_pb2.RegisterWorkerResponse(
+            worker=worker_to_proto(state),
+            heartbeat_interval_s=self._config.heartbeat_interval_s,
+            lease_ttl_s=self._config.lease_ttl_s,
+        )
+
+    async def Heartbeat(
+        self, request: router_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.HeartbeatResponse:
+        return router_pb2.HeartbeatResponse(known=self.registry.touch(request.worker_id))
+
+    async def DeregisterWorker(
+        self, request: router_pb2.DeregisterWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.DeregisterWorkerResponse:
+        removed = self.registry.remove(request.worker_id)
+        self._stop_probe(request.worker_id)
+        if removed:
+            log.info("worker %s deregistered", request.worker_id)
+            await self._notify()
+        return router_pb2.DeregisterWorkerResponse(removed=removed)
+
+    async def Route(
+        self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouteDecision:
+        if request.model not in self.registry.models():
+            raise ModelNotFoundError(f"the model `{request.model}` does not exist", param="model")
+        ctx = RouteContext(
+            request_id=request.request_id,
+            model=request.model,
+            adapter=request.adapter,
+            token_ids=request.token_ids,
+            max_tokens=request.max_tokens,
+        )
+        workers = self.registry.candidates(
+            request.model, request.adapter, request.exclude_worker_ids
+        )
+        choice = pick(self.policy, ctx, workers)
+        self.registry.routed(choice.worker.worker_id, request.request_id)
+        log.debug("route %s -> %s (%s)", request.request_id, choice.worker.worker_id, choice.reason)
+        return router_pb2.RouteDecision(
+            mode=router_pb2.RouteDecision.MODE_AGGREGATED,
+            worker=worker_to_proto(choice.worker),
+            expected_cached_tokens=choice.expected_cached_tokens,
+            reason=choice.reason,
+            policy=self.policy.name,
+        )
+
+    async def RequestFinished(
+        self, request: router_pb2.RequestFinishedRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RequestFinishedResponse:
+        self.registry.finished(request.worker_id, request.request_id)
+        return router_pb2.RequestFinishedResponse()
+
+    async def ListWorkers(
+        self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListWorkersResponse:
+        now = time.monotonic()
+        statuses = [
+            router_pb2.WorkerStatus(
+                worker=worker_to_proto(w),
+                load=common_pb2.WorkerLoad(
+                    num_running=w.load.num_running,
+                    num_waiting=w.load.num_waiting,
+                    kv_usage=w.load.kv_usage,
+                    in_flight=len(w.in_flight),
+                    age_s=now - w.load.reported_at if w.load.reported_at else -1.0,
+                ),
+                last_seen_age_s=now - w.last_seen,
+            )
+            for w in sorted(self.registry.all(), key=lambda w: w.worker_id)
+            if not request.model or w.model == request.model
+        ]
+        return router_pb2.ListWorkersResponse(workers=statuses, policy=self.policy.name)
+
+    async def WatchWorkers(
+        self, request: router_pb2.WatchWorkersRequest, context: grpc.aio.ServicerContext
+    ):  # type: ignore[override]
+        sent = -1
+
+        def changed() -> bool:
+            return self.registry.version != sent
+
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(changed)
+                sent = self.registry.version
+                workers = [worker_to_proto(w) for w in self.registry.all()]
+            yield router_pb2.WorkerSet(workers=workers, version=sent)

@@ -1,0 +1,57 @@
+"""What the router learns from a worker over its VllmEngine contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
+
+PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerFacts:
+    model: str
+    block_size: int
+    max_context_length: int
+    kv_capacity_tokens: int
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    kv_capacity_tokens: int
+
+
+async def describe(channel: grpc.aio.Channel) -> WorkerFacts:
+    """Model name, block size, context length and KV capacity of a worker."""
+    stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+    info = await stub.GetModelInfo(vllm_engine_pb2.GetModelInfoRequest(), timeout=PROBE_TIMEOUT_S)
+    server = await stub.GetServerInfo(
+        vllm_engine_pb2.GetServerInfoRequest(), timeout=PROBE_TIMEOUT_S
+    )
+    load = await sample_load(channel)
+    return WorkerFacts(
+        model=info.served_model_name or info.model_path,
+        block_size=server.block_size,
+        max_context_length=info.max_context_length,
+        kv_capacity_tokens=load.kv_capacity_tokens,
+    )
+
+
+async def sample_load(channel: grpc.aio.Channel) -> LoadSample:
+    """Sum the worker's per-DP-rank loads into one sample."""
+    stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+    reply = await stub.GetLoads(vllm_engine_pb2.GetLoadsRequest(), timeout=PROBE_TIMEOUT_S)
+    loads = list(reply.loads)
+    if not loads:
+        return LoadSample(0, 0, 0.0, 0)
+    return LoadSample(
+        num_running=sum(x.num_running_reqs for x in loads),
+        num_waiting=sum(x.num_waiting_reqs for x in loads),
+        kv_usage=max(x.token_usage for x in loads),
+        kv_capacity_tokens=sum(x.max_total_num_tokens for x in loads),
+    )

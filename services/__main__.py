@@ -1,0 +1,86 @@
+"""python -m kvmesh.services — run one worker on its own (a Ray actor by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvmesh.config import WorkerConfig, load_settings
+from kvmesh.logs import setup_logging
+from kvmesh.service_main import base_parser, run_until_signalled, write_ready_file
+
+log = logging.getLogger("kvmesh.services")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser("kvmesh worker: vLLM behind the VllmEngine gRPC contract")
+    parser.add_argument("--model", default=None, help="model folder or 'embedded'")
+    parser.add_argument("--router", default=None, help="router host:port to register with")
+    parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--role", default=None, choices=["both", "prefill", "decode"])
+    parser.add_argument("--engine-kind", default=None, choices=["vllm", "fake"])
+    parser.add_argument("--enforce-eager", action="store_true", default=None)
+    parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--cpu-bind", default=None, help="cores for the engine, e.g. 0-1")
+    parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument("--no-ray", action="store_true", help="run in this process, no Ray")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join")
+    parser.add_argument("--ready-file", type=Path, default=None)
+    args = parser.parse_args(argv)
+    setup_logging("worker", args.log_level)
+
+    engine: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "model": args.model,
+            "enforce_eager": args.enforce_eager,
+            "block_size": args.block_size,
+            "max_model_len": args.max_model_len,
+        }.items()
+        if v is not None
+    }
+    base = load_settings(WorkerConfig, args.config)
+    config = load_settings(
+        WorkerConfig, args.config, host=args.host, port=args.port, router=args.router,
+        worker_id=args.worker_id, role=args.role, engine_kind=args.engine_kind,
+        cpu_bind=args.cpu_bind, run_dir=args.run_dir,
+        engine=base.engine.model_copy(update=engine) if engine else None,
+    )
+    if args.no_ray:
+        from kvmesh.services.worker import WorkerServer
+
+        asyncio.run(run_until_signalled(lambda: WorkerServer(config, args.ready_file)))
+        return 0
+
+    import ray
+
+    from kvmesh.services.actor import init_ray, spawn_worker_actor
+
+    init_ray(args.ray_address)
+
+    class ActorService:
+        def __init__(self) -> None:
+            self.actor = spawn_worker_actor(config)
+
+        async def start(self) -> None:
+            info = await self.actor.start.remote()
+            log.info("worker actor up: %s", info)
+            write_ready_file(args.ready_file, info)
+
+        async def stop(self) -> None:
+            try:
+                await self.actor.stop.remote()
+            finally:
+                ray.kill(self.actor)
+                ray.shutdown()
+
+    asyncio.run(run_until_signalled(ActorService))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

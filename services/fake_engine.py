@@ -1,0 +1,152 @@
+"""A fast fake engine that speaks the real VllmEngine contract.
+
+For integration tests and simulations only: it echoes the prompt's tokens back one
+at a time with a fixed delay, so the whole mesh can be exercised in milliseconds
+(routing, streaming, cancellation, load reporting) with the same protobufs real
+workers use. It is never the thing that "works" — real vLLM is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
+from smg_grpc_proto.generated import common_pb2
+from smg_grpc_servicer.tokenizer_bundle import tokenizer_bundle, tokenizer_chunks
+
+log = logging.getLogger(__name__)
+
+
+class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
+    def __init__(
+        self,
+        served_model_name: str,
+        tokenizer_dir: Path,
+        *,
+        token_delay_s: float = 0.005,
+        max_context_length: int = 4096,
+        block_size: int = 32,
+        kv_capacity_tokens: int = 65536,
+    ) -> None:
+        self._name = served_model_name
+        self._tokenizer_dir = tokenizer_dir
+        self._delay = token_delay_s
+        self._max_len = max_context_length
+        self._block_size = block_size
+        self._capacity = kv_capacity_tokens
+        self._running: set[str] = set()
+        self._aborted: set[str] = set()
+        self._start = time.time()
+        self.generated_requests = 0
+
+    async def Generate(
+        self, request: vllm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[vllm_engine_pb2.GenerateResponse]:
+        if request.WhichOneof("input") != "tokenized":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fake engine takes token ids")
+        prompt = list(request.tokenized.input_ids)
+        params = request.sampling_params
+        max_tokens = params.max_tokens if params.HasField("max_tokens") else 16
+        if len(prompt) + max_tokens > self._max_len:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds "
+                f"max_model_len {self._max_len}",
+            )
+        rid = request.request_id
+        self._running.add(rid)
+        self.generated_requests += 1
+        output: list[int] = []
+        finish = "length"
+        try:
+            for i in range(max_tokens):
+                if rid in self._aborted:
+                    finish = "abort"
+                    break
+                if i >= len(prompt):
+                    finish = "stop"
+                    break
+                await asyncio.sleep(self._delay)
+                token = prompt[i]
+                output.append(token)
+                if request.stream:
+                    yield vllm_engine_pb2.GenerateResponse(
+                        chunk=vllm_engine_pb2.GenerateStreamChunk(
+                            token_ids=[token], prompt_tokens=len(prompt), completion_tokens=1
+                        )
+                    )
+            yield vllm_engine_pb2.GenerateResponse(
+                complete=vllm_engine_pb2.GenerateComplete(
+                    # Like vLLM's servicer: a streamed Complete carries the last delta
+                    # (already sent), a non-streamed one everything.
+                    output_ids=output[-1:] if request.stream else output,
+                    finish_reason=finish,
+                    prompt_tokens=len(prompt),
+                    completion_tokens=len(output),
+                )
+            )
+        finally:
+            self._running.discard(rid)
+            self._aborted.discard(rid)
+
+    async def Abort(
+        self, request: vllm_engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> vllm_engine_pb2.AbortResponse:
+        self._aborted.update(r for r in request.request_ids if r in self._running)
+        return vllm_engine_pb2.AbortResponse()
+
+    async def HealthCheck(
+        self, request: vllm_engine_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> vllm_engine_pb2.HealthCheckResponse:
+        return vllm_engine_pb2.HealthCheckResponse(healthy=True, message="fake engine")
+
+    async def GetModelInfo(
+        self, request: vllm_engine_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> vllm_engine_pb2.GetModelInfoResponse:
+        return vllm_engine_pb2.GetModelInfoResponse(
+            model_path=str(self._tokenizer_dir),
+            is_generation=True,
+            max_context_length=self._max_len,
+            served_model_name=self._name,
+            tokenizer_path=str(self._tokenizer_dir),
+            max_req_input_len=self._max_len,
+        )
+
+    async def GetServerInfo(
+        self, request: vllm_engine_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> vllm_engine_pb2.GetServerInfoResponse:
+        return vllm_engine_pb2.GetServerInfoResponse(
+            active_requests=len(self._running),
+            uptime_seconds=time.time() - self._start,
+            server_type="kvmesh-fake",
+            block_size=self._block_size,
+        )
+
+    async def GetLoads(
+        self, request: vllm_engine_pb2.GetLoadsRequest, context: grpc.aio.ServicerContext
+    ) -> vllm_engine_pb2.GetLoadsResponse:
+        load = vllm_engine_pb2.SchedulerLoad(
+            dp_rank=0,
+            num_running_reqs=len(self._running),
+            num_total_reqs=len(self._running),
+            max_total_num_tokens=self._capacity,
+        )
+        return vllm_engine_pb2.GetLoadsResponse(
+            timestamp=datetime.now(UTC).isoformat(),
+            version="fake",
+            dp_rank_count=1,
+            loads=[load],
+        )
+
+    async def GetTokenizer(
+        self, request: common_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GetTokenizerChunk]:
+        zip_data, sha256 = await tokenizer_bundle(self._tokenizer_dir)
+        for chunk in tokenizer_chunks(zip_data, sha256):
+            yield chunk

@@ -1,0 +1,144 @@
+"""One worker: an engine (real vLLM, or the fake for tests) served over VllmEngine.
+
+The same class runs inside a Ray actor (services/actor.py) or a plain process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
+
+from kvmesh.config import WorkerConfig
+from kvmesh.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.models import EMBEDDED_CHAT_MODEL, LocalModelSource
+from kvmesh.service_main import write_ready_file
+from kvmesh.services.engine_args import engine_env, engine_kwargs
+from kvmesh.services.registration import Registration
+from kvmesh.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = vllm_engine_pb2.DESCRIPTOR.services_by_name["VllmEngine"].full_name
+_ROLES = {
+    "both": common_pb2.WORKER_ROLE_BOTH,
+    "prefill": common_pb2.WORKER_ROLE_PREFILL,
+    "decode": common_pb2.WORKER_ROLE_DECODE,
+}
+
+
+def served_name(config: WorkerConfig, model_path: Path) -> str:
+    if config.engine.served_model_name:
+        return config.engine.served_model_name
+    if config.engine.model in ("", "embedded", EMBEDDED_CHAT_MODEL):
+        return EMBEDDED_CHAT_MODEL
+    return model_path.name
+
+
+class WorkerServer:
+    def __init__(self, config: WorkerConfig, ready_file: Path | None = None) -> None:
+        self.config = config
+        self._ready_file = ready_file
+        self._server: grpc.aio.Server | None = None
+        self._engine: Any = None
+        self._registration: Registration | None = None
+        self.port = 0
+        self.worker_id = ""
+        self.model = ""
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.config.advertise_host or self.config.host}:{self.port}"
+
+    async def start(self) -> dict[str, Any]:
+        """Bind, start the engine, serve, register. Returns what the caller needs."""
+        config = self.config
+        server = create_server()
+        self.port = bind(server, config.host, config.port)
+        self.worker_id = config.worker_id or self.endpoint
+        model_path = LocalModelSource().resolve(config.engine.model)
+        self.model = served_name(config, model_path)
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+
+        started = time.monotonic()
+        if config.engine_kind == "fake":
+            from kvmesh.services.fake_engine import FakeVllmEngineServicer
+
+            servicer: Any = FakeVllmEngineServicer(
+                self.model,
+                model_path,
+                token_delay_s=config.fake_token_delay_s,
+                max_context_length=config.engine.max_model_len,
+                block_size=config.engine.block_size or 32,
+            )
+            health = add_health_and_reflection(server, [SERVICE_NAME])
+        else:
+            servicer, health = self._start_vllm(server, model_path)
+        vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(servicer, server)
+        await server.start()
+        if health is not None:
+            await set_serving(health, [SERVICE_NAME])
+        self._server = server
+        log.info(
+            "worker %s serving %s on %s (%s engine ready in %.1fs)",
+            self.worker_id, self.model, self.endpoint, config.engine_kind,
+            time.monotonic() - started,
+        )
+        if config.router:
+            self._registration = Registration(
+                config.router,
+                common_pb2.WorkerInfo(
+                    worker_id=self.worker_id,
+                    endpoint=self.endpoint,
+                    model=self.model,
+                    role=_ROLES[config.role.value],
+                    dp_rank=-1,
+                    self_registered=True,
+                ),
+            )
+            self._registration.start()
+        info = {"worker_id": self.worker_id, "endpoint": self.endpoint, "model": self.model}
+        write_ready_file(self._ready_file, info)
+        return info
+
+    def _start_vllm(self, server: grpc.aio.Server, model_path: Path) -> tuple[Any, Any]:
+        os.environ.update(engine_env(self.config))
+        from grpc_health.v1 import health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+        from smg_grpc_servicer.vllm.health_servicer import VllmHealthServicer
+        from smg_grpc_servicer.vllm.servicer import VllmEngineServicer
+        from vllm.config import KVEventsConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = engine_kwargs(self.config, model_path, self.model, self.worker_id)
+        kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
+        engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**kwargs), usage_context=UsageContext.OPENAI_API_SERVER
+        )
+        self._engine = engine
+        servicer = VllmEngineServicer(engine, time.time())
+        # vLLM's own health servicer reports the engine's real state.
+        health_pb2_grpc.add_HealthServicer_to_server(VllmHealthServicer(engine), server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+        )
+        return servicer, None
+
+    async def wait_registered(self) -> None:
+        if self._registration is not None:
+            await self._registration.registered.wait()
+
+    async def stop(self) -> None:
+        if self._registration is not None:
+            await self._registration.stop()
+        if self._server is not None:
+            await self._server.stop(grace=2.0)
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
