@@ -17,7 +17,9 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-_FILE_DATA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+# (settings class being loaded, its file's data): nested settings models must not
+# read their parent's file as their own.
+_FILE_DATA: contextvars.ContextVar[tuple[type, dict[str, Any]] | None] = contextvars.ContextVar(
     "kvmesh_config_file_data", default=None
 )
 
@@ -34,11 +36,17 @@ class WorkerRole(StrEnum):
 class _FileSource(PydanticBaseSettingsSource):
     """Settings from the config file given to :func:`load_settings`."""
 
+    def _data(self) -> dict[str, Any]:
+        current = _FILE_DATA.get()
+        if current is None or current[0] is not self.settings_cls:
+            return {}
+        return current[1]
+
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return (_FILE_DATA.get() or {}).get(field_name), field_name, False
+        return self._data().get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_FILE_DATA.get() or {})
+        return dict(self._data())
 
 
 class _Settings(BaseSettings):
@@ -214,7 +222,7 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
 
 def load_settings(cls: type[S], config_file: Path | None = None, **flags: Any) -> S:
     """Build ``cls`` from flags (None means unset) > environment > file > defaults."""
-    token = _FILE_DATA.set(read_config_file(config_file))
+    token = _FILE_DATA.set((cls, read_config_file(config_file)))
     try:
         return cls(**{k: v for k, v in flags.items() if v is not None})
     finally:

@@ -16,7 +16,9 @@ def ray_env() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True
+) -> None:
     """Join ``address`` or start a local Ray bound to 127.0.0.1 (idempotent)."""
     os.environ.update(ray_env())
     import ray
@@ -24,13 +26,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
         ray.init(
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
             num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
-            log_to_driver=True,
+            log_to_driver=log_to_driver,
         )
 
 

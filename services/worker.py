@@ -110,11 +110,12 @@ class WorkerServer:
         from grpc_health.v1 import health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
         from smg_grpc_servicer.vllm.health_servicer import VllmHealthServicer
-        from smg_grpc_servicer.vllm.servicer import VllmEngineServicer
         from vllm.config import KVEventsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        from kvmesh.services.vllm_servicer import KvmeshVllmEngineServicer
 
         kwargs = engine_kwargs(self.config, model_path, self.model, self.worker_id)
         kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
@@ -122,7 +123,7 @@ class WorkerServer:
             AsyncEngineArgs(**kwargs), usage_context=UsageContext.OPENAI_API_SERVER
         )
         self._engine = engine
-        servicer = VllmEngineServicer(engine, time.time())
+        servicer = KvmeshVllmEngineServicer(engine, time.time())
         # vLLM's own health servicer reports the engine's real state.
         health_pb2_grpc.add_HealthServicer_to_server(VllmHealthServicer(engine), server)
         reflection.enable_server_reflection(

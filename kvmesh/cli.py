@@ -1,0 +1,94 @@
+"""The `kvmesh` command: up, model, status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvmesh.config import MeshConfig, load_settings
+from kvmesh.logs import setup_logging
+
+
+def _up(args: argparse.Namespace) -> int:
+    from kvmesh.up import serve
+
+    engine = _set(model=args.model, enforce_eager=args.enforce_eager or None,
+                  block_size=args.block_size)
+    overrides = _set(
+        workers=args.workers,
+        router=_set(policy=args.policy),
+        gateway=_set(port=args.port, grpc_port=args.grpc_port),
+        worker=_set(engine=engine, engine_kind=args.engine_kind),
+    )
+    # Flags merge into the file's sections key by key (pydantic-settings deep-merges).
+    config = load_settings(MeshConfig, args.config, **overrides)
+    asyncio.run(serve(config, args.state_file, args.verbose))
+    return 0
+
+
+def _set(**values: Any) -> dict[str, Any] | None:
+    """The given values that are set; None when none is (so nothing is overridden)."""
+    kept = {k: v for k, v in values.items() if v is not None}
+    return kept or None
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    from kvmesh.models import LocalModelSource
+
+    print(LocalModelSource().resolve(args.model))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from kvmesh.status import print_status
+
+    return asyncio.run(print_status(args.router))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmesh", description=__doc__)
+    parser.add_argument("--log-level", default=None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run router + workers + gateway on this machine")
+    up.add_argument("--workers", type=int, default=None, help="number of workers (default 1)")
+    up.add_argument("--port", type=int, default=None, help="OpenAI HTTP port (default 8000)")
+    up.add_argument("--grpc-port", type=int, default=None, help="Inference gRPC port")
+    up.add_argument("--policy", default=None, help="round_robin, power_of_two, random")
+    up.add_argument("--config", type=Path, default=None, help="YAML/JSON MeshConfig file")
+    up.add_argument("--model", default=None, help="model folder or 'embedded'")
+    up.add_argument("--enforce-eager", action="store_true", help="skip torch.compile")
+    up.add_argument("--block-size", type=int, default=None, help="KV block size (CPU: 32k)")
+    up.add_argument("--engine-kind", default=None, choices=["vllm", "fake"],
+                    help="'fake' for plumbing tests only")
+    up.add_argument("--state-file", type=Path, default=None,
+                    help="write addresses and PIDs here as JSON once up")
+    up.add_argument("--verbose", action="store_true", help="show worker logs")
+    up.set_defaults(func=_up)
+
+    model = sub.add_parser("model", help="model files")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    prepare = model_sub.add_parser("prepare", help="prepare a model folder (default: embedded)")
+    prepare.add_argument("model", nargs="?", default="embedded")
+    prepare.set_defaults(func=_model_prepare)
+
+    status = sub.add_parser("status", help="workers, models and load, from the router")
+    status.add_argument("--router", default="127.0.0.1:50051", help="router host:port")
+    status.set_defaults(func=_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("kvmesh", args.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

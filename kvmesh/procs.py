@@ -1,0 +1,78 @@
+"""Child processes that die with their parent and are stopped by PID, never by name."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def spawn_module(module: str, args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """``python -m module args...`` with output to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
+
+
+def wait_ready_file(
+    path: Path, timeout_s: float, proc: subprocess.Popen[bytes] | None = None, what: str = ""
+) -> dict[str, Any]:
+    """Wait until a service publishes its ready file; fail fast if it dies."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what or 'service'} exited with code {proc.returncode}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{what or 'service'} not ready after {timeout_s:.0f}s")
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=5)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); treat it as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
