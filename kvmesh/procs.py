@@ -24,7 +24,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def spawn_module(module: str, args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn_module(
+    module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """``python -m module args...`` with output to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -33,6 +35,7 @@ def spawn_module(module: str, args: list[str], log_path: Path) -> subprocess.Pop
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        env=env,
         preexec_fn=_die_with_parent,
     )
 

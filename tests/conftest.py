@@ -1,0 +1,36 @@
+"""Shared fixtures: the prepared embedded model, free ports, service processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from kvmesh.models import prepare_embedded_chat_model
+
+    return prepare_embedded_chat_model()
+
+
+@pytest.fixture(scope="session")
+def backend_tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+@pytest.fixture
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # Short path: IPC socket names are limited to ~100 bytes.
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kvm-") as d:
+        yield Path(d)

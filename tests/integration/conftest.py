@@ -1,0 +1,100 @@
+"""A whole mesh of real processes on free ports, with fake engines (fast)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kvmesh.procs import spawn_module, terminate, wait_ready_file
+
+
+@dataclass
+class Mesh:
+    dir: Path
+    router: str = ""
+    http: str = ""
+    grpc: str = ""
+    workers: list[dict] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start_worker(self, name: str, *extra: str, register: bool = True) -> dict:
+        ready = self.dir / f"{name}.ready"
+        args = ["--no-ray", "--engine-kind", "fake", "--port", "0", "--worker-id", name,
+                "--ready-file", str(ready), "--run-dir", str(self.dir), *extra]
+        if register:
+            args += ["--router", self.router]
+        env = {**os.environ, "KVMESH_WORKER_FAKE_TOKEN_DELAY_S": "0.02"}
+        proc = spawn_module("kvmesh.services", args, self.dir / f"{name}.log", env=env)
+        self.procs[name] = proc
+        info = wait_ready_file(ready, 60, proc, name)
+        info["pid"] = proc.pid
+        return info
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.dir.glob("*.log"))
+        )
+
+
+def start_router(mesh: Mesh, name: str = "router", *extra: str) -> str:
+    config = mesh.dir / f"{name}.yaml"
+    config.write_text(
+        "policy: round_robin\nheartbeat_interval_s: 0.5\nlease_ttl_s: 3\nprobe_interval_s: 0.2\n"
+    )
+    ready = mesh.dir / f"{name}.ready"
+    proc = spawn_module(
+        "kvmesh.router",
+        ["--config", str(config), "--port", "0", "--ready-file", str(ready), *extra],
+        mesh.dir / f"{name}.log",
+    )
+    mesh.procs[name] = proc
+    return str(wait_ready_file(ready, 30, proc, name)["grpc"])
+
+
+@pytest.fixture(scope="module")
+def fake_mesh(model_dir: Path) -> Iterator[Mesh]:
+    with tempfile.TemporaryDirectory(prefix="kvm-") as d:
+        mesh = Mesh(Path(d))
+        try:
+            mesh.router = start_router(mesh)
+            mesh.workers = [mesh.start_worker("w0"), mesh.start_worker("w1")]
+            ready = mesh.dir / "gateway.ready"
+            proc = spawn_module(
+                "kvmesh.gateway",
+                ["--router", mesh.router, "--port", "0", "--grpc-port", "0",
+                 "--ready-file", str(ready)],
+                mesh.dir / "gateway.log",
+            )
+            mesh.procs["gateway"] = proc
+            gateway = wait_ready_file(ready, 60, proc, "gateway")
+            mesh.http, mesh.grpc = gateway["http"], gateway["grpc"]
+            _wait_healthy(mesh.http)
+            yield mesh
+        except BaseException:
+            print(mesh.logs())
+            raise
+        finally:
+            for proc in mesh.procs.values():
+                terminate(proc)
+
+
+def _wait_healthy(base_url: str) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base_url.removesuffix("/v1") + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("gateway never became healthy")

@@ -1,0 +1,239 @@
+"""Router + 2 workers + gateway as real processes on free ports (fake engines)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
+from transformers import AutoTokenizer
+
+from kvmesh.v1 import inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
+
+from .conftest import Mesh, start_router
+
+pytestmark = pytest.mark.integration
+MODEL = "SmolLM2-135M-Instruct"
+MESSAGES = [{"role": "user", "content": "Tell me about the mesh."}]
+
+
+@pytest.fixture(scope="module")
+def client(fake_mesh: Mesh) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fake_mesh.http, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def chat_prompt_ids(model_dir: Path) -> list[int]:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def expected_echo(model_dir: Path, ids: list[int]) -> str:
+    # The fake engine echoes the prompt's tokens; the gateway must detokenize them.
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return str(tok.decode(ids, skip_special_tokens=True))
+
+
+def test_models_and_health(fake_mesh: Mesh, client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].owned_by == "kvmesh"
+    health = httpx.get(fake_mesh.http.removesuffix("/v1") + "/health")
+    assert health.status_code == 200 and health.json()["models"] == [MODEL]
+
+
+def test_chat_tokenizes_once_and_detokenizes(
+    client: openai.OpenAI, model_dir: Path, chat_prompt_ids: list[int]
+) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12)
+    assert reply.choices[0].message.content == expected_echo(model_dir, chat_prompt_ids[:12])
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(chat_prompt_ids)
+    assert reply.usage.completion_tokens == 12
+
+
+def test_streaming_equals_non_streaming(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=15)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=15, stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 15
+
+
+def test_stop_string_ends_generation(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=40, stop=["helpful"]
+    )
+    assert reply.choices[0].message.content == "system\nYou are a "
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_completions_text_tokens_and_echo(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model=MODEL, prompt="one two three four", max_tokens=50)
+    # The fake engine stops ("stop") once it has echoed the whole prompt.
+    assert reply.choices[0].text == "one two three four"
+    assert reply.choices[0].finish_reason == "stop"
+    echoed = client.completions.create(model=MODEL, prompt="alpha beta", max_tokens=1, echo=True)
+    assert echoed.choices[0].text == "alpha beta" + "alpha"
+    by_ids = client.completions.create(model=MODEL, prompt=[28, 29, 30], max_tokens=3)
+    assert by_ids.usage.prompt_tokens == 3 and by_ids.usage.completion_tokens == 3
+
+
+def test_openai_errors(fake_mesh: Mesh, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert missing.value.body["type"] == "not_found_error"
+    assert missing.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=[])
+    assert bad.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=100_000)
+    raw = httpx.post(fake_mesh.http + "/chat/completions", content=b"{not json",
+                     headers={"content-type": "application/json", "x-request-id": "abc"})
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    assert raw.headers["x-request-id"] == "abc"
+
+
+def test_router_round_robin_over_registered_workers(fake_mesh: Mesh) -> None:
+    async def route() -> list[str]:
+        async with grpc.aio.insecure_channel(fake_mesh.router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            out = []
+            for i in range(4):
+                d = await stub.Route(router_pb2.RouteRequest(
+                    request_id=f"rr{i}", model=MODEL, token_ids=[1, 2, 3]))
+                out.append(d.worker.worker_id)
+                await stub.RequestFinished(router_pb2.RequestFinishedRequest(
+                    request_id=f"rr{i}", worker_id=d.worker.worker_id))
+            return out
+
+    chosen = asyncio.run(route())
+    assert sorted(set(chosen)) == ["w0", "w1"]
+    assert chosen[0] != chosen[1] and chosen[:2] == chosen[2:]
+
+
+def test_disconnect_mid_stream_cancels_the_worker_request(fake_mesh: Mesh) -> None:
+    # 400 tokens at 20 ms each would take 8 s if nobody cancelled.
+    prompt = " ".join(["word"] * 450)
+    with httpx.stream(
+        "POST", fake_mesh.http + "/completions",
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 400, "stream": True},
+        timeout=30,
+    ) as response:
+        lines = response.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert _total_running(fake_mesh) == 1
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline and _total_running(fake_mesh) != 0:
+        time.sleep(0.05)
+    assert _total_running(fake_mesh) == 0
+
+
+def _total_running(mesh: Mesh) -> int:
+    async def loads() -> int:
+        total = 0
+        for worker in mesh.workers:
+            async with grpc.aio.insecure_channel(worker["endpoint"]) as channel:
+                stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+                reply = await stub.GetLoads(vllm_engine_pb2.GetLoadsRequest(), timeout=2)
+                total += sum(x.num_running_reqs for x in reply.loads)
+        return total
+
+    return asyncio.run(loads())
+
+
+def test_grpc_inference_api(fake_mesh: Mesh, model_dir: Path,
+                            chat_prompt_ids: list[int]) -> None:
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(fake_mesh.grpc) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            models = await stub.ListModels(inference_pb2.ListModelsRequest())
+            assert [m.id for m in models.models] == [MODEL]
+            request = inference_pb2.ChatRequest(
+                model=MODEL,
+                messages=[inference_pb2.ChatMessage(**m) for m in MESSAGES],
+                sampling=inference_pb2.SamplingOptions(max_tokens=10),
+                stream=True,
+            )
+            text, finish, usage = "", "", None
+            async for msg in stub.Chat(request):
+                for c in msg.choices:
+                    text += c.text
+                    finish = c.finish_reason or finish
+                if msg.HasField("usage"):
+                    usage = msg.usage
+            assert text == expected_echo(model_dir, chat_prompt_ids[:10])
+            assert finish == "length" and usage is not None and usage.completion_tokens == 10
+            unary = [m async for m in stub.Complete(inference_pb2.CompletionRequest(
+                model=MODEL, text="x y z", sampling=inference_pb2.SamplingOptions(max_tokens=2)))]
+            assert len(unary) == 1 and unary[0].choices[0].text == "x y"
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Chat(inference_pb2.ChatRequest(model="nope", messages=[
+                        inference_pb2.ChatMessage(role="user", content="x")])):
+                    pass
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Complete(inference_pb2.CompletionRequest(model=MODEL)):
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    asyncio.run(run())
+
+
+def test_worker_registered_by_address(fake_mesh: Mesh) -> None:
+    info = fake_mesh.start_worker("plain", register=False)
+    router = start_router(fake_mesh, "router2", "--worker", info["endpoint"])
+
+    async def listed() -> router_pb2.ListWorkersResponse:
+        async with grpc.aio.insecure_channel(router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                reply = await stub.ListWorkers(router_pb2.ListWorkersRequest())
+                if reply.workers:
+                    return reply
+                await asyncio.sleep(0.1)
+        raise TimeoutError
+
+    reply = asyncio.run(listed())
+    w = reply.workers[0].worker
+    assert (w.endpoint, w.model, w.block_size, w.self_registered) == (
+        info["endpoint"], MODEL, 32, False)
+
+
+def test_dead_worker_is_routed_around_then_expired(
+    fake_mesh: Mesh, client: openai.OpenAI
+) -> None:
+    victim = fake_mesh.procs["w1"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=5)
+    for _ in range(4):  # round robin would hit the dead worker every other time
+        reply = client.completions.create(model=MODEL, prompt="still here", max_tokens=2)
+        assert reply.choices[0].text == "still here"
+
+    async def workers() -> list[str]:
+        async with grpc.aio.insecure_channel(fake_mesh.router) as channel:
+            reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
+                router_pb2.ListWorkersRequest())
+            return [s.worker.worker_id for s in reply.workers]
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "w1" in asyncio.run(workers()):
+        time.sleep(0.2)
+    assert asyncio.run(workers()) == ["w0"]

@@ -1,0 +1,71 @@
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from kvmesh.config import (
+    GatewayConfig,
+    MeshConfig,
+    RouterConfig,
+    WorkerConfig,
+    dump_settings,
+    load_settings,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def test_precedence_flags_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text("policy: round_robin\nport: 7000\nlease_ttl_s: 30\n")
+    assert load_settings(RouterConfig, f).port == 7000
+    monkeypatch.setenv("KVMESH_ROUTER_PORT", "7100")
+    cfg = load_settings(RouterConfig, f)
+    assert (cfg.port, cfg.policy, cfg.lease_ttl_s) == (7100, "round_robin", 30)
+    assert load_settings(RouterConfig, f, port=7200, policy=None).port == 7200
+
+
+def test_mesh_file_sections_merge_with_flags(tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text("router: {lease_ttl_s: 20}\nworker: {engine: {max_model_len: 2048}}\n")
+    cfg = load_settings(
+        MeshConfig, f, router={"policy": "random"}, worker={"engine": {"enforce_eager": True}}
+    )
+    assert cfg.router.policy == "random" and cfg.router.lease_ttl_s == 20
+    assert cfg.worker.engine.max_model_len == 2048 and cfg.worker.engine.enforce_eager
+    assert "port" not in cfg.router.model_fields_set
+
+
+def test_validation_errors() -> None:
+    with pytest.raises(ValidationError):
+        RouterConfig(policy="nope")
+    with pytest.raises(ValidationError, match="lease_ttl_s"):
+        RouterConfig(heartbeat_interval_s=5, lease_ttl_s=5)
+    with pytest.raises(ValidationError):
+        GatewayConfig(bogus=1)
+    with pytest.raises(ValidationError):
+        MeshConfig(workers=0)
+
+
+def test_dump_roundtrip(tmp_path: Path) -> None:
+    cfg = WorkerConfig(router="127.0.0.1:1", cpu_bind="1")
+    path = dump_settings(cfg, tmp_path / "w.json")
+    assert json.loads(path.read_text())["cpu_bind"] == "1"
+    assert load_settings(WorkerConfig, path) == cfg
+
+
+def _models(cls: type[BaseModel]) -> list[type[BaseModel]]:
+    out = [cls]
+    for field in cls.model_fields.values():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _models(ann)
+    return out
+
+
+@pytest.mark.parametrize("cls", [MeshConfig, RouterConfig, GatewayConfig, WorkerConfig])
+def test_every_field_is_described(cls: type[BaseModel]) -> None:
+    for model in _models(cls):
+        missing = [n for n, f in model.model_fields.items() if not f.description]
+        assert not missing, f"{model.__name__}: {missing}"

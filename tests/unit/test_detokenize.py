@@ -1,0 +1,46 @@
+import pytest
+
+from kvmesh.gateway.detokenize import TextAssembler
+
+pytestmark = pytest.mark.unit
+
+TEXT = "The capital of France is Paris. It is lovely. Ünïcödé ✓ done"
+
+
+def feed_one_by_one(assembler: TextAssembler, ids: list[int]) -> str:
+    out = "".join(assembler.add([t]) for t in ids)
+    return out + assembler.finish()
+
+
+def test_incremental_equals_full_decode(backend_tokenizer) -> None:
+    ids = backend_tokenizer.encode(TEXT, add_special_tokens=False).ids
+    text = feed_one_by_one(TextAssembler(backend_tokenizer), ids)
+    assert text == backend_tokenizer.decode(ids) == TEXT
+
+
+def test_stop_string_truncates_and_never_leaks(backend_tokenizer) -> None:
+    ids = backend_tokenizer.encode(TEXT, add_special_tokens=False).ids
+    assembler = TextAssembler(backend_tokenizer, stop=["lovely", "Paris"])
+    pieces = [assembler.add([t]) for t in ids]
+    assert "".join(pieces) == "The capital of France is "
+    assert assembler.stopped_by == "Paris"
+    assert assembler.add(ids[:3]) == "" and assembler.finish() == ""
+
+
+def test_stop_string_kept_when_asked(backend_tokenizer) -> None:
+    ids = backend_tokenizer.encode(TEXT, add_special_tokens=False).ids
+    assembler = TextAssembler(backend_tokenizer, stop=["France"], include_stop_str=True)
+    assert feed_one_by_one(assembler, ids) == "The capital of France"
+
+
+def test_held_back_tail_is_released_at_finish(backend_tokenizer) -> None:
+    ids = backend_tokenizer.encode("abc xyz", add_special_tokens=False).ids
+    assembler = TextAssembler(backend_tokenizer, stop=["not-there-at-all"])
+    streamed = "".join(assembler.add([t]) for t in ids)
+    assert len(streamed) < len("abc xyz")
+    assert streamed + assembler.finish() == "abc xyz"
+
+
+def test_special_tokens_are_skipped(backend_tokenizer) -> None:
+    ids = backend_tokenizer.encode("<|im_start|>hi<|im_end|>", add_special_tokens=False).ids
+    assert feed_one_by_one(TextAssembler(backend_tokenizer), ids) == "hi"

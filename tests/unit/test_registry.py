@@ -1,0 +1,69 @@
+import pytest
+
+from kvmesh.errors import WorkerNotFoundError
+from kvmesh.router.registry import WorkerRegistry, WorkerState
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def state(wid: str, model: str = "m", role: str = "both", adapters: tuple[str, ...] = ()):
+    return WorkerState(worker_id=wid, endpoint=wid, model=model, role=role, adapters=adapters)
+
+
+def test_lease_expiry_and_touch() -> None:
+    clock = Clock()
+    reg = WorkerRegistry(lease_ttl_s=10, clock=clock)
+    reg.upsert(state("a"))
+    reg.upsert(state("b"))
+    clock.now += 8
+    assert reg.touch("a")
+    clock.now += 5
+    assert reg.expire() == ["b"]
+    assert [w.worker_id for w in reg.all()] == ["a"]
+    assert not reg.touch("b")
+
+
+def test_load_report_counts_as_liveness() -> None:
+    clock = Clock()
+    reg = WorkerRegistry(lease_ttl_s=10, clock=clock)
+    reg.upsert(state("a"))
+    clock.now += 9
+    reg.report_load("a", 2, 1, 0.5)
+    clock.now += 9
+    assert reg.expire() == []
+    assert reg.get("a").active == 3
+
+
+def test_candidates_filter_model_role_adapter_and_exclusions() -> None:
+    reg = WorkerRegistry(lease_ttl_s=10)
+    reg.upsert(state("p", role="prefill"))
+    reg.upsert(state("d", role="decode"))
+    reg.upsert(state("b", adapters=("sql",)))
+    reg.upsert(state("x", model="other"))
+    assert [w.worker_id for w in reg.candidates("m")] == ["b", "d"]
+    assert [w.worker_id for w in reg.candidates("m", adapter="sql")] == ["b"]
+    assert [w.worker_id for w in reg.candidates("m", exclude=["b"])] == ["d"]
+    assert reg.models() == ["m", "other"]
+
+
+def test_in_flight_survives_reregistration_and_version_bumps() -> None:
+    reg = WorkerRegistry(lease_ttl_s=10)
+    reg.upsert(state("a"))
+    v = reg.version
+    reg.routed("a", "r1")
+    reg.upsert(state("a"))
+    assert reg.get("a").in_flight == {"r1"}
+    assert reg.version == v + 1
+    reg.finished("a", "r1")
+    assert reg.get("a").active == 0
+    assert reg.remove("a") and not reg.remove("a")
+    with pytest.raises(WorkerNotFoundError):
+        reg.get("a")

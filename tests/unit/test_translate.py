@@ -1,0 +1,89 @@
+import grpc
+import pytest
+from pydantic import ValidationError
+
+from kvmesh.errors import InvalidRequestError, http_error_for, openai_error_body
+from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from kvmesh.gateway.translate import (
+    finish_reason,
+    requested_max_tokens,
+    resolve_max_tokens,
+    sampling_fields_from_proto,
+    sampling_params,
+    usage,
+)
+from kvmesh.v1 import inference_pb2
+
+pytestmark = pytest.mark.unit
+
+
+def chat(**kw: object) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}
+    )
+
+
+def test_sampling_params_map_openai_fields() -> None:
+    req = chat(temperature=0, top_p=0.9, top_k=5, seed=7, stop="END", n=2,
+               presence_penalty=0.5, stop_token_ids=[2])
+    p = sampling_params(req, max_tokens=33)
+    assert p.HasField("temperature") and p.temperature == 0
+    assert p.max_tokens == 33 and p.n == 2 and p.seed == 7 and p.top_k == 5
+    assert abs(p.top_p - 0.9) < 1e-6 and abs(p.presence_penalty - 0.5) < 1e-6
+    assert list(p.stop) == ["END"] and list(p.stop_token_ids) == [2]
+
+
+def test_unset_sampling_fields_stay_unset() -> None:
+    p = sampling_params(chat(), max_tokens=1)
+    assert not p.HasField("temperature") and not p.HasField("seed")
+    assert p.top_k == 0 and p.top_p == 0  # 0 = engine default in the contract
+
+
+def test_max_completion_tokens_wins_over_max_tokens() -> None:
+    assert requested_max_tokens(chat(max_tokens=5, max_completion_tokens=9)) == 9
+    assert requested_max_tokens(chat(max_tokens=5)) == 5
+
+
+def test_context_length() -> None:
+    assert resolve_max_tokens(None, 100, 4096, 512) == 512
+    assert resolve_max_tokens(None, 4000, 4096, 512) == 96
+    assert resolve_max_tokens(96, 4000, 4096, 512) == 96
+    with pytest.raises(InvalidRequestError, match="maximum context length") as err:
+        resolve_max_tokens(97, 4000, 4096, 512)
+    assert err.value.param == "max_tokens"
+    with pytest.raises(InvalidRequestError, match="maximum context length"):
+        resolve_max_tokens(None, 4096, 4096, 512)
+
+
+def test_request_validation() -> None:
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": []})
+    with pytest.raises(ValidationError):
+        chat(temperature=3)
+    req = chat(messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                      {"type": "text", "text": "b"}]}])
+    assert req.messages[0].text() == "ab"
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompt == [1, 2]
+
+
+def test_usage_and_finish_reason() -> None:
+    u = usage(10, 5, 4)
+    assert (u.total_tokens, u.prompt_tokens_details) == (15, {"cached_tokens": 4})
+    assert finish_reason("length") == "length" and finish_reason("weird") == "stop"
+
+
+def test_grpc_sampling_options_round_trip_through_validation() -> None:
+    opts = inference_pb2.SamplingOptions(max_tokens=3, temperature=0.0, stop=["x"])
+    fields = sampling_fields_from_proto("m", opts, stream=True)
+    assert fields == {"model": "m", "stream": True, "max_tokens": 3, "temperature": 0.0,
+                      "stop": ["x"]}
+
+
+def test_error_map() -> None:
+    assert http_error_for(grpc.StatusCode.NOT_FOUND).status == 404
+    assert http_error_for(grpc.StatusCode.INVALID_ARGUMENT).status == 400
+    assert http_error_for(grpc.StatusCode.UNAVAILABLE).status == 503
+    assert http_error_for(grpc.StatusCode.RESOURCE_EXHAUSTED).status == 429
+    assert http_error_for(grpc.StatusCode.DATA_LOSS).status == 500
+    body = openai_error_body("m", "t", param="p", code=400)
+    assert body == {"error": {"message": "m", "type": "t", "param": "p", "code": 400}}
