@@ -1,0 +1,127 @@
+"""Real vLLM on CPU: `kvmesh up`, and a plain vLLM gRPC server for interop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmesh.grpc_util import wait_serving
+from kvmesh.procs import pid_alive, spawn_module, terminate, wait_ready_file
+
+MODEL = "SmolLM2-135M-Instruct"
+ENGINE_FLAGS = ["--enforce-eager", "--block-size", "32"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class UpProcess:
+    """A `kvmesh up` process and what it reported."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.state_file = workdir / "up.json"
+        self.log = workdir / "up.log"
+        self.proc = spawn_module(
+            "kvmesh.cli",
+            ["up", "--workers", "1", "--port", "0", *ENGINE_FLAGS,
+             "--state-file", str(self.state_file)],
+            self.log,
+        )
+        try:
+            self.state: dict[str, Any] = wait_ready_file(
+                self.state_file, 600, self.proc, "kvmesh up")
+        except BaseException:
+            self.dump()
+            terminate(self.proc, 60)
+            raise
+
+    def all_pids(self) -> list[int]:
+        pids = self.state["pids"]
+        return [self.proc.pid, pids["router"], pids["gateway"], *pids["workers"]]
+
+    def interrupt(self, timeout_s: float = 90) -> int:
+        """Ctrl-C, as a user would."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                return self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                terminate(self.proc, 5)
+        return int(self.proc.returncode)
+
+    def dump(self) -> None:
+        print(self.log.read_text()[-6000:] if self.log.exists() else "(no log)")
+        run_dir = self.state.get("run_dir") if hasattr(self, "state") else None
+        for f in sorted(Path(run_dir).glob("*.log")) if run_dir else []:
+            print(f"--- {f.name}\n{f.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def kvmesh_up(model_dir: Path) -> Iterator[UpProcess]:
+    with tempfile.TemporaryDirectory(prefix="kvm-up-") as d:
+        up = UpProcess(Path(d))
+        try:
+            yield up
+        finally:
+            up.interrupt()
+
+
+class PlainVllm:
+    """vLLM's own gRPC server (`vllm.entrypoints.launchers.grpc_server`), unchanged."""
+
+    def __init__(self, model_dir: Path, workdir: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        kv_events = {
+            "enable_kv_cache_events": True, "publisher": "zmq",
+            "endpoint": f"ipc://{workdir}/plain-kv", "replay_endpoint": f"ipc://{workdir}/plain-kvr",
+            "topic": "kv-events",
+        }
+        env = {
+            **os.environ, "HF_HUB_OFFLINE": "1", "SMG_VLLM_SERVICER_WARMUP": "off",
+            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_USE_AOT_COMPILE": "0",
+        }
+        self.log = workdir / "plain-vllm.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.launchers.grpc_server",
+             "--model", str(model_dir), "--served-model-name", MODEL,
+             "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "4096",
+             *ENGINE_FLAGS, "--kv-events-config", json.dumps(kv_events)],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            asyncio.run(wait_serving(self.endpoint, 600))
+        except BaseException:
+            print(self.log.read_text()[-6000:])
+            terminate(self.proc, 30)
+            raise
+
+
+@pytest.fixture(scope="session")
+def plain_vllm(model_dir: Path) -> Iterator[PlainVllm]:
+    with tempfile.TemporaryDirectory(prefix="kvm-pv-") as d:
+        server = PlainVllm(model_dir, Path(d))
+        try:
+            yield server
+        finally:
+            terminate(server.proc, 60)
+
+
+__all__ = ["MODEL", "UpProcess", "PlainVllm", "free_port", "pid_alive"]
