@@ -36,6 +36,22 @@ def _set(**values: Any) -> dict[str, Any] | None:
     return kept or None
 
 
+def _bench_gateway(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmesh.bench import run_gateway_bench
+
+    engine = _set(enforce_eager=args.enforce_eager or None, block_size=args.block_size)
+    config = load_settings(
+        MeshConfig, args.config, workers=1,
+        gateway=_set(port=0), worker=_set(engine=engine),
+    )
+    result = run_gateway_bench(config, args.requests, args.concurrency, args.max_tokens,
+                               args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _model_prepare(args: argparse.Namespace) -> int:
     from kvmesh.models import LocalModelSource
 
@@ -69,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write addresses and PIDs here as JSON once up")
     up.add_argument("--verbose", action="store_true", help="show worker logs")
     up.set_defaults(func=_up)
+
+    bench = sub.add_parser("bench", help="benchmarks (print ratios measured in one run)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    gw = bench_sub.add_parser("gateway", help="tokens/s through the mesh vs vLLM direct")
+    gw.add_argument("--requests", type=int, default=16)
+    gw.add_argument("--concurrency", type=int, default=8)
+    gw.add_argument("--max-tokens", type=int, default=64)
+    gw.add_argument("--config", type=Path, default=None)
+    gw.add_argument("--enforce-eager", action="store_true")
+    gw.add_argument("--block-size", type=int, default=None)
+    gw.add_argument("--out", type=Path, default=None, help="write results.json here")
+    gw.set_defaults(func=_bench_gateway)
 
     model = sub.add_parser("model", help="model files")
     model_sub = model.add_subparsers(dest="model_command", required=True)
