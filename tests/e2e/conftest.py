@@ -38,7 +38,8 @@ class UpProcess:
         self.log = workdir / "up.log"
         self.proc = spawn_module(
             "kvmesh.cli",
-            ["up", "--workers", "1", "--port", "0", *ENGINE_FLAGS,
+            # Two workers: what `kvmesh up --workers 2` must do on a 2-core machine.
+            ["up", "--workers", "2", "--port", "0", *ENGINE_FLAGS,
              "--state-file", str(self.state_file)],
             self.log,
         )

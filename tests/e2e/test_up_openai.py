@@ -24,12 +24,10 @@ def client(kvmesh_up: UpProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=kvmesh_up.state["http"], api_key="unused", max_retries=0)
 
 
-def worker_stub(up: UpProcess) -> tuple[str, type]:
-    return up.state["workers"][0]["endpoint"], vllm_engine_pb2_grpc.VllmEngineStub
-
-
-def test_models(client: openai.OpenAI) -> None:
+def test_models_and_two_workers(kvmesh_up: UpProcess, client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
+    workers = kvmesh_up.state["workers"]
+    assert len(workers) == 2 and len({w["endpoint"] for w in workers}) == 2
 
 
 def test_chat_non_streaming_real_model(client: openai.OpenAI) -> None:
@@ -107,23 +105,29 @@ def test_greedy_through_mesh_equals_vllm_direct(
                                                  add_generation_prompt=True),
                          add_special_tokens=False)
         assert reply.usage.prompt_tokens == len(ids)
-        direct = _generate_direct(kvmesh_up.state["workers"][0]["endpoint"], ids, 24)
-        assert reply.usage.completion_tokens == len(direct)
-        assert reply.choices[0].message.content == tok.decode(direct, skip_special_tokens=True)
+        # Both workers run the same engine settings; ask each one directly.
+        for worker in kvmesh_up.state["workers"]:
+            direct = _generate_direct(worker["endpoint"], ids, 24)
+            assert reply.usage.completion_tokens == len(direct)
+            assert reply.choices[0].message.content == tok.decode(
+                direct, skip_special_tokens=True)
 
 
-def _running(endpoint: str) -> int:
+def _running(up: UpProcess) -> int:
+    """Requests running or waiting on any worker engine."""
     async def run() -> int:
-        async with grpc.aio.insecure_channel(endpoint) as channel:
-            reply = await vllm_engine_pb2_grpc.VllmEngineStub(channel).GetLoads(
-                vllm_engine_pb2.GetLoadsRequest(), timeout=5)
-            return sum(x.num_running_reqs + x.num_waiting_reqs for x in reply.loads)
+        total = 0
+        for worker in up.state["workers"]:
+            async with grpc.aio.insecure_channel(worker["endpoint"]) as channel:
+                reply = await vllm_engine_pb2_grpc.VllmEngineStub(channel).GetLoads(
+                    vllm_engine_pb2.GetLoadsRequest(), timeout=5)
+                total += sum(x.num_running_reqs + x.num_waiting_reqs for x in reply.loads)
+        return total
 
     return asyncio.run(run())
 
 
 def test_disconnect_mid_stream_frees_engine_slot(kvmesh_up: UpProcess) -> None:
-    endpoint = kvmesh_up.state["workers"][0]["endpoint"]
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 2000, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", kvmesh_up.state["http"] + "/chat/completions", json=body,
@@ -131,12 +135,12 @@ def test_disconnect_mid_stream_frees_engine_slot(kvmesh_up: UpProcess) -> None:
         lines = response.iter_lines()
         data = [line for line in (next(lines) for _ in range(12)) if line.startswith("data:")]
         assert len(data) >= 4
-        assert _running(endpoint) == 1
+        assert _running(kvmesh_up) == 1
     # 2000 tokens would take ~30 s here; an aborted request is gone at once.
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _running(endpoint) != 0:
+    while time.monotonic() < deadline and _running(kvmesh_up) != 0:
         time.sleep(0.1)
-    assert _running(endpoint) == 0
+    assert _running(kvmesh_up) == 0
 
 
 def test_ctrl_c_stops_every_process(kvmesh_up: UpProcess) -> None:
