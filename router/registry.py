@@ -21,6 +21,7 @@ class WorkerLoadView:
     num_waiting: int = 0
     kv_usage: float = 0.0
     reported_at: float = 0.0
+    waiting_uncached_tokens: int = 0
 
 
 @dataclass
@@ -40,6 +41,8 @@ class WorkerState:
     last_seen: float = 0.0
     load: WorkerLoadView = field(default_factory=WorkerLoadView)
     in_flight: set[str] = field(default_factory=set)
+    # Prompt tokens the router sent since the worker's last load report (not in it yet).
+    unreported_prefill_tokens: int = 0
 
     @property
     def active(self) -> int:
@@ -92,13 +95,16 @@ class WorkerRegistry:
         return True
 
     def report_load(
-        self, worker_id: str, num_running: int, num_waiting: int, kv_usage: float
+        self, worker_id: str, num_running: int, num_waiting: int, kv_usage: float,
+        waiting_uncached_tokens: int = 0,
     ) -> None:
         worker = self._workers.get(worker_id)
         if worker is None:
             return
         now = self._clock()
-        worker.load = WorkerLoadView(num_running, num_waiting, kv_usage, now)
+        worker.load = WorkerLoadView(
+            num_running, num_waiting, kv_usage, now, waiting_uncached_tokens)
+        worker.unreported_prefill_tokens = 0
         worker.last_seen = now
 
     def expire(self) -> list[str]:
@@ -109,10 +115,11 @@ class WorkerRegistry:
             self.remove(wid)
         return dead
 
-    def routed(self, worker_id: str, request_id: str) -> None:
+    def routed(self, worker_id: str, request_id: str, uncached_tokens: int = 0) -> None:
         worker = self._workers.get(worker_id)
         if worker is not None:
             worker.in_flight.add(request_id)
+            worker.unreported_prefill_tokens += uncached_tokens
 
     def finished(self, worker_id: str, request_id: str) -> None:
         worker = self._workers.get(worker_id)

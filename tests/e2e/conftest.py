@@ -115,7 +115,7 @@ class PlainVllm:
             raise
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def plain_vllm(model_dir: Path) -> Iterator[PlainVllm]:
     with tempfile.TemporaryDirectory(prefix="kvm-pv-") as d:
         server = PlainVllm(model_dir, Path(d))

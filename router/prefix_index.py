@@ -1,0 +1,196 @@
+"""Which worker holds which KV blocks (pure: no grpc, no vllm).
+
+Keys are the router's own chained block hashes (``block_hash.py``); the engine's
+hashes from KV events are mapped per worker, so the index never depends on the
+engine's hash seed. Holders are bitmasks over worker slots, which makes the
+longest-prefix match for every worker at once a walk of big-int ANDs.
+
+Speculative insert: a routed prompt's blocks count as *pending* on the chosen
+worker for a short TTL, until the engine's events confirm them — so a burst of
+requests sharing a new prefix lands together instead of spraying.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from kvmesh.router.block_hash import ROOT, ChainState, chain_hashes, namespace_seed
+
+
+@dataclass
+class _WorkerView:
+    slot: int
+    # engine block hash -> (router hash, chain state after that block)
+    engine_map: dict[int, tuple[int, ChainState]] = field(default_factory=dict)
+    # router hash -> how many engine blocks map to it (several seeds/groups may)
+    held: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredBlocks:
+    """One BlockStored event, engine side."""
+
+    engine_hashes: Sequence[int]
+    token_ids: Sequence[int]  # all the blocks' tokens, concatenated
+    block_size: int
+    parent_engine_hash: int | None = None
+    model: str = ""
+    adapter: str = ""
+
+
+class PrefixIndex:
+    def __init__(
+        self, pending_ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._holders: dict[int, int] = {}
+        self._pending: dict[int, dict[int, float]] = {}
+        self._views: dict[str, _WorkerView] = {}
+        self._slot_owner: dict[int, str] = {}
+        self._free: list[int] = []
+        self._pending_ttl_s = pending_ttl_s
+        self._clock = clock
+        self.unknown_parent_blocks = 0
+
+    # ---- workers ---------------------------------------------------------------
+    def _view(self, worker_id: str) -> _WorkerView:
+        view = self._views.get(worker_id)
+        if view is None:
+            slot = self._free.pop() if self._free else len(self._slot_owner)
+            view = self._views[worker_id] = _WorkerView(slot)
+            self._slot_owner[slot] = worker_id
+        return view
+
+    def clear_worker(self, worker_id: str) -> None:
+        """Forget what a worker holds (cache cleared, or a gap in its events)."""
+        view = self._views.get(worker_id)
+        if view is None:
+            return
+        bit = 1 << view.slot
+        for router_hash in view.held:
+            self._drop_bit(router_hash, bit)
+        view.held.clear()
+        view.engine_map.clear()
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.clear_worker(worker_id)
+        view = self._views.pop(worker_id, None)
+        if view is not None:
+            for waiting in self._pending.values():
+                waiting.pop(view.slot, None)
+            del self._slot_owner[view.slot]
+            self._free.append(view.slot)
+
+    def _drop_bit(self, router_hash: int, bit: int) -> None:
+        mask = self._holders.get(router_hash, 0) & ~bit
+        if mask:
+            self._holders[router_hash] = mask
+        else:
+            self._holders.pop(router_hash, None)
+
+    # ---- events ----------------------------------------------------------------
+    def stored(self, worker_id: str, event: StoredBlocks) -> int:
+        """Apply a BlockStored event; returns how many blocks were indexed."""
+        view = self._view(worker_id)
+        parent = ROOT
+        if event.parent_engine_hash is not None:
+            known = view.engine_map.get(event.parent_engine_hash)
+            if known is None:
+                # The chain's start is unknown (missed events): these blocks cannot
+                # be placed, and guessing would serve stale hits as truth.
+                self.unknown_parent_blocks += len(event.engine_hashes)
+                return 0
+            parent = known[1]
+        seed = namespace_seed(event.model, event.adapter)
+        hashes, states = chain_hashes(event.token_ids, event.block_size, seed, parent)
+        bit = 1 << view.slot
+        count = min(len(hashes), len(event.engine_hashes))
+        for engine_hash, router_hash, state in zip(
+            event.engine_hashes[:count], hashes[:count], states[:count], strict=True
+        ):
+            if engine_hash in view.engine_map:
+                continue
+            view.engine_map[engine_hash] = (router_hash, state)
+            view.held[router_hash] = view.held.get(router_hash, 0) + 1
+            self._holders[router_hash] = self._holders.get(router_hash, 0) | bit
+            waiting = self._pending.get(router_hash)
+            if waiting is not None:
+                waiting.pop(view.slot, None)
+                if not waiting:
+                    del self._pending[router_hash]
+        return count
+
+    def removed(self, worker_id: str, engine_hashes: Iterable[int]) -> None:
+        view = self._views.get(worker_id)
+        if view is None:
+            return
+        bit = 1 << view.slot
+        for engine_hash in engine_hashes:
+            entry = view.engine_map.pop(engine_hash, None)
+            if entry is None:
+                continue
+            router_hash = entry[0]
+            left = view.held.get(router_hash, 0) - 1
+            if left > 0:
+                view.held[router_hash] = left
+            else:
+                view.held.pop(router_hash, None)
+                self._drop_bit(router_hash, bit)
+
+    # ---- routing ---------------------------------------------------------------
+    def mark_pending(self, worker_id: str, hashes: Sequence[int]) -> None:
+        view = self._view(worker_id)
+        expiry = self._clock() + self._pending_ttl_s
+        bit = 1 << view.slot
+        for router_hash in hashes:
+            if self._holders.get(router_hash, 0) & bit:
+                continue
+            self._pending.setdefault(router_hash, {})[view.slot] = expiry
+
+    def _mask(self, router_hash: int, now: float) -> int:
+        mask = self._holders.get(router_hash, 0)
+        waiting = self._pending.get(router_hash)
+        if waiting:
+            for slot, expiry in list(waiting.items()):
+                if expiry >= now:
+                    mask |= 1 << slot
+                else:
+                    del waiting[slot]
+            if not waiting:
+                del self._pending[router_hash]
+        return mask
+
+    def match(self, hashes: Sequence[int], worker_ids: Iterable[str]) -> dict[str, int]:
+        """Longest cached prefix, in blocks, of ``hashes`` on each of ``worker_ids``."""
+        slots = {w: self._views[w].slot for w in worker_ids if w in self._views}
+        depth = dict.fromkeys(slots, 0)
+        alive = 0
+        for slot in slots.values():
+            alive |= 1 << slot
+        now = self._clock()
+        blocks = 0
+        for router_hash in hashes:
+            still = alive & self._mask(router_hash, now)
+            dropped = alive & ~still
+            if dropped:
+                for w, slot in slots.items():
+                    if dropped >> slot & 1:
+                        depth[w] = blocks
+            alive = still
+            if not alive:
+                break
+            blocks += 1
+        if alive:
+            for w, slot in slots.items():
+                if alive >> slot & 1:
+                    depth[w] = blocks
+        return {w: depth.get(w, 0) for w in worker_ids}
+
+    # ---- introspection -------------------------------------------------------
+    def blocks(self, worker_id: str) -> int:
+        view = self._views.get(worker_id)
+        return len(view.held) if view else 0
+
+    def __len__(self) -> int:
+        return len(self._holders)
