@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=None, help="number of workers (default 1)")
     up.add_argument("--port", type=int, default=None, help="OpenAI HTTP port (default 8000)")
     up.add_argument("--grpc-port", type=int, default=None, help="Inference gRPC port")
-    up.add_argument("--policy", default=None, help="round_robin, power_of_two, random")
+    up.add_argument("--policy", default=None,
+                    choices=["kv_aware", "approx_prefix", "power_of_two", "round_robin", "random"],
+                    help="routing policy (default kv_aware)")
     up.add_argument("--config", type=Path, default=None, help="YAML/JSON MeshConfig file")
     up.add_argument("--model", default=None, help="model folder or 'embedded'")
     up.add_argument("--enforce-eager", action="store_true", help="skip torch.compile")

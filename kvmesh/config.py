@@ -23,7 +23,7 @@ _FILE_DATA: contextvars.ContextVar[tuple[type, dict[str, Any]] | None] = context
     "kvmesh_config_file_data", default=None
 )
 
-PolicyName = Literal["round_robin", "power_of_two", "random"]
+PolicyName = Literal["kv_aware", "approx_prefix", "round_robin", "power_of_two", "random"]
 DEFAULT_HOST = "127.0.0.1"
 
 
@@ -71,7 +71,11 @@ class RouterConfig(_Settings):
 
     host: str = Field(DEFAULT_HOST, description="Address the gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    policy: PolicyName = Field("power_of_two", description="Routing policy.")
+    policy: PolicyName = Field(
+        "kv_aware",
+        description="Routing policy: kv_aware (prefix index + cost model), approx_prefix "
+        "(Ray Serve-style baseline), power_of_two, round_robin, random.",
+    )
     heartbeat_interval_s: float = Field(
         2.0, gt=0, description="How often self-registered workers must heartbeat."
     )

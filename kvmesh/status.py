@@ -25,14 +25,14 @@ async def print_status(router: str) -> int:
             return 1
     table = Table(title=f"kvmesh workers (policy: {reply.policy})")
     for column in ("worker", "model", "role", "running", "waiting", "in flight", "KV usage",
-                   "block", "seen"):
+                   "block", "indexed", "seen"):
         table.add_column(column)
     for s in reply.workers:
         w, load = s.worker, s.load
         table.add_row(
             w.worker_id, w.model, _ROLE.get(w.role, "?"), str(load.num_running),
             str(load.num_waiting), str(load.in_flight), f"{load.kv_usage:.1%}",
-            str(w.block_size), f"{s.last_seen_age_s:.1f}s ago",
+            str(w.block_size), str(s.indexed_blocks), f"{s.last_seen_age_s:.1f}s ago",
         )
     console.print(table)
     return 0

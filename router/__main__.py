@@ -14,7 +14,9 @@ from kvmesh.service_main import base_parser, run_until_signalled
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("kvmesh router: worker registry and routing")
-    parser.add_argument("--policy", default=None, help="round_robin, power_of_two, random")
+    parser.add_argument("--policy", default=None,
+                    choices=["kv_aware", "approx_prefix", "power_of_two", "round_robin", "random"],
+                    help="routing policy (default kv_aware)")
     parser.add_argument(
         "--worker", action="append", default=None, dest="static_workers",
         help="register a VllmEngine worker by address (repeatable)",

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvmesh.errors import NoWorkerAvailableError
+from kvmesh.router.block_hash import namespace_seed, prompt_hashes
+from kvmesh.router.cost_model import CostParams, WorkerLoadInput, ttft_cost, within_bound
+from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerState
 
 
@@ -84,10 +87,66 @@ class PowerOfTwoPolicy:
         return Choice(a, "power_of_two:less_loaded")
 
 
-POLICY_NAMES = ("random", "round_robin", "power_of_two")
+class KvAwarePolicy:
+    """Precise prefix affinity from the KV index, priced by the one cost model.
+
+    Each candidate's cached prefix comes from the prefix index (events + pending
+    blocks); its cost is the estimated time to first token there; bounded load keeps
+    the choice from piling onto one cache; ties break randomly. The chosen worker's
+    blocks are marked pending so the next request with the same prefix follows.
+    """
+
+    name = "kv_aware"
+
+    def __init__(self, index: PrefixIndex, rng: random.Random,
+                 params: CostParams | None = None) -> None:
+        self._index = index
+        self._rng = rng
+        self.params = params or CostParams()
+
+    def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
+        seed = namespace_seed(ctx.model, ctx.adapter)
+        cached: dict[str, int] = {}
+        hashes_by_size: dict[int, list[int]] = {}
+        for block_size in {w.block_size for w in workers if w.block_size > 0}:
+            hashes = prompt_hashes(ctx.token_ids, block_size, seed)
+            hashes_by_size[block_size] = hashes
+            ids = [w.worker_id for w in workers if w.block_size == block_size]
+            for worker_id, blocks in self._index.match(hashes, ids).items():
+                cached[worker_id] = blocks * block_size
+        by_id = {w.worker_id: w for w in workers}
+        loads = within_bound(self.params, [
+            WorkerLoadInput(
+                worker_id=w.worker_id,
+                active=w.active,
+                running=max(w.load.num_running, len(w.in_flight)),
+                queued_prefill_tokens=w.load.waiting_uncached_tokens
+                + w.unreported_prefill_tokens,
+            )
+            for w in workers
+        ])
+        prompt_tokens = len(ctx.token_ids)
+        costs = [
+            (ttft_cost(self.params, x, prompt_tokens, cached.get(x.worker_id, 0)), x.worker_id)
+            for x in loads
+        ]
+        best = min(c for c, _ in costs)
+        tied = [wid for c, wid in costs if c <= best + 1e-9]
+        chosen = by_id[self._rng.choice(tied)]
+        hits = cached.get(chosen.worker_id, 0)
+        hashes = hashes_by_size.get(chosen.block_size)
+        if hashes:
+            self._index.mark_pending(chosen.worker_id, hashes)
+        return Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits)
 
 
-def make_policy(name: str, seed: int | None = None) -> Policy:
+POLICY_NAMES = ("random", "round_robin", "power_of_two", "approx_prefix", "kv_aware")
+
+
+def make_policy(
+    name: str, seed: int | None = None, index: PrefixIndex | None = None,
+    params: CostParams | None = None,
+) -> Policy:
     rng = random.Random(seed)
     if name == "random":
         return RandomPolicy(rng)
@@ -95,6 +154,12 @@ def make_policy(name: str, seed: int | None = None) -> Policy:
         return RoundRobinPolicy()
     if name == "power_of_two":
         return PowerOfTwoPolicy(rng)
+    if name == "approx_prefix":
+        from kvmesh.router.approx_prefix import ApproxPrefixPolicy
+
+        return ApproxPrefixPolicy(rng)
+    if name == "kv_aware":
+        return KvAwarePolicy(index if index is not None else PrefixIndex(), rng, params)
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
 
 

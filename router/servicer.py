@@ -8,12 +8,15 @@ import logging
 import time
 
 import grpc
+from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
 from kvmesh.config import RouterConfig
 from kvmesh.errors import InvalidRequestError, ModelNotFoundError
 from kvmesh.grpc_util import insecure_channel
 from kvmesh.router import worker_probe
+from kvmesh.router.kv_events import KvEventFollower
 from kvmesh.router.policies import RouteContext, make_policy, pick
+from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerRegistry, WorkerState
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -53,9 +56,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, config: RouterConfig) -> None:
         self._config = config
         self.registry = WorkerRegistry(config.lease_ttl_s)
-        self.policy = make_policy(config.policy, config.seed)
+        self.index = PrefixIndex()
+        self.policy = make_policy(config.policy, config.seed, self.index)
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._probes: dict[str, list[asyncio.Task[None]]] = {}
+        self.followers: dict[str, KvEventFollower] = {}
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -66,9 +71,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self._tasks.append(asyncio.create_task(self._register_static(endpoint)))
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._probes.values()]:
+        tasks = [*self._tasks, *(t for ts in self._probes.values() for t in ts)]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._probes.values()]:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for channel in self._channels.values():
@@ -92,7 +98,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             await asyncio.sleep(min(self._config.heartbeat_interval_s, 1.0))
             for worker_id in self.registry.expire():
                 log.warning("worker %s expired (no heartbeat or probe)", worker_id)
-                self._stop_probe(worker_id)
+                self._forget(worker_id)
                 await self._notify()
 
     async def _notify(self) -> None:
@@ -106,9 +112,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return channel
 
     def _stop_probe(self, worker_id: str) -> None:
-        task = self._probes.pop(worker_id, None)
-        if task is not None:
+        for task in self._probes.pop(worker_id, []):
             task.cancel()
+        self.followers.pop(worker_id, None)
+
+    def _forget(self, worker_id: str) -> None:
+        """A worker is gone: stop watching it and purge what it held from the index."""
+        self._stop_probe(worker_id)
+        self.index.remove_worker(worker_id)
 
     async def _probe_loop(self, worker_id: str, endpoint: str) -> None:
         """Poll GetLoads: it is both the load feed and the liveness probe."""
@@ -117,7 +128,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             try:
                 sample = await worker_probe.sample_load(channel)
                 self.registry.report_load(
-                    worker_id, sample.num_running, sample.num_waiting, sample.kv_usage
+                    worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
+                    sample.waiting_uncached_tokens,
                 )
             except grpc.aio.AioRpcError as exc:
                 log.debug("probe of %s failed: %s", worker_id, exc.code().name)
@@ -143,9 +155,26 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         )
         self.registry.upsert(state)
         self._stop_probe(state.worker_id)
-        self._probes[state.worker_id] = asyncio.create_task(
-            self._probe_loop(state.worker_id, state.endpoint)
+        # A (re-)registered worker may have restarted: its old cache view is void.
+        self.index.clear_worker(state.worker_id)
+        worker_id = state.worker_id
+
+        def on_load(load: smg_common_pb2.EngineLoad) -> None:
+            # Pushed with every event batch and as a heartbeat: fresher than polling.
+            self.registry.report_load(
+                worker_id, load.running_requests, load.waiting_requests, load.token_usage,
+                load.waiting_uncached_tokens,
+            )
+
+        follower = KvEventFollower(
+            worker_id, self._channel(state.endpoint), self.index, state.model,
+            state.block_size, on_load=on_load,
         )
+        self.followers[state.worker_id] = follower
+        self._probes[state.worker_id] = [
+            asyncio.create_task(self._probe_loop(state.worker_id, state.endpoint)),
+            asyncio.create_task(follower.run()),
+        ]
         log.info(
             "registered worker %s at %s (model=%s role=%s block_size=%d)",
             state.worker_id, state.endpoint, state.model, state.role, state.block_size,
@@ -179,7 +208,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.DeregisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.DeregisterWorkerResponse:
         removed = self.registry.remove(request.worker_id)
-        self._stop_probe(request.worker_id)
+        self._forget(request.worker_id)
         if removed:
             log.info("worker %s deregistered", request.worker_id)
             await self._notify()
@@ -201,7 +230,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             request.model, request.adapter, request.exclude_worker_ids
         )
         choice = pick(self.policy, ctx, workers)
-        self.registry.routed(choice.worker.worker_id, request.request_id)
+        self.registry.routed(
+            choice.worker.worker_id, request.request_id,
+            max(len(request.token_ids) - choice.expected_cached_tokens, 0),
+        )
         log.debug("route %s -> %s (%s)", request.request_id, choice.worker.worker_id, choice.reason)
         return router_pb2.RouteDecision(
             mode=router_pb2.RouteDecision.MODE_AGGREGATED,
@@ -232,6 +264,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     age_s=now - w.load.reported_at if w.load.reported_at else -1.0,
                 ),
                 last_seen_age_s=now - w.last_seen,
+                indexed_blocks=self.index.blocks(w.worker_id),
             )
             for w in sorted(self.registry.all(), key=lambda w: w.worker_id)
             if not request.model or w.model == request.model

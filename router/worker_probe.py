@@ -24,6 +24,7 @@ class LoadSample:
     num_waiting: int
     kv_usage: float
     kv_capacity_tokens: int
+    waiting_uncached_tokens: int = 0
 
 
 async def describe(channel: grpc.aio.Channel) -> WorkerFacts:
@@ -54,4 +55,5 @@ async def sample_load(channel: grpc.aio.Channel) -> LoadSample:
         num_waiting=sum(x.num_waiting_reqs for x in loads),
         kv_usage=max(x.token_usage for x in loads),
         kv_capacity_tokens=sum(x.max_total_num_tokens for x in loads),
+        waiting_uncached_tokens=sum(x.num_waiting_uncached_tokens for x in loads),
     )

@@ -11,4 +11,4 @@ def test_example_mesh_config_loads() -> None:
     path = Path(__file__).parents[2] / "deploy" / "kvmesh.yaml"
     cfg = load_settings(MeshConfig, path)
     assert cfg.workers == 2 and cfg.worker.engine.block_size == 32
-    assert cfg.router.policy == "power_of_two"
+    assert cfg.router.policy == "kv_aware"

@@ -1,0 +1,90 @@
+"""KV-aware routing on real vLLM workers: events reach the router, prefixes stick."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from kvmesh.v1 import router_pb2, router_pb2_grpc
+
+from .conftest import MODEL, UpProcess
+
+pytestmark = pytest.mark.e2e
+
+SYSTEM = (
+    "You are the support assistant of the Lighthouse Museum. "
+    + " ".join(f"Rule {i}: answer politely and mention exhibit number {i}." for i in range(60))
+)
+
+
+def _workers(router: str) -> list[router_pb2.WorkerStatus]:
+    async def run() -> list[router_pb2.WorkerStatus]:
+        async with grpc.aio.insecure_channel(router) as channel:
+            reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
+                router_pb2.ListWorkersRequest(), timeout=5)
+            return list(reply.workers)
+
+    return asyncio.run(run())
+
+
+def _route(router: str, token_ids: list[int]) -> router_pb2.RouteDecision:
+    async def run() -> router_pb2.RouteDecision:
+        async with grpc.aio.insecure_channel(router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            decision = await stub.Route(router_pb2.RouteRequest(
+                request_id=f"probe-{time.monotonic_ns()}", model=MODEL, token_ids=token_ids),
+                timeout=5)
+            await stub.RequestFinished(router_pb2.RequestFinishedRequest(
+                request_id="probe", worker_id=decision.worker.worker_id))
+            return decision
+
+    return asyncio.run(run())
+
+
+def test_shared_prefix_goes_to_the_worker_that_cached_it(
+    kvmesh_up: UpProcess, model_dir: Path
+) -> None:
+    router = kvmesh_up.state["router"]
+    client = openai.OpenAI(base_url=kvmesh_up.state["http"], api_key="x", max_retries=0)
+    before = {s.worker.worker_id: s.indexed_blocks for s in _workers(router)}
+
+    def ask(question: str) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(
+            model=MODEL, max_tokens=4, temperature=0,
+            messages=[{"role": "system", "content": SYSTEM},
+                      {"role": "user", "content": question}])
+
+    first = ask("Where is the cafe?")
+    assert first.usage.prompt_tokens > 600
+    # The engine's BlockStored events reach the router's index.
+    deadline = time.monotonic() + 20
+    holder = None
+    while time.monotonic() < deadline and holder is None:
+        for s in _workers(router):
+            if s.indexed_blocks - before.get(s.worker.worker_id, 0) >= 600 // 32:
+                holder = s.worker.worker_id
+        time.sleep(0.1)
+    assert holder is not None, _workers(router)
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    follow_up = [{"role": "system", "content": SYSTEM},
+                 {"role": "user", "content": "When do you open?"}]
+    ids = tok.encode(tok.apply_chat_template(follow_up, tokenize=False,
+                                             add_generation_prompt=True),
+                     add_special_tokens=False)
+    decision = _route(router, ids)
+    assert decision.policy == "kv_aware"
+    assert decision.worker.worker_id == holder
+    assert decision.reason == "kv_aware:prefix"
+    assert decision.expected_cached_tokens >= 600 // 32 * 32
+
+    # And vLLM's own prefix-cache hit count agrees, request after request.
+    for question in ("When do you open?", "Is there parking?", "Can I bring a dog?"):
+        reply = ask(question)
+        assert reply.usage.prompt_tokens_details.cached_tokens >= 600 // 32 * 32

@@ -1,0 +1,96 @@
+import random
+
+import pytest
+
+from kvmesh.router.block_hash import namespace_seed, prompt_hashes
+from kvmesh.router.cost_model import CostParams, WorkerLoadInput, ttft_cost, within_bound
+from kvmesh.router.policies import KvAwarePolicy, RouteContext
+from kvmesh.router.prefix_index import PrefixIndex, StoredBlocks
+from kvmesh.router.registry import WorkerLoadView, WorkerState
+
+pytestmark = pytest.mark.unit
+BS = 16
+PROMPT = list(range(1000, 1000 + 20 * BS))  # 20 blocks
+
+
+def worker(wid: str, running: int = 0, waiting_uncached: int = 0) -> WorkerState:
+    w = WorkerState(worker_id=wid, endpoint=wid, model="m", block_size=BS)
+    w.load = WorkerLoadView(num_running=running, waiting_uncached_tokens=waiting_uncached)
+    return w
+
+
+def policy(index: PrefixIndex, seed: int = 0) -> KvAwarePolicy:
+    return KvAwarePolicy(index, random.Random(seed), CostParams())
+
+
+def cache(index: PrefixIndex, wid: str, tokens: list[int]) -> None:
+    engine = [hash((wid, i)) & 0x7FFFFFFF for i in range(len(tokens) // BS)]
+    index.stored(wid, StoredBlocks(engine, tokens, BS, None, model="m"))
+
+
+def ctx(tokens: list[int], rid: str = "r") -> RouteContext:
+    return RouteContext(request_id=rid, model="m", token_ids=tokens)
+
+
+def test_prefers_the_worker_holding_the_prefix() -> None:
+    index = PrefixIndex()
+    cache(index, "b", PROMPT[: 12 * BS])
+    choice = policy(index).choose(ctx(PROMPT + [1, 2, 3]), [worker("a"), worker("b")])
+    assert choice.worker.worker_id == "b"
+    assert choice.expected_cached_tokens == 12 * BS
+    assert choice.reason == "kv_aware:prefix"
+
+
+def test_queued_prefill_outweighs_a_small_hit() -> None:
+    index = PrefixIndex()
+    cache(index, "b", PROMPT[: 2 * BS])  # 32 cached tokens
+    busy = worker("b", waiting_uncached=5000)  # 2 s of prefill queued
+    choice = policy(index).choose(ctx(PROMPT), [worker("a"), busy])
+    assert choice.worker.worker_id == "a" and choice.reason == "kv_aware:load"
+
+
+def test_burst_of_a_new_prefix_lands_together_via_pending_blocks() -> None:
+    index = PrefixIndex()
+    p = policy(index, seed=1)
+    workers = [worker("a"), worker("b"), worker("c")]
+    first = p.choose(ctx(PROMPT, "r1"), workers)
+    for i in range(2, 5):
+        again = p.choose(ctx(PROMPT + [i], f"r{i}"), workers)
+        assert again.worker.worker_id == first.worker.worker_id
+        assert again.expected_cached_tokens == len(PROMPT)
+
+
+def test_bounded_load_spreads_a_hot_prefix() -> None:
+    index = PrefixIndex()
+    cache(index, "a", PROMPT)
+    hot = worker("a")
+    hot.in_flight.update(f"x{i}" for i in range(10))
+    choice = policy(index).choose(ctx(PROMPT), [hot, worker("b"), worker("c")])
+    assert choice.worker.worker_id in {"b", "c"}
+
+
+def test_no_reuse_balances_by_load() -> None:
+    index = PrefixIndex()
+    rng = random.Random(5)
+    p = policy(index, seed=2)
+    workers = [worker("a", running=3), worker("b", running=0)]
+    tokens = [rng.randrange(40000) for _ in range(BS * 3)]
+    assert p.choose(ctx(tokens), workers).worker.worker_id == "b"
+
+
+def test_cost_model_units_and_bound() -> None:
+    params = CostParams(prefill_tokens_per_s=1000, decode_step_s_per_seq=0.01)
+    load = WorkerLoadInput("w", active=2, running=2, queued_prefill_tokens=500)
+    assert ttft_cost(params, load, prompt_tokens=1500, cached_tokens=1000) == pytest.approx(
+        (500 + 500) / 1000 + 2 * 0.01)
+    loads = [WorkerLoadInput("a", 10, 10, 0), WorkerLoadInput("b", 0, 0, 0),
+             WorkerLoadInput("c", 1, 1, 0)]
+    assert [x.worker_id for x in within_bound(params, loads)] == ["b", "c"]
+
+
+def test_hashes_match_what_events_index() -> None:
+    # The policy's prompt hashes and the index's event-derived hashes agree.
+    index = PrefixIndex()
+    cache(index, "a", PROMPT)
+    hashes = prompt_hashes(PROMPT, BS, namespace_seed("m"))
+    assert index.match(hashes, ["a"]) == {"a": 20}
