@@ -52,6 +52,23 @@ def _bench_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_routing(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmesh.routing_bench import run_routing_bench
+
+    report = run_routing_bench(
+        args.workload.split(","), args.policies.split(","), args.workers, args.requests,
+        args.rate_per_worker, args.seed, args.out,
+    )
+    for name, data in report["workloads"].items():
+        print(f"== {name}")
+        for policy, metrics in data["results"].items():
+            print(f"  {policy:14s} " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
+        print("  ratios: " + json.dumps(data["ratios"]))
+    return 0
+
+
 def _model_prepare(args: argparse.Namespace) -> int:
     from kvmesh.models import LocalModelSource
 
@@ -99,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--block-size", type=int, default=None)
     gw.add_argument("--out", type=Path, default=None, help="write results.json here")
     gw.set_defaults(func=_bench_gateway)
+
+    routing = bench_sub.add_parser("routing", help="routing policies side by side")
+    routing.add_argument("--mode", choices=["sim"], default="sim",
+                         help="sim: simulated workers with real caches and KV events")
+    routing.add_argument("--workload", default="shared_prefix,multi_turn,low_reuse,bursty",
+                         help="comma-separated: shared_prefix, multi_turn, low_reuse, bursty")
+    routing.add_argument("--policies",
+                         default="random,round_robin,power_of_two,approx_prefix,kv_aware")
+    routing.add_argument("--workers", type=int, default=16)
+    routing.add_argument("--requests", type=int, default=2000)
+    routing.add_argument("--rate-per-worker", type=float, default=3.5,
+                         help="arrivals per second per worker")
+    routing.add_argument("--seed", type=int, default=1)
+    routing.add_argument("--out", type=Path, default=None,
+                         help="write report.json and per-workload results.json + PNG here")
+    routing.set_defaults(func=_bench_routing)
 
     model = sub.add_parser("model", help="model files")
     model_sub = model.add_subparsers(dest="model_command", required=True)

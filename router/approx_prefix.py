@@ -6,7 +6,9 @@ the worker actually caches), LRU-evicted per worker past a size threshold. Per
 request: when load is balanced (queue spread ≤ threshold) take the workers with the
 longest match if the match rate ≥ 10%, else the workers with the smallest trees;
 then the least loaded of those. It is approximate: it never hears about evictions,
-restarts or other routers' traffic.
+restarts or other routers' traffic. Ray's defaults are kept: imbalance threshold
+infinite, match-rate threshold 0.1, eviction past 400k characters per replica —
+100k tokens here, at ~4 characters a token.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class ApproxPrefixPolicy:
 
     def __init__(self, rng: random.Random, imbalanced_threshold: float = float("inf"),
                  match_rate_threshold: float = 0.1,
-                 max_tokens_per_tenant: int = 400_000) -> None:
+                 max_tokens_per_tenant: int = 100_000) -> None:
         self.tree = ApproxPrefixTree(max_tokens_per_tenant)
         self._rng = rng
         self._imbalanced = imbalanced_threshold

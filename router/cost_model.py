@@ -1,6 +1,7 @@
 """The one cost model: estimated seconds until a request's first token (pure).
 
     cost(w) = (uncached prompt tokens on w + prefill work queued on w) / prefill rate
+              + eviction weight × KV fullness of w × uncached tokens / prefill rate
               + running sequences on w × per-sequence step cost
 
 Cached tokens come from the prefix index (confirmed or pending blocks), queued work
@@ -25,7 +26,15 @@ class CostParams(BaseModel):
     decode_step_s_per_seq: float = Field(
         0.004, ge=0, description="How much each running sequence lengthens an engine step.")
     balance_epsilon: float = Field(
-        0.5, ge=0, description="Bounded load: skip workers above (1+ε)·mean active + 1.")
+        2.0, ge=0, description="Bounded load: skip workers above (1+ε)·mean active + 1.")
+    eviction_weight: float = Field(
+        3.0, ge=0,
+        description="Price of evicting cached blocks, in prefill-seconds per uncached "
+        "token, scaled by how full the worker's KV cache is.")
+    placement_slack: float = Field(
+        0.1, ge=0,
+        description="Workers within this fraction of the prompt's full prefill time of "
+        "the best cost count as equal; the prompt's rendezvous home wins among them.")
     pending_ttl_s: float = Field(
         2.0, gt=0, description="How long routed-but-unconfirmed blocks count as cached.")
 
@@ -36,6 +45,7 @@ class WorkerLoadInput:
     active: int
     running: int
     queued_prefill_tokens: int
+    kv_usage: float = 0.0
 
 
 def ttft_cost(
@@ -43,7 +53,10 @@ def ttft_cost(
 ) -> float:
     uncached = max(prompt_tokens - cached_tokens, 0)
     prefill = (uncached + load.queued_prefill_tokens) / params.prefill_tokens_per_s
-    return prefill + load.running * params.decode_step_s_per_seq
+    # Blocks stored into a full cache evict someone else's prefix: a miss later.
+    eviction = (params.eviction_weight * min(max(load.kv_usage, 0.0), 1.0)
+                * uncached / params.prefill_tokens_per_s)
+    return prefill + eviction + load.running * params.decode_step_s_per_seq
 
 
 def within_bound(params: CostParams, loads: list[WorkerLoadInput]) -> list[WorkerLoadInput]:

@@ -7,6 +7,7 @@ prompt's token ids through :class:`RouteContext`.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -122,22 +123,54 @@ class KvAwarePolicy:
                 running=max(w.load.num_running, len(w.in_flight)),
                 queued_prefill_tokens=w.load.waiting_uncached_tokens
                 + w.unreported_prefill_tokens,
+                kv_usage=w.load.kv_usage,
             )
             for w in workers
         ])
         prompt_tokens = len(ctx.token_ids)
-        costs = [
-            (ttft_cost(self.params, x, prompt_tokens, cached.get(x.worker_id, 0)), x.worker_id)
+        costs = {
+            x.worker_id: ttft_cost(self.params, x, prompt_tokens, cached.get(x.worker_id, 0))
             for x in loads
-        ]
-        best = min(c for c, _ in costs)
-        tied = [wid for c, wid in costs if c <= best + 1e-9]
-        chosen = by_id[self._rng.choice(tied)]
+        }
+        best = min(costs.values())
+        # Capacity-aware placement: among the workers within a small slack of the best
+        # cost, prefer the prompt's rendezvous "home". A prefix that is cold everywhere
+        # then always lands on the same worker, so the fleet's caches partition the hot
+        # set instead of each caching a copy of it (and thrashing when it outgrows one).
+        slack = self.params.placement_slack * prompt_tokens / self.params.prefill_tokens_per_s
+        near = [wid for wid, c in costs.items() if c <= best + slack + 1e-9]
+        key = placement_key(hashes_by_size, by_id, near)
+        if key is None:
+            chosen = by_id[self._rng.choice(near)]
+        else:
+            chosen = by_id[max(near, key=lambda wid: rendezvous_score(key, wid))]
         hits = cached.get(chosen.worker_id, 0)
         hashes = hashes_by_size.get(chosen.block_size)
         if hashes:
             self._index.mark_pending(chosen.worker_id, hashes)
         return Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits)
+
+
+def placement_key(
+    hashes_by_size: dict[int, list[int]], by_id: dict[str, WorkerState], near: list[str]
+) -> int | None:
+    """The prompt's placement key: its chained hash a few blocks in (the part that
+    identifies a system prompt or conversation), or None for sub-block prompts."""
+    sizes = {by_id[w].block_size for w in near}
+    if len(sizes) != 1:
+        return None
+    hashes = hashes_by_size.get(sizes.pop())
+    if not hashes:
+        return None
+    return hashes[min(len(hashes), PLACEMENT_BLOCKS) - 1]
+
+
+PLACEMENT_BLOCKS = 4
+
+
+def rendezvous_score(key: int, worker_id: str) -> int:
+    digest = hashlib.blake2b(f"{key}:{worker_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 POLICY_NAMES = ("random", "round_robin", "power_of_two", "approx_prefix", "kv_aware")

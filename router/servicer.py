@@ -161,9 +161,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
         def on_load(load: smg_common_pb2.EngineLoad) -> None:
             # Pushed with every event batch and as a heartbeat: fresher than polling.
+            # Prefill work in hand: the engine's pending prompt tokens when the
+            # servicer reports them (running prefills included), else the waiting ones.
+            pending = load.waiting_uncached_tokens
+            if load.HasField("prefill_pending_tokens"):
+                pending = max(pending, load.prefill_pending_tokens)
             self.registry.report_load(
                 worker_id, load.running_requests, load.waiting_requests, load.token_usage,
-                load.waiting_uncached_tokens,
+                pending,
             )
 
         follower = KvEventFollower(

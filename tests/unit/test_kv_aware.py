@@ -64,9 +64,10 @@ def test_bounded_load_spreads_a_hot_prefix() -> None:
     index = PrefixIndex()
     cache(index, "a", PROMPT)
     hot = worker("a")
-    hot.in_flight.update(f"x{i}" for i in range(10))
-    choice = policy(index).choose(ctx(PROMPT), [hot, worker("b"), worker("c")])
-    assert choice.worker.worker_id in {"b", "c"}
+    hot.in_flight.update(f"x{i}" for i in range(10))  # > (1+2)·(10/6) + 1 = 6
+    others = [worker(w) for w in "bcdef"]
+    choice = policy(index).choose(ctx(PROMPT), [hot, *others])
+    assert choice.worker.worker_id != "a"
 
 
 def test_no_reuse_balances_by_load() -> None:
@@ -79,13 +80,28 @@ def test_no_reuse_balances_by_load() -> None:
 
 
 def test_cost_model_units_and_bound() -> None:
-    params = CostParams(prefill_tokens_per_s=1000, decode_step_s_per_seq=0.01)
-    load = WorkerLoadInput("w", active=2, running=2, queued_prefill_tokens=500)
+    params = CostParams(prefill_tokens_per_s=1000, decode_step_s_per_seq=0.01,
+                        eviction_weight=2, balance_epsilon=0.5)
+    load = WorkerLoadInput("w", active=2, running=2, queued_prefill_tokens=500, kv_usage=0.5)
     assert ttft_cost(params, load, prompt_tokens=1500, cached_tokens=1000) == pytest.approx(
-        (500 + 500) / 1000 + 2 * 0.01)
+        (500 + 500) / 1000 + 2 * 0.5 * 500 / 1000 + 2 * 0.01)
     loads = [WorkerLoadInput("a", 10, 10, 0), WorkerLoadInput("b", 0, 0, 0),
              WorkerLoadInput("c", 1, 1, 0)]
     assert [x.worker_id for x in within_bound(params, loads)] == ["b", "c"]
+
+
+def test_cold_prefix_has_a_stable_home() -> None:
+    """A prefix cached nowhere goes to the same worker every time (no copies)."""
+    workers = [worker(w) for w in "abcdef"]
+    homes = set()
+    for seed in range(5):
+        index = PrefixIndex(pending_ttl_s=0)  # no speculative blocks between calls
+        homes.add(policy(index, seed).choose(ctx(PROMPT), workers).worker.worker_id)
+    assert len(homes) == 1
+    other = [list(range(k * 1000, k * 1000 + 8 * BS)) for k in range(30)]
+    spread = {policy(PrefixIndex(pending_ttl_s=0)).choose(ctx(p), workers).worker.worker_id
+              for p in other}
+    assert len(spread) >= 4  # different prefixes partition across the fleet
 
 
 def test_hashes_match_what_events_index() -> None:

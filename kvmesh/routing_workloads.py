@@ -1,0 +1,88 @@
+"""Seeded, reproducible routing workloads (token-id prompts with arrival times)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    arrival_s: float
+    prompt: tuple[int, ...]
+    output_tokens: int
+
+
+VOCAB = 49_000
+WORKLOADS = ("shared_prefix", "multi_turn", "low_reuse", "bursty")
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(100, VOCAB) for _ in range(n)]
+
+
+def _poisson_times(rng: random.Random, n: int, rate: float) -> list[float]:
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def shared_prefix(rng: random.Random, n: int, rate: float, tenants: int = 48,
+                  users: int = 8, system_len: int = 1024) -> list[SimRequest]:
+    """Many tenants × users; each tenant's long system prompt is shared (Zipf-hot)."""
+    systems = [_tokens(rng, system_len) for _ in range(tenants)]
+    profiles = [[_tokens(rng, 64) for _ in range(users)] for _ in range(tenants)]
+    weights = [1 / (i + 1) ** 0.8 for i in range(tenants)]
+    out = []
+    for t in _poisson_times(rng, n, rate):
+        k = rng.choices(range(tenants), weights)[0]
+        prompt = systems[k] + rng.choice(profiles[k]) + _tokens(rng, 32)
+        out.append(SimRequest(t, tuple(prompt), rng.randint(16, 64)))
+    return out
+
+
+def multi_turn(rng: random.Random, n: int, rate: float,
+               sessions: int = 64) -> list[SimRequest]:
+    """Conversations that grow: every turn resends the history plus a new message."""
+    history = [_tokens(rng, 256) for _ in range(sessions)]
+    out = []
+    for t in _poisson_times(rng, n, rate):
+        s = rng.randrange(sessions)
+        history[s] = history[s] + _tokens(rng, rng.randint(16, 64))
+        answer = rng.randint(16, 64)
+        out.append(SimRequest(t, tuple(history[s]), answer))
+        history[s] = history[s] + _tokens(rng, answer)
+        if len(history[s]) > 3000:
+            history[s] = _tokens(rng, 256)
+    return out
+
+
+def low_reuse(rng: random.Random, n: int, rate: float) -> list[SimRequest]:
+    """Nothing to reuse: every prompt is new."""
+    return [SimRequest(t, tuple(_tokens(rng, rng.randint(200, 1200))), rng.randint(16, 64))
+            for t in _poisson_times(rng, n, rate)]
+
+
+def bursty(rng: random.Random, n: int, rate: float) -> list[SimRequest]:
+    """Shared-prefix traffic arriving in bursts of 16 near-simultaneous requests."""
+    base = shared_prefix(rng, n, rate)
+    out = []
+    for i, r in enumerate(base):
+        burst_start = base[i - i % 16].arrival_s
+        out.append(SimRequest(burst_start + 0.001 * (i % 16), r.prompt, r.output_tokens))
+    return out
+
+
+def make_workload(name: str, n: int, rate: float, seed: int) -> list[SimRequest]:
+    rng = random.Random(seed)
+    if name == "shared_prefix":
+        return shared_prefix(rng, n, rate)
+    if name == "multi_turn":
+        return multi_turn(rng, n, rate)
+    if name == "low_reuse":
+        return low_reuse(rng, n, rate)
+    if name == "bursty":
+        return bursty(rng, n, rate)
+    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
