@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
+import numpy as np
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.grpc_util import insecure_channel
@@ -45,7 +46,7 @@ class MeshClient:
             router_pb2.RouteRequest(
                 request_id=request_id,
                 model=model,
-                token_ids=token_ids,
+                packed_token_ids=np.asarray(token_ids, dtype="<u4").tobytes(),
                 max_tokens=max_tokens,
                 exclude_worker_ids=exclude,
             ),

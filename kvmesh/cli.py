@@ -69,6 +69,20 @@ def _bench_routing(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_router(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmesh.router_bench import run_router_bench
+
+    report = run_router_bench(args.blocks, args.ray_blocks, args.seed)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "router.json").write_text(text)
+    return 0
+
+
 def _model_prepare(args: argparse.Namespace) -> int:
     from kvmesh.models import LocalModelSource
 
@@ -132,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--out", type=Path, default=None,
                          help="write report.json and per-workload results.json + PNG here")
     routing.set_defaults(func=_bench_routing)
+
+    micro = bench_sub.add_parser("router", help="router core: decisions, ingestion, memory")
+    micro.add_argument("--blocks", type=int, default=1_000_000, help="blocks to index")
+    micro.add_argument("--ray-blocks", type=int, default=20_000,
+                       help="index size for the side-by-side with Ray's PrefixTree")
+    micro.add_argument("--seed", type=int, default=0)
+    micro.add_argument("--out", type=Path, default=None)
+    micro.set_defaults(func=_bench_router)
 
     model = sub.add_parser("model", help="model files")
     model_sub = model.add_subparsers(dest="model_command", required=True)

@@ -91,6 +91,9 @@ class RouterConfig(_Settings):
         "(e.g. plain vLLM gRPC servers).",
     )
     seed: int | None = Field(None, description="Seed for random tie-breaks (tests).")
+    metrics_port: int | None = Field(
+        9400, ge=0, le=65535,
+        description="Prometheus /metrics port (0 picks a free one; None turns it off).")
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> RouterConfig:

@@ -59,8 +59,9 @@ class LocalMesh:
         log.info("model ready at %s", model_path)
 
         router_cfg = cfg.router
-        if "port" not in router_cfg.model_fields_set:
-            router_cfg = router_cfg.model_copy(update={"port": 0})
+        for port_field in ("port", "metrics_port"):
+            if port_field not in router_cfg.model_fields_set:
+                router_cfg = router_cfg.model_copy(update={port_field: 0})
         ready = self.run_dir / "router.ready"
         self._router = spawn_module(
             "kvmesh.router",
@@ -68,8 +69,8 @@ class LocalMesh:
              "--ready-file", str(ready)],
             self.run_dir / "router.log",
         )
-        router = (await asyncio.to_thread(
-            wait_ready_file, ready, 60, self._router, "router"))["grpc"]
+        router_ready = await asyncio.to_thread(wait_ready_file, ready, 60, self._router, "router")
+        router = router_ready["grpc"]
         log.info("router up at %s", router)
 
         from kvmesh.services.actor import init_ray, spawn_worker_actor
@@ -103,6 +104,7 @@ class LocalMesh:
             "http": gateway["http"],
             "grpc": gateway["grpc"],
             "router": router,
+            "router_metrics": router_ready.get("metrics", ""),
             "workers": workers,
             "pids": {
                 "router": self._router.pid,

@@ -21,12 +21,14 @@ def main(argv: list[str] | None = None) -> int:
         "--worker", action="append", default=None, dest="static_workers",
         help="register a VllmEngine worker by address (repeatable)",
     )
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus /metrics port (0 = free port)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write the address here")
     args = parser.parse_args(argv)
     setup_logging("router", args.log_level)
     config = load_settings(
         RouterConfig, args.config, host=args.host, port=args.port, policy=args.policy,
-        static_workers=args.static_workers,
+        static_workers=args.static_workers, metrics_port=args.metrics_port,
     )
     asyncio.run(run_until_signalled(lambda: RouterServer(config, ready_file=args.ready_file)))
     return 0

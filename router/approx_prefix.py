@@ -115,9 +115,10 @@ class ApproxPrefixPolicy:
         loads = [w.active for w in workers]
         reason = "approx_prefix:imbalanced"
         pool = list(workers)
-        if max(loads) - min(loads) <= self._imbalanced and ctx.token_ids:
-            matched, owners = self.tree.match(ctx.token_ids, list(by_id))
-            if matched / len(ctx.token_ids) >= self._match_rate:
+        tokens = [int(t) for t in ctx.token_ids]
+        if max(loads) - min(loads) <= self._imbalanced and tokens:
+            matched, owners = self.tree.match(tokens, list(by_id))
+            if matched / len(tokens) >= self._match_rate:
                 pool, reason = [by_id[t] for t in owners], "approx_prefix:match"
             else:
                 pool = [by_id[t] for t in self.tree.smallest(list(by_id))]
@@ -126,5 +127,5 @@ class ApproxPrefixPolicy:
             pool = self._rng.sample(pool, min(2, len(pool)))
         least = min(w.active for w in pool)
         chosen = self._rng.choice([w for w in pool if w.active == least])
-        self.tree.insert(ctx.token_ids, chosen.worker_id)
+        self.tree.insert(tokens, chosen.worker_id)
         return Choice(chosen, reason)

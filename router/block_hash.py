@@ -60,7 +60,7 @@ def chain_hashes(
     Returns the block hashes and the chain state after each block (to extend later).
     A trailing partial block is ignored: engines cache only full blocks.
     """
-    tokens = np.asarray(token_ids, dtype=np.uint64)
+    tokens = as_tokens(token_ids).astype(np.uint64)
     n_blocks = len(tokens) // block_size
     if n_blocks == 0:
         return [], []
@@ -77,9 +77,16 @@ def chain_hashes(
     return hashes.tolist(), states
 
 
+def as_tokens(token_ids: Any) -> np.ndarray[Any, np.dtype[np.uint32]]:
+    """Token ids as a uint32 array (no copy when they already are one)."""
+    if isinstance(token_ids, np.ndarray):
+        return token_ids.astype(np.uint32, copy=False)
+    return np.array(token_ids, dtype=np.uint32)
+
+
 def prompt_hashes(token_ids: Any, block_size: int, seed: int) -> list[int]:
     """Block hashes of a whole prompt (the routing hot path)."""
-    tokens = np.asarray(token_ids, dtype=np.uint64)
+    tokens = as_tokens(token_ids).astype(np.uint64)
     n_blocks = len(tokens) // block_size
     if n_blocks == 0:
         return []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import grpc
 from smg_grpc_proto import vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 
+from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.prefix_index import PrefixIndex, StoredBlocks
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,9 @@ class KvEventFollower:
     def __init__(
         self, worker_id: str, channel: grpc.aio.Channel, index: PrefixIndex, model: str,
         block_size: int, on_load: Callable[[common_pb2.EngineLoad], None] | None = None,
-        retry_s: float = 0.5,
+        retry_s: float = 0.5, metrics: RouterMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self.worker_id = worker_id
         self._stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
         self._index = index
@@ -90,6 +93,8 @@ class KvEventFollower:
         self._index.clear_worker(self.worker_id)
         self.stats.cursors.clear()
         self.stats.resets += 1
+        if self._metrics is not None:
+            self._metrics.kv_event_resets.inc()
 
     def _admit(self, batch: common_pb2.KvEventBatch) -> bool:
         """Sequence bookkeeping per rank; False for a duplicate to skip."""
@@ -104,9 +109,20 @@ class KvEventFollower:
                     return False
             elif seq > last + 1:
                 self.stats.gaps += 1
+                if self._metrics is not None:
+                    self._metrics.kv_event_gaps.inc()
                 self._reset(f"gap on rank {rank} ({last} -> {seq})")
         self.stats.cursors[rank] = seq
         return True
+
+    def _observe(self, batch: common_pb2.KvEventBatch, stored: int, removed: int) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.kv_event_blocks.labels("stored").inc(self.stats.stored_blocks - stored)
+        self._metrics.kv_event_blocks.labels("removed").inc(
+            self.stats.removed_blocks - removed)
+        if batch.timestamp > 0:
+            self._metrics.kv_event_lag_seconds.observe(max(time.time() - batch.timestamp, 0))
 
     async def run(self) -> None:
         while True:
@@ -121,8 +137,10 @@ class KvEventFollower:
                     if batch.HasField("load") and batch.load.load_only:
                         continue
                     if self._admit(batch):
+                        stored, removed = self.stats.stored_blocks, self.stats.removed_blocks
                         apply_batch(self._index, self.worker_id, self._model,
                                     self._block_size, batch, self.stats)
+                        self._observe(batch, stored, removed)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNIMPLEMENTED:

@@ -13,6 +13,7 @@ requests sharing a new prefix lands together instead of spraying.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -45,7 +46,11 @@ class PrefixIndex:
         self, pending_ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._holders: dict[int, int] = {}
-        self._pending: dict[int, dict[int, float]] = {}
+        # Speculative blocks: hash -> worker-slot bitmask, the latest expiry per hash,
+        # and marks in expiry order (swept lazily, so marking stays a few dict ops).
+        self._pending: dict[int, int] = {}
+        self._pending_until: dict[int, float] = {}
+        self._pending_marks: deque[tuple[float, int, list[int]]] = deque()
         self._views: dict[str, _WorkerView] = {}
         self._slot_owner: dict[int, str] = {}
         self._free: list[int] = []
@@ -77,8 +82,9 @@ class PrefixIndex:
         self.clear_worker(worker_id)
         view = self._views.pop(worker_id, None)
         if view is not None:
-            for waiting in self._pending.values():
-                waiting.pop(view.slot, None)
+            bit = 1 << view.slot
+            for router_hash in [h for h, m in self._pending.items() if m & bit]:
+                self._drop_pending(router_hash, bit)
             del self._slot_owner[view.slot]
             self._free.append(view.slot)
 
@@ -114,11 +120,8 @@ class PrefixIndex:
             view.engine_map[engine_hash] = (router_hash, state)
             view.held[router_hash] = view.held.get(router_hash, 0) + 1
             self._holders[router_hash] = self._holders.get(router_hash, 0) | bit
-            waiting = self._pending.get(router_hash)
-            if waiting is not None:
-                waiting.pop(view.slot, None)
-                if not waiting:
-                    del self._pending[router_hash]
+            if router_hash in self._pending:
+                self._drop_pending(router_hash, bit)
         return count
 
     def removed(self, worker_id: str, engine_hashes: Iterable[int]) -> None:
@@ -141,25 +144,38 @@ class PrefixIndex:
     # ---- routing ---------------------------------------------------------------
     def mark_pending(self, worker_id: str, hashes: Sequence[int]) -> None:
         view = self._view(worker_id)
-        expiry = self._clock() + self._pending_ttl_s
+        now = self._clock()
+        self._sweep(now)
+        expiry = now + self._pending_ttl_s
         bit = 1 << view.slot
+        holders, pending, until = self._holders, self._pending, self._pending_until
+        marked = []
         for router_hash in hashes:
-            if self._holders.get(router_hash, 0) & bit:
+            if holders.get(router_hash, 0) & bit:
                 continue
-            self._pending.setdefault(router_hash, {})[view.slot] = expiry
+            pending[router_hash] = pending.get(router_hash, 0) | bit
+            until[router_hash] = expiry
+            marked.append(router_hash)
+        if marked:
+            self._pending_marks.append((expiry, bit, marked))
 
-    def _mask(self, router_hash: int, now: float) -> int:
-        mask = self._holders.get(router_hash, 0)
-        waiting = self._pending.get(router_hash)
-        if waiting:
-            for slot, expiry in list(waiting.items()):
-                if expiry >= now:
-                    mask |= 1 << slot
-                else:
-                    del waiting[slot]
-            if not waiting:
-                del self._pending[router_hash]
-        return mask
+    def _drop_pending(self, router_hash: int, bit: int) -> None:
+        mask = self._pending.get(router_hash, 0) & ~bit
+        if mask:
+            self._pending[router_hash] = mask
+        else:
+            self._pending.pop(router_hash, None)
+            self._pending_until.pop(router_hash, None)
+
+    def _sweep(self, now: float) -> None:
+        """Expire old marks. A hash marked again later keeps its bits (pending is a
+        hint that lasts at least the TTL)."""
+        marks = self._pending_marks
+        while marks and marks[0][0] < now:
+            _, bit, hashes = marks.popleft()
+            for router_hash in hashes:
+                if self._pending_until.get(router_hash, now) < now:
+                    self._drop_pending(router_hash, bit)
 
     def match(self, hashes: Sequence[int], worker_ids: Iterable[str]) -> dict[str, int]:
         """Longest cached prefix, in blocks, of ``hashes`` on each of ``worker_ids``."""
@@ -168,10 +184,11 @@ class PrefixIndex:
         alive = 0
         for slot in slots.values():
             alive |= 1 << slot
-        now = self._clock()
+        self._sweep(self._clock())
+        holders, pending = self._holders, self._pending
         blocks = 0
         for router_hash in hashes:
-            still = alive & self._mask(router_hash, now)
+            still = alive & (holders.get(router_hash, 0) | pending.get(router_hash, 0))
             dropped = alive & ~still
             if dropped:
                 for w, slot in slots.items():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import grpc
+from prometheus_client import start_http_server
 
 from kvmesh.config import RouterConfig
 from kvmesh.grpc_util import add_health_and_reflection, bind, create_server, set_serving
@@ -23,7 +25,9 @@ class RouterServer:
         self._ready_file = ready_file
         self.servicer = RouterServicer(config)
         self._server: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
         self.port = 0
+        self.metrics_port = 0
 
     @property
     def address(self) -> str:
@@ -38,11 +42,21 @@ class RouterServer:
         await self.servicer.start()
         await set_serving(health, [SERVICE_NAME])
         self._server = server
-        write_ready_file(self._ready_file, {"grpc": self.address})
+        ready = {"grpc": self.address}
+        if self.config.metrics_port is not None:
+            self._metrics_http, _ = start_http_server(
+                self.config.metrics_port, addr=self.config.host,
+                registry=self.servicer.metrics.registry,
+            )
+            self.metrics_port = self._metrics_http.server_port
+            ready["metrics"] = f"{self.config.host}:{self.metrics_port}"
+        write_ready_file(self._ready_file, ready)
         log.info("router serving on %s (policy=%s)", self.address, self.config.policy)
         return self.address
 
     async def stop(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
         await self.servicer.stop()
         if self._server is not None:
             await self._server.stop(grace=2.0)

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 
 import grpc
+import numpy as np
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
 from kvmesh.config import RouterConfig
@@ -15,6 +17,7 @@ from kvmesh.errors import InvalidRequestError, ModelNotFoundError
 from kvmesh.grpc_util import insecure_channel
 from kvmesh.router import worker_probe
 from kvmesh.router.kv_events import KvEventFollower
+from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.policies import RouteContext, make_policy, pick
 from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerRegistry, WorkerState
@@ -35,6 +38,15 @@ _NAME_TO_ROLE = {
 }
 
 
+def unpack_tokens(packed: bytes, listed: Sequence[int]) -> np.ndarray:
+    if packed:
+        if len(packed) % 4:
+            raise InvalidRequestError("packed_token_ids must hold uint32s",
+                                      param="packed_token_ids")
+        return np.frombuffer(packed, dtype="<u4")
+    return np.array(listed, dtype=np.uint32)
+
+
 def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
     return common_pb2.WorkerInfo(
         worker_id=w.worker_id,
@@ -53,14 +65,16 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, metrics: RouterMetrics | None = None) -> None:
         self._config = config
+        self.metrics = metrics or RouterMetrics()
         self.registry = WorkerRegistry(config.lease_ttl_s)
         self.index = PrefixIndex()
         self.policy = make_policy(config.policy, config.seed, self.index)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._probes: dict[str, list[asyncio.Task[None]]] = {}
         self.followers: dict[str, KvEventFollower] = {}
+        self.metrics.track(lambda: len(self.index), lambda: len(self.registry))
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -173,7 +187,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
         follower = KvEventFollower(
             worker_id, self._channel(state.endpoint), self.index, state.model,
-            state.block_size, on_load=on_load,
+            state.block_size, on_load=on_load, metrics=self.metrics,
         )
         self.followers[state.worker_id] = follower
         self._probes[state.worker_id] = [
@@ -228,13 +242,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             request_id=request.request_id,
             model=request.model,
             adapter=request.adapter,
-            token_ids=request.token_ids,
+            token_ids=unpack_tokens(request.packed_token_ids, request.token_ids),
             max_tokens=request.max_tokens,
         )
         workers = self.registry.candidates(
             request.model, request.adapter, request.exclude_worker_ids
         )
+        started = time.perf_counter()
         choice = pick(self.policy, ctx, workers)
+        self.metrics.decision_seconds.labels(self.policy.name).observe(
+            time.perf_counter() - started)
+        self.metrics.decisions.labels(self.policy.name, choice.reason).inc()
+        self.metrics.matched_prefix_tokens.observe(choice.expected_cached_tokens)
         self.registry.routed(
             choice.worker.worker_id, request.request_id,
             max(len(request.token_ids) - choice.expected_cached_tokens, 0),

@@ -24,7 +24,7 @@ def gateway_over_plain_vllm(plain_vllm: PlainVllm) -> Iterator[str]:
         try:
             router = spawn_module(
                 "kvmesh.router",
-                ["--port", "0", "--worker", plain_vllm.endpoint,
+                ["--port", "0", "--metrics-port", "0", "--worker", plain_vllm.endpoint,
                  "--ready-file", str(work / "router.ready")],
                 work / "router.log",
             )

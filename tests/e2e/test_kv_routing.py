@@ -88,3 +88,17 @@ def test_shared_prefix_goes_to_the_worker_that_cached_it(
     for question in ("When do you open?", "Is there parking?", "Can I bring a dog?"):
         reply = ask(question)
         assert reply.usage.prompt_tokens_details.cached_tokens >= 600 // 32 * 32
+
+
+def test_router_metrics_show_events_and_prefix_decisions(kvmesh_up: UpProcess) -> None:
+    import httpx
+
+    text = httpx.get(f"http://{kvmesh_up.state['router_metrics']}/metrics").text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines() if line and not line.startswith("#")
+    }
+    assert samples['kvmesh_router_kv_event_blocks_total{kind="stored"}'] > 0
+    assert samples['kvmesh_router_decisions_total{policy="kv_aware",reason="kv_aware:prefix"}'] >= 1
+    assert samples["kvmesh_router_index_blocks"] > 0
+    assert samples["kvmesh_router_kv_event_lag_seconds_count"] > 0

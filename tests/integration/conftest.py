@@ -18,6 +18,7 @@ from kvmesh.procs import spawn_module, terminate, wait_ready_file
 class Mesh:
     dir: Path
     router: str = ""
+    router_metrics: str = ""
     http: str = ""
     grpc: str = ""
     workers: list[dict] = field(default_factory=list)
@@ -46,6 +47,7 @@ def start_router(mesh: Mesh, name: str = "router", *extra: str) -> str:
     config = mesh.dir / f"{name}.yaml"
     config.write_text(
         "policy: round_robin\nheartbeat_interval_s: 0.5\nlease_ttl_s: 3\nprobe_interval_s: 0.2\n"
+        "metrics_port: 0\n"
     )
     ready = mesh.dir / f"{name}.ready"
     proc = spawn_module(
@@ -54,7 +56,9 @@ def start_router(mesh: Mesh, name: str = "router", *extra: str) -> str:
         mesh.dir / f"{name}.log",
     )
     mesh.procs[name] = proc
-    return str(wait_ready_file(ready, 30, proc, name)["grpc"])
+    info = wait_ready_file(ready, 30, proc, name)
+    mesh.router_metrics = mesh.router_metrics or info["metrics"]
+    return str(info["grpc"])
 
 
 @pytest.fixture(scope="module")

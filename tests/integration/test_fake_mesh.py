@@ -237,3 +237,16 @@ def test_dead_worker_is_routed_around_then_expired(
     while time.monotonic() < deadline and "w1" in asyncio.run(workers()):
         time.sleep(0.2)
     assert asyncio.run(workers()) == ["w0"]
+
+
+def test_router_metrics(fake_mesh: Mesh, client: openai.OpenAI) -> None:
+    client.completions.create(model=MODEL, prompt="count me", max_tokens=1)
+    text = httpx.get(f"http://{fake_mesh.router_metrics}/metrics").text
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines() if line and not line.startswith("#")
+    }
+    assert samples['kvmesh_router_decisions_total{policy="round_robin",reason="round_robin"}'] >= 1
+    assert samples["kvmesh_router_workers"] >= 1
+    assert samples["kvmesh_router_decision_seconds_count{policy=\"round_robin\"}"] >= 1
+    assert "kvmesh_router_index_blocks" in samples
