@@ -91,6 +91,12 @@ class RouterConfig(_Settings):
         "(e.g. plain vLLM gRPC servers).",
     )
     seed: int | None = Field(None, description="Seed for random tie-breaks (tests).")
+    snapshot_path: Path | None = Field(
+        None, description="Where the prefix index is snapshotted and restored from on "
+        "restart (None: no snapshots).")
+    snapshot_interval_s: float = Field(30.0, gt=0, description="Seconds between snapshots.")
+    snapshot_max_age_s: float = Field(
+        600.0, gt=0, description="An older snapshot is ignored at start (too stale).")
     metrics_port: int | None = Field(
         9400, ge=0, le=65535,
         description="Prometheus /metrics port (0 picks a free one; None turns it off).")
@@ -148,7 +154,8 @@ class WorkerConfig(_Settings):
     )
     worker_id: str | None = Field(None, description="Stable id; default: the endpoint.")
     router: str | None = Field(
-        None, description="host:port of the router to register with; None runs unregistered."
+        None, description="host:port of the router to register with (comma-separated for "
+        "several router replicas); None runs unregistered."
     )
     role: WorkerRole = Field(WorkerRole.both, description="both, prefill or decode.")
     engine_kind: Literal["vllm", "fake"] = Field(

@@ -204,6 +204,22 @@ class PrefixIndex:
                     depth[w] = blocks
         return {w: depth.get(w, 0) for w in worker_ids}
 
+    # ---- snapshots -------------------------------------------------------------
+    def export(self) -> dict[str, dict[int, tuple[int, ChainState]]]:
+        """Each worker's engine-hash map (the index is rebuilt from these alone)."""
+        return {w: dict(v.engine_map) for w, v in self._views.items() if v.engine_map}
+
+    def load(self, worker_id: str, entries: dict[int, tuple[int, ChainState]]) -> int:
+        """Replace a worker's view with exported entries."""
+        self.clear_worker(worker_id)
+        view = self._view(worker_id)
+        bit = 1 << view.slot
+        for engine_hash, (router_hash, state) in entries.items():
+            view.engine_map[engine_hash] = (router_hash, state)
+            view.held[router_hash] = view.held.get(router_hash, 0) + 1
+            self._holders[router_hash] = self._holders.get(router_hash, 0) | bit
+        return len(entries)
+
     # ---- introspection -------------------------------------------------------
     def blocks(self, worker_id: str) -> int:
         view = self._views.get(worker_id)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,7 +16,7 @@ from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 from kvmesh.config import RouterConfig
 from kvmesh.errors import InvalidRequestError, ModelNotFoundError
 from kvmesh.grpc_util import insecure_channel
-from kvmesh.router import worker_probe
+from kvmesh.router import snapshot, worker_probe
 from kvmesh.router.kv_events import KvEventFollower
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.policies import RouteContext, make_policy, pick
@@ -74,17 +75,47 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._probes: dict[str, list[asyncio.Task[None]]] = {}
         self.followers: dict[str, KvEventFollower] = {}
+        self._incarnations: dict[str, float] = {}
+        self._restorable: dict[str, snapshot.WorkerSnapshot] = {}
         self.metrics.track(lambda: len(self.index), lambda: len(self.registry))
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
+        path = self._config.snapshot_path
+        if path is not None:
+            self._restorable = await asyncio.to_thread(
+                snapshot.read, path, self._config.snapshot_max_age_s)
+            if self._restorable:
+                log.info("snapshot %s holds views of %d worker(s); restored as they register",
+                         path, len(self._restorable))
+            self._tasks.append(asyncio.create_task(self._snapshot_loop(path)))
         self._tasks.append(asyncio.create_task(self._expire_loop()))
         for endpoint in self._config.static_workers:
             self._tasks.append(asyncio.create_task(self._register_static(endpoint)))
 
+    async def take_snapshot(self, path: Path) -> None:
+        exported = self.index.export()  # a copy, taken on the loop; the rest off it
+        incarnations = dict(self._incarnations)
+
+        def work() -> None:
+            snapshot.write(path, snapshot.capture(exported, incarnations))
+
+        await asyncio.to_thread(work)
+
+    async def _snapshot_loop(self, path: Path) -> None:
+        while True:
+            await asyncio.sleep(self._config.snapshot_interval_s)
+            try:
+                await self.take_snapshot(path)
+            except OSError as exc:
+                log.warning("index snapshot to %s failed: %s", path, exc)
+
     async def stop(self) -> None:
+        if self._config.snapshot_path is not None:
+            with contextlib.suppress(OSError):
+                await self.take_snapshot(self._config.snapshot_path)
         tasks = [*self._tasks, *(t for ts in self._probes.values() for t in ts)]
         for task in tasks:
             task.cancel()
@@ -169,8 +200,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         )
         self.registry.upsert(state)
         self._stop_probe(state.worker_id)
-        # A (re-)registered worker may have restarted: its old cache view is void.
+        # A (re-)registered worker may have restarted: its old cache view is void,
+        # unless a snapshot holds the view of this very incarnation of it.
         self.index.clear_worker(state.worker_id)
+        self._incarnations[state.worker_id] = facts.incarnation
+        saved = self._restorable.pop(state.worker_id, None)
+        if saved is not None and snapshot.same_incarnation(saved.incarnation, facts.incarnation):
+            restored = snapshot.restore(self.index, state.worker_id, saved)
+            log.info("restored %d indexed blocks of %s from the snapshot", restored,
+                     state.worker_id)
         worker_id = state.worker_id
 
         def on_load(load: smg_common_pb2.EngineLoad) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +17,8 @@ class WorkerFacts:
     block_size: int
     max_context_length: int
     kv_capacity_tokens: int
+    # When the worker's server started (wall clock): a restart changes it.
+    incarnation: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ async def describe(channel: grpc.aio.Channel) -> WorkerFacts:
         block_size=server.block_size,
         max_context_length=info.max_context_length,
         kv_capacity_tokens=load.kv_capacity_tokens,
+        incarnation=time.time() - server.uptime_seconds if server.uptime_seconds else 0.0,
     )
 
 

@@ -45,7 +45,7 @@ class WorkerServer:
         self._ready_file = ready_file
         self._server: grpc.aio.Server | None = None
         self._engine: Any = None
-        self._registration: Registration | None = None
+        self._registrations: list[Registration] = []
         self.port = 0
         self.worker_id = ""
         self.model = ""
@@ -88,9 +88,10 @@ class WorkerServer:
             self.worker_id, self.model, self.endpoint, config.engine_kind,
             time.monotonic() - started,
         )
-        if config.router:
-            self._registration = Registration(
-                config.router,
+        # Every router replica gets the registration (and subscribes to the events).
+        for router in filter(None, (r.strip() for r in (config.router or "").split(","))):
+            registration = Registration(
+                router,
                 common_pb2.WorkerInfo(
                     worker_id=self.worker_id,
                     endpoint=self.endpoint,
@@ -100,7 +101,8 @@ class WorkerServer:
                     self_registered=True,
                 ),
             )
-            self._registration.start()
+            registration.start()
+            self._registrations.append(registration)
         info = {"worker_id": self.worker_id, "endpoint": self.endpoint, "model": self.model}
         write_ready_file(self._ready_file, info)
         return info
@@ -132,12 +134,12 @@ class WorkerServer:
         return servicer, None
 
     async def wait_registered(self) -> None:
-        if self._registration is not None:
-            await self._registration.registered.wait()
+        for registration in self._registrations:
+            await registration.registered.wait()
 
     async def stop(self) -> None:
-        if self._registration is not None:
-            await self._registration.stop()
+        for registration in self._registrations:
+            await registration.stop()
         if self._server is not None:
             await self._server.stop(grace=2.0)
         if self._engine is not None:

@@ -1,0 +1,78 @@
+"""The router restores a worker's index view from a snapshot only for the same
+incarnation of that worker (in-process servers on free ports, fake engine)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvmesh.config import RouterConfig, WorkerConfig
+from kvmesh.router import snapshot
+from kvmesh.router.block_hash import ChainState
+from kvmesh.router.server import RouterServer
+from kvmesh.services.worker import WorkerServer
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+
+def fake_view(n: int) -> dict[int, tuple[int, ChainState]]:
+    return {1000 + i: (5000 + i, ChainState(77 * (i + 1), i + 1)) for i in range(n)}
+
+
+async def indexed_after_registration(tmp_path: Path, incarnation_shift: float) -> int:
+    worker = WorkerServer(WorkerConfig(engine_kind="fake", run_dir=tmp_path))
+    info = await worker.start()
+    path = tmp_path / "index.npz"
+    started = time.time()  # the fake reports uptime since it was built, ~now
+    snapshot.write(path, snapshot.capture(
+        {info["worker_id"]: fake_view(6)}, {info["worker_id"]: started + incarnation_shift}))
+    router = RouterServer(RouterConfig(port=0, metrics_port=None, snapshot_path=path))
+    address = await router.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            await stub.RegisterWorker(router_pb2.RegisterWorkerRequest(
+                worker=common_pb2.WorkerInfo(endpoint=info["endpoint"])))
+            reply = await stub.ListWorkers(router_pb2.ListWorkersRequest())
+            return int(reply.workers[0].indexed_blocks)
+    finally:
+        await router.stop()
+        await worker.stop()
+
+
+async def test_same_incarnation_is_restored(tmp_path: Path) -> None:
+    assert await indexed_after_registration(tmp_path, 0.0) == 6
+
+
+async def test_restarted_worker_is_not_restored(tmp_path: Path) -> None:
+    assert await indexed_after_registration(tmp_path, -3600.0) == 0
+
+
+async def test_router_writes_a_snapshot_on_stop(tmp_path: Path) -> None:
+    path = tmp_path / "out.npz"
+    router = RouterServer(RouterConfig(port=0, metrics_port=None, snapshot_path=path))
+    await router.start()
+    router.servicer.index.load("w", fake_view(3))
+    await router.stop()
+    assert snapshot.read(path, 60)["w"].engine_hashes.tolist() == [1000, 1001, 1002]
+
+
+async def test_worker_registers_with_every_router_replica(tmp_path: Path) -> None:
+    routers = [RouterServer(RouterConfig(port=0, metrics_port=None)) for _ in range(2)]
+    addresses = [await r.start() for r in routers]
+    worker = WorkerServer(WorkerConfig(engine_kind="fake", run_dir=tmp_path,
+                                       router=",".join(addresses)))
+    info = await worker.start()
+    try:
+        await worker.wait_registered()
+        for router in routers:
+            assert [w.worker_id for w in router.servicer.registry.all()] == [info["worker_id"]]
+            assert info["worker_id"] in router.servicer.followers
+    finally:
+        await worker.stop()
+        for router in routers:
+            await router.stop()
