@@ -30,11 +30,11 @@ def _poisson_times(rng: random.Random, n: int, rate: float) -> list[float]:
 
 
 def shared_prefix(rng: random.Random, n: int, rate: float, tenants: int = 48,
-                  users: int = 8, system_len: int = 1024) -> list[SimRequest]:
+                  users: int = 8, system_len: int = 1024, zipf: float = 1.0) -> list[SimRequest]:
     """Many tenants × users; each tenant's long system prompt is shared (Zipf-hot)."""
     systems = [_tokens(rng, system_len) for _ in range(tenants)]
     profiles = [[_tokens(rng, 64) for _ in range(users)] for _ in range(tenants)]
-    weights = [1 / (i + 1) ** 0.8 for i in range(tenants)]
+    weights = [1 / (i + 1) ** zipf for i in range(tenants)]
     out = []
     for t in _poisson_times(rng, n, rate):
         k = rng.choices(range(tenants), weights)[0]
