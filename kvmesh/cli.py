@@ -57,9 +57,19 @@ def _bench_routing(args: argparse.Namespace) -> int:
 
     from kvmesh.routing_bench import run_routing_bench
 
+    real = None
+    if args.mode == "real":
+        from kvmesh.models import LocalModelSource
+
+        real = {
+            "model_dir": LocalModelSource().resolve(args.model),
+            "smg_binary": args.smg,
+            "engine_flags": {"enforce_eager": args.enforce_eager,
+                             "block_size": args.block_size},
+        }
     report = run_routing_bench(
         args.workload.split(","), args.policies.split(","), args.workers, args.requests,
-        args.rate_per_worker, args.seed, args.out,
+        args.rate_per_worker, args.seed, args.out, mode=args.mode, real=real,
     )
     for name, data in report["workloads"].items():
         print(f"== {name}")
@@ -132,8 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     gw.set_defaults(func=_bench_gateway)
 
     routing = bench_sub.add_parser("routing", help="routing policies side by side")
-    routing.add_argument("--mode", choices=["sim"], default="sim",
-                         help="sim: simulated workers with real caches and KV events")
+    routing.add_argument("--mode", choices=["sim", "real"], default="sim",
+                         help="sim: simulated workers with real caches and KV events; "
+                         "real: vLLM workers started here, each policy in turn")
+    routing.add_argument("--smg", default=None,
+                         help="real mode: path of the `smg` binary, to add smg:POLICY runs")
+    routing.add_argument("--model", default="embedded", help="real mode: model")
+    routing.add_argument("--enforce-eager", action="store_true", help="real mode")
+    routing.add_argument("--block-size", type=int, default=32, help="real mode")
     routing.add_argument("--workload", default="shared_prefix,multi_turn,low_reuse,bursty",
                          help="comma-separated: shared_prefix, multi_turn, low_reuse, bursty")
     routing.add_argument("--policies",

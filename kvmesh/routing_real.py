@@ -1,0 +1,222 @@
+"""`kvmesh bench routing --mode real`: the same workloads against real vLLM workers.
+
+Starts N kvmesh workers (real vLLM on CPU, one core each on this machine), then, for
+each policy in turn and against the *same* workers with their prefix caches flushed:
+
+- kvmesh policies: a kvmesh router (workers registered by address) + gateway;
+- `smg:<policy>`: the SGLang/Shepherd model gateway (`smg launch`, gRPC mode, from
+  its own venv) in front of the same workers, as the reference.
+
+Requests are the workload's prompts as text (decoded once with the model's tokenizer)
+sent open-loop at their arrival times to `/v1/completions` with streaming usage, so
+every front end sees identical traffic. Per policy: TTFT percentiles, output tokens/s
+and the prefix-cache hit rate vLLM itself reports (`usage.prompt_tokens_details`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+from smg_grpc_proto import vllm_engine_pb2_grpc
+from smg_grpc_proto.generated import common_pb2
+
+from kvmesh.procs import spawn_module, terminate, wait_ready_file
+from kvmesh.routing_workloads import SimRequest
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _flush(endpoints: list[str]) -> None:
+    for endpoint in endpoints:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            await vllm_engine_pb2_grpc.VllmEngineStub(channel).FlushCache(
+                common_pb2.FlushCacheRequest(), timeout=30)
+
+
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str,
+               max_tokens: int, delay: float) -> dict[str, float]:
+    await asyncio.sleep(delay)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft = 0.0
+    usage: dict[str, Any] = {}
+    async with client.stream("POST", url + "/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text") and not ttft:
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    details = usage.get("prompt_tokens_details") or {}
+    return {"ttft": ttft or time.perf_counter() - start,
+            "prompt": float(usage.get("prompt_tokens", 0)),
+            "cached": float(details.get("cached_tokens", 0) or 0),
+            "completion": float(usage.get("completion_tokens", 0)),
+            "end": time.perf_counter()}
+
+
+async def _drive(url: str, model: str, prompts: list[tuple[float, str, int]],
+                 timeout_s: float) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*[
+            _one(client, url, model, text, max_tokens, arrival)
+            for arrival, text, max_tokens in prompts
+        ])
+    ttfts = sorted(r["ttft"] for r in results)
+
+    def q(x: float) -> float:
+        return ttfts[min(len(ttfts) - 1, int(x * len(ttfts)))]
+
+    prompt_tokens = sum(r["prompt"] for r in results)
+    wall = max(r["end"] for r in results) - start
+    reported = any(r["cached"] for r in results)
+    return {
+        "ttft_p50_s": round(statistics.median(ttfts), 4),
+        "ttft_p90_s": round(q(0.9), 4), "ttft_p99_s": round(q(0.99), 4),
+        "throughput_tok_s": round(sum(r["completion"] for r in results) / wall, 1),
+        "hit_rate": round(sum(r["cached"] for r in results) / prompt_tokens, 4)
+        if prompt_tokens and reported else None,
+        "oracle_hit_rate": None,
+        "requests": len(results),
+    }
+
+
+class RealBench:
+    def __init__(self, model_dir: Path, workers: int, workdir: Path,
+                 smg_binary: str | None, engine_flags: dict[str, Any]) -> None:
+        self.model_dir = model_dir
+        self.n = workers
+        self.dir = workdir
+        self.smg = smg_binary
+        self.engine_flags = engine_flags
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.endpoints: list[str] = []
+        self.model = ""
+
+    def start_workers(self) -> None:
+        from kvmesh.services.engine_args import cpu_binding
+
+        for i in range(self.n):
+            ready = self.dir / f"w{i}.ready"
+            args = ["--no-ray", "--port", "0", "--worker-id", f"w{i}", "--ready-file",
+                    str(ready), "--run-dir", str(self.dir), "--model", str(self.model_dir),
+                    "--cpu-bind", cpu_binding(i, self.n, os.cpu_count() or 1)]
+            if self.engine_flags.get("enforce_eager"):
+                args.append("--enforce-eager")
+            if self.engine_flags.get("block_size"):
+                args += ["--block-size", str(self.engine_flags["block_size"])]
+            self.procs.append(spawn_module("kvmesh.services", args, self.dir / f"w{i}.log"))
+        for i, proc in enumerate(self.procs):
+            info = wait_ready_file(self.dir / f"w{i}.ready", 900, proc, f"worker {i}")
+            self.endpoints.append(info["endpoint"])
+            self.model = info["model"]
+
+    def kvmesh_front(self, policy: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
+        args = ["--port", "0", "--metrics-port", "0", "--policy", policy,
+                "--ready-file", str(self.dir / f"router-{policy}.ready")]
+        for endpoint in self.endpoints:
+            args += ["--worker", endpoint]
+        router = spawn_module("kvmesh.router", args, self.dir / f"router-{policy}.log")
+        address = wait_ready_file(self.dir / f"router-{policy}.ready", 60, router)["grpc"]
+        gateway = spawn_module(
+            "kvmesh.gateway",
+            ["--router", address, "--port", "0", "--grpc-port", "0",
+             "--ready-file", str(self.dir / f"gateway-{policy}.ready")],
+            self.dir / f"gateway-{policy}.log")
+        url = wait_ready_file(self.dir / f"gateway-{policy}.ready", 60, gateway)["http"]
+        return url, [gateway, router]
+
+    def smg_front(self, policy: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
+        assert self.smg is not None
+        port = _free_port()
+        log_file = open(self.dir / f"smg-{policy}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [self.smg, "launch", "--host", "127.0.0.1", "--port", str(port),
+             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port()),
+             "--worker-urls", *[f"grpc://{e}" for e in self.endpoints],
+             "--policy", policy, "--backend", "vllm", "--model-path", str(self.model_dir)],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return f"http://127.0.0.1:{port}/v1", [proc]
+
+    async def wait_ready(self, url: str, procs: list[subprocess.Popen[bytes]]) -> str:
+        """Ready = a completion goes through; returns the model name it answered to."""
+        deadline = time.monotonic() + 180
+        async with httpx.AsyncClient(timeout=30) as client:
+            while time.monotonic() < deadline:
+                if any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"front end at {url} exited; see logs in {self.dir}")
+                try:
+                    models = (await client.get(url + "/models")).json()["data"]
+                    name = models[0]["id"] if models else self.model
+                    reply = await client.post(url + "/completions", json={
+                        "model": name, "prompt": "ready?", "max_tokens": 1})
+                    if reply.status_code == 200:
+                        return str(name)
+                except (httpx.HTTPError, KeyError, ValueError, IndexError):
+                    pass
+                await asyncio.sleep(0.5)
+        raise TimeoutError(f"front end at {url} never served a completion")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            terminate(proc, 30)
+
+
+def run_real(workload: list[SimRequest], policies: list[str], workers: int,
+             model_dir: Path, smg_binary: str | None, engine_flags: dict[str, Any],
+             timeout_s: float = 600) -> dict[str, dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompts = [(r.arrival_s, tok.decode(list(r.prompt)), r.output_tokens) for r in workload]
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="kvm-real-") as d:
+        bench = RealBench(model_dir, workers, Path(d), smg_binary, engine_flags)
+        try:
+            bench.start_workers()
+            for policy in policies:
+                if policy.startswith("smg:") and not smg_binary:
+                    log.warning("skipping %s: no smg binary (pass --smg PATH)", policy)
+                    continue
+                url, fronts = (bench.smg_front(policy[4:]) if policy.startswith("smg:")
+                               else bench.kvmesh_front(policy))
+                try:
+                    model = asyncio.run(bench.wait_ready(url, fronts))
+                    asyncio.run(_flush(bench.endpoints))
+                    log.info("running %s (%d requests)", policy, len(prompts))
+                    results[policy] = asyncio.run(_drive(url, model, prompts, timeout_s))
+                    log.info("%s: %s", policy, results[policy])
+                finally:
+                    for proc in fronts:
+                        terminate(proc, 15)
+        finally:
+            bench.stop()
+            kept = Path(tempfile.gettempdir()) / "kvmesh-real-bench-logs"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(d, kept, ignore=shutil.ignore_patterns("*-kv", "*-kvr"))
+    return results
