@@ -52,18 +52,15 @@ class ChainState:
 ROOT = ChainState()
 
 
-def chain_hashes(
+def chain_arrays(
     token_ids: Any, block_size: int, seed: int, parent: ChainState = ROOT
-) -> tuple[list[int], list[ChainState]]:
-    """Hashes of the full blocks of ``token_ids`` continuing ``parent``'s chain.
-
-    Returns the block hashes and the chain state after each block (to extend later).
-    A trailing partial block is ignored: engines cache only full blocks.
-    """
+) -> tuple[U64Array, U64Array]:
+    """Block hashes and running sums (uint64 arrays) continuing ``parent``'s chain."""
     tokens = as_tokens(token_ids).astype(np.uint64)
     n_blocks = len(tokens) // block_size
     if n_blocks == 0:
-        return [], []
+        empty = np.zeros(0, np.uint64)
+        return empty, empty
     tokens = tokens[: n_blocks * block_size]
     start = parent.blocks * block_size
     positions = np.arange(start, start + len(tokens), dtype=np.uint64)
@@ -73,6 +70,18 @@ def chain_hashes(
         sums = np.cumsum(block_sums, dtype=np.uint64) + np.uint64(parent.total)
         index = np.arange(parent.blocks + 1, parent.blocks + n_blocks + 1, dtype=np.uint64)
         hashes = _mix(sums ^ (index * _C1))
+    return hashes, sums
+
+
+def chain_hashes(
+    token_ids: Any, block_size: int, seed: int, parent: ChainState = ROOT
+) -> tuple[list[int], list[ChainState]]:
+    """Hashes of the full blocks of ``token_ids`` continuing ``parent``'s chain.
+
+    Returns the block hashes and the chain state after each block (to extend later).
+    A trailing partial block is ignored: engines cache only full blocks.
+    """
+    hashes, sums = chain_arrays(token_ids, block_size, seed, parent)
     states = [ChainState(int(s), parent.blocks + i + 1) for i, s in enumerate(sums.tolist())]
     return hashes.tolist(), states
 
@@ -86,17 +95,5 @@ def as_tokens(token_ids: Any) -> np.ndarray[Any, np.dtype[np.uint32]]:
 
 def prompt_hashes(token_ids: Any, block_size: int, seed: int) -> list[int]:
     """Block hashes of a whole prompt (the routing hot path)."""
-    tokens = as_tokens(token_ids).astype(np.uint64)
-    n_blocks = len(tokens) // block_size
-    if n_blocks == 0:
-        return []
-    tokens = tokens[: n_blocks * block_size]
-    positions = np.arange(len(tokens), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        terms = _mix(tokens * _C1 ^ positions * _POS ^ np.uint64(seed))
-        sums = np.cumsum(
-            terms.reshape(n_blocks, block_size).sum(axis=1, dtype=np.uint64), dtype=np.uint64
-        )
-        index = np.arange(1, n_blocks + 1, dtype=np.uint64)
-        result: list[int] = _mix(sums ^ (index * _C1)).tolist()
+    result: list[int] = chain_arrays(token_ids, block_size, seed)[0].tolist()
     return result

@@ -17,7 +17,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kvmesh.router.block_hash import ROOT, ChainState, chain_hashes, namespace_seed
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -205,20 +209,35 @@ class PrefixIndex:
         return {w: depth.get(w, 0) for w in worker_ids}
 
     # ---- snapshots -------------------------------------------------------------
-    def export(self) -> dict[str, dict[int, tuple[int, ChainState]]]:
-        """Each worker's engine-hash map (the index is rebuilt from these alone)."""
-        return {w: dict(v.engine_map) for w, v in self._views.items() if v.engine_map}
+    def export(self) -> dict[str, Arrays]:
+        """Per worker: engine hashes (int64), router hashes, chain sums, chain lengths."""
+        out = {}
+        for worker_id, view in self._views.items():
+            if not view.engine_map:
+                continue
+            n = len(view.engine_map)
+            engine = np.fromiter(view.engine_map.keys(), np.int64, n)
+            router = np.empty(n, np.uint64)
+            totals = np.empty(n, np.uint64)
+            blocks = np.empty(n, np.uint32)
+            for i, (router_hash, state) in enumerate(view.engine_map.values()):
+                router[i], totals[i], blocks[i] = router_hash, state.total, state.blocks
+            out[worker_id] = (engine, router, totals, blocks)
+        return out
 
-    def load(self, worker_id: str, entries: dict[int, tuple[int, ChainState]]) -> int:
-        """Replace a worker's view with exported entries."""
+    def load(self, worker_id: str, engine: np.ndarray, router: np.ndarray,
+             totals: np.ndarray, blocks: np.ndarray) -> int:
+        """Replace a worker's view with exported arrays."""
         self.clear_worker(worker_id)
         view = self._view(worker_id)
         bit = 1 << view.slot
-        for engine_hash, (router_hash, state) in entries.items():
-            view.engine_map[engine_hash] = (router_hash, state)
+        for engine_hash, router_hash, total, count in zip(
+            engine.tolist(), router.tolist(), totals.tolist(), blocks.tolist(), strict=True
+        ):
+            view.engine_map[engine_hash] = (router_hash, ChainState(total, count))
             view.held[router_hash] = view.held.get(router_hash, 0) + 1
             self._holders[router_hash] = self._holders.get(router_hash, 0) | bit
-        return len(entries)
+        return len(engine)
 
     # ---- introspection -------------------------------------------------------
     def blocks(self, worker_id: str) -> int:

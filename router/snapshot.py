@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from kvmesh.router.block_hash import ChainState
 from kvmesh.router.prefix_index import PrefixIndex
 
 _U64 = np.uint64
@@ -31,24 +30,16 @@ class WorkerSnapshot:
     blocks: np.ndarray[Any, np.dtype[np.uint32]]
 
 
-Exported = dict[str, dict[int, tuple[int, ChainState]]]
+Exported = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
 def capture(exported: Exported, incarnations: dict[str, float]) -> dict[str, WorkerSnapshot]:
-    """Pack ``PrefixIndex.export()`` into arrays (safe to run off the event loop)."""
-    out = {}
-    for worker_id, entries in exported.items():
-        n = len(entries)
-        engine = np.empty(n, _U64)
-        router = np.empty(n, _U64)
-        totals = np.empty(n, _U64)
-        blocks = np.empty(n, np.uint32)
-        for i, (eh, (rh, state)) in enumerate(entries.items()):
-            engine[i] = eh & 0xFFFFFFFFFFFFFFFF
-            router[i], totals[i], blocks[i] = rh, state.total, state.blocks
-        out[worker_id] = WorkerSnapshot(incarnations.get(worker_id, 0.0), engine, router,
-                                        totals, blocks)
-    return out
+    """Wrap ``PrefixIndex.export()`` with each worker's incarnation."""
+    return {
+        worker_id: WorkerSnapshot(incarnations.get(worker_id, 0.0), engine.view(np.uint64),
+                                  router, totals, blocks)
+        for worker_id, (engine, router, totals, blocks) in exported.items()
+    }
 
 
 def write(path: Path, snapshot: dict[str, WorkerSnapshot]) -> None:
@@ -86,12 +77,8 @@ def read(path: Path, max_age_s: float) -> dict[str, WorkerSnapshot]:
 
 def restore(index: PrefixIndex, worker_id: str, snap: WorkerSnapshot) -> int:
     """Load one worker's part into the index; returns blocks restored."""
-    entries = {
-        int(e) - (1 << 64) if int(e) >= 1 << 63 else int(e): (int(r), ChainState(int(t), int(b)))
-        for e, r, t, b in zip(snap.engine_hashes.tolist(), snap.router_hashes.tolist(),
-                              snap.totals.tolist(), snap.blocks.tolist(), strict=True)
-    }
-    return index.load(worker_id, entries)
+    return index.load(worker_id, snap.engine_hashes.view(np.int64), snap.router_hashes,
+                      snap.totals, snap.blocks)
 
 
 def same_incarnation(a: float, b: float, tolerance_s: float = 5.0) -> bool:

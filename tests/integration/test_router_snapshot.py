@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from kvmesh.config import RouterConfig, WorkerConfig
 from kvmesh.router import snapshot
-from kvmesh.router.block_hash import ChainState
 from kvmesh.router.server import RouterServer
 from kvmesh.services.worker import WorkerServer
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -19,8 +19,11 @@ from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 pytestmark = pytest.mark.integration
 
 
-def fake_view(n: int) -> dict[int, tuple[int, ChainState]]:
-    return {1000 + i: (5000 + i, ChainState(77 * (i + 1), i + 1)) for i in range(n)}
+def fake_view(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exported-index arrays: engine hashes, router hashes, chain sums, chain lengths."""
+    return (np.arange(1000, 1000 + n, dtype=np.int64), np.arange(5000, 5000 + n, dtype=np.uint64),
+            np.arange(1, n + 1, dtype=np.uint64) * np.uint64(77),
+            np.arange(1, n + 1, dtype=np.uint32))
 
 
 async def indexed_after_registration(tmp_path: Path, incarnation_shift: float) -> int:
@@ -56,7 +59,7 @@ async def test_router_writes_a_snapshot_on_stop(tmp_path: Path) -> None:
     path = tmp_path / "out.npz"
     router = RouterServer(RouterConfig(port=0, metrics_port=None, snapshot_path=path))
     await router.start()
-    router.servicer.index.load("w", fake_view(3))
+    router.servicer.index.load("w", *fake_view(3))
     await router.stop()
     assert snapshot.read(path, 60)["w"].engine_hashes.tolist() == [1000, 1001, 1002]
 
