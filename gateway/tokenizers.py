@@ -100,9 +100,9 @@ class TokenizerStore:
         self._loads: dict[str, asyncio.Task[ModelTokenizer]] = {}
 
     def prefetch(self, model: str, endpoints: list[str]) -> None:
-        if model not in self._loads or self._loads[model].done() and (
-            self._loads[model].exception() is not None
-        ):
+        """Start loading unless a load is running or succeeded (a failed one retries)."""
+        task = self._loads.get(model)
+        if task is None or (task.done() and task.exception() is not None):
             self._loads[model] = asyncio.create_task(self._load(model, endpoints))
 
     async def get(self, model: str, endpoints: list[str]) -> ModelTokenizer:

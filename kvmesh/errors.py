@@ -43,11 +43,6 @@ class WorkerNotFoundError(KvmeshError):
     openai_type = "not_found_error"
 
 
-class ConfigError(KvmeshError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    openai_type = "invalid_request_error"
-
-
 @dataclass(frozen=True)
 class HttpError:
     """How a gRPC status is presented over HTTP."""

@@ -73,7 +73,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.index = PrefixIndex()
         self.policy = make_policy(config.policy, config.seed, self.index)
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._probes: dict[str, list[asyncio.Task[None]]] = {}
+        self._watchers: dict[str, list[asyncio.Task[None]]] = {}
         self.followers: dict[str, KvEventFollower] = {}
         self._incarnations: dict[str, float] = {}
         self._restorable: dict[str, snapshot.WorkerSnapshot] = {}
@@ -116,7 +116,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if self._config.snapshot_path is not None:
             with contextlib.suppress(OSError):
                 await self.take_snapshot(self._config.snapshot_path)
-        tasks = [*self._tasks, *(t for ts in self._probes.values() for t in ts)]
+        tasks = [*self._tasks, *(t for ts in self._watchers.values() for t in ts)]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -157,7 +157,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return channel
 
     def _stop_probe(self, worker_id: str) -> None:
-        for task in self._probes.pop(worker_id, []):
+        for task in self._watchers.pop(worker_id, []):
             task.cancel()
         self.followers.pop(worker_id, None)
 
@@ -228,7 +228,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             state.block_size, on_load=on_load, metrics=self.metrics,
         )
         self.followers[state.worker_id] = follower
-        self._probes[state.worker_id] = [
+        self._watchers[state.worker_id] = [
             asyncio.create_task(self._probe_loop(state.worker_id, state.endpoint)),
             asyncio.create_task(follower.run()),
         ]

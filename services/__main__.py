@@ -43,12 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         }.items()
         if v is not None
     }
-    base = load_settings(WorkerConfig, args.config)
+    # Engine flags deep-merge into the file's engine section.
     config = load_settings(
         WorkerConfig, args.config, host=args.host, port=args.port, router=args.router,
         worker_id=args.worker_id, role=args.role, engine_kind=args.engine_kind,
-        cpu_bind=args.cpu_bind, run_dir=args.run_dir,
-        engine=base.engine.model_copy(update=engine) if engine else None,
+        cpu_bind=args.cpu_bind, run_dir=args.run_dir, engine=engine or None,
     )
     if args.no_ray:
         from kvmesh.services.worker import WorkerServer
