@@ -7,7 +7,8 @@ longest-prefix match for every worker at once a walk of big-int ANDs.
 
 Speculative insert: a routed prompt's blocks count as *pending* on the chosen
 worker for a short TTL, until the engine's events confirm them — so a burst of
-requests sharing a new prefix lands together instead of spraying.
+requests sharing a new prefix lands together instead of spraying. Marks sit at
+logarithmically spaced blocks (``checkpoints``), which chained hashes make enough.
 """
 
 from __future__ import annotations
@@ -43,6 +44,32 @@ class StoredBlocks:
     parent_engine_hash: int | None = None
     model: str = ""
     adapter: str = ""
+
+
+_CHECKPOINT_STRIDE = 16
+
+
+def checkpoints(n_blocks: int) -> list[int]:
+    """Block positions a prompt is looked up at for pending marks: 0, 1, 3, 7, 15, then
+    every 16th block, and the last one."""
+    out: list[int] = []
+    k = 1
+    while k <= min(n_blocks, _CHECKPOINT_STRIDE):
+        out.append(k - 1)
+        k *= 2
+    out.extend(range(2 * _CHECKPOINT_STRIDE - 1, n_blocks, _CHECKPOINT_STRIDE))
+    if n_blocks and out[-1] != n_blocks - 1:
+        out.append(n_blocks - 1)
+    return out
+
+
+def mark_positions(n_blocks: int) -> list[int]:
+    """Where a routed prompt leaves pending marks: its checkpoints plus every block of
+    its tail after the last full stride, so a later prompt that extends it (the next
+    turn of a conversation) finds its exact length by scanning at most one stride."""
+    marks = checkpoints(n_blocks)
+    tail_start = max((n_blocks - 1) // _CHECKPOINT_STRIDE * _CHECKPOINT_STRIDE, 0)
+    return sorted(set(marks) | set(range(tail_start, n_blocks)))
 
 
 class PrefixIndex:
@@ -154,7 +181,8 @@ class PrefixIndex:
         bit = 1 << view.slot
         holders, pending, until = self._holders, self._pending, self._pending_until
         marked = []
-        for router_hash in hashes:
+        for position in mark_positions(len(hashes)):
+            router_hash = hashes[position]
             if holders.get(router_hash, 0) & bit:
                 continue
             pending[router_hash] = pending.get(router_hash, 0) | bit
@@ -188,11 +216,12 @@ class PrefixIndex:
         alive = 0
         for slot in slots.values():
             alive |= 1 << slot
-        self._sweep(self._clock())
-        holders, pending = self._holders, self._pending
+        now = self._clock()
+        self._sweep(now)
+        holders = self._holders
         blocks = 0
         for router_hash in hashes:
-            still = alive & (holders.get(router_hash, 0) | pending.get(router_hash, 0))
+            still = alive & holders.get(router_hash, 0)
             dropped = alive & ~still
             if dropped:
                 for w, slot in slots.items():
@@ -206,6 +235,28 @@ class PrefixIndex:
             for w, slot in slots.items():
                 if alive >> slot & 1:
                     depth[w] = blocks
+        # Pending marks sit at checkpoints; a chained hash pending at position p means
+        # the worker will hold the whole prefix up to p.
+        pending, until = self._pending, self._pending_until
+
+        def marked(position: int) -> int:
+            h = hashes[position]
+            mask = pending.get(h, 0)
+            return mask if mask and until.get(h, 0.0) >= now else 0
+
+        for position in checkpoints(len(hashes)):
+            mask = marked(position)
+            for w, slot in slots.items():
+                if mask >> slot & 1 and depth[w] <= position:
+                    depth[w] = position + 1
+        # Past a worker's deepest checkpoint, follow its marks block by block (the
+        # tail of a pending prompt this one extends) for at most one stride.
+        for w, slot in slots.items():
+            position = depth[w]
+            stop = min(len(hashes), position + _CHECKPOINT_STRIDE)
+            while position < stop and marked(position) >> slot & 1:
+                position += 1
+            depth[w] = position
         return {w: depth.get(w, 0) for w in worker_ids}
 
     # ---- snapshots -------------------------------------------------------------

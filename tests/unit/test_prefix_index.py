@@ -131,3 +131,22 @@ def test_against_a_reference_model() -> None:
             while depth < 6 and tuple(probe[: (depth + 1) * BS]) in held[worker]:
                 depth += 1
             assert got[worker] == depth
+
+
+def test_pending_marks_sit_at_checkpoints() -> None:
+    from kvmesh.router.prefix_index import checkpoints
+
+    assert checkpoints(0) == [] and checkpoints(1) == [0]
+    assert checkpoints(20) == [0, 1, 3, 7, 15, 19]
+    assert checkpoints(64) == [0, 1, 3, 7, 15, 31, 47, 63]
+    index = PrefixIndex()
+    tokens = list(range(20 * BS))
+    hashes = prompt_hashes(tokens, BS, SEED)
+    index.mark_pending("w0", hashes)
+    assert index.match(hashes, ["w0"]) == {"w0": 20}
+    # A prompt sharing 12 of the 20 pending blocks finds the checkpoint at 8 blocks.
+    shared = prompt_hashes(tokens[: 12 * BS] + [9] * (8 * BS), BS, SEED)
+    assert index.match(shared, ["w0"]) == {"w0": 8}
+    # Confirmed blocks always count exactly, whatever the pending marks say.
+    store(index, "w0", tokens[: 12 * BS], 500)
+    assert index.match(shared, ["w0"]) == {"w0": 12}
