@@ -12,8 +12,7 @@ extended from a parent's ``(S, blocks)`` state when the engine reports new block
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,9 +40,11 @@ def namespace_seed(model: str, adapter: str = "") -> int:
     return int.from_bytes(digest, "little")
 
 
-@dataclass(frozen=True)
-class ChainState:
-    """Where a chain ends: the running sum and how many blocks it covers."""
+class ChainState(NamedTuple):
+    """Where a chain ends: the running sum and how many blocks it covers.
+
+    A named tuple, not a dataclass: the index keeps one per cached block, so its size
+    and construction time are the router's memory and event-ingestion costs."""
 
     total: int = 0
     blocks: int = 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvmesh.router.block_hash import ROOT, ChainState, chain_hashes, namespace_seed
+from kvmesh.router.block_hash import ROOT, ChainState, chain_arrays, namespace_seed
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -28,8 +28,9 @@ Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 @dataclass
 class _WorkerView:
     slot: int
-    # engine block hash -> (router hash, chain state after that block)
-    engine_map: dict[int, tuple[int, ChainState]] = field(default_factory=dict)
+    # engine block hash -> (router hash, chain sum after that block, chain length):
+    # one flat tuple per cached block, the index's dominant memory and ingestion cost.
+    engine_map: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     # router hash -> how many engine blocks map to it (several seeds/groups may)
     held: dict[int, int] = field(default_factory=dict)
 
@@ -138,17 +139,18 @@ class PrefixIndex:
                 # be placed, and guessing would serve stale hits as truth.
                 self.unknown_parent_blocks += len(event.engine_hashes)
                 return 0
-            parent = known[1]
+            parent = ChainState(known[1], known[2])
         seed = namespace_seed(event.model, event.adapter)
-        hashes, states = chain_hashes(event.token_ids, event.block_size, seed, parent)
-        bit = 1 << view.slot
+        hashes, sums = chain_arrays(event.token_ids, event.block_size, seed, parent)
         count = min(len(hashes), len(event.engine_hashes))
-        for engine_hash, router_hash, state in zip(
-            event.engine_hashes[:count], hashes[:count], states[:count], strict=True
+        bit = 1 << view.slot
+        for engine_hash, router_hash, total, length in zip(
+            list(event.engine_hashes[:count]), hashes[:count].tolist(), sums[:count].tolist(),
+            range(parent.blocks + 1, parent.blocks + count + 1), strict=True,
         ):
             if engine_hash in view.engine_map:
                 continue
-            view.engine_map[engine_hash] = (router_hash, state)
+            view.engine_map[engine_hash] = (router_hash, total, length)
             view.held[router_hash] = view.held.get(router_hash, 0) + 1
             self._holders[router_hash] = self._holders.get(router_hash, 0) | bit
             if router_hash in self._pending:
@@ -271,8 +273,8 @@ class PrefixIndex:
             router = np.empty(n, np.uint64)
             totals = np.empty(n, np.uint64)
             blocks = np.empty(n, np.uint32)
-            for i, (router_hash, state) in enumerate(view.engine_map.values()):
-                router[i], totals[i], blocks[i] = router_hash, state.total, state.blocks
+            for i, entry in enumerate(view.engine_map.values()):
+                router[i], totals[i], blocks[i] = entry
             out[worker_id] = (engine, router, totals, blocks)
         return out
 
@@ -285,7 +287,7 @@ class PrefixIndex:
         for engine_hash, router_hash, total, count in zip(
             engine.tolist(), router.tolist(), totals.tolist(), blocks.tolist(), strict=True
         ):
-            view.engine_map[engine_hash] = (router_hash, ChainState(total, count))
+            view.engine_map[engine_hash] = (router_hash, total, count)
             view.held[router_hash] = view.held.get(router_hash, 0) + 1
             self._holders[router_hash] = self._holders.get(router_hash, 0) | bit
         return len(engine)
