@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +71,14 @@ def mark_positions(n_blocks: int) -> list[int]:
     marks = checkpoints(n_blocks)
     tail_start = max((n_blocks - 1) // _CHECKPOINT_STRIDE * _CHECKPOINT_STRIDE, 0)
     return sorted(set(marks) | set(range(tail_start, n_blocks)))
+
+
+def _bits(mask: int) -> Iterator[int]:
+    """The set bit positions of ``mask``, lowest first."""
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
 
 
 class PrefixIndex:
@@ -213,10 +221,11 @@ class PrefixIndex:
 
     def match(self, hashes: Sequence[int], worker_ids: Iterable[str]) -> dict[str, int]:
         """Longest cached prefix, in blocks, of ``hashes`` on each of ``worker_ids``."""
-        slots = {w: self._views[w].slot for w in worker_ids if w in self._views}
-        depth = dict.fromkeys(slots, 0)
+        ids = list(worker_ids)
+        owner = {self._views[w].slot: w for w in ids if w in self._views}
+        depth = dict.fromkeys(owner.values(), 0)
         alive = 0
-        for slot in slots.values():
+        for slot in owner:
             alive |= 1 << slot
         now = self._clock()
         self._sweep(now)
@@ -224,42 +233,49 @@ class PrefixIndex:
         blocks = 0
         for router_hash in hashes:
             still = alive & holders.get(router_hash, 0)
-            dropped = alive & ~still
-            if dropped:
-                for w, slot in slots.items():
-                    if dropped >> slot & 1:
-                        depth[w] = blocks
-            alive = still
-            if not alive:
-                break
+            if still != alive:
+                for slot in _bits(alive & ~still):
+                    depth[owner[slot]] = blocks
+                alive = still
+                if not alive:
+                    break
             blocks += 1
-        if alive:
-            for w, slot in slots.items():
-                if alive >> slot & 1:
-                    depth[w] = blocks
-        # Pending marks sit at checkpoints; a chained hash pending at position p means
-        # the worker will hold the whole prefix up to p.
+        for slot in _bits(alive):
+            depth[owner[slot]] = blocks
+        if self._pending:
+            self._match_pending(hashes, owner, depth, now)
+        return {w: depth.get(w, 0) for w in ids}
+
+    def _match_pending(self, hashes: Sequence[int], owner: dict[int, str],
+                       depth: dict[str, int], now: float) -> None:
+        """Deepen ``depth`` with pending marks. Marks sit at checkpoints; a chained hash
+        pending at position p means the worker will hold the whole prefix up to p."""
         pending, until = self._pending, self._pending_until
+        seen: dict[int, int] = {}
 
         def marked(position: int) -> int:
-            h = hashes[position]
-            mask = pending.get(h, 0)
-            return mask if mask and until.get(h, 0.0) >= now else 0
+            mask = seen.get(position)
+            if mask is None:
+                h = hashes[position]
+                mask = pending.get(h, 0)
+                if mask and until.get(h, 0.0) < now:
+                    mask = 0
+                seen[position] = mask
+            return mask
 
         for position in checkpoints(len(hashes)):
-            mask = marked(position)
-            for w, slot in slots.items():
-                if mask >> slot & 1 and depth[w] <= position:
+            for slot in _bits(marked(position)):
+                w = owner.get(slot)
+                if w is not None and depth[w] <= position:
                     depth[w] = position + 1
         # Past a worker's deepest checkpoint, follow its marks block by block (the
         # tail of a pending prompt this one extends) for at most one stride.
-        for w, slot in slots.items():
+        for slot, w in owner.items():
             position = depth[w]
             stop = min(len(hashes), position + _CHECKPOINT_STRIDE)
             while position < stop and marked(position) >> slot & 1:
                 position += 1
             depth[w] = position
-        return {w: depth.get(w, 0) for w in worker_ids}
 
     # ---- snapshots -------------------------------------------------------------
     def export(self) -> dict[str, Arrays]:
