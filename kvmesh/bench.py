@@ -19,6 +19,7 @@ import grpc
 import httpx
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
+from kvmesh.bench_stats import percentile
 from kvmesh.config import MeshConfig
 
 PROMPTS = [
@@ -27,11 +28,6 @@ PROMPTS = [
     "List some uses of copper.",
     "Describe the water cycle for a child.",
 ]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _via_gateway(
@@ -96,7 +92,7 @@ async def _round(
     return {"path": name, "requests": len(results), "output_tokens": tokens,
             "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_s": round(statistics.median(ttfts), 4),
-            "ttft_p90_s": round(_percentile(ttfts, 0.9), 4)}
+            "ttft_p90_s": round(percentile(ttfts, 0.9), 4)}
 
 
 async def gateway_overhead(

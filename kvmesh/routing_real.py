@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import tempfile
 import time
@@ -33,6 +32,7 @@ import httpx
 from smg_grpc_proto import vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 
+from kvmesh.bench_stats import ttft_summary
 from kvmesh.procs import spawn_module, terminate, wait_ready_file
 from kvmesh.routing_workloads import SimRequest
 
@@ -87,17 +87,11 @@ async def _drive(url: str, model: str, prompts: list[tuple[float, str, int]],
             _one(client, url, model, text, max_tokens, arrival)
             for arrival, text, max_tokens in prompts
         ])
-    ttfts = sorted(r["ttft"] for r in results)
-
-    def q(x: float) -> float:
-        return ttfts[min(len(ttfts) - 1, int(x * len(ttfts)))]
-
     prompt_tokens = sum(r["prompt"] for r in results)
     wall = max(r["end"] for r in results) - start
     reported = any(r["cached"] for r in results)
     return {
-        "ttft_p50_s": round(statistics.median(ttfts), 4),
-        "ttft_p90_s": round(q(0.9), 4), "ttft_p99_s": round(q(0.99), 4),
+        **ttft_summary(r["ttft"] for r in results),
         "throughput_tok_s": round(sum(r["completion"] for r in results) / wall, 1),
         "hit_rate": round(sum(r["cached"] for r in results) / prompt_tokens, 4)
         if prompt_tokens and reported else None,

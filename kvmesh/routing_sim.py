@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import heapq
 import random
-import statistics
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from smg_grpc_proto.generated import common_pb2
 
+from kvmesh.bench_stats import ttft_summary
 from kvmesh.router.cost_model import CostParams
 from kvmesh.router.kv_events import FollowerStats, apply_batch
 from kvmesh.router.policies import RouteContext, make_policy, pick
@@ -166,15 +166,8 @@ class PolicyResult:
     last_done: float = 0.0
 
     def summary(self) -> dict[str, float]:
-        ordered = sorted(self.ttfts)
-
-        def q(x: float) -> float:
-            return ordered[min(len(ordered) - 1, int(x * len(ordered)))]
-
         return {
-            "ttft_p50_s": round(statistics.median(ordered), 4),
-            "ttft_p90_s": round(q(0.90), 4),
-            "ttft_p99_s": round(q(0.99), 4),
+            **ttft_summary(self.ttfts),
             "throughput_tok_s": round(
                 self.output_tokens / max(self.last_done - self.first_arrival, 1e-9), 1),
             "hit_rate": round(self.cached_tokens / max(self.prompt_tokens, 1), 4),

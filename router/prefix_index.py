@@ -8,7 +8,8 @@ longest-prefix match for every worker at once a walk of big-int ANDs.
 Speculative insert: a routed prompt's blocks count as *pending* on the chosen
 worker for a short TTL, until the engine's events confirm them — so a burst of
 requests sharing a new prefix lands together instead of spraying. Marks sit at
-logarithmically spaced blocks (``checkpoints``), which chained hashes make enough.
+checkpoints and on the prompt's tail (``mark_positions``), which chained hashes make
+enough.
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ def mark_positions(n_blocks: int) -> list[int]:
     return sorted(set(marks) | set(range(tail_start, n_blocks)))
 
 
+def pack_views(views: dict[str, dict[int, tuple[int, int, int]]]) -> dict[str, Arrays]:
+    """Engine-hash maps as arrays: engine hashes (int64), router hashes, chain sums,
+    chain lengths."""
+    out = {}
+    for worker_id, engine_map in views.items():
+        n = len(engine_map)
+        engine = np.fromiter(engine_map.keys(), np.int64, n)
+        router = np.empty(n, np.uint64)
+        totals = np.empty(n, np.uint64)
+        blocks = np.empty(n, np.uint32)
+        for i, entry in enumerate(engine_map.values()):
+            router[i], totals[i], blocks[i] = entry
+        out[worker_id] = (engine, router, totals, blocks)
+    return out
+
+
 def _bits(mask: int) -> Iterator[int]:
     """The set bit positions of ``mask``, lowest first."""
     while mask:
@@ -92,8 +109,7 @@ class PrefixIndex:
         self._pending_until: dict[int, float] = {}
         self._pending_marks: deque[tuple[float, int, list[int]]] = deque()
         self._views: dict[str, _WorkerView] = {}
-        self._slot_owner: dict[int, str] = {}
-        self._free: list[int] = []
+        self._free: list[int] = []  # slots of removed workers, reused first
         self._pending_ttl_s = pending_ttl_s
         self._clock = clock
         self.unknown_parent_blocks = 0
@@ -102,9 +118,9 @@ class PrefixIndex:
     def _view(self, worker_id: str) -> _WorkerView:
         view = self._views.get(worker_id)
         if view is None:
-            slot = self._free.pop() if self._free else len(self._slot_owner)
+            # Slots 0..len-1 are all taken when none was freed.
+            slot = self._free.pop() if self._free else len(self._views)
             view = self._views[worker_id] = _WorkerView(slot)
-            self._slot_owner[slot] = worker_id
         return view
 
     def clear_worker(self, worker_id: str) -> None:
@@ -125,7 +141,6 @@ class PrefixIndex:
             bit = 1 << view.slot
             for router_hash in [h for h, m in self._pending.items() if m & bit]:
                 self._drop_pending(router_hash, bit)
-            del self._slot_owner[view.slot]
             self._free.append(view.slot)
 
     def _drop_bit(self, router_hash: int, bit: int) -> None:
@@ -278,21 +293,14 @@ class PrefixIndex:
             depth[w] = position
 
     # ---- snapshots -------------------------------------------------------------
+    def export_views(self) -> dict[str, dict[int, tuple[int, int, int]]]:
+        """Shallow copies of each worker's engine-hash map: cheap enough to take on the
+        event loop; pack them (``pack_views``) elsewhere."""
+        return {w: dict(v.engine_map) for w, v in self._views.items() if v.engine_map}
+
     def export(self) -> dict[str, Arrays]:
         """Per worker: engine hashes (int64), router hashes, chain sums, chain lengths."""
-        out = {}
-        for worker_id, view in self._views.items():
-            if not view.engine_map:
-                continue
-            n = len(view.engine_map)
-            engine = np.fromiter(view.engine_map.keys(), np.int64, n)
-            router = np.empty(n, np.uint64)
-            totals = np.empty(n, np.uint64)
-            blocks = np.empty(n, np.uint32)
-            for i, entry in enumerate(view.engine_map.values()):
-                router[i], totals[i], blocks[i] = entry
-            out[worker_id] = (engine, router, totals, blocks)
-        return out
+        return pack_views(self.export_views())
 
     def load(self, worker_id: str, engine: np.ndarray, router: np.ndarray,
              totals: np.ndarray, blocks: np.ndarray) -> int:

@@ -20,7 +20,7 @@ from kvmesh.router import snapshot, worker_probe
 from kvmesh.router.kv_events import KvEventFollower
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.policies import RouteContext, make_policy, pick
-from kvmesh.router.prefix_index import PrefixIndex
+from kvmesh.router.prefix_index import PrefixIndex, pack_views
 from kvmesh.router.registry import WorkerRegistry, WorkerState
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -96,11 +96,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self._tasks.append(asyncio.create_task(self._register_static(endpoint)))
 
     async def take_snapshot(self, path: Path) -> None:
-        exported = self.index.export()  # a copy, taken on the loop; the rest off it
+        views = self.index.export_views()  # copies, taken on the loop; the rest off it
         incarnations = dict(self._incarnations)
 
         def work() -> None:
-            snapshot.write(path, snapshot.capture(exported, incarnations))
+            snapshot.write(path, snapshot.capture(pack_views(views), incarnations))
 
         await asyncio.to_thread(work)
 
@@ -156,14 +156,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             channel = self._channels[endpoint] = insecure_channel(endpoint)
         return channel
 
-    def _stop_probe(self, worker_id: str) -> None:
+    def _stop_watching(self, worker_id: str) -> None:
         for task in self._watchers.pop(worker_id, []):
             task.cancel()
         self.followers.pop(worker_id, None)
 
     def _forget(self, worker_id: str) -> None:
         """A worker is gone: stop watching it and purge what it held from the index."""
-        self._stop_probe(worker_id)
+        self._stop_watching(worker_id)
         self.index.remove_worker(worker_id)
 
     async def _probe_loop(self, worker_id: str, endpoint: str) -> None:
@@ -199,7 +199,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self_registered=info.self_registered,
         )
         self.registry.upsert(state)
-        self._stop_probe(state.worker_id)
+        self._stop_watching(state.worker_id)
         # A (re-)registered worker may have restarted: its old cache view is void,
         # unless a snapshot holds the view of this very incarnation of it.
         self.index.clear_worker(state.worker_id)

@@ -54,10 +54,6 @@ class WorkerActor:
         info["pid"] = os.getpid()
         return info
 
-    async def wait_registered(self) -> bool:
-        await self._worker.wait_registered()
-        return True
-
     async def stop(self) -> bool:
         if self._worker is not None:
             await self._worker.stop()
