@@ -31,7 +31,8 @@ def new_request_id(prefix: str) -> str:
 class GatewayCore:
     def __init__(self, config: GatewayConfig, cache_dir: Path | None = None) -> None:
         self.config = config
-        self.mesh = MeshClient(config.router, config.route_timeout_s, config.request_timeout_s)
+        self.mesh = MeshClient(config.router, config.route_timeout_s, config.request_timeout_s,
+                               config.prefill_timeout_s)
         self.catalog = ModelCatalog()
         self.tokenizers = TokenizerStore(
             cache_dir or Path(tempfile.gettempdir()) / "kvmesh-tokenizers"

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvmesh.errors import KvmeshError, http_error_for, openai_error_body
 from kvmesh.gateway.core import GatewayCore, new_request_id
@@ -164,6 +165,12 @@ def create_app(core: GatewayCore) -> FastAPI:
         status = 200 if ready else 503
         return JSONResponse({"status": "ok" if ready else "starting", "models": ready},
                             status_code=status)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text: the gateway's prefill/decode counters."""
+        return Response(generate_latest(core.mesh.pd_metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:

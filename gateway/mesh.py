@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import numpy as np
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
+from kvmesh.gateway.pd import PdMetrics, generate_request, handoff, prefill_request
 from kvmesh.grpc_util import insecure_channel
-from kvmesh.v1 import router_pb2, router_pb2_grpc
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +22,16 @@ MAX_ATTEMPTS = 3
 
 
 class MeshClient:
-    def __init__(self, router: str, route_timeout_s: float, request_timeout_s: float) -> None:
+    def __init__(
+        self, router: str, route_timeout_s: float, request_timeout_s: float,
+        prefill_timeout_s: float = 60.0, metrics: PdMetrics | None = None,
+    ) -> None:
         self._router_channel = insecure_channel(router)
         self.router = router_pb2_grpc.RouterStub(self._router_channel)
         self._route_timeout_s = route_timeout_s
         self._request_timeout_s = request_timeout_s
+        self._prefill_timeout_s = prefill_timeout_s
+        self.pd_metrics = metrics or PdMetrics()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -77,7 +84,11 @@ class MeshClient:
         sampling: vllm_engine_pb2.SamplingParams,
         prompt_text: str = "",
     ) -> AsyncIterator[vllm_engine_pb2.GenerateResponse]:
-        """Stream a generation; cancelling the consumer cancels the worker RPC."""
+        """Stream a generation; cancelling the consumer cancels the worker RPC(s).
+
+        A disaggregated decision first prefills on the prefill worker; the client
+        sees only the decode worker's stream.
+        """
         excluded: list[str] = []
         for attempt in range(MAX_ATTEMPTS):
             decision = await self.route(
@@ -85,19 +96,20 @@ class MeshClient:
             )
             worker = decision.worker
             log.debug("%s -> %s (%s)", request_id, worker.worker_id, decision.reason)
-            call = self.worker(worker.endpoint).Generate(
-                vllm_engine_pb2.GenerateRequest(
-                    request_id=request_id,
-                    tokenized=vllm_engine_pb2.TokenizedInput(
-                        input_ids=prompt_ids, original_text=prompt_text
-                    ),
-                    sampling_params=sampling,
-                    stream=True,
-                ),
-                timeout=self._request_timeout_s,
-            )
+            call = None
             started = False
             try:
+                handover = None
+                if decision.mode == router_pb2.RouteDecision.MODE_DISAGGREGATED:
+                    self.pd_metrics.requests.labels("disaggregated").inc()
+                    handover = await self._prefill(
+                        request_id, decision.prefill_worker, prompt_ids, prompt_text, sampling)
+                else:
+                    self.pd_metrics.requests.labels("aggregated").inc()
+                call = self.worker(worker.endpoint).Generate(
+                    generate_request(request_id, prompt_ids, prompt_text, sampling, handover),
+                    timeout=self._request_timeout_s,
+                )
                 async for response in call:
                     started = True
                     yield response
@@ -114,9 +126,56 @@ class MeshClient:
                             worker.worker_id)
                 excluded.append(worker.worker_id)
             finally:
-                # No-op when the call finished; otherwise the worker aborts the request.
-                call.cancel()
+                # No-op when the call finished; otherwise the worker aborts the request
+                # (a decode worker also tells the prefill worker to free its blocks).
+                if call is not None:
+                    call.cancel()
                 self._release(request_id, worker.worker_id)
+
+    async def _prefill(
+        self,
+        request_id: str,
+        prefill: common_pb2.WorkerInfo,
+        prompt_ids: Sequence[int],
+        prompt_text: str,
+        sampling: vllm_engine_pb2.SamplingParams,
+    ) -> str | None:
+        """Run the prefill leg; return the decode worker's hand-over, or None to make
+        the decode worker prefill locally (counted: never a failed or hung request)."""
+        if sampling.n > 1:
+            # vLLM hands one request's KV to one request; n choices fork after it.
+            self.pd_metrics.fallbacks.labels("multiple_choices").inc()
+            self._release(request_id, prefill.worker_id)
+            return None
+        started = time.monotonic()
+        call = self.worker(prefill.endpoint).Generate(
+            prefill_request(request_id, prompt_ids, prompt_text, sampling),
+            timeout=min(self._prefill_timeout_s, self._request_timeout_s),
+        )
+        reason = "no_handoff"
+        try:
+            async for response in call:
+                handover = handoff(response)
+                if handover is not None:
+                    return handover
+        except grpc.aio.AioRpcError as exc:
+            reason = (
+                "prefill_timeout" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                else "prefill_failed"
+            )
+            log.warning("%s: prefill on %s failed (%s: %s); prefilling on the decode worker",
+                        request_id, prefill.worker_id, exc.code().name, exc.details())
+        finally:
+            # Cancelled mid-prefill (client gone): the prefill worker aborts the request
+            # and frees its blocks. After the hand-over this is a no-op.
+            call.cancel()
+            self._release(request_id, prefill.worker_id)
+            self.pd_metrics.prefill_seconds.inc(time.monotonic() - started)
+        self.pd_metrics.fallbacks.labels(reason).inc()
+        if reason == "no_handoff":
+            log.warning("%s: prefill worker %s handed no KV over; prefilling on the decode "
+                        "worker", request_id, prefill.worker_id)
+        return None
 
     async def close(self) -> None:
         for task in list(self._background):

@@ -90,6 +90,12 @@ class RouterConfig(_Settings):
         description="host:port of VllmEngine workers to register by address at start "
         "(e.g. plain vLLM gRPC servers).",
     )
+    disaggregation: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Prefill/decode split when prefill and decode workers are registered: "
+        "'auto' decides per request with the cost model, 'always' splits every request "
+        "it can, 'never' runs every request on one worker.",
+    )
     seed: int | None = Field(None, description="Seed for random tie-breaks (tests).")
     snapshot_path: Path | None = Field(
         None, description="Where the prefix index is snapshotted and restored from on "
@@ -142,6 +148,50 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, description="Engine seed.")
 
 
+KvConnectorName = Literal["nixl", "lmcache"]
+
+
+class KvTransferConfig(BaseModel):
+    """How prefill and decode workers hand KV caches over (vLLM KV connectors).
+
+    Only ``prefill`` and ``decode`` workers get a connector; ``both`` workers serve
+    aggregated requests and carry none.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    connector: KvConnectorName = Field(
+        "nixl",
+        description="'nixl' (vLLM NixlConnector; works on CPU) or 'lmcache' "
+        "(LMCacheConnectorV1; GPU only, needs the kvmesh[lmcache] extra).",
+    )
+    side_channel_host: str = Field(
+        DEFAULT_HOST,
+        description="Address of this worker's NIXL side channel (the handshake socket "
+        "decode workers connect to); registered with the router.",
+    )
+    side_channel_port: int = Field(
+        0, ge=0, le=65535,
+        description="NIXL side-channel port; 0 picks a free one at start. Every engine "
+        "on a host needs its own.",
+    )
+    buffer_device: Literal["cpu", "cuda", "xpu"] = Field(
+        "cpu", description="Where the connector stages KV for transfer (cpu on CPU hosts).")
+    load_failure_policy: Literal["recompute", "fail"] = Field(
+        "recompute",
+        description="Decode side, when the KV transfer fails or times out: 'recompute' "
+        "prefills locally instead (the request still succeeds), 'fail' errors it.",
+    )
+    kv_lease_s: int = Field(
+        30, gt=0,
+        description="Prefill side: how long finished prefills keep their KV blocks for a "
+        "decode worker that has not read them yet (decode workers renew the lease "
+        "while they wait).",
+    )
+    lmcache_config_file: Path | None = Field(
+        None, description="LMCache only: its YAML config (LMCACHE_CONFIG_FILE).")
+
+
 class WorkerConfig(_Settings):
     """A worker: one engine serving VllmEngine, registered with the router."""
 
@@ -162,6 +212,10 @@ class WorkerConfig(_Settings):
         "vllm", description="'vllm' (real engine) or 'fake' (tests and simulation only)."
     )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine settings.")
+    kv_transfer: KvTransferConfig = Field(
+        default_factory=KvTransferConfig,
+        description="KV hand-over between prefill and decode workers (roles prefill/decode).",
+    )
     run_dir: Path = Field(
         Path("/tmp/kvmesh"), description="Where sockets (KV-event IPC) and logs live."
     )
@@ -189,6 +243,11 @@ class GatewayConfig(_Settings):
         600.0, gt=0, description="Deadline for one generation, end to end."
     )
     route_timeout_s: float = Field(5.0, gt=0, description="Deadline for one Route call.")
+    prefill_timeout_s: float = Field(
+        60.0, gt=0,
+        description="Deadline for the prefill leg of a disaggregated request; past it (or "
+        "on any prefill failure) the decode worker prefills locally instead.",
+    )
     default_max_tokens: int = Field(
         512, gt=0, description="max_tokens when the client sends none (capped by context)."
     )

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         "--worker", action="append", default=None, dest="static_workers",
         help="register a VllmEngine worker by address (repeatable)",
     )
+    parser.add_argument("--disaggregation", default=None, choices=["auto", "always", "never"],
+                        help="prefill/decode split when P and D workers exist (default auto)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus /metrics port (0 = free port)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write the address here")
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_settings(
         RouterConfig, args.config, host=args.host, port=args.port, policy=args.policy,
         static_workers=args.static_workers, metrics_port=args.metrics_port,
+        disaggregation=args.disaggregation,
     )
     asyncio.run(run_until_signalled(lambda: RouterServer(config, ready_file=args.ready_file)))
     return 0

@@ -37,6 +37,18 @@ class CostParams(BaseModel):
         "the best cost count as equal; the prompt's rendezvous home wins among them.")
     pending_ttl_s: float = Field(
         2.0, gt=0, description="How long routed-but-unconfirmed blocks count as cached.")
+    kv_transfer_tokens_per_s: float = Field(
+        40000.0, gt=0,
+        description="Prompt tokens' KV a decode worker pulls from a prefill worker per "
+        "second (NIXL over loopback on CPU, incl. per-block overheads).")
+    pd_overhead_s: float = Field(
+        0.03, ge=0,
+        description="Fixed price of disaggregating: the extra prefill RPC, its one sampled "
+        "token and the transfer handshake.")
+    interference_weight: float = Field(
+        0.25, ge=0,
+        description="Price of stalling a worker's running decodes while it prefills, per "
+        "running sequence, as a fraction of the prefill time (what disaggregation avoids).")
 
 
 @dataclass(frozen=True)
@@ -67,3 +79,24 @@ def within_bound(params: CostParams, loads: list[WorkerLoadInput]) -> list[Worke
     limit = (1 + params.balance_epsilon) * mean + 1
     kept = [x for x in loads if x.active <= limit]
     return kept or loads
+
+
+def aggregated_cost(
+    params: CostParams, load: WorkerLoadInput, prompt_tokens: int, cached_tokens: int
+) -> float:
+    """Time to first token on one worker, plus the stall its prefill inflicts on the
+    sequences it is decoding."""
+    uncached = max(prompt_tokens - cached_tokens, 0)
+    stall = params.interference_weight * load.running * uncached / params.prefill_tokens_per_s
+    return ttft_cost(params, load, prompt_tokens, cached_tokens) + stall
+
+
+def disaggregated_cost(
+    params: CostParams, prefill: WorkerLoadInput, decode: WorkerLoadInput,
+    prompt_tokens: int, prefill_cached_tokens: int,
+) -> float:
+    """Prefill on ``prefill`` (its queue, its cache), move the KV, then admit on
+    ``decode`` (its queued prefills and decode pressure; no prefill of its own)."""
+    transfer = params.pd_overhead_s + prompt_tokens / params.kv_transfer_tokens_per_s
+    return (ttft_cost(params, prefill, prompt_tokens, prefill_cached_tokens) + transfer
+            + ttft_cost(params, decode, prompt_tokens, prompt_tokens))

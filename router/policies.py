@@ -105,7 +105,11 @@ class KvAwarePolicy:
         self._rng = rng
         self.params = params or CostParams()
 
-    def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
+    def cached_tokens(
+        self, ctx: RouteContext, workers: Sequence[WorkerState]
+    ) -> tuple[dict[str, int], dict[int, list[int]]]:
+        """Prompt tokens each worker holds (confirmed or pending), without side
+        effects; also the prompt's block hashes per block size."""
         seed = namespace_seed(ctx.model, ctx.adapter)
         cached: dict[str, int] = {}
         hashes_by_size: dict[int, list[int]] = {}
@@ -115,18 +119,12 @@ class KvAwarePolicy:
             ids = [w.worker_id for w in workers if w.block_size == block_size]
             for worker_id, blocks in self._index.match(hashes, ids).items():
                 cached[worker_id] = blocks * block_size
+        return cached, hashes_by_size
+
+    def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
+        cached, hashes_by_size = self.cached_tokens(ctx, workers)
         by_id = {w.worker_id: w for w in workers}
-        loads = within_bound(self.params, [
-            WorkerLoadInput(
-                worker_id=w.worker_id,
-                active=w.active,
-                running=max(w.load.num_running, len(w.in_flight)),
-                queued_prefill_tokens=w.load.waiting_uncached_tokens
-                + w.unreported_prefill_tokens,
-                kv_usage=w.load.kv_usage,
-            )
-            for w in workers
-        ])
+        loads = within_bound(self.params, [load_input(w) for w in workers])
         prompt_tokens = len(ctx.token_ids)
         costs = {
             x.worker_id: ttft_cost(self.params, x, prompt_tokens, cached.get(x.worker_id, 0))
@@ -149,6 +147,17 @@ class KvAwarePolicy:
         if hashes:
             self._index.mark_pending(chosen.worker_id, hashes)
         return Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits)
+
+
+def load_input(w: WorkerState) -> WorkerLoadInput:
+    """What the cost model needs of a worker's load."""
+    return WorkerLoadInput(
+        worker_id=w.worker_id,
+        active=w.active,
+        running=max(w.load.num_running, len(w.in_flight)),
+        queued_prefill_tokens=w.load.waiting_uncached_tokens + w.unreported_prefill_tokens,
+        kv_usage=w.load.kv_usage,
+    )
 
 
 def placement_key(

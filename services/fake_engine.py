@@ -9,6 +9,7 @@ workers use. It is never the thing that "works" — real vLLM is.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         max_context_length: int = 4096,
         block_size: int = 32,
         kv_capacity_tokens: int = 65536,
+        side_channel: str = "",
     ) -> None:
         self._name = served_model_name
         self._tokenizer_dir = tokenizer_dir
@@ -43,7 +45,19 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         self._running: set[str] = set()
         self._aborted: set[str] = set()
         self._start = time.time()
+        self._side_channel = side_channel
         self.generated_requests = 0
+
+    def _handoff(self, rid: str, prompt: list[int]) -> str:
+        """What a NIXL prefill worker returns for the decode worker (same keys)."""
+        host, _, port = self._side_channel.rpartition(":")
+        blocks = len(prompt) // self._block_size
+        return json.dumps({
+            "do_remote_prefill": True, "do_remote_decode": False,
+            "remote_block_ids": [list(range(blocks))], "remote_engine_id": self._name,
+            "remote_request_id": rid, "remote_host": host, "remote_port": int(port or 0),
+            "remote_num_tokens": len(prompt),
+        })
 
     async def Generate(
         self, request: vllm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -60,6 +74,12 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                 f"max_model_len {self._max_len}",
             )
         rid = request.request_id
+        kv = json.loads(request.kv_transfer_params_json) \
+            if request.HasField("kv_transfer_params_json") else {}
+        handing_over = bool(kv.get("do_remote_decode")) and bool(self._side_channel)
+        # A decode worker given a hand-over "loads" the prompt's full blocks.
+        cached = len(prompt) - len(prompt) % self._block_size \
+            if kv.get("do_remote_prefill") else 0
         self._running.add(rid)
         self.generated_requests += 1
         output: list[int] = []
@@ -78,7 +98,8 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                 if request.stream:
                     yield vllm_engine_pb2.GenerateResponse(
                         chunk=vllm_engine_pb2.GenerateStreamChunk(
-                            token_ids=[token], prompt_tokens=len(prompt), completion_tokens=1
+                            token_ids=[token], prompt_tokens=len(prompt), completion_tokens=1,
+                            cached_tokens=cached,
                         )
                     )
             yield vllm_engine_pb2.GenerateResponse(
@@ -89,6 +110,8 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                     finish_reason=finish,
                     prompt_tokens=len(prompt),
                     completion_tokens=len(output),
+                    cached_tokens=cached,
+                    kv_transfer_params_json=self._handoff(rid, prompt) if handing_over else None,
                 )
             )
         finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,16 @@ from typing import Any
 import grpc
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
-from kvmesh.config import WorkerConfig
+from kvmesh.config import WorkerConfig, WorkerRole
 from kvmesh.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.models import EMBEDDED_CHAT_MODEL, LocalModelSource
 from kvmesh.service_main import write_ready_file
-from kvmesh.services.engine_args import engine_env, engine_kwargs
+from kvmesh.services.engine_args import (
+    engine_env,
+    engine_kwargs,
+    kv_transfer_config,
+    nixl_side_channel,
+)
 from kvmesh.services.registration import Registration
 from kvmesh.v1 import common_pb2
 
@@ -31,6 +37,22 @@ _ROLES = {
 }
 
 
+def with_side_channel(config: WorkerConfig) -> WorkerConfig:
+    """Give a NIXL prefill/decode worker a free side-channel port when it has none."""
+    kv = config.kv_transfer
+    if config.role == WorkerRole.both or kv.connector != "nixl" or kv.side_channel_port:
+        return config
+    port = free_port(kv.side_channel_host)
+    return config.model_copy(
+        update={"kv_transfer": kv.model_copy(update={"side_channel_port": port})})
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def served_name(config: WorkerConfig, model_path: Path) -> str:
     if config.engine.served_model_name:
         return config.engine.served_model_name
@@ -41,7 +63,7 @@ def served_name(config: WorkerConfig, model_path: Path) -> str:
 
 class WorkerServer:
     def __init__(self, config: WorkerConfig, ready_file: Path | None = None) -> None:
-        self.config = config
+        self.config = with_side_channel(config)
         self._ready_file = ready_file
         self._server: grpc.aio.Server | None = None
         self._engine: Any = None
@@ -74,6 +96,7 @@ class WorkerServer:
                 token_delay_s=config.fake_token_delay_s,
                 max_context_length=config.engine.max_model_len,
                 block_size=config.engine.block_size or 32,
+                side_channel=nixl_side_channel(config),
             )
             health = add_health_and_reflection(server, [SERVICE_NAME])
         else:
@@ -99,11 +122,15 @@ class WorkerServer:
                     role=_ROLES[config.role.value],
                     dp_rank=-1,
                     self_registered=True,
+                    nixl_side_channel=nixl_side_channel(config),
+                    kv_connector=config.kv_transfer.connector
+                    if config.role != WorkerRole.both else "",
                 ),
             )
             registration.start()
             self._registrations.append(registration)
-        info = {"worker_id": self.worker_id, "endpoint": self.endpoint, "model": self.model}
+        info = {"worker_id": self.worker_id, "endpoint": self.endpoint, "model": self.model,
+                "role": config.role.value, "nixl_side_channel": nixl_side_channel(config)}
         write_ready_file(self._ready_file, info)
         return info
 
@@ -112,7 +139,7 @@ class WorkerServer:
         from grpc_health.v1 import health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
         from smg_grpc_servicer.vllm.health_servicer import VllmHealthServicer
-        from vllm.config import KVEventsConfig
+        from vllm.config import KVEventsConfig, KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -121,6 +148,8 @@ class WorkerServer:
 
         kwargs = engine_kwargs(self.config, model_path, self.model, self.worker_id)
         kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
+        if kv_transfer_config(self.config) is not None:
+            kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])
         engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**kwargs), usage_context=UsageContext.OPENAI_API_SERVER
         )

@@ -54,3 +54,48 @@ def test_parse_cores() -> None:
     assert parse_cores("0-2,5") == [0, 1, 2, 5]
     with pytest.raises(ValueError):
         parse_cores(" , ")
+
+
+def test_roles_map_to_kv_transfer_config() -> None:
+    from kvmesh.config import KvTransferConfig
+    from kvmesh.services.engine_args import kv_transfer_config, nixl_side_channel
+
+    assert kv_transfer_config(WorkerConfig()) is None
+    assert "kv_transfer_config" not in engine_kwargs(WorkerConfig(), Path("/m"), "s", "w")
+    kv = KvTransferConfig(side_channel_port=5601, kv_lease_s=12)
+    prefill = WorkerConfig(role="prefill", kv_transfer=kv)
+    cfg = kv_transfer_config(prefill)
+    assert cfg == {
+        "kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_buffer_device": "cpu",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"kv_lease_duration": 12},
+    }
+    assert engine_kwargs(prefill, Path("/m"), "s", "w")["kv_transfer_config"] == cfg
+    decode = WorkerConfig(role="decode", kv_transfer=kv)
+    assert kv_transfer_config(decode)["kv_role"] == "kv_consumer"  # type: ignore[index]
+    assert nixl_side_channel(decode) == "127.0.0.1:5601"
+    env = engine_env(decode)
+    assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5601"
+    assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
+    assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in engine_env(WorkerConfig())
+    with pytest.raises(ValueError, match="resolved"):
+        nixl_side_channel(WorkerConfig(role="prefill"))
+
+
+def test_lmcache_connector_config() -> None:
+    from kvmesh.config import KvTransferConfig
+    from kvmesh.services.engine_args import kv_transfer_config, nixl_side_channel
+
+    kv = KvTransferConfig(connector="lmcache", buffer_device="cuda",
+                          lmcache_config_file="/etc/lmcache.yaml")
+    prefill = WorkerConfig(role="prefill", kv_transfer=kv)
+    assert kv_transfer_config(prefill) == {
+        "kv_connector": "LMCacheConnectorV1", "kv_role": "kv_producer",
+        "kv_buffer_device": "cuda", "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"discard_partial_chunks": False,
+                                      "lmcache_rpc_port": "kv_producer-rpc"},
+    }
+    assert nixl_side_channel(prefill) == ""
+    env = engine_env(prefill)
+    assert env["LMCACHE_CONFIG_FILE"] == "/etc/lmcache.yaml"
+    assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in env

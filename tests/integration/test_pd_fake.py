@@ -1,0 +1,127 @@
+"""Prefill/decode orchestration through the real gateway and router, fake engines.
+
+The fake prefill worker answers a ``do_remote_decode`` request with a NIXL-shaped
+hand-over; the fake decode worker reports the prompt's full blocks as loaded when it
+gets one. Real KV transfer is covered by tests/e2e/test_pd_nixl.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from kvmesh.procs import spawn_module, terminate, wait_ready_file
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+from .conftest import Mesh, _wait_healthy, start_router
+
+pytestmark = pytest.mark.integration
+MODEL = "SmolLM2-135M-Instruct"
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def pd_mesh(model_dir: Path) -> Iterator[Mesh]:
+    with tempfile.TemporaryDirectory(prefix="kvm-") as d:
+        mesh = Mesh(Path(d))
+        try:
+            mesh.router = start_router(mesh, "router", "--disaggregation", "always")
+            mesh.workers = [
+                mesh.start_worker("p0", "--role", "prefill", "--block-size", str(BLOCK)),
+                mesh.start_worker("d0", "--role", "decode", "--block-size", str(BLOCK)),
+            ]
+            ready = mesh.dir / "gateway.ready"
+            proc = spawn_module(
+                "kvmesh.gateway",
+                ["--router", mesh.router, "--port", "0", "--grpc-port", "0",
+                 "--ready-file", str(ready)],
+                mesh.dir / "gateway.log",
+            )
+            mesh.procs["gateway"] = proc
+            gateway = wait_ready_file(ready, 60, proc, "gateway")
+            mesh.http, mesh.grpc = gateway["http"], gateway["grpc"]
+            _wait_healthy(mesh.http)
+            yield mesh
+        except BaseException:
+            print(mesh.logs())
+            raise
+        finally:
+            for proc in mesh.procs.values():
+                terminate(proc)
+
+
+def _list_workers(router: str) -> list[router_pb2.WorkerStatus]:
+    import asyncio
+
+    async def run() -> list[router_pb2.WorkerStatus]:
+        async with grpc.aio.insecure_channel(router) as channel:
+            reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
+                router_pb2.ListWorkersRequest(), timeout=5)
+            return list(reply.workers)
+
+    return asyncio.run(run())
+
+
+def _metric(mesh: Mesh, name: str) -> float:
+    text = httpx.get(mesh.http.removesuffix("/v1") + "/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_workers_register_role_connector_and_side_channel(pd_mesh: Mesh) -> None:
+    workers = {s.worker.worker_id: s.worker for s in _list_workers(pd_mesh.router)}
+    p, d = workers["p0"], workers["d0"]
+    assert p.role == common_pb2.WORKER_ROLE_PREFILL
+    assert d.role == common_pb2.WORKER_ROLE_DECODE
+    assert p.kv_connector == d.kv_connector == "nixl"
+    assert p.nixl_side_channel.startswith("127.0.0.1:")
+    assert d.nixl_side_channel.startswith("127.0.0.1:")
+    assert p.nixl_side_channel != d.nixl_side_channel
+    assert pd_mesh.workers[0]["nixl_side_channel"] == p.nixl_side_channel
+
+
+def test_disaggregated_stream_equals_the_whole_output(pd_mesh: Mesh) -> None:
+    client = openai.OpenAI(base_url=pd_mesh.http, api_key="x", max_retries=0)
+    before = _metric(pd_mesh, 'kvmesh_gateway_pd_requests_total{mode="disaggregated"}')
+    prompt = list(range(300, 300 + 3 * BLOCK + 5))
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                      temperature=0)
+    # The fake echoes the prompt: the decode leg produced every token, from the first.
+    assert whole.usage.completion_tokens == 12
+    assert whole.usage.prompt_tokens_details.cached_tokens == 3 * BLOCK
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+    after = _metric(pd_mesh, 'kvmesh_gateway_pd_requests_total{mode="disaggregated"}')
+    assert after - before == 2
+
+
+def test_prefill_worker_gone_falls_back_to_local_prefill(pd_mesh: Mesh) -> None:
+    client = openai.OpenAI(base_url=pd_mesh.http, api_key="x", max_retries=0)
+    prompt = list(range(700, 700 + 2 * BLOCK))
+    expected = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                         temperature=0).choices[0].text
+    before = _metric(pd_mesh, 'kvmesh_gateway_pd_fallbacks_total{reason="prefill_failed"}')
+    # Killed hard: no deregistration, so the router still routes to it (lease 3 s).
+    proc = pd_mesh.procs.pop("p0")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    assert reply.choices[0].text == expected
+    # Prefilled on the decode worker: nothing was handed over.
+    assert not reply.usage.prompt_tokens_details \
+        or not reply.usage.prompt_tokens_details.cached_tokens
+    after = _metric(pd_mesh, 'kvmesh_gateway_pd_fallbacks_total{reason="prefill_failed"}')
+    assert after - before == 1
