@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from kvmesh.router.block_hash import namespace_seed, prompt_hashes
+from kvmesh.router.block_hash import namespace_seed, prompt_hash_array
 from kvmesh.router.policies import KvAwarePolicy, RouteContext
 from kvmesh.router.prefix_index import PrefixIndex, StoredBlocks
 from kvmesh.router.registry import WorkerState
@@ -162,5 +162,5 @@ def _time_hash(rng: random.Random) -> float:
     seed = namespace_seed(MODEL)
     t0 = time.perf_counter()
     for _ in range(200):
-        prompt_hashes(tokens, BS, seed)
+        prompt_hash_array(tokens, BS, seed)
     return (time.perf_counter() - t0) / 200

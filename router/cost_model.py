@@ -13,7 +13,7 @@ everything onto one cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -51,8 +51,10 @@ class CostParams(BaseModel):
         "running sequence, as a fraction of the prefill time (what disaggregation avoids).")
 
 
-@dataclass(frozen=True)
-class WorkerLoadInput:
+class WorkerLoadInput(NamedTuple):
+    """One worker's load as the cost model sees it (a named tuple: one per candidate
+    per decision, so construction cost counts)."""
+
     worker_id: str
     active: int
     running: int

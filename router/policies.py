@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvmesh.errors import NoWorkerAvailableError
-from kvmesh.router.block_hash import namespace_seed, prompt_hashes
+from kvmesh.router.block_hash import U64Array, namespace_seed, prompt_hash_array
 from kvmesh.router.cost_model import CostParams, WorkerLoadInput, ttft_cost, within_bound
 from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerState
@@ -112,9 +112,9 @@ class KvAwarePolicy:
         effects; also the prompt's block hashes per block size."""
         seed = namespace_seed(ctx.model, ctx.adapter)
         cached: dict[str, int] = {}
-        hashes_by_size: dict[int, list[int]] = {}
+        hashes_by_size: dict[int, U64Array] = {}
         for block_size in {w.block_size for w in workers if w.block_size > 0}:
-            hashes = prompt_hashes(ctx.token_ids, block_size, seed)
+            hashes = prompt_hash_array(ctx.token_ids, block_size, seed)
             hashes_by_size[block_size] = hashes
             ids = [w.worker_id for w in workers if w.block_size == block_size]
             for worker_id, blocks in self._index.match(hashes, ids).items():
@@ -144,7 +144,7 @@ class KvAwarePolicy:
             chosen = by_id[max(near, key=lambda wid: rendezvous_score(key, wid))]
         hits = cached.get(chosen.worker_id, 0)
         hashes = hashes_by_size.get(chosen.block_size)
-        if hashes:
+        if hashes is not None and len(hashes):
             self._index.mark_pending(chosen.worker_id, hashes)
         return Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits)
 
@@ -161,7 +161,7 @@ def load_input(w: WorkerState) -> WorkerLoadInput:
 
 
 def placement_key(
-    hashes_by_size: dict[int, list[int]], by_id: dict[str, WorkerState], near: list[str]
+    hashes_by_size: dict[int, U64Array], by_id: dict[str, WorkerState], near: list[str]
 ) -> int | None:
     """The prompt's placement key: its chained hash a few blocks in (the part that
     identifies a system prompt or conversation), or None for sub-block prompts."""
@@ -169,9 +169,9 @@ def placement_key(
     if len(sizes) != 1:
         return None
     hashes = hashes_by_size.get(sizes.pop())
-    if not hashes:
+    if hashes is None or not len(hashes):
         return None
-    return hashes[min(len(hashes), PLACEMENT_BLOCKS) - 1]
+    return int(hashes[min(len(hashes), PLACEMENT_BLOCKS) - 1])
 
 
 PLACEMENT_BLOCKS = 4

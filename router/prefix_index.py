@@ -2,8 +2,12 @@
 
 Keys are the router's own chained block hashes (``block_hash.py``); the engine's
 hashes from KV events are mapped per worker, so the index never depends on the
-engine's hash seed. Holders are bitmasks over worker slots, which makes the
-longest-prefix match for every worker at once a walk of big-int ANDs.
+engine's hash seed. All of it lives in flat numpy tables driven by compiled kernels
+(``kernels.py``): a *holder* table (router hash -> bitmask of worker slots, which
+makes the longest-prefix match for every worker at once one walk of the prompt) and
+one *engine* table per worker (engine hash -> chain sum and length, from which the
+router hash follows). About 80 bytes per indexed block and no Python objects per
+block, so the garbage collector never pauses a routing decision.
 
 Speculative insert: a routed prompt's blocks count as *pending* on the chosen
 worker for a short TTL, until the engine's events confirm them — so a burst of
@@ -14,26 +18,68 @@ enough.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvmesh.router import kernels
 from kvmesh.router.block_hash import ROOT, ChainState, chain_arrays, namespace_seed
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+# Tables grow (double) past this load factor; linear probing stays short below it.
+MAX_LOAD = 0.7
+_MIN_CAPACITY = 64
+
+
+def _capacity(entries: int) -> int:
+    capacity = _MIN_CAPACITY
+    while entries > capacity * MAX_LOAD:
+        capacity *= 2
+    return capacity
+
+
+class _EngineTable:
+    """One worker's engine hash -> (chain sum, chain length) table."""
+
+    __slots__ = ("keys", "sums", "lens", "count")
+
+    def __init__(self, capacity: int = _MIN_CAPACITY) -> None:
+        self.keys = np.zeros(capacity, np.uint64)
+        self.sums = np.zeros(capacity, np.uint64)
+        self.lens = np.zeros(capacity, np.uint32)
+        self.count = 0
+
+    def reserve(self, more: int) -> None:
+        if self.count + more <= len(self.keys) * MAX_LOAD:
+            return
+        bigger = _EngineTable(_capacity(self.count + more))
+        kernels.rehash_engine(self.keys, self.sums, self.lens,
+                              bigger.keys, bigger.sums, bigger.lens)
+        self.keys, self.sums, self.lens = bigger.keys, bigger.sums, bigger.lens
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.keys, self.sums, self.lens
 
 
 @dataclass
 class _WorkerView:
     slot: int
-    # engine block hash -> (router hash, chain sum after that block, chain length):
-    # one flat tuple per cached block, the index's dominant memory and ingestion cost.
-    engine_map: dict[int, tuple[int, int, int]] = field(default_factory=dict)
-    # router hash -> how many engine blocks map to it (several seeds/groups may)
-    held: dict[int, int] = field(default_factory=dict)
+    table: _EngineTable = field(default_factory=_EngineTable)
+    # Router hashes this worker holds under more than one engine hash (several seeds or
+    # KV groups may map to one): the extra count, so a removal keeps the bit. Rare.
+    extra: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def word(self) -> int:
+        return self.slot >> 6
+
+    @property
+    def bit(self) -> np.uint64:
+        return np.uint64(1 << (self.slot & 63))
 
 
 @dataclass(frozen=True)
@@ -74,45 +120,102 @@ def mark_positions(n_blocks: int) -> list[int]:
     return sorted(set(marks) | set(range(tail_start, n_blocks)))
 
 
-def pack_views(views: dict[str, dict[int, tuple[int, int, int]]]) -> dict[str, Arrays]:
-    """Engine-hash maps as arrays: engine hashes (int64), router hashes, chain sums,
-    chain lengths."""
+@functools.lru_cache(maxsize=1024)
+def _positions(n_blocks: int, marks: bool) -> np.ndarray:
+    positions = mark_positions(n_blocks) if marks else checkpoints(n_blocks)
+    return np.array(positions, dtype=np.int64)
+
+
+Views = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def pack_views(views: Views) -> dict[str, Arrays]:
+    """Engine tables (``export_views``) as arrays: engine hashes (int64), router
+    hashes, chain sums, chain lengths. Runs off the event loop (the kernel drops the
+    GIL)."""
     out = {}
-    for worker_id, engine_map in views.items():
-        n = len(engine_map)
-        engine = np.fromiter(engine_map.keys(), np.int64, n)
-        router = np.empty(n, np.uint64)
-        totals = np.empty(n, np.uint64)
-        blocks = np.empty(n, np.uint32)
-        for i, entry in enumerate(engine_map.values()):
-            router[i], totals[i], blocks[i] = entry
-        out[worker_id] = (engine, router, totals, blocks)
+    for worker_id, (keys, sums, lens) in views.items():
+        engine, router, totals, lengths = kernels.engine_items(keys, sums, lens)
+        out[worker_id] = (engine.view(np.int64), router, totals, lengths)
     return out
 
 
-def _bits(mask: int) -> Iterator[int]:
-    """The set bit positions of ``mask``, lowest first."""
-    while mask:
-        low = mask & -mask
-        yield low.bit_length() - 1
-        mask ^= low
+def as_hash_array(hashes: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Router hashes as a uint64 array (no copy when they already are one)."""
+    if isinstance(hashes, np.ndarray):
+        return hashes.astype(np.uint64, copy=False)
+    return np.array(hashes, dtype=np.uint64)
+
+
+def _engine_keys(engine_hashes: Iterable[int]) -> np.ndarray:
+    """Engine hashes as uint64 keys; engines report them signed or unsigned."""
+    values = list(engine_hashes)
+    try:
+        return np.array(values, dtype=np.uint64)
+    except OverflowError:
+        return np.array([h & 0xFFFF_FFFF_FFFF_FFFF for h in values], dtype=np.uint64)
 
 
 class PrefixIndex:
     def __init__(
         self, pending_ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._holders: dict[int, int] = {}
-        # Speculative blocks: hash -> worker-slot bitmask, the latest expiry per hash,
-        # and marks in expiry order (swept lazily, so marking stays a few dict ops).
-        self._pending: dict[int, int] = {}
-        self._pending_until: dict[int, float] = {}
-        self._pending_marks: deque[tuple[float, int, list[int]]] = deque()
+        # The holder table: router hash -> worker-slot bitmask (one uint64 per 64 slots).
+        self._keys = np.zeros(_MIN_CAPACITY, np.uint64)
+        self._masks = np.zeros((_MIN_CAPACITY, 1), np.uint64)
+        self._count = 0
+        # Speculative blocks: the same layout plus an expiry per row.
+        self._pkeys = np.zeros(_MIN_CAPACITY, np.uint64)
+        self._pmasks = np.zeros((_MIN_CAPACITY, 1), np.uint64)
+        self._pexpiry = np.zeros(_MIN_CAPACITY)
+        self._pcount = 0
         self._views: dict[str, _WorkerView] = {}
         self._free: list[int] = []  # slots of removed workers, reused first
         self._pending_ttl_s = pending_ttl_s
         self._clock = clock
         self.unknown_parent_blocks = 0
+
+    # ---- tables ----------------------------------------------------------------
+    def _reserve(self, more: int, words: int) -> None:
+        """Room for ``more`` holder rows and ``words`` mask words per row."""
+        capacity, old_words = self._masks.shape
+        if self._count + more <= capacity * MAX_LOAD and words <= old_words:
+            return
+        capacity = max(capacity, _capacity(self._count + more))
+        keys = np.zeros(capacity, np.uint64)
+        masks = np.zeros((capacity, max(words, old_words)), np.uint64)
+        kernels.rehash_holders(self._keys, self._masks, keys, masks)
+        self._keys, self._masks = keys, masks
+
+    def _set(self, view: _WorkerView, router_hashes: np.ndarray) -> None:
+        """Mark ``router_hashes`` held by ``view``'s worker."""
+        self._reserve(len(router_hashes), view.word + 1)
+        seen = np.empty(len(router_hashes), np.bool_)
+        self._count += kernels.holder_set(self._keys, self._masks, router_hashes,
+                                          view.word, view.bit, seen)
+        if seen.any():
+            for router_hash in router_hashes[seen].tolist():
+                view.extra[router_hash] = view.extra.get(router_hash, 0) + 1
+        if self._pcount and view.word < self._pmasks.shape[1]:
+            kernels.pending_clear(self._pkeys, self._pmasks, router_hashes, view.word,
+                                  view.bit)
+
+    def _clear(self, view: _WorkerView, router_hashes: np.ndarray) -> None:
+        """Drop ``view``'s hold on ``router_hashes`` (one engine block each)."""
+        if view.extra:
+            kept = []
+            for router_hash in router_hashes.tolist():
+                left = view.extra.get(router_hash, 0)
+                if left > 1:
+                    view.extra[router_hash] = left - 1
+                elif left == 1:
+                    del view.extra[router_hash]
+                else:
+                    kept.append(router_hash)
+            router_hashes = np.array(kept, dtype=np.uint64)
+        if view.word < self._masks.shape[1]:
+            self._count -= kernels.holder_clear(self._keys, self._masks, router_hashes,
+                                                view.word, view.bit)
 
     # ---- workers ---------------------------------------------------------------
     def _view(self, worker_id: str) -> _WorkerView:
@@ -128,175 +231,119 @@ class PrefixIndex:
         view = self._views.get(worker_id)
         if view is None:
             return
-        bit = 1 << view.slot
-        for router_hash in view.held:
-            self._drop_bit(router_hash, bit)
-        view.held.clear()
-        view.engine_map.clear()
+        router = kernels.engine_items(*view.table.arrays)[1]
+        view.extra.clear()
+        self._clear(view, router)
+        view.table = _EngineTable()
 
     def remove_worker(self, worker_id: str) -> None:
         self.clear_worker(worker_id)
         view = self._views.pop(worker_id, None)
         if view is not None:
-            bit = 1 << view.slot
-            for router_hash in [h for h, m in self._pending.items() if m & bit]:
-                self._drop_pending(router_hash, bit)
+            if view.word < self._pmasks.shape[1]:
+                kernels.pending_clear_slot(self._pmasks, view.word, view.bit)
             self._free.append(view.slot)
-
-    def _drop_bit(self, router_hash: int, bit: int) -> None:
-        mask = self._holders.get(router_hash, 0) & ~bit
-        if mask:
-            self._holders[router_hash] = mask
-        else:
-            self._holders.pop(router_hash, None)
 
     # ---- events ----------------------------------------------------------------
     def stored(self, worker_id: str, event: StoredBlocks) -> int:
         """Apply a BlockStored event; returns how many blocks were indexed."""
         view = self._view(worker_id)
+        table = view.table
         parent = ROOT
         if event.parent_engine_hash is not None:
-            known = view.engine_map.get(event.parent_engine_hash)
-            if known is None:
+            total, length = kernels.engine_get(
+                *table.arrays, _engine_keys([event.parent_engine_hash])[0])
+            if length < 0:
                 # The chain's start is unknown (missed events): these blocks cannot
                 # be placed, and guessing would serve stale hits as truth.
                 self.unknown_parent_blocks += len(event.engine_hashes)
                 return 0
-            parent = ChainState(known[1], known[2])
+            parent = ChainState(int(total), length)
         seed = namespace_seed(event.model, event.adapter)
         hashes, sums = chain_arrays(event.token_ids, event.block_size, seed, parent)
-        count = min(len(hashes), len(event.engine_hashes))
-        bit = 1 << view.slot
-        for engine_hash, router_hash, total, length in zip(
-            list(event.engine_hashes[:count]), hashes[:count].tolist(), sums[:count].tolist(),
-            range(parent.blocks + 1, parent.blocks + count + 1), strict=True,
-        ):
-            if engine_hash in view.engine_map:
-                continue
-            view.engine_map[engine_hash] = (router_hash, total, length)
-            view.held[router_hash] = view.held.get(router_hash, 0) + 1
-            self._holders[router_hash] = self._holders.get(router_hash, 0) | bit
-            if router_hash in self._pending:
-                self._drop_pending(router_hash, bit)
+        engine = _engine_keys(event.engine_hashes)
+        count = min(len(hashes), len(engine))
+        table.reserve(count)
+        fresh = np.empty(count, np.bool_)
+        table.count += kernels.engine_put(*table.arrays, engine[:count], sums[:count],
+                                          parent.blocks + 1, fresh)
+        self._set(view, hashes[:count][fresh])
         return count
 
     def removed(self, worker_id: str, engine_hashes: Iterable[int]) -> None:
         view = self._views.get(worker_id)
         if view is None:
             return
-        bit = 1 << view.slot
-        for engine_hash in engine_hashes:
-            entry = view.engine_map.pop(engine_hash, None)
-            if entry is None:
-                continue
-            router_hash = entry[0]
-            left = view.held.get(router_hash, 0) - 1
-            if left > 0:
-                view.held[router_hash] = left
-            else:
-                view.held.pop(router_hash, None)
-                self._drop_bit(router_hash, bit)
+        engine = _engine_keys(engine_hashes)
+        router = np.empty(len(engine), np.uint64)
+        popped = kernels.engine_pop(*view.table.arrays, engine, router)
+        view.table.count -= popped
+        self._clear(view, router[:popped])
 
     # ---- routing ---------------------------------------------------------------
-    def mark_pending(self, worker_id: str, hashes: Sequence[int]) -> None:
+    def mark_pending(self, worker_id: str, hashes: Sequence[int] | np.ndarray) -> None:
+        """Count the prompt's blocks (at ``mark_positions``) as cached on the worker
+        until the TTL passes or its events confirm them."""
         view = self._view(worker_id)
         now = self._clock()
-        self._sweep(now)
-        expiry = now + self._pending_ttl_s
-        bit = 1 << view.slot
-        holders, pending, until = self._holders, self._pending, self._pending_until
-        marked = []
-        for position in mark_positions(len(hashes)):
-            router_hash = hashes[position]
-            if holders.get(router_hash, 0) & bit:
-                continue
-            pending[router_hash] = pending.get(router_hash, 0) | bit
-            until[router_hash] = expiry
-            marked.append(router_hash)
-        if marked:
-            self._pending_marks.append((expiry, bit, marked))
+        positions = _positions(len(hashes), True)
+        self._reserve(0, view.word + 1)
+        self._reserve_pending(len(positions), view.word + 1, now)
+        self._pcount += kernels.pending_mark(
+            self._pkeys, self._pmasks, self._pexpiry, self._keys, self._masks,
+            as_hash_array(hashes), positions, view.word, view.bit, now,
+            now + self._pending_ttl_s)
 
-    def _drop_pending(self, router_hash: int, bit: int) -> None:
-        mask = self._pending.get(router_hash, 0) & ~bit
-        if mask:
-            self._pending[router_hash] = mask
-        else:
-            self._pending.pop(router_hash, None)
-            self._pending_until.pop(router_hash, None)
+    def _reserve_pending(self, more: int, words: int, now: float) -> None:
+        capacity, old_words = self._pmasks.shape
+        if self._pcount + more <= capacity * MAX_LOAD and words <= old_words:
+            return
+        # Rebuild without expired rows, bigger only when the live ones need it.
+        capacity = _capacity(self._pcount + more)
+        keys, expiry = np.zeros(capacity, np.uint64), np.zeros(capacity)
+        masks = np.zeros((capacity, max(words, old_words)), np.uint64)
+        self._pcount = kernels.rehash_pending(self._pkeys, self._pmasks, self._pexpiry, now,
+                                              keys, masks, expiry)
+        self._pkeys, self._pmasks, self._pexpiry = keys, masks, expiry
 
-    def _sweep(self, now: float) -> None:
-        """Expire old marks. A hash marked again later keeps its bits (pending is a
-        hint that lasts at least the TTL)."""
-        marks = self._pending_marks
-        while marks and marks[0][0] < now:
-            _, bit, hashes = marks.popleft()
-            for router_hash in hashes:
-                if self._pending_until.get(router_hash, now) < now:
-                    self._drop_pending(router_hash, bit)
-
-    def match(self, hashes: Sequence[int], worker_ids: Iterable[str]) -> dict[str, int]:
-        """Longest cached prefix, in blocks, of ``hashes`` on each of ``worker_ids``."""
+    def match(self, hashes: Sequence[int] | np.ndarray,
+              worker_ids: Iterable[str]) -> dict[str, int]:
+        """Longest cached prefix, in blocks, of ``hashes`` on each of ``worker_ids``:
+        blocks its events confirmed, deepened by its unexpired pending marks."""
         ids = list(worker_ids)
-        owner = {self._views[w].slot: w for w in ids if w in self._views}
-        depth = dict.fromkeys(owner.values(), 0)
+        owner: dict[int, str] = {}
         alive = 0
-        for slot in owner:
-            alive |= 1 << slot
-        now = self._clock()
-        self._sweep(now)
-        holders = self._holders
-        blocks = 0
-        for router_hash in hashes:
-            still = alive & holders.get(router_hash, 0)
-            if still != alive:
-                for slot in _bits(alive & ~still):
-                    depth[owner[slot]] = blocks
-                alive = still
-                if not alive:
-                    break
-            blocks += 1
-        for slot in _bits(alive):
-            depth[owner[slot]] = blocks
-        if self._pending:
-            self._match_pending(hashes, owner, depth, now)
-        return {w: depth.get(w, 0) for w in ids}
-
-    def _match_pending(self, hashes: Sequence[int], owner: dict[int, str],
-                       depth: dict[str, int], now: float) -> None:
-        """Deepen ``depth`` with pending marks. Marks sit at checkpoints; a chained hash
-        pending at position p means the worker will hold the whole prefix up to p."""
-        pending, until = self._pending, self._pending_until
-        seen: dict[int, int] = {}
-
-        def marked(position: int) -> int:
-            mask = seen.get(position)
-            if mask is None:
-                h = hashes[position]
-                mask = pending.get(h, 0)
-                if mask and until.get(h, 0.0) < now:
-                    mask = 0
-                seen[position] = mask
-            return mask
-
-        for position in checkpoints(len(hashes)):
-            for slot in _bits(marked(position)):
-                w = owner.get(slot)
-                if w is not None and depth[w] <= position:
-                    depth[w] = position + 1
-        # Past a worker's deepest checkpoint, follow its marks block by block (the
-        # tail of a pending prompt this one extends) for at most one stride.
-        for slot, w in owner.items():
-            position = depth[w]
-            stop = min(len(hashes), position + _CHECKPOINT_STRIDE)
-            while position < stop and marked(position) >> slot & 1:
-                position += 1
-            depth[w] = position
+        for worker_id in ids:
+            view = self._views.get(worker_id)
+            if view is not None:
+                owner[view.slot] = worker_id
+                alive |= 1 << view.slot
+        words = self._masks.shape[1]
+        alive &= (1 << (64 * words)) - 1  # slots past the table's width hold nothing yet
+        found = np.zeros(words * 64, np.int32)
+        if alive:
+            array = as_hash_array(hashes)
+            alive_words = np.array([(alive >> (64 * w)) & 0xFFFF_FFFF_FFFF_FFFF
+                                    for w in range(words)], dtype=np.uint64)
+            pending_alive = alive_words.copy()
+            kernels.match(self._keys, self._masks, array, alive_words, found)
+            if self._pcount:
+                kernels.pending_match(
+                    self._pkeys, self._pmasks, self._pexpiry, self._clock(), array,
+                    _positions(len(array), False), _CHECKPOINT_STRIDE, pending_alive, found)
+        depth = dict.fromkeys(ids, 0)
+        by_slot = found.tolist()
+        for slot, worker_id in owner.items():
+            if slot < len(by_slot):
+                depth[worker_id] = by_slot[slot]
+        return depth
 
     # ---- snapshots -------------------------------------------------------------
-    def export_views(self) -> dict[str, dict[int, tuple[int, int, int]]]:
-        """Shallow copies of each worker's engine-hash map: cheap enough to take on the
+    def export_views(self) -> Views:
+        """Copies of each worker's engine table: a memcpy, cheap enough to take on the
         event loop; pack them (``pack_views``) elsewhere."""
-        return {w: dict(v.engine_map) for w, v in self._views.items() if v.engine_map}
+        return {w: (v.table.keys.copy(), v.table.sums.copy(), v.table.lens.copy())
+                for w, v in self._views.items() if v.table.count}
 
     def export(self) -> dict[str, Arrays]:
         """Per worker: engine hashes (int64), router hashes, chain sums, chain lengths."""
@@ -307,19 +354,19 @@ class PrefixIndex:
         """Replace a worker's view with exported arrays."""
         self.clear_worker(worker_id)
         view = self._view(worker_id)
-        bit = 1 << view.slot
-        for engine_hash, router_hash, total, count in zip(
-            engine.tolist(), router.tolist(), totals.tolist(), blocks.tolist(), strict=True
-        ):
-            view.engine_map[engine_hash] = (router_hash, total, count)
-            view.held[router_hash] = view.held.get(router_hash, 0) + 1
-            self._holders[router_hash] = self._holders.get(router_hash, 0) | bit
-        return len(engine)
+        keys = engine.view(np.uint64) if engine.dtype == np.int64 else _engine_keys(engine)
+        view.table.reserve(len(keys))
+        kernels.engine_put_states(*view.table.arrays, keys, totals.astype(np.uint64),
+                                  blocks.astype(np.uint32))
+        view.table.count = len(keys)
+        self._set(view, router.astype(np.uint64))
+        return len(keys)
 
     # ---- introspection -------------------------------------------------------
     def blocks(self, worker_id: str) -> int:
+        """Distinct blocks a worker holds."""
         view = self._views.get(worker_id)
-        return len(view.held) if view else 0
+        return view.table.count - sum(view.extra.values()) if view else 0
 
     def __len__(self) -> int:
-        return len(self._holders)
+        return self._count

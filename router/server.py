@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from prometheus_client import start_http_server
 
 from kvmesh.config import RouterConfig
 from kvmesh.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.router import kernels
 from kvmesh.router.servicer import RouterServicer
 from kvmesh.service_main import write_ready_file
 from kvmesh.v1 import router_pb2, router_pb2_grpc
@@ -34,6 +36,8 @@ class RouterServer:
         return f"{self.config.host}:{self.port}"
 
     async def start(self) -> str:
+        # Load (or compile, on a cold cache) the index kernels before taking traffic.
+        await asyncio.to_thread(kernels.warm_up)
         server = create_server()
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
         health = add_health_and_reflection(server, [SERVICE_NAME])

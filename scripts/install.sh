@@ -61,6 +61,8 @@ fi
 
 "$VENV/bin/python" -c "import vllm, nixl, kvmesh.router, kvmesh.gateway, kvmesh.services" \
   2>/dev/null || { echo "import check failed; remove $STAMP_FILE and retry" >&2; exit 1; }
+echo "==> compiling the router's index kernels (cached on disk)"
+"$VENV/bin/python" -c "from kvmesh.router import kernels; kernels.warm_up()"
 echo "==> preparing the embedded model"
 HF_HUB_OFFLINE=1 "$VENV/bin/kvmesh" --log-level WARNING model prepare
 echo "==> done: $VENV/bin/kvmesh"
