@@ -13,6 +13,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Compile (or load) the router's kernels once, before any test's clock or
+    # hypothesis deadline runs: a cold numba cache costs seconds on first call.
+    from kvmesh.router import kernels
+
+    kernels.warm_up()
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     from kvmesh.models import prepare_embedded_chat_model
