@@ -56,6 +56,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
     import json
 
     from kvmesh.routing_bench import run_routing_bench
+    from kvmesh.routing_sim import SimParams
 
     real = None
     if args.mode == "real":
@@ -65,11 +66,13 @@ def _bench_routing(args: argparse.Namespace) -> int:
             "model_dir": LocalModelSource().resolve(args.model),
             "smg_binary": args.smg,
             "engine_flags": {"enforce_eager": args.enforce_eager,
-                             "block_size": args.block_size},
+                             "block_size": args.block_size,
+                             "num_kv_blocks": args.num_kv_blocks},
         }
     report = run_routing_bench(
         args.workload.split(","), args.policies.split(","), args.workers, args.requests,
         args.rate_per_worker, args.seed, args.out, mode=args.mode, real=real,
+        params=SimParams(capacity_blocks=args.num_kv_blocks) if args.num_kv_blocks else None,
     )
     for name, data in report["workloads"].items():
         print(f"== {name}")
@@ -150,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--model", default="embedded", help="real mode: model")
     routing.add_argument("--enforce-eager", action="store_true", help="real mode")
     routing.add_argument("--block-size", type=int, default=32, help="real mode")
+    routing.add_argument("--num-kv-blocks", type=int, default=None,
+                         help="KV capacity per worker in blocks (sim: the simulated cache; "
+                         "real: caps each vLLM worker's cache and enables the oracle)")
     routing.add_argument("--workload", default="shared_prefix,multi_turn,low_reuse,bursty",
                          help="comma-separated: shared_prefix, multi_turn, low_reuse, bursty")
     routing.add_argument("--policies",

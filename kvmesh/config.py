@@ -141,6 +141,10 @@ class EngineConfig(BaseModel):
     kv_cache_space_gib: float = Field(
         1.0, gt=0, description="CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
     )
+    num_kv_blocks: int | None = Field(
+        None, gt=0,
+        description="Cap the KV cache at this many blocks (vLLM num_gpu_blocks_override); "
+        "benchmarks use it to give workers a known, small capacity.")
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="Fraction of GPU memory for the engine (GPU only)."
     )

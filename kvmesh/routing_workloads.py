@@ -14,7 +14,7 @@ class SimRequest:
 
 
 VOCAB = 49_000
-WORKLOADS = ("shared_prefix", "multi_turn", "low_reuse", "bursty")
+WORKLOADS = ("shared_prefix", "multi_turn", "low_reuse", "bursty", "hot_set")
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:
@@ -75,6 +75,19 @@ def bursty(rng: random.Random, n: int, rate: float) -> list[SimRequest]:
     return out
 
 
+def hot_set(rng: random.Random, n: int, rate: float, tenants: int = 32,
+            system_len: int = 768, doc_len: int = 384) -> list[SimRequest]:
+    """One system prompt shared by every tenant, then each tenant's own document,
+    requested uniformly: the hot set (system + every document) is sized to outgrow one
+    worker's KV cache but fit in two (``--num-kv-blocks``), and the shared system
+    prompt is most of every prompt, so prefix affinity alone piles it onto one cache."""
+    system = _tokens(rng, system_len)
+    docs = [_tokens(rng, doc_len) for _ in range(tenants)]
+    return [SimRequest(t, tuple(system + docs[rng.randrange(tenants)] + _tokens(rng, 32)),
+                       rng.randint(16, 64))
+            for t in _poisson_times(rng, n, rate)]
+
+
 def make_workload(name: str, n: int, rate: float, seed: int) -> list[SimRequest]:
     rng = random.Random(seed)
     if name == "shared_prefix":
@@ -85,4 +98,6 @@ def make_workload(name: str, n: int, rate: float, seed: int) -> list[SimRequest]
         return low_reuse(rng, n, rate)
     if name == "bursty":
         return bursty(rng, n, rate)
+    if name == "hot_set":
+        return hot_set(rng, n, rate)
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")

@@ -107,7 +107,7 @@ class KvAwarePolicy:
 
     def cached_tokens(
         self, ctx: RouteContext, workers: Sequence[WorkerState]
-    ) -> tuple[dict[str, int], dict[int, list[int]]]:
+    ) -> tuple[dict[str, int], dict[int, U64Array]]:
         """Prompt tokens each worker holds (confirmed or pending), without side
         effects; also the prompt's block hashes per block size."""
         seed = namespace_seed(ctx.model, ctx.adapter)
@@ -137,7 +137,7 @@ class KvAwarePolicy:
         # set instead of each caching a copy of it (and thrashing when it outgrows one).
         slack = self.params.placement_slack * prompt_tokens / self.params.prefill_tokens_per_s
         near = [wid for wid, c in costs.items() if c <= best + slack + 1e-9]
-        key = placement_key(hashes_by_size, by_id, near)
+        key = placement_key(hashes_by_size, by_id, near, cached)
         if key is None:
             chosen = by_id[self._rng.choice(near)]
         else:
@@ -161,17 +161,24 @@ def load_input(w: WorkerState) -> WorkerLoadInput:
 
 
 def placement_key(
-    hashes_by_size: dict[int, U64Array], by_id: dict[str, WorkerState], near: list[str]
+    hashes_by_size: dict[int, U64Array], by_id: dict[str, WorkerState], near: list[str],
+    cached: dict[str, int] | None = None,
 ) -> int | None:
-    """The prompt's placement key: its chained hash a few blocks in (the part that
-    identifies a system prompt or conversation), or None for sub-block prompts."""
+    """The prompt's placement key: its chained hash a few blocks past the longest
+    prefix cached anywhere — the part that identifies what this prompt adds (a system
+    prompt when nothing is cached; the tenant's document after a shared system prompt)
+    — or None for sub-block prompts. Prompts that add the same content share a home;
+    prompts that add different content spread over the near-equal workers."""
     sizes = {by_id[w].block_size for w in near}
     if len(sizes) != 1:
         return None
-    hashes = hashes_by_size.get(sizes.pop())
+    size = sizes.pop()
+    hashes = hashes_by_size.get(size)
     if hashes is None or not len(hashes):
         return None
-    return int(hashes[min(len(hashes), PLACEMENT_BLOCKS) - 1])
+    start = max((tokens for w, tokens in (cached or {}).items()
+                 if w in by_id and by_id[w].block_size == size), default=0) // size
+    return int(hashes[min(len(hashes), start + PLACEMENT_BLOCKS) - 1])
 
 
 PLACEMENT_BLOCKS = 4

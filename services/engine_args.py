@@ -101,6 +101,8 @@ def engine_kwargs(
         kwargs["block_size"] = engine.block_size
     if engine.max_num_seqs is not None:
         kwargs["max_num_seqs"] = engine.max_num_seqs
+    if engine.num_kv_blocks is not None:
+        kwargs["num_gpu_blocks_override"] = engine.num_kv_blocks
     return kwargs
 
 

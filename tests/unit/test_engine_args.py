@@ -23,12 +23,14 @@ def test_kv_events_use_ipc_never_tcp() -> None:
 
 def test_engine_kwargs_map_config() -> None:
     config = WorkerConfig(
-        engine=EngineConfig(block_size=32, enforce_eager=True, max_num_seqs=8), run_dir="/r"
+        engine=EngineConfig(block_size=32, enforce_eager=True, max_num_seqs=8, num_kv_blocks=96),
+        run_dir="/r"
     )
     kw = engine_kwargs(config, Path("/m"), "smol", "w1")
     assert kw["model"] == "/m"
     assert kw["served_model_name"] == ["smol"]
     assert kw["block_size"] == 32 and kw["enforce_eager"] is True and kw["max_num_seqs"] == 8
+    assert kw["num_gpu_blocks_override"] == 96
     assert kw["disable_log_stats"] is False
     assert kw["kv_events_config"]["endpoint"].startswith("ipc:///r/")
     assert "block_size" not in engine_kwargs(WorkerConfig(), Path("/m"), "s", "w")

@@ -110,3 +110,24 @@ def test_hashes_match_what_events_index() -> None:
     cache(index, "a", PROMPT)
     hashes = prompt_hashes(PROMPT, BS, namespace_seed("m"))
     assert index.match(hashes, ["a"]) == {"a": 20}
+
+
+def test_documents_after_a_shared_system_prompt_spread_over_its_holders() -> None:
+    """Both workers hold a long shared system prompt; what each tenant adds (its
+    document) gets a home of its own, so the documents partition across the two
+    caches instead of piling onto one — and a tenant always returns to its home."""
+    rng = random.Random(5)
+    system = [rng.randrange(100, 40_000) for _ in range(24 * BS)]
+    docs = [[rng.randrange(100, 40_000) for _ in range(8 * BS)] for _ in range(16)]
+    homes: dict[int, set[str]] = {}
+    for repeat in range(2):
+        for k, doc in enumerate(docs):
+            index = PrefixIndex(pending_ttl_s=0)
+            cache(index, "a", system)
+            cache(index, "b", system)
+            prompt = system + doc + [repeat + 1] * 8
+            choice = policy(index, seed=repeat).choose(ctx(prompt), [worker("a"), worker("b")])
+            homes.setdefault(k, set()).add(choice.worker.worker_id)
+    assert all(len(h) == 1 for h in homes.values())  # deterministic per document
+    placed = [h.pop() for h in homes.values()]
+    assert 4 <= placed.count("a") <= 12  # spread, not all on one worker
