@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from kvmesh.errors import ModelNotFoundError
-from kvmesh.v1 import router_pb2, router_pb2_grpc
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,9 @@ class ModelEntry:
 class ModelCatalog:
     def __init__(self) -> None:
         self._models: dict[str, ModelEntry] = {}
+        #: The router's last worker set, and its metrics endpoint (service discovery).
+        self.workers: list[common_pb2.WorkerInfo] = []
+        self.router_metrics_endpoint = ""
         self.version = -1
         self.changed = asyncio.Event()
 
@@ -48,6 +51,8 @@ class ModelCatalog:
                 )
         new = [m for m in fresh if m not in self._models]
         self._models = fresh
+        self.workers = list(worker_set.workers)
+        self.router_metrics_endpoint = worker_set.router_metrics_endpoint
         self.version = worker_set.version
         self.changed.set()
         self.changed = asyncio.Event()
@@ -58,6 +63,9 @@ class ModelCatalog:
         if entry is None:
             raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
         return entry
+
+    def names(self) -> list[str]:
+        return list(self._models)
 
     def all(self) -> list[ModelEntry]:
         return sorted(self._models.values(), key=lambda e: e.name)

@@ -12,6 +12,7 @@ from pathlib import Path
 from kvmesh.config import GatewayConfig
 from kvmesh.gateway.catalog import ModelCatalog, ModelEntry, watch_router
 from kvmesh.gateway.mesh import MeshClient
+from kvmesh.gateway.metrics import GatewayMetrics, activate
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from kvmesh.gateway.tokenizers import ModelTokenizer, TokenizerStore
 from kvmesh.gateway.translate import (
@@ -34,10 +35,15 @@ class GatewayCore:
         self.mesh = MeshClient(config.router, config.route_timeout_s, config.request_timeout_s,
                                config.prefill_timeout_s)
         self.catalog = ModelCatalog()
+        self.metrics = GatewayMetrics(known_models=self.catalog.names)
+        self.metrics.serve_also(self.mesh.pd_metrics.registry)
+        activate(self.metrics)
         self.tokenizers = TokenizerStore(
             cache_dir or Path(tempfile.gettempdir()) / "kvmesh-tokenizers"
         )
         self._watch: asyncio.Task[None] | None = None
+        #: host:port of the HTTP API once bound (the gateway's own /metrics target).
+        self.http_address = ""
 
     async def start(self) -> None:
         self._watch = asyncio.create_task(

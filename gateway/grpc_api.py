@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from pydantic import ValidationError
 
-from kvmesh.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError, KvmeshError, http_error_for
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.pipeline import Finished, run_generation
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -30,9 +30,52 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, core: GatewayCore) -> None:
         self._core = core
 
+    async def _counted(
+        self, method: str, model: str, stream: bool, client_id: str, prefix: str,
+        prepare: Callable[[], Awaitable[tuple[GenerationSpec, ModelTokenizer]]],
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        """Metrics for one RPC: requests by gRPC status, errors by type, token timings."""
+        metrics = self._core.metrics
+        started = time.perf_counter()
+        endpoint = f"grpc:{method}"
+        status = grpc.StatusCode.OK
+        try:
+            spec, tokenizer = await prepare()
+            async for item in self._generate(spec, tokenizer, client_id, prefix, stream,
+                                             endpoint, started):
+                yield item
+        except KvmeshError as exc:
+            status = exc.code
+            metrics.errors.labels(exc.openai_type).inc()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            status = exc.code()
+            metrics.errors.labels(http_error_for(status).openai_type).inc()
+            raise
+        finally:
+            metrics.requests.labels(metrics.model_label(model), endpoint, status.name).inc()
+
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        async for item in self._counted(
+            "Chat", request.model, request.stream, request.request_id, "chatcmpl",
+            lambda: self._prepare_chat(request),
+        ):
+            yield item
+
+    async def Complete(
+        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        async for item in self._counted(
+            "Complete", request.model, request.stream, request.request_id, "cmpl",
+            lambda: self._prepare_completion(request),
+        ):
+            yield item
+
+    async def _prepare_chat(
+        self, request: inference_pb2.ChatRequest
+    ) -> tuple[GenerationSpec, ModelTokenizer]:
         fields = sampling_fields_from_proto(request.model, request.sampling, request.stream)
         fields["messages"] = [
             {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
@@ -40,14 +83,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         ]
         req = _validated(ChatCompletionRequest, fields)
         assert isinstance(req, ChatCompletionRequest)
-        spec, tokenizer = await self._core.prepare_chat(req)
-        async for item in self._generate(spec, tokenizer, request.request_id, "chatcmpl",
-                                         request.stream):
-            yield item
+        return await self._core.prepare_chat(req)
 
-    async def Complete(
-        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+    async def _prepare_completion(
+        self, request: inference_pb2.CompletionRequest
+    ) -> tuple[GenerationSpec, ModelTokenizer]:
         fields = sampling_fields_from_proto(request.model, request.sampling, request.stream)
         which = request.WhichOneof("prompt")
         if which is None:
@@ -55,19 +95,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         fields["prompt"] = request.text if which == "text" else list(request.token_ids.ids)
         req = _validated(CompletionRequest, fields)
         assert isinstance(req, CompletionRequest)
-        spec, tokenizer = await self._core.prepare_completion(req)
-        async for item in self._generate(spec, tokenizer, request.request_id, "cmpl",
-                                         request.stream):
-            yield item
+        return await self._core.prepare_completion(req)
 
     async def _generate(
         self, spec: GenerationSpec, tokenizer: ModelTokenizer, client_id: str, prefix: str,
-        stream: bool,
+        stream: bool, endpoint: str, started: float,
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
         rid = client_id or new_request_id(prefix)
         created = int(time.time())
         choices = [inference_pb2.GenerationChoice(index=i) for i in range(spec.n)]
-        async for event in run_generation(self._core.mesh, tokenizer, spec, rid):
+        events = self._core.metrics.observe_generation(
+            run_generation(self._core.mesh, tokenizer, spec, rid), spec.model, endpoint, started)
+        async for event in events:
             if isinstance(event, Finished):
                 u = event.usage
                 usage = common_pb2.Usage(

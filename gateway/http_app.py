@@ -14,10 +14,12 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvmesh.errors import KvmeshError, http_error_for, openai_error_body
 from kvmesh.gateway.core import GatewayCore, new_request_id
+from kvmesh.gateway.discovery import prometheus_targets
+from kvmesh.gateway.metrics import OTHER, GatewayMetrics
 from kvmesh.gateway.pipeline import ChoiceDelta, Finished, run_generation
 from kvmesh.gateway.schemas import (
     ChatChoice,
@@ -40,7 +42,8 @@ T = TypeVar("T")
 REQUEST_ID_HEADER = "x-request-id"
 
 
-def error_response(exc: Exception, request_id: str | None = None) -> JSONResponse:
+def error_response(exc: Exception, request_id: str | None = None,
+                   metrics: GatewayMetrics | None = None) -> JSONResponse:
     """The one place an exception becomes an HTTP status + OpenAI error JSON."""
     if isinstance(exc, KvmeshError):
         http = http_error_for(exc.code)
@@ -55,6 +58,8 @@ def error_response(exc: Exception, request_id: str | None = None) -> JSONRespons
         log.exception("internal error", exc_info=exc)
         http = http_error_for(grpc.StatusCode.INTERNAL)
         body = openai_error_body(f"internal error: {exc}", http.openai_type, code=http.status)
+    if metrics is not None:
+        metrics.errors.labels(http.openai_type).inc()
     headers = {REQUEST_ID_HEADER: request_id} if request_id else None
     return JSONResponse(body, status_code=http.status, headers=headers)
 
@@ -120,9 +125,19 @@ def _sse(payload: Any) -> str:
 
 def create_app(core: GatewayCore) -> FastAPI:
     app = FastAPI(title="kvmesh gateway", version="0.1.0")
+    metrics = core.metrics
+    app.state.metrics = metrics
+
+    def count_request(request: Request, status: int) -> None:
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", OTHER)
+        if endpoint.startswith("/v1/"):
+            model = metrics.model_label(getattr(request.state, "model", None))
+            metrics.requests.labels(model, endpoint, str(status)).inc()
 
     @app.middleware("http")
     async def request_id_and_limits(request: Request, call_next: Any) -> Any:
+        request.state.started = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("req")
         request.state.request_id = request_id
         length = request.headers.get("content-length")
@@ -131,9 +146,11 @@ def create_app(core: GatewayCore) -> FastAPI:
                 f"request body of {length} bytes exceeds the limit of "
                 f"{core.config.max_body_bytes}", "invalid_request_error", code=413,
             )
+            metrics.errors.labels("invalid_request_error").inc()
             return JSONResponse(body, status_code=413, headers={REQUEST_ID_HEADER: request_id})
         response = await call_next(request)
         response.headers[REQUEST_ID_HEADER] = request_id
+        count_request(request, response.status_code)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -149,15 +166,27 @@ def create_app(core: GatewayCore) -> FastAPI:
             message or "invalid request", "invalid_request_error",
             param=".".join(loc) or None, code=400,
         )
+        metrics.errors.labels("invalid_request_error").inc()
         return JSONResponse(body, status_code=400)
 
     @app.exception_handler(KvmeshError)
     async def kvmesh_error(request: Request, exc: KvmeshError) -> JSONResponse:
-        return error_response(exc, getattr(request.state, "request_id", None))
+        return error_response(exc, getattr(request.state, "request_id", None), metrics)
 
     @app.exception_handler(grpc.aio.AioRpcError)
     async def grpc_error(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
-        return error_response(exc, getattr(request.state, "request_id", None))
+        return error_response(exc, getattr(request.state, "request_id", None), metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/sd/prometheus")
+    async def prometheus_sd(request: Request) -> JSONResponse:
+        """Prometheus HTTP service discovery: gateway, router and every worker."""
+        gateway = core.http_address or request.url.netloc
+        return JSONResponse(prometheus_targets(
+            gateway, core.catalog.router_metrics_endpoint, core.catalog.workers))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -165,12 +194,6 @@ def create_app(core: GatewayCore) -> FastAPI:
         status = 200 if ready else 503
         return JSONResponse({"status": "ok" if ready else "starting", "models": ready},
                             status_code=status)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        """Prometheus text: the gateway's prefill/decode counters."""
-        return Response(generate_latest(core.mesh.pd_metrics.registry),
-                        media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
@@ -190,15 +213,18 @@ def create_app(core: GatewayCore) -> FastAPI:
     async def chat_completions(
         body: ChatCompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse | None:
+        request.state.model = body.model
         spec, tokenizer = await core.prepare_chat(body)
         rid = new_request_id("chatcmpl")
         created = int(time.time())
-        events = run_generation(core.mesh, tokenizer, spec, rid)
+        events = metrics.observe_generation(
+            run_generation(core.mesh, tokenizer, spec, rid), body.model,
+            "/v1/chat/completions", request.state.started)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = await primed(events)
             return StreamingResponse(
-                _chat_stream(events, rid, created, body.model, spec.n, include_usage),
+                _chat_stream(events, rid, created, body.model, spec.n, include_usage, metrics),
                 media_type="text/event-stream",
             )
 
@@ -220,16 +246,20 @@ def create_app(core: GatewayCore) -> FastAPI:
     async def completions(
         body: CompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse | None:
+        request.state.model = body.model
         spec, tokenizer = await core.prepare_completion(body)
         rid = new_request_id("cmpl")
         created = int(time.time())
         prefix = (spec.prompt_text or tokenizer.decode(spec.prompt_ids)) if body.echo else ""
-        events = run_generation(core.mesh, tokenizer, spec, rid)
+        events = metrics.observe_generation(
+            run_generation(core.mesh, tokenizer, spec, rid), body.model, "/v1/completions",
+            request.state.started)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = await primed(events)
             return StreamingResponse(
-                _completion_stream(events, rid, created, body.model, prefix, include_usage),
+                _completion_stream(events, rid, created, body.model, prefix, include_usage,
+                                   metrics),
                 media_type="text/event-stream",
             )
 
@@ -266,14 +296,16 @@ async def _collect(
     return texts, reasons, final
 
 
-async def _stream_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _stream_errors(
+    events: AsyncIterator[str], metrics: GatewayMetrics | None = None
+) -> AsyncIterator[str]:
     """Errors after the response started can only be reported in-band."""
     try:
         async with contextlib.aclosing(events):  # type: ignore[type-var]
             async for item in events:
                 yield item
     except (KvmeshError, grpc.aio.AioRpcError) as exc:
-        response = error_response(exc)
+        response = error_response(exc, metrics=metrics)
         yield _sse(json.loads(bytes(response.body)))
     yield _sse("[DONE]")
 
@@ -281,6 +313,7 @@ async def _stream_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
 def _chat_stream(
     events: AsyncIterator[ChoiceDelta | Finished],
     rid: str, created: int, model: str, n: int, include_usage: bool,
+    metrics: GatewayMetrics | None = None,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return _sse(_without_null_usage(ChatCompletionChunk(
@@ -302,12 +335,13 @@ def _chat_stream(
                         finish_reason=event.finish_reason,
                     )])
 
-    return _stream_errors(frames())
+    return _stream_errors(frames(), metrics)
 
 
 def _completion_stream(
     events: AsyncIterator[ChoiceDelta | Finished],
     rid: str, created: int, model: str, prefix: str, include_usage: bool,
+    metrics: GatewayMetrics | None = None,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return _sse(_without_null_usage(CompletionResponse(
@@ -331,4 +365,4 @@ def _completion_stream(
                         index=event.index, text=text, finish_reason=event.finish_reason
                     )])
 
-    return _stream_errors(frames())
+    return _stream_errors(frames(), metrics)

@@ -50,6 +50,7 @@ class GatewayServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.config.host, self.config.port))
         self.http_port = sock.getsockname()[1]
+        self.core.http_address = f"{self.config.host}:{self.http_port}"
         http = uvicorn.Server(
             uvicorn.Config(create_app(self.core), log_level="warning", lifespan="off",
                            timeout_graceful_shutdown=3)

@@ -232,6 +232,10 @@ class WorkerConfig(_Settings):
     fake_token_delay_s: float = Field(
         0.005, ge=0, description="Fake engine only: seconds per generated token."
     )
+    metrics_port: int | None = Field(
+        0, ge=0, le=65535,
+        description="Prometheus /metrics port serving vLLM's own `vllm:*` metrics (0 picks "
+        "a free one; None turns it off). Registered with the router for discovery.")
 
 
 class GatewayConfig(_Settings):

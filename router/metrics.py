@@ -1,14 +1,79 @@
-"""The router's Prometheus metrics (bounded labels: policy, reason, event kind)."""
+"""The router's Prometheus metrics (bounded labels: policy, reason, event kind, and
+per-worker gauges keyed by worker id — as many series as registered workers)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _PREFIX_BUCKETS = (0, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _LATENCY_BUCKETS = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
 _LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+WORKER_STATES = ("ready", "stale")
+
+
+@dataclass(frozen=True)
+class WorkerSample:
+    """One worker as the metrics see it at scrape time."""
+
+    worker_id: str
+    role: str
+    state: str
+    num_running: int
+    num_waiting: int
+    in_flight: int
+    kv_usage: float
+    cache_hit_rate: float | None
+    indexed_blocks: int
+
+
+class _WorkerCollector(Collector):
+    """Worker counts by role and state, and each worker's load, read at scrape time."""
+
+    def __init__(self, workers: Callable[[], Iterable[WorkerSample]]) -> None:
+        self._workers = workers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        samples = list(self._workers())
+        count = GaugeMetricFamily(
+            "kvmesh_router_workers", "Registered workers by role and state "
+            "(ready: seen recently; stale: silent, lease not yet expired)",
+            labels=["role", "state"])
+        counts: dict[tuple[str, str], int] = {}
+        for s in samples:
+            counts[(s.role, s.state)] = counts.get((s.role, s.state), 0) + 1
+        for role in sorted({s.role for s in samples} | {"both"}):
+            for state in WORKER_STATES:
+                count.add_metric([role, state], counts.get((role, state), 0))
+        yield count
+        gauges = {
+            "requests": GaugeMetricFamily(
+                "kvmesh_router_worker_requests",
+                "Per worker: running and waiting as the engine reports, in_flight as routed",
+                labels=["worker", "kind"]),
+            "kv_usage": GaugeMetricFamily(
+                "kvmesh_router_worker_kv_usage", "Per worker: KV cache usage in [0, 1]",
+                labels=["worker"]),
+            "hit_rate": GaugeMetricFamily(
+                "kvmesh_router_worker_cache_hit_rate",
+                "Per worker: the engine's prefix-cache hit rate in [0, 1]", labels=["worker"]),
+            "indexed": GaugeMetricFamily(
+                "kvmesh_router_worker_indexed_blocks",
+                "Per worker: KV blocks the router's prefix index holds", labels=["worker"]),
+        }
+        for s in samples:
+            gauges["requests"].add_metric([s.worker_id, "running"], s.num_running)
+            gauges["requests"].add_metric([s.worker_id, "waiting"], s.num_waiting)
+            gauges["requests"].add_metric([s.worker_id, "in_flight"], s.in_flight)
+            gauges["kv_usage"].add_metric([s.worker_id], s.kv_usage)
+            if s.cache_hit_rate is not None:
+                gauges["hit_rate"].add_metric([s.worker_id], s.cache_hit_rate)
+            gauges["indexed"].add_metric([s.worker_id], s.indexed_blocks)
+        yield from gauges.values()
 
 
 class RouterMetrics:
@@ -39,8 +104,8 @@ class RouterMetrics:
             buckets=_LAG_BUCKETS, registry=r)
         self.index_blocks = Gauge(
             "kvmesh_router_index_blocks", "Distinct blocks in the prefix index", registry=r)
-        self.workers = Gauge("kvmesh_router_workers", "Registered workers", registry=r)
 
-    def track(self, index_blocks: Callable[[], float], workers: Callable[[], float]) -> None:
+    def track(self, index_blocks: Callable[[], float],
+              workers: Callable[[], Iterable[WorkerSample]]) -> None:
         self.index_blocks.set_function(index_blocks)
-        self.workers.set_function(workers)
+        self.registry.register(_WorkerCollector(workers))

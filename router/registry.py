@@ -22,6 +22,8 @@ class WorkerLoadView:
     kv_usage: float = 0.0
     reported_at: float = 0.0
     waiting_uncached_tokens: int = 0
+    # Prefix-cache hit rate in [0, 1] as the engine reports it; None until it does.
+    cache_hit_rate: float | None = None
 
 
 @dataclass
@@ -97,14 +99,16 @@ class WorkerRegistry:
 
     def report_load(
         self, worker_id: str, num_running: int, num_waiting: int, kv_usage: float,
-        waiting_uncached_tokens: int = 0,
+        waiting_uncached_tokens: int = 0, cache_hit_rate: float | None = None,
     ) -> None:
         worker = self._workers.get(worker_id)
         if worker is None:
             return
         now = self._clock()
+        if cache_hit_rate is None:  # not in every report: keep the last one
+            cache_hit_rate = worker.load.cache_hit_rate
         worker.load = WorkerLoadView(
-            num_running, num_waiting, kv_usage, now, waiting_uncached_tokens)
+            num_running, num_waiting, kv_usage, now, waiting_uncached_tokens, cache_hit_rate)
         worker.unreported_prefill_tokens = 0
         worker.last_seen = now
 
@@ -129,6 +133,10 @@ class WorkerRegistry:
 
     def all(self) -> list[WorkerState]:
         return list(self._workers.values())
+
+    def state_of(self, worker: WorkerState, fresh_s: float) -> str:
+        """``ready`` when seen within ``fresh_s``, else ``stale`` (lease not yet expired)."""
+        return "ready" if self._clock() - worker.last_seen <= fresh_s else "stale"
 
     def candidates(
         self, model: str, adapter: str = "", exclude: Iterable[str] = (),

@@ -54,6 +54,7 @@ class RouterServer:
             )
             self.metrics_port = self._metrics_http.server_port
             ready["metrics"] = f"{self.config.host}:{self.metrics_port}"
+            self.servicer.metrics_endpoint = ready["metrics"]
         write_ready_file(self._ready_file, ready)
         log.info("router serving on %s (policy=%s)", self.address, self.config.policy)
         return self.address

@@ -20,7 +20,7 @@ from kvmesh.grpc_util import insecure_channel
 from kvmesh.router import snapshot, worker_probe
 from kvmesh.router.cost_model import CostParams
 from kvmesh.router.kv_events import KvEventFollower
-from kvmesh.router.metrics import RouterMetrics
+from kvmesh.router.metrics import RouterMetrics, WorkerSample
 from kvmesh.router.pd import decide
 from kvmesh.router.policies import RouteContext, make_policy
 from kvmesh.router.prefix_index import PrefixIndex, pack_views
@@ -83,8 +83,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.followers: dict[str, KvEventFollower] = {}
         self._incarnations: dict[str, float] = {}
         self._restorable: dict[str, snapshot.WorkerSnapshot] = {}
-        self.metrics.track(lambda: len(self.index), lambda: len(self.registry))
+        fresh_s = 2 * max(config.heartbeat_interval_s, config.probe_interval_s)
+        self.metrics.track(
+            lambda: len(self.index),
+            lambda: [
+                WorkerSample(w.worker_id, w.role, self.registry.state_of(w, fresh_s),
+                             w.load.num_running, w.load.num_waiting, len(w.in_flight),
+                             w.load.kv_usage, w.load.cache_hit_rate,
+                             self.index.blocks(w.worker_id))
+                for w in self.registry.all()
+            ],
+        )
         self._changed = asyncio.Condition()
+        #: host:port of this router's /metrics, told to gateways for service discovery.
+        self.metrics_endpoint = ""
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle -------------------------------------------------------------
@@ -180,7 +192,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 sample = await worker_probe.sample_load(channel)
                 self.registry.report_load(
                     worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
-                    sample.waiting_uncached_tokens,
+                    sample.waiting_uncached_tokens, sample.cache_hit_rate,
                 )
             except grpc.aio.AioRpcError as exc:
                 log.debug("probe of %s failed: %s", worker_id, exc.code().name)
@@ -227,7 +239,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 pending = max(pending, load.prefill_pending_tokens)
             self.registry.report_load(
                 worker_id, load.running_requests, load.waiting_requests, load.token_usage,
-                pending,
+                pending, load.cache_hit_rate if load.HasField("cache_hit_rate") else None,
             )
 
         follower = KvEventFollower(
@@ -343,6 +355,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     kv_usage=w.load.kv_usage,
                     in_flight=len(w.in_flight),
                     age_s=now - w.load.reported_at if w.load.reported_at else -1.0,
+                    cache_hit_rate=w.load.cache_hit_rate or 0.0,
                 ),
                 last_seen_age_s=now - w.last_seen,
                 indexed_blocks=self.index.blocks(w.worker_id),
@@ -365,4 +378,5 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 await self._changed.wait_for(changed)
                 sent = self.registry.version
                 workers = [worker_to_proto(w) for w in self.registry.all()]
-            yield router_pb2.WorkerSet(workers=workers, version=sent)
+            yield router_pb2.WorkerSet(workers=workers, version=sent,
+                                       router_metrics_endpoint=self.metrics_endpoint)

@@ -28,6 +28,7 @@ class LoadSample:
     kv_usage: float
     kv_capacity_tokens: int
     waiting_uncached_tokens: int = 0
+    cache_hit_rate: float = 0.0
 
 
 async def describe(channel: grpc.aio.Channel) -> WorkerFacts:
@@ -60,4 +61,5 @@ async def sample_load(channel: grpc.aio.Channel) -> LoadSample:
         kv_usage=max(x.token_usage for x in loads),
         kv_capacity_tokens=sum(x.max_total_num_tokens for x in loads),
         waiting_uncached_tokens=sum(x.num_waiting_uncached_tokens for x in loads),
+        cache_hit_rate=sum(x.cache_hit_rate for x in loads) / len(loads),
     )

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cap the KV cache at this many blocks")
     parser.add_argument("--cpu-bind", default=None, help="cores for the engine, e.g. 0-1")
     parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus /metrics port (0 = free port)")
     parser.add_argument("--no-ray", action="store_true", help="run in this process, no Ray")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join")
     parser.add_argument("--ready-file", type=Path, default=None)
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         WorkerConfig, args.config, host=args.host, port=args.port, router=args.router,
         worker_id=args.worker_id, role=args.role, engine_kind=args.engine_kind,
         cpu_bind=args.cpu_bind, run_dir=args.run_dir, engine=engine or None,
+        metrics_port=args.metrics_port,
     )
     if args.no_ray:
         from kvmesh.services.worker import WorkerServer

@@ -17,6 +17,7 @@ from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.config import WorkerConfig, WorkerRole
 from kvmesh.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.metrics_http import MetricsEndpoint
 from kvmesh.models import EMBEDDED_CHAT_MODEL, LocalModelSource
 from kvmesh.service_main import write_ready_file
 from kvmesh.services.engine_args import (
@@ -68,6 +69,8 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._engine: Any = None
         self._registrations: list[Registration] = []
+        self._metrics: MetricsEndpoint | None = None
+        self.metrics_endpoint = ""
         self.port = 0
         self.worker_id = ""
         self.model = ""
@@ -106,6 +109,8 @@ class WorkerServer:
         if health is not None:
             await set_serving(health, [SERVICE_NAME])
         self._server = server
+        if config.metrics_port is not None:
+            self._start_metrics(config.metrics_port)
         log.info(
             "worker %s serving %s on %s (%s engine ready in %.1fs)",
             self.worker_id, self.model, self.endpoint, config.engine_kind,
@@ -125,14 +130,33 @@ class WorkerServer:
                     nixl_side_channel=nixl_side_channel(config),
                     kv_connector=config.kv_transfer.connector
                     if config.role != WorkerRole.both else "",
+                    metrics_endpoint=self.metrics_endpoint,
                 ),
             )
             registration.start()
             self._registrations.append(registration)
         info = {"worker_id": self.worker_id, "endpoint": self.endpoint, "model": self.model,
-                "role": config.role.value, "nixl_side_channel": nixl_side_channel(config)}
+                "role": config.role.value, "nixl_side_channel": nixl_side_channel(config),
+                "metrics": self.metrics_endpoint}
         write_ready_file(self._ready_file, info)
         return info
+
+    def _start_metrics(self, port: int) -> None:
+        """Serve this process's Prometheus registry: with a vLLM engine, the `vllm:*`
+        metrics its stat logger records in-process (the engine core subprocess sends
+        its stats to this, the frontend, process; with PROMETHEUS_MULTIPROC_DIR set,
+        vLLM's multiprocess registry)."""
+        from prometheus_client import REGISTRY, CollectorRegistry
+
+        registry: CollectorRegistry = REGISTRY
+        if self._engine is not None:
+            from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+            registry = get_prometheus_registry()
+        self._metrics = MetricsEndpoint(self.config.host, port, registry)
+        self._metrics.start()
+        self.metrics_endpoint = (
+            f"{self.config.advertise_host or self.config.host}:{self._metrics.port}")
 
     def _start_vllm(self, server: grpc.aio.Server, model_path: Path) -> tuple[Any, Any]:
         os.environ.update(engine_env(self.config))
@@ -174,3 +198,6 @@ class WorkerServer:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None

@@ -49,18 +49,20 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., block_size: _Optional[int] = ..., nixl_side_channel: _Optional[str] = ..., dp_rank: _Optional[int] = ..., metrics_endpoint: _Optional[str] = ..., max_context_length: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., self_registered: _Optional[bool] = ..., kv_connector: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_usage", "in_flight", "age_s")
+    __slots__ = ("num_running", "num_waiting", "kv_usage", "in_flight", "age_s", "cache_hit_rate")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     AGE_S_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_usage: float
     in_flight: int
     age_s: float
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., in_flight: _Optional[int] = ..., age_s: _Optional[float] = ...) -> None: ...
+    cache_hit_rate: float
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., in_flight: _Optional[int] = ..., age_s: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")

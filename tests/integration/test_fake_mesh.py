@@ -247,6 +247,6 @@ def test_router_metrics(fake_mesh: Mesh, client: openai.OpenAI) -> None:
         for line in text.splitlines() if line and not line.startswith("#")
     }
     assert samples['kvmesh_router_decisions_total{policy="round_robin",reason="round_robin"}'] >= 1
-    assert samples["kvmesh_router_workers"] >= 1
+    assert sum(v for k, v in samples.items() if k.startswith("kvmesh_router_workers{")) >= 1
     assert samples["kvmesh_router_decision_seconds_count{policy=\"round_robin\"}"] >= 1
     assert "kvmesh_router_index_blocks" in samples
