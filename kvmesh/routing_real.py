@@ -34,9 +34,7 @@ from smg_grpc_proto.generated import common_pb2
 
 from kvmesh.bench_stats import ttft_summary
 from kvmesh.procs import spawn_module, terminate, wait_ready_file
-from kvmesh.router.block_hash import namespace_seed, prompt_hash_array
-from kvmesh.router.kv_events import KvEventFollower
-from kvmesh.router.prefix_index import PrefixIndex
+from kvmesh.routing_oracle import oracle_hit_rate
 from kvmesh.routing_workloads import SimRequest
 
 log = logging.getLogger(__name__)
@@ -81,67 +79,15 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str,
             "end": time.perf_counter()}
 
 
-class CacheOracle:
-    """Follows every worker's KV events (the same stream the router reads) into a
-    shadow prefix index. When a request is sent, the longest prefix *any* worker holds
-    is what a router that knew every cache would hit: the oracle hit rate, measured
-    on the real caches under whichever front end is routing."""
-
-    MODEL = "oracle"
-
-    def __init__(self, endpoints: list[str], block_size: int) -> None:
-        self.endpoints = endpoints
-        self.block_size = block_size
-        self.index = PrefixIndex()
-        self.cached_tokens = 0
-        self._tasks: list[asyncio.Task[None]] = []
-        self._channels: list[grpc.aio.Channel] = []
-
-    async def start(self) -> None:
-        for endpoint in self.endpoints:
-            channel = grpc.aio.insecure_channel(endpoint)
-            self._channels.append(channel)
-            follower = KvEventFollower(endpoint, channel, self.index, self.MODEL,
-                                       self.block_size)
-            self._tasks.append(asyncio.create_task(follower.run()))
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for channel in self._channels:
-            await channel.close()
-
-    def observe(self, token_ids: list[int]) -> None:
-        hashes = prompt_hash_array(token_ids, self.block_size, namespace_seed(self.MODEL))
-        best = max(self.index.match(hashes, self.endpoints).values(), default=0)
-        usable = max(len(token_ids) - 1, 0) // self.block_size  # vLLM computes >= 1 token
-        self.cached_tokens += min(best, usable) * self.block_size
-
-
-async def _sent(oracle: CacheOracle, token_ids: list[int], arrival: float) -> None:
-    await asyncio.sleep(arrival)
-    oracle.observe(token_ids)
-
-
 async def _drive(url: str, model: str, prompts: list[tuple[float, str, int]],
-                 timeout_s: float, oracle: CacheOracle | None = None,
-                 token_ids: list[list[int]] | None = None) -> dict[str, Any]:
+                 timeout_s: float) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    if oracle is not None:
-        await oracle.start()
-        await asyncio.sleep(1.0)  # subscribed before the first request
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         start = time.perf_counter()
-        observers = [_sent(oracle, ids, arrival) for ids, (arrival, _, _) in
-                     zip(token_ids or [], prompts, strict=False)] if oracle else []
         results = await asyncio.gather(*[
             _one(client, url, model, text, max_tokens, arrival)
             for arrival, text, max_tokens in prompts
-        ], *observers)
-        results = results[:len(prompts)]
-    if oracle is not None:
-        await oracle.stop()
+        ])
     prompt_tokens = sum(r["prompt"] for r in results)
     wall = max(r["end"] for r in results) - start
     reported = any(r["cached"] for r in results)
@@ -150,8 +96,7 @@ async def _drive(url: str, model: str, prompts: list[tuple[float, str, int]],
         "throughput_tok_s": round(sum(r["completion"] for r in results) / wall, 1),
         "hit_rate": round(sum(r["cached"] for r in results) / prompt_tokens, 4)
         if prompt_tokens and reported else None,
-        "oracle_hit_rate": round(oracle.cached_tokens / prompt_tokens, 4)
-        if oracle is not None and prompt_tokens else None,
+        "oracle_hit_rate": None,
         "requests": len(results),
     }
 
@@ -246,9 +191,10 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompts = [(r.arrival_s, tok.decode(list(r.prompt)), r.output_tokens) for r in workload]
-    # What the engines will see: the text tokenized again.
-    token_ids = [tok(text, add_special_tokens=False)["input_ids"] for _, text, _ in prompts]
-    block_size = int(engine_flags.get("block_size") or 32)
+    # What the engines see is the text tokenized again: replay exactly those ids.
+    oracle = round(oracle_hit_rate(
+        [tok(text, add_special_tokens=False)["input_ids"] for _, text, _ in prompts],
+        int(engine_flags.get("block_size") or 32)), 4)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="kvm-real-") as d:
         bench = RealBench(model_dir, workers, Path(d), smg_binary, engine_flags)
@@ -264,9 +210,8 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
                     model = asyncio.run(bench.wait_ready(url, fronts))
                     asyncio.run(_flush(bench.endpoints))
                     log.info("running %s (%d requests)", policy, len(prompts))
-                    oracle = CacheOracle(bench.endpoints, block_size)
-                    results[policy] = asyncio.run(
-                        _drive(url, model, prompts, timeout_s, oracle, token_ids))
+                    results[policy] = asyncio.run(_drive(url, model, prompts, timeout_s))
+                    results[policy]["oracle_hit_rate"] = oracle
                     log.info("%s: %s", policy, results[policy])
                 finally:
                     for proc in fronts:
