@@ -75,7 +75,7 @@ def bursty(rng: random.Random, n: int, rate: float) -> list[SimRequest]:
     return out
 
 
-def hot_set(rng: random.Random, n: int, rate: float, tenants: int = 32,
+def hot_set(rng: random.Random, n: int, rate: float, tenants: int = 40,
             system_len: int = 768, doc_len: int = 384) -> list[SimRequest]:
     """One system prompt shared by every tenant, then each tenant's own document,
     requested uniformly: the hot set (system + every document) is sized to outgrow one

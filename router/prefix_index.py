@@ -368,5 +368,12 @@ class PrefixIndex:
         view = self._views.get(worker_id)
         return view.table.count - sum(view.extra.values()) if view else 0
 
+    def nbytes(self) -> int:
+        """Bytes held by the index's tables."""
+        tables = [self._keys, self._masks, self._pkeys, self._pmasks, self._pexpiry]
+        for view in self._views.values():
+            tables.extend(view.table.arrays)
+        return sum(t.nbytes for t in tables)
+
     def __len__(self) -> int:
         return self._count
