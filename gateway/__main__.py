@@ -9,7 +9,8 @@ from pathlib import Path
 from kvmesh.config import GatewayConfig, load_settings
 from kvmesh.gateway.server import GatewayServer
 from kvmesh.logs import setup_logging
-from kvmesh.service_main import base_parser, run_until_signalled
+from kvmesh.service_main import base_parser, observability_settings, run_until_signalled
+from kvmesh.tracing import setup_tracing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,11 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--router", default=None, help="router host:port")
     parser.add_argument("--ready-file", type=Path, default=None)
     args = parser.parse_args(argv)
-    setup_logging("gateway", args.log_level)
     config = load_settings(
         GatewayConfig, args.config, host=args.host, port=args.port, grpc_port=args.grpc_port,
-        router=args.router, ready_file=args.ready_file,
+        router=args.router, ready_file=args.ready_file, **observability_settings(args),
     )
+    setup_logging("gateway", args.log_level, config.logging.json_format)
+    setup_tracing(config.tracing, "gateway")
     asyncio.run(run_until_signalled(lambda: GatewayServer(config)))
     return 0
 

@@ -9,6 +9,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from opentelemetry import trace
+
 from kvmesh.config import GatewayConfig
 from kvmesh.gateway.catalog import ModelCatalog, ModelEntry, watch_router
 from kvmesh.gateway.mesh import MeshClient
@@ -23,6 +25,7 @@ from kvmesh.gateway.translate import (
 )
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 
 def new_request_id(prefix: str) -> str:
@@ -99,10 +102,12 @@ class GatewayCore:
             {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
             for m in req.messages
         ]
-        text = await asyncio.to_thread(
-            tokenizer.render_chat, messages, req.add_generation_prompt
-        )
-        ids = await asyncio.to_thread(tokenizer.encode, text, False)
+        with tracer.start_as_current_span("tokenize") as span:
+            text = await asyncio.to_thread(
+                tokenizer.render_chat, messages, req.add_generation_prompt
+            )
+            ids = await asyncio.to_thread(tokenizer.encode, text, False)
+            span.set_attribute("kvmesh.prompt_tokens", len(ids))
         return self._spec(req, entry, ids, text), tokenizer
 
     async def prepare_completion(
@@ -111,7 +116,9 @@ class GatewayCore:
         entry, tokenizer = await self.tokenizer(req.model)
         if isinstance(req.prompt, str):
             text = req.prompt
-            ids = await asyncio.to_thread(tokenizer.encode, text, True)
+            with tracer.start_as_current_span("tokenize") as span:
+                ids = await asyncio.to_thread(tokenizer.encode, text, True)
+                span.set_attribute("kvmesh.prompt_tokens", len(ids))
         else:
             ids = list(req.prompt)
             text = ""

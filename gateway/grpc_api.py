@@ -11,9 +11,12 @@ from pydantic import ValidationError
 from kvmesh.errors import InvalidRequestError, KvmeshError, http_error_for
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.pipeline import Finished, run_generation
+from kvmesh.gateway.request_log import RequestRecord
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from kvmesh.gateway.tokenizers import ModelTokenizer
 from kvmesh.gateway.translate import GenerationSpec, sampling_fields_from_proto
+from kvmesh.logs import request_id_var
+from kvmesh.tracing import current_trace_id
 from kvmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
@@ -39,10 +42,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         started = time.perf_counter()
         endpoint = f"grpc:{method}"
         status = grpc.StatusCode.OK
+        record = RequestRecord(client_id or new_request_id(prefix), started,
+                               trace_id=current_trace_id(), endpoint=endpoint, model=model)
+        request_id_var.set(record.request_id)
         try:
             spec, tokenizer = await prepare()
-            async for item in self._generate(spec, tokenizer, client_id, prefix, stream,
-                                             endpoint, started):
+            async for item in self._generate(spec, tokenizer, record.request_id, prefix,
+                                             stream, endpoint, started, record):
                 yield item
         except KvmeshError as exc:
             status = exc.code
@@ -54,6 +60,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise
         finally:
             metrics.requests.labels(metrics.model_label(model), endpoint, status.name).inc()
+            record.status = status.name
+            record.done()
 
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -99,13 +107,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def _generate(
         self, spec: GenerationSpec, tokenizer: ModelTokenizer, client_id: str, prefix: str,
-        stream: bool, endpoint: str, started: float,
+        stream: bool, endpoint: str, started: float, record: RequestRecord,
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
         rid = client_id or new_request_id(prefix)
         created = int(time.time())
         choices = [inference_pb2.GenerationChoice(index=i) for i in range(spec.n)]
         events = self._core.metrics.observe_generation(
-            run_generation(self._core.mesh, tokenizer, spec, rid), spec.model, endpoint, started)
+            run_generation(self._core.mesh, tokenizer, spec, rid), spec.model, endpoint, started,
+            record)
         async for event in events:
             if isinstance(event, Finished):
                 u = event.usage

@@ -21,6 +21,7 @@ from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.discovery import prometheus_targets
 from kvmesh.gateway.metrics import OTHER, GatewayMetrics
 from kvmesh.gateway.pipeline import ChoiceDelta, Finished, run_generation
+from kvmesh.gateway.request_log import RequestRecord
 from kvmesh.gateway.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -36,6 +37,8 @@ from kvmesh.gateway.schemas import (
     ModelList,
     Usage,
 )
+from kvmesh.logs import request_id_var
+from kvmesh.tracing import current_trace_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,17 +132,24 @@ def create_app(core: GatewayCore) -> FastAPI:
     app.state.metrics = metrics
 
     def count_request(request: Request, status: int) -> None:
+        """Metrics and the access-log line of an API request (not /metrics, /health)."""
         route = request.scope.get("route")
         endpoint = getattr(route, "path", OTHER)
         if endpoint.startswith("/v1/"):
-            model = metrics.model_label(getattr(request.state, "model", None))
-            metrics.requests.labels(model, endpoint, str(status)).inc()
+            model = getattr(request.state, "model", None)
+            metrics.requests.labels(metrics.model_label(model), endpoint, str(status)).inc()
+            record: RequestRecord = request.state.record
+            record.endpoint, record.model, record.status = endpoint, model or "", status
+            record.done()
 
     @app.middleware("http")
     async def request_id_and_limits(request: Request, call_next: Any) -> Any:
         request.state.started = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("req")
         request.state.request_id = request_id
+        request_id_var.set(request_id)
+        request.state.record = RequestRecord(request_id, request.state.started,
+                                             trace_id=current_trace_id())
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > core.config.max_body_bytes:
             body = openai_error_body(
@@ -147,6 +157,9 @@ def create_app(core: GatewayCore) -> FastAPI:
                 f"{core.config.max_body_bytes}", "invalid_request_error", code=413,
             )
             metrics.errors.labels("invalid_request_error").inc()
+            record = request.state.record
+            record.endpoint, record.status = request.url.path, 413
+            record.done()
             return JSONResponse(body, status_code=413, headers={REQUEST_ID_HEADER: request_id})
         response = await call_next(request)
         response.headers[REQUEST_ID_HEADER] = request_id
@@ -219,7 +232,7 @@ def create_app(core: GatewayCore) -> FastAPI:
         created = int(time.time())
         events = metrics.observe_generation(
             run_generation(core.mesh, tokenizer, spec, rid), body.model,
-            "/v1/chat/completions", request.state.started)
+            "/v1/chat/completions", request.state.started, request.state.record)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = await primed(events)
@@ -253,7 +266,7 @@ def create_app(core: GatewayCore) -> FastAPI:
         prefix = (spec.prompt_text or tokenizer.decode(spec.prompt_ids)) if body.echo else ""
         events = metrics.observe_generation(
             run_generation(core.mesh, tokenizer, spec, rid), body.model, "/v1/completions",
-            request.state.started)
+            request.state.started, request.state.record)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = await primed(events)

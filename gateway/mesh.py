@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import numpy as np
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.gateway.pd import PdMetrics, generate_request, handoff, prefill_request
@@ -16,6 +18,7 @@ from kvmesh.grpc_util import insecure_channel
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 #: A request that failed before its first token (worker gone) is routed again.
 MAX_ATTEMPTS = 3
@@ -90,31 +93,58 @@ class MeshClient:
         sees only the decode worker's stream.
         """
         excluded: list[str] = []
+        # Spans are started and ended explicitly: this generator may be resumed from
+        # another task than the one that created it, so nothing is attached across a yield.
+        parent = otel_context.get_current()
         for attempt in range(MAX_ATTEMPTS):
-            decision = await self.route(
-                request_id, model, prompt_ids, sampling.max_tokens, excluded
-            )
+            with tracer.start_as_current_span("route", context=parent) as route_span:
+                decision = await self.route(
+                    request_id, model, prompt_ids, sampling.max_tokens, excluded
+                )
+                route_span.set_attributes({
+                    "kvmesh.worker": decision.worker.worker_id,
+                    "kvmesh.route.reason": decision.reason,
+                    "kvmesh.route.policy": decision.policy,
+                    "kvmesh.route.expected_cached_tokens": decision.expected_cached_tokens,
+                    "kvmesh.attempt": attempt,
+                })
             worker = decision.worker
             log.debug("%s -> %s (%s)", request_id, worker.worker_id, decision.reason)
             call = None
+            disaggregated = decision.mode == router_pb2.RouteDecision.MODE_DISAGGREGATED
+            # Disaggregated: the decode leg starts by pulling the prompt's KV from the
+            # prefill worker (NIXL), so its span runs to the first token through it.
+            span = tracer.start_span(
+                "decode" if disaggregated else "generate", context=parent,
+                attributes={"kvmesh.worker": worker.worker_id,
+                            "kvmesh.prompt_tokens": len(prompt_ids)})
             started = False
             try:
                 handover = None
-                if decision.mode == router_pb2.RouteDecision.MODE_DISAGGREGATED:
+                if disaggregated:
                     self.pd_metrics.requests.labels("disaggregated").inc()
-                    handover = await self._prefill(
-                        request_id, decision.prefill_worker, prompt_ids, prompt_text, sampling)
+                    with tracer.start_as_current_span("prefill", context=parent, attributes={
+                            "kvmesh.worker": decision.prefill_worker.worker_id}) as pspan:
+                        handover = await self._prefill(
+                            request_id, decision.prefill_worker, prompt_ids, prompt_text,
+                            sampling)
+                        pspan.set_attribute("kvmesh.kv_handover", handover is not None)
                 else:
                     self.pd_metrics.requests.labels("aggregated").inc()
-                call = self.worker(worker.endpoint).Generate(
-                    generate_request(request_id, prompt_ids, prompt_text, sampling, handover),
-                    timeout=self._request_timeout_s,
-                )
+                with trace.use_span(span, end_on_exit=False):
+                    call = self.worker(worker.endpoint).Generate(
+                        generate_request(request_id, prompt_ids, prompt_text, sampling,
+                                         handover),
+                        timeout=self._request_timeout_s,
+                    )
                 async for response in call:
+                    if not started:
+                        span.add_event("first_token")
                     started = True
                     yield response
                 return
             except grpc.aio.AioRpcError as exc:
+                span.set_status(trace.StatusCode.ERROR, exc.code().name)
                 retry = (
                     exc.code() == grpc.StatusCode.UNAVAILABLE
                     and not started
@@ -130,6 +160,7 @@ class MeshClient:
                 # (a decode worker also tells the prefill worker to free its blocks).
                 if call is not None:
                     call.cancel()
+                span.end()
                 self._release(request_id, worker.worker_id)
 
     async def _prefill(

@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.process_collector import ProcessCollector
 
 from kvmesh.gateway.pipeline import ChoiceDelta, Finished
+from kvmesh.gateway.request_log import RequestRecord
 
 T = TypeVar("T")
 
@@ -92,14 +93,17 @@ class GatewayMetrics:
 
     async def observe_generation(
         self, events: AsyncIterator[ChoiceDelta | Finished], model: str, endpoint: str,
-        started: float,
+        started: float, record: RequestRecord | None = None,
     ) -> AsyncIterator[ChoiceDelta | Finished]:
-        """Pass a generation's events through, timing tokens and counting usage.
+        """Pass a generation's events through, timing tokens and counting usage (into
+        ``record`` too, whose log line waits for this generation to end).
 
         ``started`` is when the request arrived (``time.perf_counter()``)."""
         label = self.model_label(model)
         last: float | None = None
         self.in_flight.labels(endpoint).inc()
+        if record is not None:
+            record.hold()
         try:
             async with aclosing(events):  # type: ignore[type-var]
                 async for event in events:
@@ -110,18 +114,30 @@ class GatewayMetrics:
                         cached = (usage.prompt_tokens_details or {}).get("cached_tokens", 0)
                         self.cached_prompt_tokens.labels(label).inc(cached)
                         self.e2e.labels(label, endpoint).observe(time.perf_counter() - started)
+                        if record is not None:
+                            record.prompt_tokens = usage.prompt_tokens
+                            record.completion_tokens = usage.completion_tokens
+                            record.cached_tokens = cached
                     elif event.token_ids:
                         now = time.perf_counter()
                         if last is None:
                             self.ttft.labels(label).observe(now - started)
+                            if record is not None:
+                                record.ttft_s = now - started
                         else:
                             per_token = (now - last) / len(event.token_ids)
                             for _ in event.token_ids:
                                 self.itl.labels(label).observe(per_token)
                         last = now
                     yield event
+        except BaseException as exc:
+            if record is not None:
+                record.error = type(exc).__name__
+            raise
         finally:
             self.in_flight.labels(endpoint).dec()
+            if record is not None:
+                record.done()
 
 
 _active: GatewayMetrics | None = None

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from kvmesh.errors import KvmeshError
 from kvmesh.gateway.detokenize import TextAssembler
@@ -12,6 +16,34 @@ from kvmesh.gateway.mesh import MeshClient
 from kvmesh.gateway.schemas import Usage
 from kvmesh.gateway.tokenizers import ModelTokenizer
 from kvmesh.gateway.translate import GenerationSpec, finish_reason, usage
+
+tracer = trace.get_tracer(__name__)
+
+
+@dataclass
+class DetokenizeTiming:
+    """Incremental detokenization is spread over the stream; it becomes one span
+    from its first to its last piece, carrying the time actually spent."""
+
+    first_ns: int = 0
+    last_ns: int = 0
+    busy_ns: int = 0
+    tokens: int = 0
+
+    def add(self, started_ns: int, tokens: int) -> None:
+        now = time.time_ns()
+        self.first_ns = self.first_ns or started_ns
+        self.last_ns = now
+        self.busy_ns += now - started_ns
+        self.tokens += tokens
+
+    def record(self, parent: otel_context.Context) -> None:
+        if not self.first_ns:
+            return
+        span = tracer.start_span("detokenize", context=parent, start_time=self.first_ns,
+                                 attributes={"kvmesh.detokenize.busy_ms": self.busy_ns / 1e6,
+                                             "kvmesh.detokenize.tokens": self.tokens})
+        span.end(end_time=self.last_ns)
 
 
 @dataclass
@@ -36,6 +68,8 @@ async def run_generation(
     done: set[int] = set()
     prompt_tokens = len(spec.prompt_ids)
     cached_tokens = 0
+    parent = otel_context.get_current()
+    detok = DetokenizeTiming()
     stream = mesh.generate(
         request_id, spec.model, spec.prompt_ids, spec.sampling, spec.prompt_text
     )
@@ -48,7 +82,9 @@ async def run_generation(
                 if chunk.index in done:
                     continue
                 assembler = assemblers[chunk.index]
+                t0 = time.time_ns()
                 text = assembler.add(chunk.token_ids)
+                detok.add(t0, len(chunk.token_ids))
                 if assembler.stopped_by is not None:
                     done.add(chunk.index)
                     yield ChoiceDelta(chunk.index, text, list(chunk.token_ids), "stop")
@@ -63,9 +99,12 @@ async def run_generation(
                 done.add(complete.index)
                 assembler = assemblers[complete.index]
                 # A streamed Complete repeats the last delta, already counted above.
+                t0 = time.time_ns()
                 text = assembler.finish()
+                detok.add(t0, 0)
                 reason = "stop" if assembler.stopped_by else finish_reason(complete.finish_reason)
                 yield ChoiceDelta(complete.index, text, [], reason)
+    detok.record(parent)
     if len(done) != spec.n:
         raise KvmeshError(f"worker stream ended with {len(done)} of {spec.n} choices finished")
     completion_tokens = sum(len(a.token_ids) for a in assemblers)

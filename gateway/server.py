@@ -10,6 +10,7 @@ import socket
 import grpc
 import uvicorn
 
+from kvmesh import tracing
 from kvmesh.config import GatewayConfig
 from kvmesh.gateway.core import GatewayCore
 from kvmesh.gateway.grpc_api import InferenceServicer
@@ -51,8 +52,10 @@ class GatewayServer:
         sock.bind((self.config.host, self.config.port))
         self.http_port = sock.getsockname()[1]
         self.core.http_address = f"{self.config.host}:{self.http_port}"
+        app = create_app(self.core)
+        tracing.instrument_fastapi(app)
         http = uvicorn.Server(
-            uvicorn.Config(create_app(self.core), log_level="warning", lifespan="off",
+            uvicorn.Config(app, log_level="warning", lifespan="off",
                            timeout_graceful_shutdown=3)
         )
         http.install_signal_handlers = lambda: None  # type: ignore[method-assign]

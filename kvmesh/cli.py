@@ -11,6 +11,7 @@ from typing import Any
 
 from kvmesh.config import MeshConfig, load_settings
 from kvmesh.logs import setup_logging
+from kvmesh.service_main import add_observability_flags, observability_settings
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -23,6 +24,7 @@ def _up(args: argparse.Namespace) -> int:
         router=_set(policy=args.policy),
         gateway=_set(port=args.port, grpc_port=args.grpc_port),
         worker=_set(engine=engine, engine_kind=args.engine_kind),
+        **observability_settings(args),
     )
     # Flags merge into the file's sections key by key (pydantic-settings deep-merges).
     config = load_settings(MeshConfig, args.config, **overrides)
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-file", type=Path, default=None,
                     help="write addresses and PIDs here as JSON once up")
     up.add_argument("--verbose", action="store_true", help="show worker logs")
+    add_observability_flags(up)
     up.set_defaults(func=_up)
 
     bench = sub.add_parser("bench", help="benchmarks (print ratios measured in one run)")

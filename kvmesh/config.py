@@ -64,6 +64,33 @@ class _Settings(BaseSettings):
         return (init_settings, env_settings, _FileSource(settings_cls))
 
 
+class TracingConfig(BaseModel):
+    """OpenTelemetry tracing (every service has one; `kvmesh up --trace` sets all)."""
+
+    model_config = {"extra": "forbid"}
+
+    exporter: Literal["none", "otlp", "console"] = Field(
+        "none", description="Where spans go: none (tracing off), otlp (OTLP/gRPC to "
+        "otlp_endpoint) or console (stdout, for debugging).")
+    otlp_endpoint: str = Field(
+        "http://127.0.0.1:4317", description="OTLP/gRPC collector (e.g. the OpenTelemetry "
+        "Collector, Jaeger, Tempo).")
+    otlp_insecure: bool = Field(True, description="Plaintext gRPC to the collector.")
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Fraction of new traces sampled; a request arriving "
+        "with a sampled traceparent is always traced.")
+
+
+class LoggingConfig(BaseModel):
+    """Log format of a service."""
+
+    model_config = {"extra": "forbid"}
+
+    json_format: bool = Field(
+        False, description="One JSON object per line (with request_id and trace_id) "
+        "instead of plain text.")
+
+
 class RouterConfig(_Settings):
     """The router service."""
 
@@ -106,6 +133,8 @@ class RouterConfig(_Settings):
     metrics_port: int | None = Field(
         9400, ge=0, le=65535,
         description="Prometheus /metrics port (0 picks a free one; None turns it off).")
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> RouterConfig:
@@ -236,6 +265,8 @@ class WorkerConfig(_Settings):
         0, ge=0, le=65535,
         description="Prometheus /metrics port serving vLLM's own `vllm:*` metrics (0 picks "
         "a free one; None turns it off). Registered with the router for discovery.")
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
 
 class GatewayConfig(_Settings):
@@ -265,6 +296,8 @@ class GatewayConfig(_Settings):
     ready_file: Path | None = Field(
         None, description="Write {'http': url, 'grpc': addr} here once serving."
     )
+    tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
 
 class MeshConfig(_Settings):
@@ -284,6 +317,11 @@ class MeshConfig(_Settings):
     startup_timeout_s: float = Field(
         600.0, gt=0, description="How long to wait for every service to come up."
     )
+    tracing: TracingConfig | None = Field(
+        None, description="When set, every service (router, workers, gateway) traces with "
+        "these settings, overriding their own.")
+    logging: LoggingConfig | None = Field(
+        None, description="When set, every service logs with these settings.")
 
 
 S = TypeVar("S", bound=BaseSettings)

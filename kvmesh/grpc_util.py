@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvmesh import tracing
 from kvmesh.errors import KvmeshError
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,10 @@ async def _abort(context: grpc.aio.ServicerContext, exc: KvmeshError) -> None:
 
 
 def create_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """A grpc.aio server: tracing (when on) outermost, then the error map."""
     return grpc.aio.server(
-        interceptors=[ErrorInterceptor(), *interceptors], options=SERVER_OPTIONS
+        interceptors=[*tracing.server_interceptors(), ErrorInterceptor(), *interceptors],
+        options=SERVER_OPTIONS,
     )
 
 
@@ -116,7 +119,9 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    """A client channel; with tracing on, request-path calls carry ``traceparent``."""
+    return grpc.aio.insecure_channel(
+        target, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors() or None)
 
 
 async def wait_serving(target: str, timeout_s: float, service: str = "") -> None:

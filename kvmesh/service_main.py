@@ -17,7 +17,30 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--host", default=None, help="address to bind")
     parser.add_argument("--port", type=int, default=None, help="port to bind (0 = free port)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING")
+    add_observability_flags(parser)
     return parser
+
+
+def add_observability_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", default=None, choices=["none", "otlp", "console"],
+                        help="OpenTelemetry tracing: span exporter (default none: off)")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="OTLP/gRPC collector for --trace otlp (default "
+                        "http://127.0.0.1:4317)")
+    parser.add_argument("--log-json", action="store_true", default=None,
+                        help="JSON log lines (with request_id and trace_id)")
+
+
+def observability_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The tracing/logging sections the flags set (absent keys: not overridden)."""
+    tracing = {k: v for k, v in {"exporter": args.trace,
+                                 "otlp_endpoint": args.otlp_endpoint}.items() if v is not None}
+    settings: dict[str, Any] = {}
+    if tracing:
+        settings["tracing"] = tracing
+    if args.log_json:
+        settings["logging"] = {"json_format": True}
+    return settings
 
 
 class Service(Protocol):
@@ -39,6 +62,9 @@ async def run_until_signalled(factory: Callable[[], Service]) -> None:
         await stopped.wait()
     finally:
         await service.stop()
+        from kvmesh.tracing import shutdown_tracing
+
+        shutdown_tracing()  # flush the last spans
 
 
 def write_ready_file(path: Path | None, payload: dict[str, Any]) -> None:

@@ -21,6 +21,19 @@ from kvmesh.service_main import write_ready_file
 log = logging.getLogger(__name__)
 
 
+def with_mesh_observability(config: MeshConfig) -> MeshConfig:
+    """The mesh-wide tracing/logging settings, copied into every service's config."""
+    shared = {k: v for k, v in (("tracing", config.tracing), ("logging", config.logging))
+              if v is not None}
+    if not shared:
+        return config
+    return config.model_copy(update={
+        "router": config.router.model_copy(update=shared),
+        "gateway": config.gateway.model_copy(update=shared),
+        "worker": config.worker.model_copy(update=shared),
+    })
+
+
 def worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[Any]:
     """One WorkerConfig per worker: disjoint CPU cores, shared template otherwise."""
     from kvmesh.services.engine_args import cpu_binding
@@ -54,7 +67,7 @@ class LocalMesh:
 
     async def start(self) -> dict[str, Any]:
         started = time.monotonic()
-        cfg = self.config
+        cfg = with_mesh_observability(self.config)
         model_path = await asyncio.to_thread(LocalModelSource().resolve, cfg.worker.engine.model)
         log.info("model ready at %s", model_path)
 

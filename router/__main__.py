@@ -9,7 +9,8 @@ from pathlib import Path
 from kvmesh.config import RouterConfig, load_settings
 from kvmesh.logs import setup_logging
 from kvmesh.router.server import RouterServer
-from kvmesh.service_main import base_parser, run_until_signalled
+from kvmesh.service_main import base_parser, observability_settings, run_until_signalled
+from kvmesh.tracing import setup_tracing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,12 +28,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="Prometheus /metrics port (0 = free port)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write the address here")
     args = parser.parse_args(argv)
-    setup_logging("router", args.log_level)
     config = load_settings(
         RouterConfig, args.config, host=args.host, port=args.port, policy=args.policy,
         static_workers=args.static_workers, metrics_port=args.metrics_port,
         disaggregation=args.disaggregation,
+        **observability_settings(args),
     )
+    setup_logging("router", args.log_level, config.logging.json_format)
+    setup_tracing(config.tracing, "router")
     asyncio.run(run_until_signalled(lambda: RouterServer(config, ready_file=args.ready_file)))
     return 0
 

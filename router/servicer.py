@@ -12,11 +12,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from opentelemetry import trace
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
 from kvmesh.config import RouterConfig
 from kvmesh.errors import InvalidRequestError, ModelNotFoundError
 from kvmesh.grpc_util import insecure_channel
+from kvmesh.logs import request_id_var
 from kvmesh.router import snapshot, worker_probe
 from kvmesh.router.cost_model import CostParams
 from kvmesh.router.kv_events import KvEventFollower
@@ -28,6 +30,7 @@ from kvmesh.router.registry import WorkerRegistry, WorkerState
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 _ROLE_TO_NAME = {
     common_pb2.WORKER_ROLE_UNSPECIFIED: "both",
@@ -295,6 +298,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteDecision:
+        request_id_var.set(request.request_id)  # this RPC's task: its log lines carry it
         if request.model not in self.registry.models():
             raise ModelNotFoundError(f"the model `{request.model}` does not exist", param="model")
         ctx = RouteContext(
@@ -310,8 +314,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             request.model, request.adapter, exclude, roles=("prefill",))
         decode = [w for w in workers if w.role == "decode"]
         started = time.perf_counter()
-        choice = decide(self.policy, ctx, workers, prefill, decode,
-                        self._config.disaggregation, self.cost_params, self._rng)
+        with tracer.start_as_current_span("decide") as span:
+            choice = decide(self.policy, ctx, workers, prefill, decode,
+                            self._config.disaggregation, self.cost_params, self._rng)
+            span.set_attributes({
+                "kvmesh.route.policy": self.policy.name,
+                "kvmesh.route.reason": choice.reason,
+                "kvmesh.worker": choice.worker.worker_id,
+                "kvmesh.route.expected_cached_tokens": choice.expected_cached_tokens,
+                "kvmesh.route.candidates": len(workers),
+                "kvmesh.route.disaggregated": choice.prefill_worker is not None,
+            })
         self.metrics.decision_seconds.labels(self.policy.name).observe(
             time.perf_counter() - started)
         self.metrics.decisions.labels(self.policy.name, choice.reason).inc()

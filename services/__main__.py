@@ -10,7 +10,12 @@ from typing import Any
 
 from kvmesh.config import WorkerConfig, load_settings
 from kvmesh.logs import setup_logging
-from kvmesh.service_main import base_parser, run_until_signalled, write_ready_file
+from kvmesh.service_main import (
+    base_parser,
+    observability_settings,
+    run_until_signalled,
+    write_ready_file,
+)
 
 log = logging.getLogger("kvmesh.services")
 
@@ -35,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join")
     parser.add_argument("--ready-file", type=Path, default=None)
     args = parser.parse_args(argv)
-    setup_logging("worker", args.log_level)
 
     engine: dict[str, Any] = {
         k: v
@@ -53,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         WorkerConfig, args.config, host=args.host, port=args.port, router=args.router,
         worker_id=args.worker_id, role=args.role, engine_kind=args.engine_kind,
         cpu_bind=args.cpu_bind, run_dir=args.run_dir, engine=engine or None,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, **observability_settings(args),
     )
+    setup_logging("worker", args.log_level, config.logging.json_format)
     if args.no_ray:
         from kvmesh.services.worker import WorkerServer
+        from kvmesh.tracing import setup_tracing
 
+        setup_tracing(config.tracing, "worker")
         asyncio.run(run_until_signalled(lambda: WorkerServer(config, args.ready_file)))
         return 0
 

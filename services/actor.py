@@ -41,9 +41,11 @@ class WorkerActor:
 
     def __init__(self, config_json: str) -> None:
         from kvmesh.logs import setup_logging
+        from kvmesh.tracing import setup_tracing
 
-        setup_logging("worker")
         self._config = WorkerConfig.model_validate_json(config_json)
+        setup_logging("worker", json_format=self._config.logging.json_format)
+        setup_tracing(self._config.tracing, "worker")
         self._worker: Any = None
 
     async def start(self) -> dict[str, Any]:
@@ -55,9 +57,12 @@ class WorkerActor:
         return info
 
     async def stop(self) -> bool:
+        from kvmesh.tracing import shutdown_tracing
+
         if self._worker is not None:
             await self._worker.stop()
             self._worker = None
+        shutdown_tracing()
         return True
 
 

@@ -1,0 +1,133 @@
+"""One request through a traced mesh (real processes, fake engines) yields one trace
+with spans from the gateway, the router and the worker, joined by W3C traceparent."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvmesh.procs import spawn_module, terminate, wait_ready_file
+from tests.otlp_collector import OtlpCollector, ReceivedSpan
+
+from .conftest import Mesh, _wait_healthy, start_router
+
+pytestmark = pytest.mark.integration
+MODEL = "SmolLM2-135M-Instruct"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "trace me"}], "max_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def traced_mesh(model_dir: Path) -> Iterator[tuple[Mesh, OtlpCollector]]:
+    collector = OtlpCollector().start()
+    trace_flags = ["--trace", "otlp", "--otlp-endpoint", collector.endpoint, "--log-json"]
+    saved = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export every 100 ms (tests only)
+    with tempfile.TemporaryDirectory(prefix="kvm-tr-") as d:
+        mesh = Mesh(Path(d))
+        try:
+            mesh.router = start_router(mesh, "router", *trace_flags)
+            mesh.workers = [mesh.start_worker("w0", *trace_flags)]
+            ready = mesh.dir / "gateway.ready"
+            mesh.procs["gateway"] = spawn_module(
+                "kvmesh.gateway",
+                ["--router", mesh.router, "--port", "0", "--grpc-port", "0",
+                 "--ready-file", str(ready), *trace_flags],
+                mesh.dir / "gateway.log",
+            )
+            gateway = wait_ready_file(ready, 60, mesh.procs["gateway"], "gateway")
+            mesh.http, mesh.grpc = gateway["http"], gateway["grpc"]
+            _wait_healthy(mesh.http)
+            yield mesh, collector
+        except BaseException:
+            print(mesh.logs())
+            raise
+        finally:
+            for proc in mesh.procs.values():
+                terminate(proc)
+            collector.stop()
+            if saved is None:
+                os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
+            else:
+                os.environ["OTEL_BSP_SCHEDULE_DELAY"] = saved
+
+
+def _wait_for_trace(collector: OtlpCollector, trace_id: str,
+                    services: set[str]) -> list[ReceivedSpan]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        spans = collector.trace(trace_id)
+        if services <= {s.service for s in spans} and any(
+                s.name == "detokenize" for s in spans):
+            return spans
+        time.sleep(0.1)
+    return collector.trace(trace_id)
+
+
+def test_one_request_one_connected_trace(traced_mesh: tuple[Mesh, OtlpCollector]) -> None:
+    mesh, collector = traced_mesh
+    # The client's own trace context is honoured (as when Envoy or an app starts it).
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    reply = httpx.post(mesh.http + "/chat/completions", json=BODY, timeout=30, headers={
+        "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    assert reply.status_code == 200
+    spans = _wait_for_trace(collector, trace_id,
+                            {"kvmesh-gateway", "kvmesh-router", "kvmesh-worker"})
+    by_name = {(s.service, s.name): s for s in spans}
+
+    names = set(by_name)
+    for expected in [
+        ("kvmesh-gateway", "POST /v1/chat/completions"),
+        ("kvmesh-gateway", "tokenize"),
+        ("kvmesh-gateway", "route"),
+        ("kvmesh-gateway", "/kvmesh.v1.Router/Route"),
+        ("kvmesh-router", "/kvmesh.v1.Router/Route"),
+        ("kvmesh-router", "decide"),
+        ("kvmesh-gateway", "generate"),
+        ("kvmesh-gateway", "/vllm.grpc.engine.VllmEngine/Generate"),
+        ("kvmesh-worker", "/vllm.grpc.engine.VllmEngine/Generate"),
+        ("kvmesh-gateway", "detokenize"),
+    ]:
+        assert expected in names, sorted(names)
+    # Parent links cross the process boundaries: gateway client span -> server span.
+    ids = {s.span_id: s for s in spans}
+    worker = by_name[("kvmesh-worker", "/vllm.grpc.engine.VllmEngine/Generate")]
+    client = ids[worker.parent_span_id]
+    assert (client.service, client.name) == ("kvmesh-gateway",
+                                             "/vllm.grpc.engine.VllmEngine/Generate")
+    assert ids[client.parent_span_id].name == "generate"
+    decide = by_name[("kvmesh-router", "decide")]
+    assert decide.attributes["kvmesh.worker"] == "w0"
+    assert ids[ids[decide.parent_span_id].parent_span_id].service == "kvmesh-gateway"
+    # Only the request path is traced: no heartbeat, probe or KV-event spans.
+    assert not [s for s in collector.spans if "Heartbeat" in s.name or "GetLoads" in s.name
+                or "SubscribeKvEvents" in s.name]
+
+
+def test_json_logs_carry_request_and_trace_ids(traced_mesh: tuple[Mesh, OtlpCollector]) -> None:
+    mesh, _ = traced_mesh
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    reply = httpx.post(mesh.http + "/chat/completions", json=BODY, timeout=30, headers={
+        "traceparent": f"00-{trace_id}-b7ad6b7169203331-01", "x-request-id": "req-log-1"})
+    assert reply.status_code == 200
+    deadline = time.monotonic() + 10
+    line: dict = {}
+    while time.monotonic() < deadline and not line:
+        for text in (mesh.dir / "gateway.log").read_text().splitlines():
+            if text.startswith("{") and '"req-log-1"' in text:
+                entry = json.loads(text)
+                if entry.get("message", "").startswith("request done"):
+                    line = entry
+        time.sleep(0.1)
+    assert line, (mesh.dir / "gateway.log").read_text()[-3000:]
+    assert line["level"] == "INFO" and line["service"] == "gateway"
+    assert line["request_id"] == "req-log-1" and line["trace_id"] == trace_id
+    assert line["status"] == 200 and line["endpoint"] == "/v1/chat/completions"
+    assert line["model"] == MODEL and line["completion_tokens"] == 3
+    assert line["prompt_tokens"] > 0 and line["latency_s"] > 0 and line["ttft_s"] > 0
