@@ -7,6 +7,7 @@ import httpx
 import openai
 import pytest
 
+from tests.grafana import exported_names, expressions, load_dashboard, metric_names
 from tests.prom import Scrape
 
 from .conftest import MODEL, UpProcess
@@ -82,3 +83,13 @@ def test_router_metrics_have_real_values(scrapes: dict[str, list[Scrape]]) -> No
     assert _total(router, "kvmesh_router_index_blocks") > 0
     assert _total(router, "kvmesh_router_workers", state="ready") == 2
     assert _total(router, "kvmesh_router_worker_cache_hit_rate") > 0
+
+
+def test_dashboard_queries_resolve_against_the_scrape(
+        scrapes: dict[str, list[Scrape]]) -> None:
+    """Every metric every Grafana panel queries is exported by the live mesh."""
+    exported = set().union(*(exported_names(s.text) for group in scrapes.values()
+                             for s in group))
+    for expr in expressions(load_dashboard()):
+        missing = metric_names(expr) - exported
+        assert not missing, f"{expr}: {sorted(missing)} not exported"
