@@ -235,7 +235,12 @@ def create_app(core: GatewayCore) -> FastAPI:
             "/v1/chat/completions", request.state.started, request.state.record)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = await primed(events)
+            # Until the first token, nothing is written that would notice a client
+            # gone mid-prefill: watch for the disconnect meanwhile.
+            primed_events = await cancel_on_disconnect(request, primed(events))
+            if primed_events is None:
+                return None
+            events = primed_events
             return StreamingResponse(
                 _chat_stream(events, rid, created, body.model, spec.n, include_usage, metrics),
                 media_type="text/event-stream",
@@ -269,7 +274,12 @@ def create_app(core: GatewayCore) -> FastAPI:
             request.state.started, request.state.record)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = await primed(events)
+            # Until the first token, nothing is written that would notice a client
+            # gone mid-prefill: watch for the disconnect meanwhile.
+            primed_events = await cancel_on_disconnect(request, primed(events))
+            if primed_events is None:
+                return None
+            events = primed_events
             return StreamingResponse(
                 _completion_stream(events, rid, created, body.model, prefix, include_usage,
                                    metrics),

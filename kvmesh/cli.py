@@ -19,9 +19,14 @@ def _up(args: argparse.Namespace) -> int:
 
     engine = _set(model=args.model, enforce_eager=args.enforce_eager or None,
                   block_size=args.block_size)
+    workers = args.workers
+    if workers is None and (args.prefill or args.decode):
+        workers = 0  # `--prefill N --decode M` alone: a pure P/D deployment
     overrides = _set(
-        workers=args.workers,
-        router=_set(policy=args.policy),
+        workers=workers,
+        prefill=args.prefill,
+        decode=args.decode,
+        router=_set(policy=args.policy, disaggregation=args.disaggregation),
         gateway=_set(port=args.port, grpc_port=args.grpc_port),
         worker=_set(engine=engine, engine_kind=args.engine_kind),
         **observability_settings(args),
@@ -118,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run router + workers + gateway on this machine")
     up.add_argument("--workers", type=int, default=None, help="number of workers (default 1)")
+    up.add_argument("--prefill", type=int, default=None,
+                    help="prefill workers (P pool; with --decode; no both-workers unless "
+                    "--workers is given)")
+    up.add_argument("--decode", type=int, default=None, help="decode workers (D pool)")
+    up.add_argument("--disaggregation", default=None, choices=["auto", "always", "never"],
+                    help="when the router splits prefill and decode (default auto)")
     up.add_argument("--port", type=int, default=None, help="OpenAI HTTP port (default 8000)")
     up.add_argument("--grpc-port", type=int, default=None, help="Inference gRPC port")
     up.add_argument("--policy", default=None,

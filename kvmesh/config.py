@@ -300,16 +300,36 @@ class GatewayConfig(_Settings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
 
+def role_engine(base: EngineConfig, override: EngineConfig | None) -> EngineConfig:
+    """``base`` with the fields ``override`` sets explicitly."""
+    if override is None:
+        return base
+    return base.model_copy(
+        update={name: getattr(override, name) for name in override.model_fields_set})
+
+
 class MeshConfig(_Settings):
     """`kvmesh up`: a whole local mesh."""
 
     model_config = SettingsConfigDict(env_prefix="KVMESH_", env_nested_delimiter="__")
 
-    workers: int = Field(1, ge=1, le=64, description="Number of aggregated workers.")
+    workers: int = Field(1, ge=0, le=64, description="Number of aggregated (both) workers.")
+    prefill: int = Field(0, ge=0, le=64, description="Number of prefill workers (P pool).")
+    decode: int = Field(0, ge=0, le=64, description="Number of decode workers (D pool).")
     router: RouterConfig = Field(default_factory=RouterConfig, description="Router settings.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Gateway settings.")
     worker: WorkerConfig = Field(
         default_factory=WorkerConfig, description="Template for every worker."
+    )
+    prefill_engine: EngineConfig | None = Field(
+        None,
+        description="Engine settings of prefill workers; the fields given override "
+        "worker.engine (e.g. a larger max_num_batched_tokens), the rest inherit it.",
+    )
+    decode_engine: EngineConfig | None = Field(
+        None,
+        description="Engine settings of decode workers; the fields given override "
+        "worker.engine (e.g. more max_num_seqs), the rest inherit it.",
     )
     ray_address: str | None = Field(
         None, description="Existing Ray cluster to join; None starts a local one."
@@ -322,6 +342,24 @@ class MeshConfig(_Settings):
         "these settings, overriding their own.")
     logging: LoggingConfig | None = Field(
         None, description="When set, every service logs with these settings.")
+
+    @model_validator(mode="after")
+    def _some_worker(self) -> MeshConfig:
+        if self.workers + self.prefill + self.decode < 1:
+            raise ValueError("the mesh needs at least one worker")
+        if (self.prefill == 0) != (self.decode == 0):
+            raise ValueError("prefill and decode workers come together (both or neither)")
+        return self
+
+    def worker_roles(self) -> list[tuple[WorkerRole, EngineConfig]]:
+        """Every worker's role and engine settings, both-workers first."""
+        return (
+            [(WorkerRole.both, self.worker.engine)] * self.workers
+            + [(WorkerRole.prefill, role_engine(self.worker.engine, self.prefill_engine))]
+            * self.prefill
+            + [(WorkerRole.decode, role_engine(self.worker.engine, self.decode_engine))]
+            * self.decode
+        )
 
 
 S = TypeVar("S", bound=BaseSettings)

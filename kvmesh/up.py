@@ -35,21 +35,25 @@ def with_mesh_observability(config: MeshConfig) -> MeshConfig:
 
 
 def worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[Any]:
-    """One WorkerConfig per worker: disjoint CPU cores, shared template otherwise."""
+    """One WorkerConfig per worker (both, then prefill, then decode workers): disjoint
+    CPU cores, the role's engine settings, the shared template otherwise."""
     from kvmesh.services.engine_args import cpu_binding
 
+    roles = config.worker_roles()
     ncpus = os.cpu_count() or 1
-    share = ncpus / config.workers  # fractional Ray CPUs when workers outnumber cores
+    share = ncpus / len(roles)  # fractional Ray CPUs when workers outnumber cores
     configs = []
-    for i in range(config.workers):
+    for i, (role, engine) in enumerate(roles):
         update: dict[str, Any] = {
             "router": router,
             "run_dir": run_dir,
             "worker_id": config.worker.worker_id and f"{config.worker.worker_id}-{i}",
             "num_cpus": min(config.worker.num_cpus, share),
+            "role": role,
+            "engine": engine,
         }
         if config.worker.cpu_bind is None:
-            update["cpu_bind"] = cpu_binding(i, config.workers, ncpus)
+            update["cpu_bind"] = cpu_binding(i, len(roles), ncpus)
         configs.append(config.worker.model_copy(update=update))
     return configs
 

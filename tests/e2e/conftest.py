@@ -32,14 +32,15 @@ def free_port() -> int:
 class UpProcess:
     """A `kvmesh up` process and what it reported."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, topology: tuple[str, ...] = ("--workers", "2")) -> None:
         self.workdir = workdir
         self.state_file = workdir / "up.json"
         self.log = workdir / "up.log"
         self.proc = spawn_module(
             "kvmesh.cli",
-            # Two workers: what `kvmesh up --workers 2` must do on a 2-core machine.
-            ["up", "--workers", "2", "--port", "0", *ENGINE_FLAGS,
+            # Two workers (by default): what `kvmesh up --workers 2` must do on a
+            # 2-core machine.
+            ["up", *topology, "--port", "0", *ENGINE_FLAGS,
              "--state-file", str(self.state_file)],
             self.log,
         )

@@ -69,3 +69,32 @@ def test_every_field_is_described(cls: type[BaseModel]) -> None:
     for model in _models(cls):
         missing = [n for n, f in model.model_fields.items() if not f.description]
         assert not missing, f"{model.__name__}: {missing}"
+
+
+def test_pd_mesh_roles_and_per_role_engines(tmp_path: Path) -> None:
+    from kvmesh.up import worker_configs
+
+    f = tmp_path / "pd.yaml"
+    f.write_text(
+        "workers: 1\nprefill: 2\ndecode: 1\n"
+        "worker:\n  engine:\n    block_size: 32\n    max_num_seqs: 16\n"
+        "prefill_engine:\n  max_num_seqs: 2\n"
+        "decode_engine:\n  max_model_len: 2048\n"
+    )
+    config = load_settings(MeshConfig, f)
+    configs = worker_configs(config, "127.0.0.1:1", tmp_path)
+    assert [c.role.value for c in configs] == ["both", "prefill", "prefill", "decode"]
+    both, p1, _, d = configs
+    assert (both.engine.max_num_seqs, both.engine.block_size) == (16, 32)
+    # Per-role settings override only what they name; the rest comes from worker.engine.
+    assert (p1.engine.max_num_seqs, p1.engine.block_size) == (2, 32)
+    assert (d.engine.max_num_seqs, d.engine.max_model_len, d.engine.block_size) == (16, 2048, 32)
+    assert both.engine.max_model_len == 4096
+
+
+def test_pd_mesh_needs_both_pools() -> None:
+    with pytest.raises(ValidationError, match="both or neither"):
+        MeshConfig(workers=0, prefill=1)
+    with pytest.raises(ValidationError, match="at least one worker"):
+        MeshConfig(workers=0)
+    assert len(MeshConfig(workers=0, prefill=1, decode=1).worker_roles()) == 2
