@@ -135,9 +135,10 @@ def _wait_idle(up: UpProcess, within_s: float = 15.0) -> None:
 
 def _prompts(tokenizer) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
     def chat(system: str, user: str) -> list[int]:
-        return list(tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            add_generation_prompt=True, tokenize=True))
+            add_generation_prompt=True, tokenize=False)
+        return list(tokenizer.encode(text, add_special_tokens=False))
 
     near_limit = tokenizer.encode(" ".join(f"entry {i} reads fair." for i in range(2000)))
     return {
@@ -156,7 +157,7 @@ def test_pd_output_equals_aggregated_and_kv_came_over_nixl(pd: UpProcess, tokeni
     client = openai.OpenAI(base_url=pd.state["http"], api_key="x", max_retries=0)
     before = _metrics(decode["metrics"])
     for name, ids in prompts.items():
-        expected = tokenizer.decode(_reference(pd, ids))
+        expected = tokenizer.decode(_reference(pd, ids), skip_special_tokens=True)
         whole = client.completions.create(model=MODEL, prompt=ids, max_tokens=MAX_TOKENS,
                                           temperature=0)
         assert whole.choices[0].text == expected, name
@@ -167,15 +168,20 @@ def test_pd_output_equals_aggregated_and_kv_came_over_nixl(pd: UpProcess, tokeni
             if c.choices)
         assert streamed == expected, name
     after = _metrics(decode["metrics"])
-    # The decode worker loaded the prompts' KV from the prefill worker: twice per prompt
-    # (streamed and not), every full block but the one it recomputes for the first token.
-    external = after["vllm:prompt_tokens_by_source_total:external_kv_transfer"] \
-        - before.get("vllm:prompt_tokens_by_source_total:external_kv_transfer", 0.0)
-    local = after["vllm:prompt_tokens_by_source_total:local_compute"] \
-        - before.get("vllm:prompt_tokens_by_source_total:local_compute", 0.0)
-    total = sum(len(ids) for ids in prompts.values()) * 2
-    assert external >= 0.9 * total - 2 * len(prompts) * 32, (external, local, total)
-    assert local <= 2 * len(prompts) * 32, (external, local, total)
+
+    def delta(source: str) -> float:
+        key = f"vllm:prompt_tokens_by_source_total:{source}"
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # The decode worker computed (almost) none of the prompts: what it had not seen it
+    # loaded from the prefill worker; repeats and the shared system prompt then hit
+    # its own cache. At most the sub-block tail of each request is computed locally.
+    slack = 2 * len(prompts) * 32
+    total = 2 * sum(len(ids) for ids in prompts.values())
+    fresh = len(prompts["shared_a"]) + len(prompts["near_limit"])
+    assert delta("local_compute") <= slack, (delta("local_compute"), total)
+    assert delta("external_kv_transfer") >= fresh - slack, (delta("external_kv_transfer"), fresh)
+    assert delta("external_kv_transfer") + delta("local_cache_hit") >= total - slack
     assert after.get("vllm:nixl_bytes_transferred_sum", 0) > \
         before.get("vllm:nixl_bytes_transferred_sum", 0)
     router_reasons = httpx.get(
@@ -196,7 +202,7 @@ def test_cancel_mid_prefill_frees_both_workers(pd: UpProcess, tokenizer) -> None
 
 def test_cancel_mid_decode_frees_both_workers(pd: UpProcess, tokenizer) -> None:  # type: ignore[no-untyped-def]
     _wait_idle(pd)
-    ids = tokenizer.encode(" ".join(f"decoded item {i} is green." for i in range(200)))
+    ids = tokenizer.encode(" ".join(f"decoded item {i} is green." for i in range(100)))
     client = openai.OpenAI(base_url=pd.state["http"], api_key="x", max_retries=0)
     stream = client.completions.create(model=MODEL, prompt=ids, max_tokens=500,
                                        temperature=0, stream=True, extra_body={"ignore_eos": True})
