@@ -32,7 +32,8 @@ def free_port() -> int:
 class UpProcess:
     """A `kvmesh up` process and what it reported."""
 
-    def __init__(self, workdir: Path, topology: tuple[str, ...] = ("--workers", "2")) -> None:
+    def __init__(self, workdir: Path, topology: tuple[str, ...] = ("--workers", "2"),
+                 extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.state_file = workdir / "up.json"
         self.log = workdir / "up.log"
@@ -41,8 +42,8 @@ class UpProcess:
             # Two workers (by default): what `kvmesh up --workers 2` must do on a
             # 2-core machine.
             ["up", *topology, "--port", "0", *ENGINE_FLAGS,
-             "--state-file", str(self.state_file)],
-            self.log,
+             "--state-file", str(self.state_file), *extra],
+            self.log, env=env,
         )
         try:
             self.state: dict[str, Any] = wait_ready_file(
