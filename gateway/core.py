@@ -12,11 +12,17 @@ from pathlib import Path
 from opentelemetry import trace
 
 from kvmesh.config import GatewayConfig
+from kvmesh.errors import InvalidRequestError
+from kvmesh.gateway.admission import Admission
 from kvmesh.gateway.catalog import ModelCatalog, ModelEntry, watch_router
+from kvmesh.gateway.chat import ChatPlan
 from kvmesh.gateway.mesh import MeshClient
 from kvmesh.gateway.metrics import GatewayMetrics, activate
+from kvmesh.gateway.parsers import load_parsers
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from kvmesh.gateway.structured import Constraint, single_constraint
 from kvmesh.gateway.tokenizers import ModelTokenizer, TokenizerStore
+from kvmesh.gateway.tools import template_message, template_tools, tool_constraint, tool_mode
 from kvmesh.gateway.translate import (
     GenerationSpec,
     requested_max_tokens,
@@ -43,6 +49,10 @@ class GatewayCore:
         activate(self.metrics)
         self.tokenizers = TokenizerStore(
             cache_dir or Path(tempfile.gettempdir()) / "kvmesh-tokenizers"
+        )
+        self.admission = Admission(
+            config.api_keys, config.max_concurrent_requests, config.max_streams_per_key,
+            config.retry_after_s,
         )
         self._watch: asyncio.Task[None] | None = None
         #: host:port of the HTTP API once bound (the gateway's own /metrics target).
@@ -76,7 +86,15 @@ class GatewayCore:
         entry: ModelEntry,
         prompt_ids: list[int],
         prompt_text: str,
+        constraint: Constraint | None,
     ) -> GenerationSpec:
+        limit = self.config.max_prompt_tokens
+        if limit is not None and len(prompt_ids) > limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_ids)} tokens; this server accepts at most "
+                f"{limit}", param="messages" if isinstance(req, ChatCompletionRequest)
+                else "prompt",
+            )
         max_tokens = resolve_max_tokens(
             requested_max_tokens(req),
             len(prompt_ids),
@@ -86,40 +104,59 @@ class GatewayCore:
         return GenerationSpec(
             model=req.model,
             prompt_ids=prompt_ids,
-            sampling=sampling_params(req, max_tokens),
+            sampling=sampling_params(req, max_tokens, constraint),
             stop=tuple(req.stop_list()),
             n=req.n,
             max_tokens=max_tokens,
             prompt_text=prompt_text,
         )
 
+    def chat_plan(self, req: ChatCompletionRequest) -> ChatPlan:
+        parsers = self.config.parsers_for(req.model)
+        return ChatPlan(
+            req=req,
+            tool_mode=tool_mode(req),
+            tool_parser=parsers.tool_call_parser,
+            reasoning_parser=parsers.reasoning_parser,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
+
     async def prepare_chat(
         self, req: ChatCompletionRequest
-    ) -> tuple[GenerationSpec, ModelTokenizer]:
+    ) -> tuple[GenerationSpec, ModelTokenizer, ChatPlan]:
         """Render the chat template and tokenize once; token ids cross the mesh."""
         entry, tokenizer = await self.tokenizer(req.model)
-        messages = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in req.messages
-        ]
+        plan = self.chat_plan(req)
+        # A required/named tool choice is guaranteed by its schema; it wins over any
+        # response_format, as in vLLM.
+        constraint = tool_constraint(req) or single_constraint(req)
+        if plan.needs_parser:
+            await load_parsers(
+                plan.tool_parser if plan.tool_mode == "auto" else None, plan.reasoning_parser
+            )
+        messages = [template_message(m) for m in req.messages]
+        tools = template_tools(req)
         with tracer.start_as_current_span("tokenize") as span:
             text = await asyncio.to_thread(
-                tokenizer.render_chat, messages, req.add_generation_prompt
+                tokenizer.render_chat, messages, req.add_generation_prompt, tools
             )
             ids = await asyncio.to_thread(tokenizer.encode, text, False)
             span.set_attribute("kvmesh.prompt_tokens", len(ids))
-        return self._spec(req, entry, ids, text), tokenizer
+        return self._spec(req, entry, ids, text, constraint), tokenizer, plan
 
     async def prepare_completion(
         self, req: CompletionRequest
-    ) -> tuple[GenerationSpec, ModelTokenizer]:
+    ) -> tuple[list[GenerationSpec], ModelTokenizer]:
+        """One spec per prompt (a batch of prompts is several generations)."""
         entry, tokenizer = await self.tokenizer(req.model)
-        if isinstance(req.prompt, str):
-            text = req.prompt
-            with tracer.start_as_current_span("tokenize") as span:
-                ids = await asyncio.to_thread(tokenizer.encode, text, True)
-                span.set_attribute("kvmesh.prompt_tokens", len(ids))
-        else:
-            ids = list(req.prompt)
-            text = ""
-        return self._spec(req, entry, ids, text), tokenizer
+        constraint = single_constraint(req)
+        specs = []
+        for prompt in req.prompts():
+            if isinstance(prompt, str):
+                with tracer.start_as_current_span("tokenize") as span:
+                    ids = await asyncio.to_thread(tokenizer.encode, prompt, True)
+                    span.set_attribute("kvmesh.prompt_tokens", len(ids))
+                specs.append(self._spec(req, entry, ids, prompt, constraint))
+            else:
+                specs.append(self._spec(req, entry, list(prompt), "", constraint))
+        return specs, tokenizer

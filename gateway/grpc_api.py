@@ -91,7 +91,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         ]
         req = _validated(ChatCompletionRequest, fields)
         assert isinstance(req, ChatCompletionRequest)
-        return await self._core.prepare_chat(req)
+        spec, tokenizer, _plan = await self._core.prepare_chat(req)
+        return spec, tokenizer
 
     async def _prepare_completion(
         self, request: inference_pb2.CompletionRequest
@@ -103,7 +104,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         fields["prompt"] = request.text if which == "text" else list(request.token_ids.ids)
         req = _validated(CompletionRequest, fields)
         assert isinstance(req, CompletionRequest)
-        return await self._core.prepare_completion(req)
+        specs, tokenizer = await self._core.prepare_completion(req)
+        return specs[0], tokenizer
 
     async def _generate(
         self, spec: GenerationSpec, tokenizer: ModelTokenizer, client_id: str, prefix: str,

@@ -16,11 +16,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from kvmesh.errors import KvmeshError, http_error_for, openai_error_body
+from kvmesh.errors import (
+    AuthenticationError,
+    KvmeshError,
+    RateLimitedError,
+    http_error_for,
+    openai_error_body,
+)
+from kvmesh.gateway.admission import ANONYMOUS, Slot
+from kvmesh.gateway.chat import (
+    ChatChoiceEvent,
+    ChatChoiceResult,
+    ChatPlan,
+    collect_chat,
+    stream_chat,
+)
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.discovery import prometheus_targets
+from kvmesh.gateway.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from kvmesh.gateway.metrics import OTHER, GatewayMetrics
-from kvmesh.gateway.pipeline import ChoiceDelta, Finished, run_generation
+from kvmesh.gateway.pipeline import ChoiceDelta, Finished, merge_generations, run_generation
 from kvmesh.gateway.request_log import RequestRecord
 from kvmesh.gateway.schemas import (
     ChatChoice,
@@ -37,6 +52,7 @@ from kvmesh.gateway.schemas import (
     ModelList,
     Usage,
 )
+from kvmesh.gateway.tokenizers import ModelTokenizer
 from kvmesh.logs import request_id_var
 from kvmesh.tracing import current_trace_id
 
@@ -48,23 +64,29 @@ REQUEST_ID_HEADER = "x-request-id"
 def error_response(exc: Exception, request_id: str | None = None,
                    metrics: GatewayMetrics | None = None) -> JSONResponse:
     """The one place an exception becomes an HTTP status + OpenAI error JSON."""
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
     if isinstance(exc, KvmeshError):
         http = http_error_for(exc.code)
         body = openai_error_body(exc.message, exc.openai_type, param=exc.param, code=http.status)
+        if isinstance(exc, RateLimitedError):
+            headers["retry-after"] = str(exc.retry_after_s)
+        if isinstance(exc, AuthenticationError):
+            headers["www-authenticate"] = "Bearer"
     elif isinstance(exc, grpc.aio.AioRpcError):
         http = http_error_for(exc.code())
         param = dict(exc.trailing_metadata() or ()).get("kvmesh-error-param")
         body = openai_error_body(
             exc.details() or exc.code().name, http.openai_type, param=param, code=http.status
         )
+        if http.status == 429:
+            headers["retry-after"] = "1"
     else:
         log.exception("internal error", exc_info=exc)
         http = http_error_for(grpc.StatusCode.INTERNAL)
         body = openai_error_body(f"internal error: {exc}", http.openai_type, code=http.status)
     if metrics is not None:
         metrics.errors.labels(http.openai_type).inc()
-    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-    return JSONResponse(body, status_code=http.status, headers=headers)
+    return JSONResponse(body, status_code=http.status, headers=headers or None)
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -143,13 +165,24 @@ def create_app(core: GatewayCore) -> FastAPI:
             record.done()
 
     @app.middleware("http")
-    async def request_id_and_limits(request: Request, call_next: Any) -> Any:
+    async def request_id_auth_and_limits(request: Request, call_next: Any) -> Any:
         request.state.started = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("req")
         request.state.request_id = request_id
         request_id_var.set(request_id)
         request.state.record = RequestRecord(request_id, request.state.started,
                                              trace_id=current_trace_id())
+        if request.url.path.startswith("/v1/"):
+            try:
+                request.state.key = core.admission.authenticate(
+                    request.headers.get("authorization"))
+            except AuthenticationError as exc:
+                metrics.auth_failure(
+                    "missing_key" if "authorization" not in request.headers else "invalid_key")
+                record = request.state.record
+                record.endpoint, record.status = request.url.path, 401
+                record.done()
+                return error_response(exc, request_id, metrics)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > core.config.max_body_bytes:
             body = openai_error_body(
@@ -222,101 +255,160 @@ def create_app(core: GatewayCore) -> FastAPI:
         e = core.catalog.get(model_id)
         return ModelCard(id=e.name, created=e.created, max_model_len=e.max_context_length)
 
+    def admit(request: Request, stream: bool) -> Slot:
+        return core.admission.admit(getattr(request.state, "key", ANONYMOUS), stream)
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
         body: ChatCompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse | None:
         request.state.model = body.model
-        spec, tokenizer = await core.prepare_chat(body)
+        spec, tokenizer, plan = await core.prepare_chat(body)
         rid = new_request_id("chatcmpl")
         created = int(time.time())
-        events = metrics.observe_generation(
-            run_generation(core.mesh, tokenizer, spec, rid), body.model,
-            "/v1/chat/completions", request.state.started, request.state.record)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            # Until the first token, nothing is written that would notice a client
-            # gone mid-prefill: watch for the disconnect meanwhile.
-            primed_events = await cancel_on_disconnect(request, primed(events))
-            if primed_events is None:
-                return None
-            events = primed_events
-            return StreamingResponse(
-                _chat_stream(events, rid, created, body.model, spec.n, include_usage, metrics),
-                media_type="text/event-stream",
-            )
+        slot = admit(request, body.stream)
+        try:
+            events = metrics.observe_generation(
+                run_generation(core.mesh, tokenizer, spec, rid), body.model,
+                "/v1/chat/completions", request.state.started, request.state.record)
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                # Until the first token, nothing is written that would notice a client
+                # gone mid-prefill: watch for the disconnect meanwhile.
+                chat_events = await cancel_on_disconnect(
+                    request, primed(stream_chat(events, plan, tokenizer, spec.n)))
+                if chat_events is None:
+                    slot.release()
+                    return None
+                return StreamingResponse(
+                    _released(slot, _chat_stream(
+                        chat_events, rid, created, body.model, spec.n, include_usage, plan,
+                        tokenizer, metrics)),
+                    media_type="text/event-stream",
+                )
 
-        async def collect() -> ChatCompletionResponse:
-            texts, reasons, final = await _collect(events, spec.n)
-            return ChatCompletionResponse(
-                id=rid, created=created, model=body.model, usage=final,
-                choices=[
-                    ChatChoice(index=i, message=ChatResponseMessage(content=texts[i]),
-                               finish_reason=reasons[i])
-                    for i in range(spec.n)
-                ],
-            )
+            async def collect() -> dict[str, Any]:
+                results, final = await collect_chat(events, plan, tokenizer, spec.n)
+                return _chat_response(rid, created, body.model, results, final, plan,
+                                      tokenizer)
 
-        result = await cancel_on_disconnect(request, collect())
-        return None if result is None else JSONResponse(result.model_dump())
+            result = await cancel_on_disconnect(request, collect())
+        except BaseException:
+            slot.release()
+            raise
+        slot.release()
+        return None if result is None else JSONResponse(result)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(
         body: CompletionRequest, request: Request
     ) -> JSONResponse | StreamingResponse | None:
         request.state.model = body.model
-        spec, tokenizer = await core.prepare_completion(body)
+        specs, tokenizer = await core.prepare_completion(body)
         rid = new_request_id("cmpl")
         created = int(time.time())
-        prefix = (spec.prompt_text or tokenizer.decode(spec.prompt_ids)) if body.echo else ""
-        events = metrics.observe_generation(
-            run_generation(core.mesh, tokenizer, spec, rid), body.model, "/v1/completions",
-            request.state.started, request.state.record)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            # Until the first token, nothing is written that would notice a client
-            # gone mid-prefill: watch for the disconnect meanwhile.
-            primed_events = await cancel_on_disconnect(request, primed(events))
-            if primed_events is None:
-                return None
-            events = primed_events
-            return StreamingResponse(
-                _completion_stream(events, rid, created, body.model, prefix, include_usage,
-                                   metrics),
-                media_type="text/event-stream",
-            )
+        n = body.n
+        prefixes = [
+            (spec.prompt_text or tokenizer.decode(spec.prompt_ids)) if body.echo else ""
+            for spec in specs
+        ]
+        slot = admit(request, body.stream)
+        try:
+            events = metrics.observe_generation(merge_generations(
+                [run_generation(core.mesh, tokenizer, spec, f"{rid}-{i}" if len(specs) > 1
+                                else rid) for i, spec in enumerate(specs)], n),
+                body.model, "/v1/completions", request.state.started, request.state.record)
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                # Until the first token, nothing is written that would notice a client
+                # gone mid-prefill: watch for the disconnect meanwhile.
+                primed_events = await cancel_on_disconnect(request, primed(events))
+                if primed_events is None:
+                    slot.release()
+                    return None
+                return StreamingResponse(
+                    _released(slot, _completion_stream(
+                        primed_events, rid, created, body.model, prefixes, n, include_usage,
+                        body.logprobs, tokenizer, metrics)),
+                    media_type="text/event-stream",
+                )
 
-        async def collect() -> CompletionResponse:
-            texts, reasons, final = await _collect(events, spec.n)
-            return CompletionResponse(
-                id=rid, created=created, model=body.model, usage=final,
-                choices=[
-                    CompletionChoice(index=i, text=prefix + texts[i], finish_reason=reasons[i])
-                    for i in range(spec.n)
-                ],
-            )
+            async def collect() -> CompletionResponse:
+                total = n * len(specs)
+                texts, reasons, logprobs, final = await _collect(events, total)
+                choices = []
+                for i in range(total):
+                    prefix = prefixes[i // n]
+                    lp = None
+                    if body.logprobs is not None:
+                        lp = completion_logprobs(logprobs[i], body.logprobs,
+                                                 tokenizer.token_text, len(prefix))
+                    choices.append(CompletionChoice(
+                        index=i, text=prefix + texts[i], finish_reason=reasons[i], logprobs=lp))
+                return CompletionResponse(
+                    id=rid, created=created, model=body.model, usage=final, choices=choices)
 
-        result = await cancel_on_disconnect(request, collect())
+            result = await cancel_on_disconnect(request, collect())
+        except BaseException:
+            slot.release()
+            raise
+        slot.release()
         return None if result is None else JSONResponse(result.model_dump())
 
     return app
 
 
+async def _released(slot: Slot, frames: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A streaming body that gives back its admission slot however it ends."""
+    try:
+        async with contextlib.aclosing(frames):  # type: ignore[type-var]
+            async for frame in frames:
+                yield frame
+    finally:
+        slot.release()
+
+
+def _chat_response(
+    rid: str, created: int, model: str, results: list[ChatChoiceResult], final: Usage,
+    plan: ChatPlan, tokenizer: ModelTokenizer,
+) -> dict[str, Any]:
+    choices = []
+    for r in results:
+        lp = None
+        if plan.top_logprobs is not None:
+            lp = chat_logprobs(r.logprobs, plan.top_logprobs, tokenizer.token_text)
+        message = ChatResponseMessage(
+            content=r.content, reasoning=r.reasoning, reasoning_content=r.reasoning,
+            tool_calls=r.tool_calls)
+        choices.append(ChatChoice(index=r.index, message=message,
+                                  finish_reason=r.finish_reason, logprobs=lp))
+    payload = ChatCompletionResponse(
+        id=rid, created=created, model=model, usage=final, choices=choices).model_dump()
+    for choice in payload["choices"]:
+        if not choice["message"]["tool_calls"]:
+            del choice["message"]["tool_calls"]  # as vLLM: no empty list
+        if choice["message"]["reasoning"] is None:
+            del choice["message"]["reasoning_content"]
+    return payload
+
+
 async def _collect(
     events: AsyncIterator[ChoiceDelta | Finished], n: int
-) -> tuple[list[str], list[str | None], Usage]:
+) -> tuple[list[str], list[str | None], list[list[TokenLogprob]], Usage]:
     texts = [""] * n
     reasons: list[str | None] = [None] * n
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     final: Usage | None = None
     async for event in events:
         if isinstance(event, Finished):
             final = event.usage
         else:
             texts[event.index] += event.text
+            logprobs[event.index].extend(event.logprobs)
             if event.finish_reason:
                 reasons[event.index] = event.finish_reason
     assert final is not None  # run_generation always ends with Finished
-    return texts, reasons, final
+    return texts, reasons, logprobs, final
 
 
 async def _stream_errors(
@@ -334,14 +426,17 @@ async def _stream_errors(
 
 
 def _chat_stream(
-    events: AsyncIterator[ChoiceDelta | Finished],
-    rid: str, created: int, model: str, n: int, include_usage: bool,
-    metrics: GatewayMetrics | None = None,
+    events: AsyncIterator[ChatChoiceEvent | Finished],
+    rid: str, created: int, model: str, n: int, include_usage: bool, plan: ChatPlan,
+    tokenizer: ModelTokenizer, metrics: GatewayMetrics | None = None,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return _sse(_without_null_usage(ChatCompletionChunk(
+        payload = _without_null_usage(ChatCompletionChunk(
             id=rid, created=created, model=model, choices=choices, usage=usage
-        ).model_dump()))
+        ).model_dump())
+        for choice in payload["choices"]:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        return _sse(payload)
 
     async def frames() -> AsyncIterator[str]:
         for i in range(n):
@@ -351,20 +446,29 @@ def _chat_stream(
                 if isinstance(event, Finished):
                     if include_usage:
                         yield chunk([], event.usage)
-                elif event.text or event.finish_reason:
-                    yield chunk([ChatChunkChoice(
-                        index=event.index,
-                        delta=ChatDelta(content=event.text or None),
-                        finish_reason=event.finish_reason,
-                    )])
+                    continue
+                lp = None
+                if plan.top_logprobs is not None and event.logprobs:
+                    lp = chat_logprobs(event.logprobs, plan.top_logprobs, tokenizer.token_text)
+                yield chunk([ChatChunkChoice(
+                    index=event.index,
+                    delta=ChatDelta(
+                        content=event.content or None,
+                        reasoning=event.reasoning or None,
+                        reasoning_content=event.reasoning or None,
+                        tool_calls=event.tool_calls or None,
+                    ),
+                    finish_reason=event.finish_reason,
+                    logprobs=lp,
+                )])
 
     return _stream_errors(frames(), metrics)
 
 
 def _completion_stream(
     events: AsyncIterator[ChoiceDelta | Finished],
-    rid: str, created: int, model: str, prefix: str, include_usage: bool,
-    metrics: GatewayMetrics | None = None,
+    rid: str, created: int, model: str, prefixes: list[str], n: int, include_usage: bool,
+    logprobs: int | None, tokenizer: ModelTokenizer, metrics: GatewayMetrics | None = None,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return _sse(_without_null_usage(CompletionResponse(
@@ -373,6 +477,7 @@ def _completion_stream(
 
     async def frames() -> AsyncIterator[str]:
         echoed: set[int] = set()
+        offsets: dict[int, int] = {}
         async with contextlib.aclosing(events):  # type: ignore[type-var]
             async for event in events:
                 if isinstance(event, Finished):
@@ -380,12 +485,20 @@ def _completion_stream(
                         yield chunk([], event.usage)
                     continue
                 text = event.text
+                prefix = prefixes[event.index // n]
                 if prefix and event.index not in echoed:
                     echoed.add(event.index)
                     text = prefix + text
-                if text or event.finish_reason:
+                lp = None
+                if logprobs is not None and event.logprobs:
+                    start = offsets.get(event.index, len(prefix))
+                    lp = completion_logprobs(event.logprobs, logprobs, tokenizer.token_text,
+                                             start)
+                    offsets[event.index] = start + sum(len(t) for t in lp["tokens"])
+                if text or event.finish_reason or lp:
                     yield chunk([CompletionChoice(
-                        index=event.index, text=text, finish_reason=event.finish_reason
+                        index=event.index, text=text, finish_reason=event.finish_reason,
+                        logprobs=lp,
                     )])
 
     return _stream_errors(frames(), metrics)

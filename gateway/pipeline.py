@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -9,9 +10,11 @@ from dataclasses import dataclass, field
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from smg_grpc_proto import vllm_engine_pb2
 
 from kvmesh.errors import KvmeshError
 from kvmesh.gateway.detokenize import TextAssembler
+from kvmesh.gateway.logprobs import TokenLogprob
 from kvmesh.gateway.mesh import MeshClient
 from kvmesh.gateway.schemas import Usage
 from kvmesh.gateway.tokenizers import ModelTokenizer
@@ -54,6 +57,21 @@ class ChoiceDelta:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+def _logprobs(chunk: vllm_engine_pb2.GenerateStreamChunk) -> list[TokenLogprob]:
+    if not chunk.HasField("output_logprobs"):
+        return []
+    lp = chunk.output_logprobs
+    tops = list(lp.top_logprobs)
+    return [
+        TokenLogprob(
+            token_id, value,
+            tuple(zip(tops[i].token_ids, tops[i].values, strict=False)) if i < len(tops) else (),
+        )
+        for i, (token_id, value) in enumerate(zip(lp.token_ids, lp.token_logprobs, strict=False))
+    ]
 
 
 @dataclass
@@ -85,11 +103,12 @@ async def run_generation(
                 t0 = time.time_ns()
                 text = assembler.add(chunk.token_ids)
                 detok.add(t0, len(chunk.token_ids))
+                logprobs = _logprobs(chunk)
                 if assembler.stopped_by is not None:
                     done.add(chunk.index)
-                    yield ChoiceDelta(chunk.index, text, list(chunk.token_ids), "stop")
+                    yield ChoiceDelta(chunk.index, text, list(chunk.token_ids), "stop", logprobs)
                 elif text or chunk.token_ids:
-                    yield ChoiceDelta(chunk.index, text, list(chunk.token_ids))
+                    yield ChoiceDelta(chunk.index, text, list(chunk.token_ids), None, logprobs)
             elif kind == "complete":
                 complete = response.complete
                 prompt_tokens = complete.prompt_tokens or prompt_tokens
@@ -109,3 +128,51 @@ async def run_generation(
         raise KvmeshError(f"worker stream ended with {len(done)} of {spec.n} choices finished")
     completion_tokens = sum(len(a.token_ids) for a in assemblers)
     yield Finished(usage(prompt_tokens, completion_tokens, cached_tokens))
+
+
+async def merge_generations(
+    streams: list[AsyncIterator[ChoiceDelta | Finished]], n: int
+) -> AsyncIterator[ChoiceDelta | Finished]:
+    """Several prompts' generations as one: prompt i's choice j becomes choice i*n+j,
+    and one Finished carries the summed usage (a batch of prompts in /v1/completions)."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]):  # type: ignore[type-var]
+            async for event in streams[0]:
+                yield event
+        return
+    queue: asyncio.Queue[tuple[int, ChoiceDelta | Finished | BaseException | None]] = (
+        asyncio.Queue()
+    )
+
+    async def pump(i: int, stream: AsyncIterator[ChoiceDelta | Finished]) -> None:
+        try:
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for event in stream:
+                    await queue.put((i, event))
+            await queue.put((i, None))
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    totals = [0, 0, 0]
+    try:
+        running = len(tasks)
+        while running:
+            i, event = await queue.get()
+            if event is None:
+                running -= 1
+            elif isinstance(event, BaseException):
+                raise event
+            elif isinstance(event, Finished):
+                u = event.usage
+                cached = (u.prompt_tokens_details or {}).get("cached_tokens", 0)
+                totals = [totals[0] + u.prompt_tokens, totals[1] + u.completion_tokens,
+                          totals[2] + cached]
+            else:
+                event.index += i * n
+                yield event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    yield Finished(usage(*totals))

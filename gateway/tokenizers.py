@@ -38,10 +38,16 @@ class ModelTokenizer:
         """The fast ``tokenizers.Tokenizer`` (for incremental decoding)."""
         return self.hf.backend_tokenizer
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         try:
             rendered = self.hf.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tools=tools, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
         except Exception as exc:  # jinja errors, missing template
             raise InvalidRequestError(f"chat template failed: {exc}", param="messages") from exc
@@ -52,6 +58,11 @@ class ModelTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return str(self.hf.decode(ids, skip_special_tokens=True))
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, the way vLLM's logprobs show it."""
+        token = self.hf.convert_ids_to_tokens(token_id)
+        return str(self.hf.convert_tokens_to_string([token])) if token is not None else ""
 
 
 async def fetch_bundle(endpoint: str) -> tuple[bytes, str]:

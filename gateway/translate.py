@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from smg_grpc_proto import vllm_engine_pb2
 
 from kvmesh.errors import InvalidRequestError
-from kvmesh.gateway.schemas import ChatCompletionRequest, SamplingFields, Usage
+from kvmesh.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    Usage,
+)
+from kvmesh.gateway.structured import Constraint, apply_constraint
 from kvmesh.v1 import inference_pb2
 
 #: finish reasons the engine reports that OpenAI clients understand as-is.
@@ -53,9 +59,12 @@ def resolve_max_tokens(
 
 
 def sampling_params(
-    req: SamplingFields, max_tokens: int
+    req: SamplingFields, max_tokens: int, constraint: Constraint | None = None
 ) -> vllm_engine_pb2.SamplingParams:
-    """OpenAI sampling fields → the worker's SamplingParams (unset stays engine default)."""
+    """OpenAI sampling fields → the worker's SamplingParams (unset stays engine default).
+
+    ``constraint`` is the structured output the worker's vLLM must enforce.
+    """
     params = vllm_engine_pb2.SamplingParams(
         max_tokens=max_tokens,
         n=req.n,
@@ -81,6 +90,13 @@ def sampling_params(
         params.frequency_penalty = req.frequency_penalty
     if req.repetition_penalty is not None:
         params.repetition_penalty = req.repetition_penalty
+    if constraint is not None:
+        apply_constraint(params, constraint)
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs:
+            params.logprobs = req.top_logprobs or 0
+    elif isinstance(req, CompletionRequest) and req.logprobs is not None:
+        params.logprobs = req.logprobs
     return params
 
 

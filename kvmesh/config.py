@@ -269,6 +269,20 @@ class WorkerConfig(_Settings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
 
+class ModelParsers(BaseModel):
+    """Output parsers for one model (names from vLLM's parser registries)."""
+
+    model_config = {"extra": "forbid"}
+
+    tool_call_parser: str | None = Field(
+        None, description="vLLM tool-call parser for tool_choice=auto (e.g. hermes)."
+    )
+    reasoning_parser: str | None = Field(
+        None, description="vLLM reasoning parser splitting reasoning from content "
+        "(e.g. deepseek_r1); None serves the output as content."
+    )
+
+
 class GatewayConfig(_Settings):
     """The gateway: OpenAI HTTP API + kvmesh.v1.Inference gRPC API."""
 
@@ -293,6 +307,34 @@ class GatewayConfig(_Settings):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, gt=0, description="Largest accepted HTTP request body."
     )
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="Longest accepted prompt in tokens (None: the context length)."
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted API keys (Authorization: Bearer KEY); empty disables auth. "
+        "Env KVMESH_GATEWAY_API_KEYS takes a JSON list.",
+    )
+    max_concurrent_requests: int | None = Field(
+        None, gt=0, description="Generations in flight on this gateway before new ones get "
+        "429 (None: unlimited).",
+    )
+    max_streams_per_key: int | None = Field(
+        None, gt=0, description="Concurrent streaming requests per API key before 429.",
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="Retry-After seconds sent with 429 responses."
+    )
+    parsers: ModelParsers = Field(
+        default_factory=lambda: ModelParsers(tool_call_parser="hermes"),
+        description="Default output parsers for every model.",
+    )
+    model_parsers: dict[str, ModelParsers] = Field(
+        default_factory=dict, description="Per-model parsers, overriding `parsers`."
+    )
+
+    def parsers_for(self, model: str) -> ModelParsers:
+        return self.model_parsers.get(model, self.parsers)
     ready_file: Path | None = Field(
         None, description="Write {'http': url, 'grpc': addr} here once serving."
     )

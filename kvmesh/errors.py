@@ -38,6 +38,22 @@ class NoWorkerAvailableError(KvmeshError):
     openai_type = "service_unavailable"
 
 
+class AuthenticationError(KvmeshError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    openai_type = "authentication_error"
+
+
+class RateLimitedError(KvmeshError):
+    """Too many requests (per key) or the gateway is overloaded: retry later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    openai_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+
 class WorkerNotFoundError(KvmeshError):
     code = grpc.StatusCode.NOT_FOUND
     openai_type = "not_found_error"

@@ -1,0 +1,142 @@
+"""Chat output: generated text → content, reasoning, tool calls, logprobs.
+
+Shared by the HTTP and gRPC APIs; sits on top of :func:`run_generation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from kvmesh.gateway.logprobs import TokenLogprob
+from kvmesh.gateway.parsers import OutputParser
+from kvmesh.gateway.pipeline import ChoiceDelta, Finished
+from kvmesh.gateway.schemas import ChatCompletionRequest, DeltaToolCall, ToolCall, Usage
+from kvmesh.gateway.tokenizers import ModelTokenizer
+from kvmesh.gateway.tools import ForcedToolStream, forced_tool_calls
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """How one chat request's output is interpreted."""
+
+    req: ChatCompletionRequest
+    tool_mode: str  # none | auto | required | named
+    tool_parser: str | None  # used only in auto mode
+    reasoning_parser: str | None
+    top_logprobs: int | None  # None: no logprobs requested
+
+    @property
+    def needs_parser(self) -> bool:
+        return bool(self.reasoning_parser or (self.tool_mode == "auto" and self.tool_parser))
+
+    def output_parser(self, tokenizer: ModelTokenizer) -> OutputParser | None:
+        if not self.needs_parser:
+            return None
+        return OutputParser(
+            tokenizer.hf, self.req,
+            self.tool_parser if self.tool_mode == "auto" else None, self.reasoning_parser,
+        )
+
+
+@dataclass
+class ChatChoiceEvent:
+    """One streamed step of one choice."""
+
+    index: int
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[DeltaToolCall] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class ChatChoiceResult:
+    """One whole choice (non-streaming)."""
+
+    index: int
+    content: str | None
+    reasoning: str | None
+    tool_calls: list[ToolCall]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob]
+
+
+def _final_reason(plan: ChatPlan, engine_reason: str | None, called: bool) -> str | None:
+    # As in vLLM/OpenAI: "tool_calls" for auto and required, "stop" for a named tool.
+    if engine_reason == "stop" and called and plan.tool_mode in ("auto", "required"):
+        return "tool_calls"
+    return engine_reason
+
+
+async def stream_chat(
+    events: AsyncIterator[ChoiceDelta | Finished], plan: ChatPlan, tokenizer: ModelTokenizer,
+    n: int,
+) -> AsyncIterator[ChatChoiceEvent | Finished]:
+    forced = plan.tool_mode in ("required", "named")
+    streams = [ForcedToolStream(plan.tool_mode, plan.req) if forced else None for _ in range(n)]
+    parsers = [plan.output_parser(tokenizer) for _ in range(n)]
+    called = [False] * n
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        async for event in events:
+            if isinstance(event, Finished):
+                yield event
+                continue
+            i = event.index
+            out = ChatChoiceEvent(i, logprobs=event.logprobs)
+            forced_stream, parser = streams[i], parsers[i]
+            if forced_stream is not None:
+                out.tool_calls = forced_stream.add(event.text)
+                if event.finish_reason:
+                    out.tool_calls += forced_stream.finish()
+            elif parser is not None:
+                step = parser.step(event.text, event.token_ids)
+                out.content, out.reasoning, out.tool_calls = (
+                    step.content, step.reasoning, step.tool_calls)
+                if event.finish_reason:
+                    out.tool_calls += parser.finish()
+                called[i] = parser.tools_called
+            else:
+                out.content = event.text
+            called[i] = called[i] or bool(out.tool_calls)
+            out.finish_reason = _final_reason(plan, event.finish_reason, called[i])
+            if out.content or out.reasoning or out.tool_calls or out.finish_reason:
+                yield out
+
+
+async def collect_chat(
+    events: AsyncIterator[ChoiceDelta | Finished], plan: ChatPlan, tokenizer: ModelTokenizer,
+    n: int,
+) -> tuple[list[ChatChoiceResult], Usage]:
+    texts = [""] * n
+    reasons: list[str | None] = [None] * n
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    final: Usage | None = None
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        async for event in events:
+            if isinstance(event, Finished):
+                final = event.usage
+                continue
+            texts[event.index] += event.text
+            logprobs[event.index].extend(event.logprobs)
+            if event.finish_reason:
+                reasons[event.index] = event.finish_reason
+    assert final is not None  # run_generation always ends with Finished
+    results = []
+    for i in range(n):
+        reasoning: str | None = None
+        content: str | None = texts[i]
+        calls: list[ToolCall] = []
+        if plan.tool_mode in ("required", "named"):
+            calls = forced_tool_calls(plan.tool_mode, plan.req, texts[i])
+            content = None if calls else texts[i]
+        else:
+            parser = plan.output_parser(tokenizer)
+            if parser is not None:
+                reasoning, content, calls = parser.final(texts[i])
+        results.append(ChatChoiceResult(
+            i, content, reasoning, calls, _final_reason(plan, reasons[i], bool(calls)),
+            logprobs[i]))
+    return results, final

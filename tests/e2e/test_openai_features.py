@@ -1,0 +1,241 @@
+"""Structured output, tool calls, logprobs, n and batches: the unmodified openai SDK
+against `kvmesh up` with real vLLM on CPU (constraints are enforced by the workers).
+
+Shares the session's mesh with test_up_openai.py (which stops it last).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import openai
+import pytest
+
+from .conftest import MODEL, UpProcess
+
+pytestmark = pytest.mark.e2e
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON with a name and an age."}]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def client(kvmesh_up: UpProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=kvmesh_up.state["http"], api_key="unused", max_retries=0)
+
+
+def test_response_format_json_schema(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK_PERSON, max_tokens=60, temperature=0,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": PERSON}},
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+
+
+def test_response_format_json_schema_streaming(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=ASK_PERSON, max_tokens=60, temperature=0.8, seed=3,
+        stream=True,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": PERSON}},
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_response_format_json_object(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK_PERSON, max_tokens=60, temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_guided_choice_regex_and_grammar_extras(client: openai.OpenAI) -> None:
+    ask = [{"role": "user", "content": "Is the sky blue?"}]
+    choice = client.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=10, temperature=1.0, seed=1,
+        extra_body={"guided_choice": ["maybe", "certainly not"]},
+    )
+    assert choice.choices[0].message.content in ("maybe", "certainly not")
+    regex = client.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=20, temperature=1.0, seed=2,
+        extra_body={"guided_regex": r"[A-Z]{3}-[0-9]{4}"},
+    )
+    assert re.fullmatch(r"[A-Z]{3}-[0-9]{4}", regex.choices[0].message.content)
+    grammar = client.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=20, temperature=1.0, seed=3,
+        extra_body={"guided_grammar": 'root ::= "sky is " color\ncolor ::= "teal" | "grey"'},
+    )
+    assert grammar.choices[0].message.content in ("sky is teal", "sky is grey")
+    # vLLM 0.32's own name for the same thing, on /v1/completions too.
+    completion = client.completions.create(
+        model=MODEL, prompt="The answer is", max_tokens=10, temperature=1.0, seed=4,
+        extra_body={"structured_outputs": {"choice": ["alpha", "omega"]}},
+    )
+    assert completion.choices[0].text in ("alpha", "omega")
+
+
+def test_two_constraints_are_a_400_with_param(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL, messages=ASK_PERSON, max_tokens=5,
+            response_format={"type": "json_object"}, extra_body={"guided_regex": "a+"},
+        )
+    assert err.value.body["param"] == "guided_regex"
+
+
+def test_named_tool_choice_is_guaranteed(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK_WEATHER, max_tokens=40, temperature=0,
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    calls = reply.choices[0].message.tool_calls
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments),
+                        WEATHER_TOOL["function"]["parameters"])
+    assert reply.choices[0].finish_reason == "stop"  # OpenAI/vLLM: named → "stop"
+
+
+def test_required_tool_choice_streams_tool_calls(client: openai.OpenAI) -> None:
+    kwargs = dict(model=MODEL, messages=ASK_WEATHER, max_tokens=80, temperature=0,
+                  tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="required")
+    reply = client.chat.completions.create(**kwargs)
+    calls = reply.choices[0].message.tool_calls
+    assert calls and reply.choices[0].finish_reason == "tool_calls"
+    tools = {"get_weather": WEATHER_TOOL, "get_time": TIME_TOOL}
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments),
+                            tools[call.function.name]["function"]["parameters"])
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed: dict[int, dict[str, str]] = {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            entry = streamed.setdefault(d.index, {"name": "", "arguments": ""})
+            entry["name"] += d.function.name or ""
+            entry["arguments"] += d.function.arguments or ""
+    assert [(e["name"], json.loads(e["arguments"])) for e in streamed.values()] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in calls]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+HERMES_CALL = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Lyon)"\}\}\n</tool_call>'  # noqa: E501
+
+
+def test_auto_tool_choice_parses_with_vllm_hermes_parser(client: openai.OpenAI) -> None:
+    # SmolLM2 was not trained for tools, so a regex makes it emit a Hermes-style call;
+    # the gateway's vLLM tool parser (auto mode) must turn it into a tool call.
+    kwargs = dict(model=MODEL, messages=ASK_WEATHER, max_tokens=60, temperature=0,
+                  tools=[WEATHER_TOOL], extra_body={"guided_regex": HERMES_CALL})
+    reply = client.chat.completions.create(**kwargs)
+    calls = reply.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments)["city"] in ("Paris", "Lyon")
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert not reply.choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    name = "".join(d.function.name or "" for c in chunks if c.choices
+                   for d in c.choices[0].delta.tool_calls or [])
+    args = "".join(d.function.arguments or "" for c in chunks if c.choices
+                   for d in c.choices[0].delta.tool_calls or [])
+    assert name == "get_weather" and json.loads(args) == json.loads(calls[0].function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # tool_choice="none": the same text stays content.
+    plain = client.chat.completions.create(**kwargs, tool_choice="none")
+    assert not plain.choices[0].message.tool_calls
+    assert "<tool_call>" in plain.choices[0].message.content
+
+
+def test_tool_result_round_trip(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, max_tokens=20, temperature=0, tools=[WEATHER_TOOL],
+        messages=[*ASK_WEATHER,
+                  {"role": "assistant", "content": None, "tool_calls": [{
+                      "id": "call_1", "type": "function",
+                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}],
+    )
+    assert reply.choices[0].message.content and reply.usage.prompt_tokens > 20
+
+
+def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK_WEATHER, max_tokens=8, temperature=0, logprobs=True,
+        top_logprobs=3,
+    )
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(t.token for t in content).strip() == reply.choices[0].message.content.strip()
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        # Greedy: the sampled token is the most likely one.
+        assert t.top_logprobs[0].token == t.token
+        assert abs(t.top_logprobs[0].logprob - t.logprob) < 1e-4
+        assert t.bytes == list(t.token.encode())
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=ASK_WEATHER, max_tokens=8, temperature=0, logprobs=True,
+        top_logprobs=2, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+
+
+def test_completion_logprobs_n_and_batch(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model=MODEL, prompt=["The capital of France is", "One, two, three,"],
+        max_tokens=4, temperature=0.9, seed=5, n=2, logprobs=2,
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert reply.usage.completion_tokens == sum(
+        len(c.logprobs.tokens) for c in reply.choices)
+    for c in reply.choices:
+        lp = c.logprobs
+        assert "".join(lp.tokens) == c.text
+        assert lp.text_offset[0] == 0 and len(lp.token_logprobs) == len(lp.tokens)
+        assert all(tok in top for tok, top in zip(lp.tokens, lp.top_logprobs, strict=True))
+    single = client.completions.create(
+        model=MODEL, prompt="One, two, three,", max_tokens=4, temperature=0)
+    batch = client.completions.create(
+        model=MODEL, prompt=["The capital of France is", "One, two, three,"], max_tokens=4,
+        temperature=0)
+    assert batch.choices[1].text == single.choices[0].text
+    assert batch.usage.prompt_tokens > single.usage.prompt_tokens
