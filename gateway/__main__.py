@@ -18,10 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, default=None, help="Inference gRPC port")
     parser.add_argument("--router", default=None, help="router host:port")
     parser.add_argument("--ready-file", type=Path, default=None)
+    parser.add_argument("--api-key", action="append", default=None,
+                        help="accepted API key (repeat for several); none = no auth")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None)
+    parser.add_argument("--max-concurrent-requests", type=int, default=None)
+    parser.add_argument("--max-streams-per-key", type=int, default=None)
     args = parser.parse_args(argv)
     config = load_settings(
         GatewayConfig, args.config, host=args.host, port=args.port, grpc_port=args.grpc_port,
-        router=args.router, ready_file=args.ready_file, **observability_settings(args),
+        router=args.router, ready_file=args.ready_file, api_keys=args.api_key,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_streams_per_key=args.max_streams_per_key, **observability_settings(args),
     )
     setup_logging("gateway", args.log_level, config.logging.json_format)
     setup_tracing(config.tracing, "gateway")

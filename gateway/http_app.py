@@ -359,10 +359,14 @@ def create_app(core: GatewayCore) -> FastAPI:
 
 
 async def _released(slot: Slot, frames: AsyncIterator[str]) -> AsyncIterator[str]:
-    """A streaming body that gives back its admission slot however it ends."""
+    """A streaming body that gives back its admission slot however it ends (before
+    the final [DONE], so a client that saw it may start its next stream at once)."""
+    done = _sse("[DONE]")
     try:
         async with contextlib.aclosing(frames):  # type: ignore[type-var]
             async for frame in frames:
+                if frame == done:
+                    slot.release()
                 yield frame
     finally:
         slot.release()

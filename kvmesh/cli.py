@@ -27,7 +27,7 @@ def _up(args: argparse.Namespace) -> int:
         prefill=args.prefill,
         decode=args.decode,
         router=_set(policy=args.policy, disaggregation=args.disaggregation),
-        gateway=_set(port=args.port, grpc_port=args.grpc_port),
+        gateway=_set(port=args.port, grpc_port=args.grpc_port, api_keys=args.api_key),
         worker=_set(engine=engine, engine_kind=args.engine_kind),
         **observability_settings(args),
     )
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write addresses and PIDs here as JSON once up")
     up.add_argument("--verbose", action="store_true", help="show worker logs")
     add_observability_flags(up)
+    up.add_argument("--api-key", action="append", default=None,
+                    help="accepted API key (repeat for several); none = no auth")
     up.set_defaults(func=_up)
 
     bench = sub.add_parser("bench", help="benchmarks (print ratios measured in one run)")

@@ -13,7 +13,8 @@ echo "==> ruff"
 echo "==> mypy (pure core)"
 "$VENV/bin/mypy" router/registry.py router/policies.py router/pd.py router/cost_model.py \
   gateway/detokenize.py \
-  gateway/translate.py services/engine_args.py kvmesh/config.py kvmesh/errors.py || exit 1
+  gateway/translate.py gateway/structured.py gateway/tools.py gateway/logprobs.py \
+  gateway/admission.py services/engine_args.py kvmesh/config.py kvmesh/errors.py || exit 1
 echo "==> pytest"
 "$VENV/bin/python" -m pytest "$@"
 rc=$?

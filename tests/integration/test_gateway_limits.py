@@ -1,0 +1,148 @@
+"""Auth, limits and error statuses of a gateway with keys and limits set (fake engine)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from kvmesh.procs import spawn_module, terminate, wait_ready_file
+
+from .conftest import Mesh, _wait_healthy, start_router
+
+pytestmark = pytest.mark.integration
+MODEL = "SmolLM2-135M-Instruct"
+MESSAGES = [{"role": "user", "content": "Tell me about the mesh, at length please."}]
+
+
+@pytest.fixture(scope="module")
+def mesh(model_dir: Path) -> Iterator[Mesh]:
+    with tempfile.TemporaryDirectory(prefix="kvm-") as d:
+        mesh = Mesh(Path(d))
+        try:
+            mesh.router = start_router(mesh)
+            mesh.workers = [mesh.start_worker("w0")]
+            ready = mesh.dir / "gateway.ready"
+            env = {**os.environ, "KVMESH_GATEWAY_MAX_BODY_BYTES": "20000",
+                   "KVMESH_GATEWAY_RETRY_AFTER_S": "3"}
+            proc = spawn_module(
+                "kvmesh.gateway",
+                ["--router", mesh.router, "--port", "0", "--grpc-port", "0",
+                 "--ready-file", str(ready), "--api-key", "key-one", "--api-key", "key-two",
+                 "--max-streams-per-key", "1", "--max-prompt-tokens", "100"],
+                mesh.dir / "gateway.log", env=env,
+            )
+            mesh.procs["gateway"] = proc
+            gateway = wait_ready_file(ready, 60, proc, "gateway")
+            mesh.http, mesh.grpc = gateway["http"], gateway["grpc"]
+            _wait_healthy(mesh.http)
+            yield mesh
+        except BaseException:
+            print(mesh.logs())
+            raise
+        finally:
+            for proc in mesh.procs.values():
+                terminate(proc)
+
+
+def client(mesh: Mesh, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=mesh.http, api_key=key, max_retries=0)
+
+
+def test_api_keys(mesh: Mesh) -> None:
+    for key in ("key-one", "key-two"):
+        reply = client(mesh, key).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=3)
+        assert reply.usage.completion_tokens == 3
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(mesh, "key-three").models.list()
+    assert err.value.body["type"] == "authentication_error"
+    missing = httpx.get(mesh.http + "/models")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert set(missing.json()["error"]) == {"message", "type", "param", "code"}
+    # Health checks need no key.
+    assert httpx.get(mesh.http.removesuffix("/v1") + "/health").status_code == 200
+
+
+def test_stream_limit_per_key_is_429_with_retry_after(mesh: Mesh) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 25, "stream": True}
+    first_open = threading.Event()
+    finish = threading.Event()
+
+    def hold_stream() -> None:
+        with httpx.stream("POST", mesh.http + "/chat/completions", json=body, timeout=30,
+                          headers={"authorization": "Bearer key-one"}) as response:
+            lines = response.iter_lines()
+            next(lines)
+            first_open.set()
+            finish.wait(30)
+            assert [line for line in lines if line.startswith("data:")][-1] == "data: [DONE]"
+
+    holder = threading.Thread(target=hold_stream)
+    holder.start()
+    try:
+        assert first_open.wait(30)
+        second = httpx.post(mesh.http + "/chat/completions", json=body, timeout=30,
+                            headers={"authorization": "Bearer key-one"})
+        assert second.status_code == 429
+        assert second.headers["retry-after"] == "3"
+        assert second.json()["error"]["type"] == "rate_limit_error"
+        # The other key has its own budget; non-streaming requests are not counted.
+        other = client(mesh, "key-two").chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=3, stream=True)
+        assert len(list(other)) > 1
+        client(mesh, "key-one").chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2)
+    finally:
+        finish.set()
+        holder.join()
+    # The held stream ended: its slot is free again.
+    again = client(mesh, "key-one").chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=2, stream=True)
+    assert len(list(again)) > 1
+
+
+def test_prompt_and_body_limits(mesh: Mesh) -> None:
+    c = client(mesh, "key-one")
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, max_tokens=2,
+                                  messages=[{"role": "user", "content": "word " * 150}])
+    assert err.value.body["param"] == "messages" and "at most 100" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model=MODEL, prompt=list(range(1, 150)), max_tokens=2)
+    assert err.value.body["param"] == "prompt"
+    big = httpx.post(mesh.http + "/chat/completions", timeout=30,
+                     headers={"authorization": "Bearer key-one"},
+                     json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 30000}]})
+    assert big.status_code == 413 and big.json()["error"]["code"] == 413
+
+
+def test_errors_name_params_and_request_id_is_echoed_and_logged(mesh: Mesh) -> None:
+    c = client(mesh, "key-one")
+    with pytest.raises(openai.NotFoundError) as nf:
+        c.chat.completions.create(model="nope", messages=MESSAGES)
+    assert nf.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as bad:
+        c.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=5)
+    assert bad.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as ctx:
+        c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=100000)
+    assert ctx.value.body["param"] == "max_tokens"
+    assert "maximum context length" in ctx.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as tools:
+        c.chat.completions.create(model=MODEL, messages=MESSAGES, tool_choice="required")
+    assert tools.value.body["param"] == "tool_choice"
+    rid = "test-request-id-4242"
+    reply = httpx.post(mesh.http + "/chat/completions", timeout=30,
+                       headers={"authorization": "Bearer key-one", "x-request-id": rid},
+                       json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2})
+    assert reply.status_code == 200 and reply.headers["x-request-id"] == rid
+    log = (mesh.dir / "gateway.log").read_text()
+    assert f"{rid} POST /v1/chat/completions -> 200" in log
+    assert "key-one" not in log

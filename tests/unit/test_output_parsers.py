@@ -1,0 +1,118 @@
+"""vLLM's reasoning and tool parsers as the gateway drives them, over real token streams.
+
+Imports vLLM's parser modules (torch, no engine): a few seconds once per session.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers.decoders import DecodeStream
+
+from kvmesh.gateway.chat import ChatPlan, collect_chat, stream_chat
+from kvmesh.gateway.parsers import OutputParser
+from kvmesh.gateway.pipeline import ChoiceDelta, Finished
+from kvmesh.gateway.schemas import ChatCompletionRequest
+from kvmesh.gateway.tokenizers import ModelTokenizer
+from kvmesh.gateway.translate import usage
+
+pytestmark = pytest.mark.unit
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+THOUGHT = "<think>The user wants weather. I should call the tool.</think>"
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path) -> ModelTokenizer:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    # SmolLM2 has no thinking tokens; a reasoning model's tokenizer does.
+    hf.add_tokens(["<think>", "</think>"])
+    return ModelTokenizer(hf)
+
+
+def chat(**kw: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def token_deltas(tok: ModelTokenizer, text: str) -> list[tuple[str, list[int]]]:
+    """(text, [token]) per token, decoded incrementally as the gateway does."""
+    stream = DecodeStream(skip_special_tokens=True)
+    out = []
+    for token in tok.encode(text, False):
+        out.append((stream.step(tok.backend, token) or "", [token]))
+    return out
+
+
+def test_reasoning_split_whole_and_streamed(tokenizer: ModelTokenizer) -> None:
+    text = THOUGHT + "It is sunny in Paris."
+    parser = OutputParser(tokenizer.hf, chat(), None, "deepseek_r1")
+    reasoning, content, calls = parser.final(text)
+    assert reasoning == "The user wants weather. I should call the tool."
+    assert content == "It is sunny in Paris." and calls == []
+    parser = OutputParser(tokenizer.hf, chat(), None, "deepseek_r1")
+    steps = [parser.step(t, ids) for t, ids in token_deltas(tokenizer, text)]
+    assert "".join(s.reasoning or "" for s in steps) == reasoning
+    assert "".join(s.content or "" for s in steps) == content
+
+
+def test_hermes_tool_calls_whole_and_streamed(tokenizer: ModelTokenizer) -> None:
+    req = chat(tools=[WEATHER])
+    parser = OutputParser(tokenizer.hf, req, "hermes", None)
+    reasoning, content, calls = parser.final("Let me check. " + CALL)
+    assert reasoning is None and content == "Let me check. "
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})]
+    parser = OutputParser(tokenizer.hf, req, "hermes", None)
+    steps = [parser.step(t, ids) for t, ids in token_deltas(tokenizer, CALL)]
+    steps_calls = [c for s in steps for c in s.tool_calls] + parser.finish()
+    assert parser.tools_called
+    assert "".join(c.function.name or "" for c in steps_calls if c.function) == "get_weather"
+    args = "".join(c.function.arguments or "" for c in steps_calls if c.function)
+    assert json.loads(args) == {"city": "Paris"}
+    assert not "".join(s.content or "" for s in steps).strip()
+
+
+async def _events(tok: ModelTokenizer, text: str) -> Any:
+    deltas = token_deltas(tok, text)
+    for i, (t, ids) in enumerate(deltas):
+        yield ChoiceDelta(0, t, ids, "stop" if i == len(deltas) - 1 else None)
+    yield Finished(usage(5, len(deltas), 0))
+
+
+def _plan(req: ChatCompletionRequest, reasoning: str | None) -> ChatPlan:
+    return ChatPlan(req=req, tool_mode="auto" if req.tools else "none", tool_parser="hermes",
+                    reasoning_parser=reasoning, top_logprobs=None)
+
+
+async def test_reasoning_then_tool_call_through_the_chat_layer(
+    tokenizer: ModelTokenizer,
+) -> None:
+    req = chat(tools=[WEATHER])
+    plan = _plan(req, "deepseek_r1")
+    [result], final = await collect_chat(_events(tokenizer, THOUGHT + CALL), plan, tokenizer, 1)
+    assert result.reasoning and "call the tool" in result.reasoning
+    assert [c.function.name for c in result.tool_calls] == ["get_weather"]
+    assert result.finish_reason == "tool_calls" and final.prompt_tokens == 5
+    events = [e async for e in stream_chat(_events(tokenizer, THOUGHT + CALL), plan,
+                                           tokenizer, 1)]
+    steps = [e for e in events if not isinstance(e, Finished)]
+    assert "".join(e.reasoning or "" for e in steps) == result.reasoning
+    assert steps[-1].finish_reason == "tool_calls"
+    args = "".join(c.function.arguments or "" for e in steps for c in e.tool_calls
+                   if c.function)
+    assert json.loads(args) == {"city": "Paris"}
+
+
+async def test_without_parsers_text_is_content(tokenizer: ModelTokenizer) -> None:
+    plan = _plan(chat(), None)
+    [result], _ = await collect_chat(_events(tokenizer, THOUGHT + "x"), plan, tokenizer, 1)
+    assert result.content == THOUGHT + "x" and result.reasoning is None
+    assert result.finish_reason == "stop"
