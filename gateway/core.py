@@ -158,5 +158,10 @@ class GatewayCore:
                     span.set_attribute("kvmesh.prompt_tokens", len(ids))
                 specs.append(self._spec(req, entry, ids, prompt, constraint))
             else:
+                vocab = tokenizer.vocab_size
+                if any(t >= vocab for t in prompt):
+                    raise InvalidRequestError(
+                        f"prompt token ids must be below the vocabulary size {vocab}",
+                        param="prompt")
                 specs.append(self._spec(req, entry, list(prompt), "", constraint))
         return specs, tokenizer

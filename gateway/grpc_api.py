@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 from pydantic import ValidationError
 
 from kvmesh.errors import InvalidRequestError, KvmeshError, http_error_for
+from kvmesh.gateway.chat import ChatPlan, collect_chat, stream_chat
 from kvmesh.gateway.core import GatewayCore, new_request_id
+from kvmesh.gateway.logprobs import TokenLogprob
 from kvmesh.gateway.pipeline import Finished, run_generation
 from kvmesh.gateway.request_log import RequestRecord
-from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from kvmesh.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DeltaToolCall,
+    Usage,
+)
 from kvmesh.gateway.tokenizers import ModelTokenizer
-from kvmesh.gateway.translate import GenerationSpec, sampling_fields_from_proto
+from kvmesh.gateway.translate import (
+    GenerationSpec,
+    chat_fields_from_proto,
+    completion_fields_from_proto,
+)
 from kvmesh.logs import request_id_var
 from kvmesh.tracing import current_trace_id
 from kvmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -29,13 +41,66 @@ def _validated(cls: type, fields: dict[str, object]) -> object:
         raise InvalidRequestError(f"{param}: {first.get('msg')}", param=param) from exc
 
 
+@dataclass
+class Prepared:
+    """A validated, tokenized request, ready to generate."""
+
+    specs: list[GenerationSpec]
+    tokenizer: ModelTokenizer
+    stream: bool
+    plan: ChatPlan | None = None  # chat only
+    echo: str = ""  # completions: the prompt text to prepend
+    logprobs: int | None = None  # completions: alternatives per token, when requested
+
+
+def _bearer(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
+
+
+def _usage(u: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens,
+        cached_tokens=(u.prompt_tokens_details or {}).get("cached_tokens", 0),
+    )
+
+
+def _tool_call_delta(d: DeltaToolCall) -> inference_pb2.ToolCall:
+    fn = d.function
+    return inference_pb2.ToolCall(
+        index=d.index, id=d.id or "", name=(fn.name if fn else None) or "",
+        arguments=(fn.arguments if fn else None) or "")
+
+
+def _logprobs(
+    items: list[TokenLogprob], top: int | None, tokenizer: ModelTokenizer
+) -> list[inference_pb2.TokenLogprob]:
+    if top is None:
+        return []
+    return [
+        inference_pb2.TokenLogprob(
+            token_id=item.token_id, token=tokenizer.token_text(item.token_id),
+            logprob=item.logprob,
+            top_logprobs=[
+                inference_pb2.TopLogprob(token_id=tid, token=tokenizer.token_text(tid),
+                                         logprob=lp)
+                for tid, lp in sorted(item.top, key=lambda t: -t[1])[:top]
+            ],
+        )
+        for item in items
+    ]
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, core: GatewayCore) -> None:
         self._core = core
 
     async def _counted(
-        self, method: str, model: str, stream: bool, client_id: str, prefix: str,
-        prepare: Callable[[], Awaitable[tuple[GenerationSpec, ModelTokenizer]]],
+        self, method: str, model: str, client_id: str, prefix: str,
+        prepare: Callable[[], Awaitable[Prepared]], context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
         """Metrics for one RPC: requests by gRPC status, errors by type, token timings."""
         metrics = self._core.metrics
@@ -45,10 +110,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         record = RequestRecord(client_id or new_request_id(prefix), started,
                                trace_id=current_trace_id(), endpoint=endpoint, model=model)
         request_id_var.set(record.request_id)
+        slot = None
         try:
-            spec, tokenizer = await prepare()
-            async for item in self._generate(spec, tokenizer, record.request_id, prefix,
-                                             stream, endpoint, started, record):
+            key = self._core.admission.authenticate(_bearer(context))
+            prepared = await prepare()
+            slot = self._core.admission.admit(key, prepared.stream)
+            async for item in self._generate(prepared, record.request_id, prefix, endpoint,
+                                             started, record):
                 yield item
         except KvmeshError as exc:
             status = exc.code
@@ -59,6 +127,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             metrics.errors.labels(http_error_for(status).openai_type).inc()
             raise
         finally:
+            if slot is not None:
+                slot.release()
             metrics.requests.labels(metrics.model_label(model), endpoint, status.name).inc()
             record.status = status.name
             record.done()
@@ -67,8 +137,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
         async for item in self._counted(
-            "Chat", request.model, request.stream, request.request_id, "chatcmpl",
-            lambda: self._prepare_chat(request),
+            "Chat", request.model, request.request_id, "chatcmpl",
+            lambda: self._prepare_chat(request), context,
         ):
             yield item
 
@@ -76,72 +146,91 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
         async for item in self._counted(
-            "Complete", request.model, request.stream, request.request_id, "cmpl",
-            lambda: self._prepare_completion(request),
+            "Complete", request.model, request.request_id, "cmpl",
+            lambda: self._prepare_completion(request), context,
         ):
             yield item
 
-    async def _prepare_chat(
-        self, request: inference_pb2.ChatRequest
-    ) -> tuple[GenerationSpec, ModelTokenizer]:
-        fields = sampling_fields_from_proto(request.model, request.sampling, request.stream)
-        fields["messages"] = [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-            for m in request.messages
-        ]
-        req = _validated(ChatCompletionRequest, fields)
+    async def _prepare_chat(self, request: inference_pb2.ChatRequest) -> Prepared:
+        req = _validated(ChatCompletionRequest, chat_fields_from_proto(request))
         assert isinstance(req, ChatCompletionRequest)
-        spec, tokenizer, _plan = await self._core.prepare_chat(req)
-        return spec, tokenizer
+        spec, tokenizer, plan = await self._core.prepare_chat(req)
+        return Prepared([spec], tokenizer, req.stream, plan=plan)
 
-    async def _prepare_completion(
-        self, request: inference_pb2.CompletionRequest
-    ) -> tuple[GenerationSpec, ModelTokenizer]:
-        fields = sampling_fields_from_proto(request.model, request.sampling, request.stream)
-        which = request.WhichOneof("prompt")
-        if which is None:
-            raise InvalidRequestError("prompt is required", param="prompt")
-        fields["prompt"] = request.text if which == "text" else list(request.token_ids.ids)
-        req = _validated(CompletionRequest, fields)
+    async def _prepare_completion(self, request: inference_pb2.CompletionRequest) -> Prepared:
+        req = _validated(CompletionRequest, completion_fields_from_proto(request))
         assert isinstance(req, CompletionRequest)
         specs, tokenizer = await self._core.prepare_completion(req)
-        return specs[0], tokenizer
+        prefix = ""
+        if req.echo:
+            prefix = specs[0].prompt_text or tokenizer.decode(specs[0].prompt_ids)
+        return Prepared(specs, tokenizer, req.stream, echo=prefix, logprobs=req.logprobs)
 
     async def _generate(
-        self, spec: GenerationSpec, tokenizer: ModelTokenizer, client_id: str, prefix: str,
-        stream: bool, endpoint: str, started: float, record: RequestRecord,
+        self, prepared: Prepared, client_id: str, prefix: str, endpoint: str, started: float,
+        record: RequestRecord,
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        spec, tokenizer, plan = prepared.specs[0], prepared.tokenizer, prepared.plan
         rid = client_id or new_request_id(prefix)
         created = int(time.time())
-        choices = [inference_pb2.GenerationChoice(index=i) for i in range(spec.n)]
         events = self._core.metrics.observe_generation(
             run_generation(self._core.mesh, tokenizer, spec, rid), spec.model, endpoint, started,
             record)
+        top = plan.top_logprobs if plan is not None else prepared.logprobs
+
+        def response(choices: list[inference_pb2.GenerationChoice],
+                     usage: common_pb2.Usage | None = None) -> inference_pb2.GenerationResponse:
+            return inference_pb2.GenerationResponse(
+                id=rid, model=spec.model, created=created, choices=choices, usage=usage)
+
+        if plan is not None and not prepared.stream:
+            results, final = await collect_chat(events, plan, tokenizer, spec.n)
+            yield response([
+                inference_pb2.GenerationChoice(
+                    index=r.index, text=r.content or "", reasoning=r.reasoning or "",
+                    finish_reason=r.finish_reason or "",
+                    tool_calls=[inference_pb2.ToolCall(
+                        index=i, id=c.id, name=c.function.name, arguments=c.function.arguments)
+                        for i, c in enumerate(r.tool_calls)],
+                    logprobs=_logprobs(r.logprobs, top, tokenizer),
+                )
+                for r in results
+            ], _usage(final))
+            return
+        if plan is not None:
+            async for chat_event in stream_chat(events, plan, tokenizer, spec.n):
+                if isinstance(chat_event, Finished):
+                    yield response([], _usage(chat_event.usage))
+                    continue
+                yield response([inference_pb2.GenerationChoice(
+                    index=chat_event.index, text=chat_event.content or "",
+                    reasoning=chat_event.reasoning or "",
+                    finish_reason=chat_event.finish_reason or "",
+                    tool_calls=[_tool_call_delta(d) for d in chat_event.tool_calls],
+                    logprobs=_logprobs(chat_event.logprobs, top, tokenizer),
+                )])
+            return
+        choices = [inference_pb2.GenerationChoice(index=i, text=prepared.echo)
+                   for i in range(spec.n)]
+        echoed: set[int] = set()
         async for event in events:
             if isinstance(event, Finished):
-                u = event.usage
-                usage = common_pb2.Usage(
-                    prompt_tokens=u.prompt_tokens,
-                    completion_tokens=u.completion_tokens,
-                    total_tokens=u.total_tokens,
-                    cached_tokens=(u.prompt_tokens_details or {}).get("cached_tokens", 0),
-                )
-                yield inference_pb2.GenerationResponse(
-                    id=rid, model=spec.model, created=created, usage=usage,
-                    choices=[] if stream else choices,
-                )
-            elif stream:
-                yield inference_pb2.GenerationResponse(
-                    id=rid, model=spec.model, created=created,
-                    choices=[inference_pb2.GenerationChoice(
-                        index=event.index, text=event.text, token_ids=event.token_ids,
-                        finish_reason=event.finish_reason or "",
-                    )],
-                )
+                yield response([] if prepared.stream else choices, _usage(event.usage))
+            elif prepared.stream:
+                text = event.text
+                if prepared.echo and event.index not in echoed:
+                    echoed.add(event.index)
+                    text = prepared.echo + text
+                yield response([inference_pb2.GenerationChoice(
+                    index=event.index, text=text, token_ids=event.token_ids,
+                    finish_reason=event.finish_reason or "",
+                    logprobs=_logprobs(event.logprobs, top, tokenizer),
+                )])
             else:
                 choice = choices[event.index]
                 choice.text += event.text
                 choice.token_ids.extend(event.token_ids)
+                choice.logprobs.extend(_logprobs(event.logprobs, top, tokenizer))
                 if event.finish_reason:
                     choice.finish_reason = event.finish_reason
 

@@ -59,6 +59,11 @@ class ModelTokenizer:
     def decode(self, ids: list[int]) -> str:
         return str(self.hf.decode(ids, skip_special_tokens=True))
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model knows (added tokens included)."""
+        return len(self.hf)
+
     def token_text(self, token_id: int) -> str:
         """One token as text, the way vLLM's logprobs show it."""
         token = self.hf.convert_ids_to_tokens(token_id)

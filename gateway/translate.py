@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from smg_grpc_proto import vllm_engine_pb2
@@ -132,4 +133,88 @@ def sampling_fields_from_proto(
             fields[name] = getattr(options, name)
     if options.stop:
         fields["stop"] = list(options.stop)
+    if options.stop_token_ids:
+        fields["stop_token_ids"] = list(options.stop_token_ids)
+    if options.ignore_eos:
+        fields["ignore_eos"] = True
+    return fields
+
+
+def _json_field(text: str, param: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{param} is not valid JSON: {exc}", param=param) from exc
+
+
+def structured_fields_from_proto(so: inference_pb2.StructuredOutput) -> dict[str, object]:
+    """kvmesh.v1.StructuredOutput → vLLM's `structured_outputs` request field."""
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        return {}
+    value: object
+    if kind == "json_schema":
+        value = _json_field(so.json_schema, "structured_output.json_schema")
+        kind = "json"
+    elif kind == "choice":
+        value = list(so.choice.choices)
+    else:
+        value = getattr(so, kind)
+    return {"structured_outputs": {kind: value}}
+
+
+def chat_fields_from_proto(request: inference_pb2.ChatRequest) -> dict[str, object]:
+    """kvmesh.v1.ChatRequest → the OpenAI-shaped chat request fields."""
+    fields = sampling_fields_from_proto(request.model, request.sampling, request.stream)
+    messages: list[dict[str, object]] = []
+    for m in request.messages:
+        message: dict[str, object] = {"role": m.role, "content": m.content}
+        if m.name:
+            message["name"] = m.name
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in m.tool_calls
+            ]
+        messages.append(message)
+    fields["messages"] = messages
+    if request.tools:
+        fields["tools"] = [
+            {"type": "function", "function": {
+                "name": t.name,
+                **({"description": t.description} if t.description else {}),
+                **({"parameters": _json_field(t.parameters_json, "tools.parameters_json")}
+                   if t.parameters_json else {}),
+            }}
+            for t in request.tools
+        ]
+    choice = request.tool_choice.WhichOneof("choice")
+    if choice == "mode":
+        fields["tool_choice"] = request.tool_choice.mode
+    elif choice == "function":
+        fields["tool_choice"] = {"type": "function",
+                                 "function": {"name": request.tool_choice.function}}
+    if request.HasField("parallel_tool_calls"):
+        fields["parallel_tool_calls"] = request.parallel_tool_calls
+    if request.HasField("top_logprobs"):
+        fields["logprobs"] = True
+        fields["top_logprobs"] = request.top_logprobs
+    fields.update(structured_fields_from_proto(request.structured_output))
+    return fields
+
+
+def completion_fields_from_proto(request: inference_pb2.CompletionRequest) -> dict[str, object]:
+    """kvmesh.v1.CompletionRequest → the OpenAI-shaped completion request fields."""
+    fields = sampling_fields_from_proto(request.model, request.sampling, request.stream)
+    which = request.WhichOneof("prompt")
+    if which is None:
+        raise InvalidRequestError("prompt is required", param="prompt")
+    fields["prompt"] = request.text if which == "text" else list(request.token_ids.ids)
+    if request.HasField("logprobs"):
+        fields["logprobs"] = request.logprobs
+    fields["echo"] = request.echo
+    fields.update(structured_fields_from_proto(request.structured_output))
     return fields

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 
 class KvmeshError(Exception):
@@ -95,3 +97,28 @@ def openai_error_body(
 ) -> dict[str, dict[str, object]]:
     """The OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}
+
+
+def rich_status(exc: KvmeshError) -> status_pb2.Status:
+    """The error as a ``google.rpc.Status`` with details gRPC clients can read
+    (``grpc_status.rpc_status.from_call``): ``ErrorInfo`` (reason = the OpenAI error
+    type, metadata.param), ``BadRequest`` naming the offending field, ``RetryInfo``
+    for rate limits."""
+    details = [error_details_pb2.ErrorInfo(
+        reason=exc.openai_type, domain="kvmesh",
+        metadata={"param": exc.param} if exc.param else {},
+    )]
+    if exc.param:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=exc.param, description=exc.message)]))
+    if isinstance(exc, RateLimitedError):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.seconds = exc.retry_after_s
+        details.append(retry)
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    return status_pb2.Status(code=exc.code.value[0], message=exc.message, details=packed)

@@ -14,7 +14,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh import tracing
-from kvmesh.errors import KvmeshError
+from kvmesh.errors import KvmeshError, rich_status
+
+#: Where gRPC carries a google.rpc.Status (what grpc_status.rpc_status reads).
+GRPC_DETAILS_METADATA_KEY = "grpc-status-details-bin"
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +82,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: KvmeshError) -> None:
+    """Abort with the status code, message and google.rpc.Status details."""
+    metadata: list[tuple[str, str | bytes]] = [
+        (GRPC_DETAILS_METADATA_KEY, rich_status(exc).SerializeToString())]
     if exc.param:
-        context.set_trailing_metadata((("kvmesh-error-param", exc.param),))
-    await context.abort(exc.code, exc.message)
+        metadata.append(("kvmesh-error-param", exc.param))
+    await context.abort(exc.code, exc.message, trailing_metadata=tuple(metadata))
 
 
 def create_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:

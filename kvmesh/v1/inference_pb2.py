@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh/v1/inference.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x9f\x03\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x0e\n\x01n\x18\x0b \x01(\rH\t\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x04\n\x02_n\"\x98\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvmesh.v1.SamplingOptions\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xb8\x01\n\x11\x43ompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvmesh.v1.SamplingOptions\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"Y\n\x10GenerationChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"\x8f\x01\n\x12GenerationResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x1b.kvmesh.v1.GenerationChoice\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x03\"\x13\n\x11ListModelsRequest\"Q\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kvmesh.v1.ModelCard2\xe2\x01\n\tInference\x12?\n\x04\x43hat\x12\x16.kvmesh.v1.ChatRequest\x1a\x1d.kvmesh.v1.GenerationResponse0\x01\x12I\n\x08\x43omplete\x12\x1c.kvmesh.v1.CompletionRequest\x1a\x1d.kvmesh.v1.GenerationResponse0\x01\x12I\n\nListModels\x12\x1c.kvmesh.v1.ListModelsRequest\x1a\x1d.kvmesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh/v1/inference.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.kvmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"\xcb\x03\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x0e\n\x01n\x18\x0b \x01(\rH\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x04\n\x02_n\"\x82\x03\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvmesh.v1.SamplingOptions\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x36\n\x11structured_output\x18\x06 \x01(\x0b\x32\x1b.kvmesh.v1.StructuredOutput\x12\x1e\n\x05tools\x18\x07 \x03(\x0b\x32\x0f.kvmesh.v1.Tool\x12*\n\x0btool_choice\x18\x08 \x01(\x0b\x32\x15.kvmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\t \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x42\x16\n\x14_parallel_tool_callsB\x0f\n\r_top_logprobs\"\xa2\x02\n\x11\x43ompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvmesh.v1.SamplingOptions\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x36\n\x11structured_output\x18\x07 \x01(\x0b\x32\x1b.kvmesh.v1.StructuredOutput\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\t \x01(\x08\x42\x08\n\x06promptB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc0\x01\n\x10GenerationChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x11\n\treasoning\x18\x05 \x01(\t\x12\'\n\ntool_calls\x18\x06 \x03(\x0b\x32\x13.kvmesh.v1.ToolCall\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.kvmesh.v1.TokenLogprob\"\x8f\x01\n\x12GenerationResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x1b.kvmesh.v1.GenerationChoice\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x03\"\x13\n\x11ListModelsRequest\"Q\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kvmesh.v1.ModelCard\"\x95\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x15.kvmesh.v1.ChoiceListH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"m\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.kvmesh.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x32\xe2\x01\n\tInference\x12?\n\x04\x43hat\x12\x16.kvmesh.v1.ChatRequest\x1a\x1d.kvmesh.v1.GenerationResponse0\x01\x12I\n\x08\x43omplete\x12\x1c.kvmesh.v1.CompletionRequest\x1a\x1d.kvmesh.v1.GenerationResponse0\x01\x12I\n\nListModels\x12\x1c.kvmesh.v1.ListModelsRequest\x1a\x1d.kvmesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.inference_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHATMESSAGE']._serialized_start=64
-  _globals['_CHATMESSAGE']._serialized_end=122
-  _globals['_SAMPLINGOPTIONS']._serialized_start=125
-  _globals['_SAMPLINGOPTIONS']._serialized_end=540
-  _globals['_CHATREQUEST']._serialized_start=543
-  _globals['_CHATREQUEST']._serialized_end=695
-  _globals['_COMPLETIONREQUEST']._serialized_start=698
-  _globals['_COMPLETIONREQUEST']._serialized_end=882
-  _globals['_TOKENIDS']._serialized_start=884
-  _globals['_TOKENIDS']._serialized_end=907
-  _globals['_GENERATIONCHOICE']._serialized_start=909
-  _globals['_GENERATIONCHOICE']._serialized_end=998
-  _globals['_GENERATIONRESPONSE']._serialized_start=1001
-  _globals['_GENERATIONRESPONSE']._serialized_end=1144
-  _globals['_LISTMODELSREQUEST']._serialized_start=1146
-  _globals['_LISTMODELSREQUEST']._serialized_end=1165
-  _globals['_MODELCARD']._serialized_start=1167
-  _globals['_MODELCARD']._serialized_end=1248
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1250
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1308
-  _globals['_INFERENCE']._serialized_start=1311
-  _globals['_INFERENCE']._serialized_end=1537
+  _globals['_CHATMESSAGE']._serialized_end=185
+  _globals['_SAMPLINGOPTIONS']._serialized_start=188
+  _globals['_SAMPLINGOPTIONS']._serialized_end=647
+  _globals['_CHATREQUEST']._serialized_start=650
+  _globals['_CHATREQUEST']._serialized_end=1036
+  _globals['_COMPLETIONREQUEST']._serialized_start=1039
+  _globals['_COMPLETIONREQUEST']._serialized_end=1329
+  _globals['_TOKENIDS']._serialized_start=1331
+  _globals['_TOKENIDS']._serialized_end=1354
+  _globals['_GENERATIONCHOICE']._serialized_start=1357
+  _globals['_GENERATIONCHOICE']._serialized_end=1549
+  _globals['_GENERATIONRESPONSE']._serialized_start=1552
+  _globals['_GENERATIONRESPONSE']._serialized_end=1695
+  _globals['_LISTMODELSREQUEST']._serialized_start=1697
+  _globals['_LISTMODELSREQUEST']._serialized_end=1716
+  _globals['_MODELCARD']._serialized_start=1718
+  _globals['_MODELCARD']._serialized_end=1799
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1801
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1859
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1862
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=2011
+  _globals['_CHOICELIST']._serialized_start=2013
+  _globals['_CHOICELIST']._serialized_end=2042
+  _globals['_TOOL']._serialized_start=2044
+  _globals['_TOOL']._serialized_end=2110
+  _globals['_TOOLCHOICE']._serialized_start=2112
+  _globals['_TOOLCHOICE']._serialized_end=2170
+  _globals['_TOOLCALL']._serialized_start=2172
+  _globals['_TOOLCALL']._serialized_end=2242
+  _globals['_TOKENLOGPROB']._serialized_start=2244
+  _globals['_TOKENLOGPROB']._serialized_end=2353
+  _globals['_TOPLOGPROB']._serialized_start=2355
+  _globals['_TOPLOGPROB']._serialized_end=2417
+  _globals['_INFERENCE']._serialized_start=2420
+  _globals['_INFERENCE']._serialized_end=2646
 # @@protoc_insertion_point(module_scope)

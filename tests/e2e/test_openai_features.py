@@ -239,3 +239,42 @@ def test_completion_logprobs_n_and_batch(client: openai.OpenAI) -> None:
         temperature=0)
     assert batch.choices[1].text == single.choices[0].text
     assert batch.usage.prompt_tokens > single.usage.prompt_tokens
+
+
+def test_grpc_inference_structured_output_tools_and_logprobs(kvmesh_up: UpProcess) -> None:
+    import asyncio
+
+    import grpc
+
+    from kvmesh.v1 import inference_pb2 as pb
+    from kvmesh.v1 import inference_pb2_grpc
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(kvmesh_up.state["grpc"]) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            sampling = pb.SamplingOptions(max_tokens=60, temperature=0)
+            person = [r async for r in stub.Chat(pb.ChatRequest(
+                model=MODEL, sampling=sampling,
+                messages=[pb.ChatMessage(role="user", content=ASK_PERSON[0]["content"])],
+                structured_output=pb.StructuredOutput(json_schema=json.dumps(PERSON))))]
+            jsonschema.validate(json.loads(person[-1].choices[0].text), PERSON)
+            weather = pb.Tool(name="get_weather",
+                              parameters_json=json.dumps(WEATHER_TOOL["function"]["parameters"]))
+            request = pb.ChatRequest(
+                model=MODEL, sampling=sampling, tools=[weather], stream=True,
+                messages=[pb.ChatMessage(role="user", content=ASK_WEATHER[0]["content"])],
+                tool_choice=pb.ToolChoice(function="get_weather"), top_logprobs=2)
+            deltas = [c async for r in stub.Chat(request) for c in r.choices]
+            calls = [t for c in deltas for t in c.tool_calls]
+            assert calls[0].name == "get_weather" and calls[0].id
+            args = json.loads("".join(t.arguments for t in calls))
+            jsonschema.validate(args, WEATHER_TOOL["function"]["parameters"])
+            logprobs = [lp for c in deltas for lp in c.logprobs]
+            assert logprobs and all(len(lp.top_logprobs) == 2 for lp in logprobs)
+            completion = [r async for r in stub.Complete(pb.CompletionRequest(
+                model=MODEL, text="The answer is", sampling=pb.SamplingOptions(max_tokens=5),
+                structured_output=pb.StructuredOutput(
+                    choice=pb.ChoiceList(choices=["alpha", "omega"]))))]
+            assert completion[-1].choices[0].text in ("alpha", "omega")
+
+    asyncio.run(run())

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from kvmesh.procs import spawn_module, terminate, wait_ready_file
+from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
 from .conftest import Mesh, _wait_healthy, start_router
 
@@ -146,3 +151,65 @@ def test_errors_name_params_and_request_id_is_echoed_and_logged(mesh: Mesh) -> N
     log = (mesh.dir / "gateway.log").read_text()
     assert f"{rid} POST /v1/chat/completions -> 200" in log
     assert "key-one" not in log
+
+
+def _grpc_status(err: grpc.aio.AioRpcError) -> status_pb2.Status:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None and status.code == err.code().value[0]
+    return status
+
+
+def _detail(status: status_pb2.Status, kind: type) -> object:
+    for any_detail in status.details:
+        if any_detail.Is(kind.DESCRIPTOR):
+            detail = kind()
+            any_detail.Unpack(detail)
+            return detail
+    raise AssertionError(f"no {kind.__name__} in {status}")
+
+
+def test_grpc_auth_and_rich_status_details(mesh: Mesh) -> None:
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(mesh.grpc) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            request = inference_pb2.ChatRequest(
+                model=MODEL, messages=[inference_pb2.ChatMessage(role="user", content="hi")],
+                sampling=inference_pb2.SamplingOptions(max_tokens=3))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [r async for r in stub.Chat(request)]
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            info = _detail(_grpc_status(err.value), error_details_pb2.ErrorInfo)
+            assert info.reason == "authentication_error"  # type: ignore[attr-defined]
+            auth = (("authorization", "Bearer key-two"),)
+            replies = [r async for r in stub.Chat(request, metadata=auth)]
+            assert replies[-1].usage.completion_tokens == 3
+            bad = inference_pb2.ChatRequest(
+                model=MODEL, messages=request.messages,
+                sampling=inference_pb2.SamplingOptions(temperature=7))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [r async for r in stub.Chat(bad, metadata=auth)]
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            violation = _detail(_grpc_status(err.value), error_details_pb2.BadRequest)
+            assert violation.field_violations[0].field == "temperature"  # type: ignore[attr-defined]
+            forced = inference_pb2.ChatRequest(
+                model=MODEL, messages=request.messages,
+                tool_choice=inference_pb2.ToolChoice(function="missing"),
+                tools=[inference_pb2.Tool(name="get_weather", parameters_json="{}")])
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [r async for r in stub.Chat(forced, metadata=auth)]
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert dict(err.value.trailing_metadata())["kvmesh-error-param"] == "tool_choice"
+            # Streams count against the key's stream budget, HTTP and gRPC alike.
+            long = inference_pb2.ChatRequest(
+                model=MODEL, messages=request.messages, stream=True,
+                sampling=inference_pb2.SamplingOptions(max_tokens=25))
+            first = stub.Chat(long, metadata=auth)
+            await first.read()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [r async for r in stub.Chat(long, metadata=auth)]
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            retry = _detail(_grpc_status(err.value), error_details_pb2.RetryInfo)
+            assert retry.retry_delay.seconds == 3  # type: ignore[attr-defined]
+            first.cancel()
+
+    asyncio.run(run())
