@@ -44,7 +44,7 @@ def mesh(model_dir: Path) -> Iterator[Mesh]:
                 mesh.dir / "gateway.log", env=env,
             )
             mesh.procs["gateway"] = proc
-            gateway = wait_ready_file(ready, 60, proc, "gateway")
+            gateway = wait_ready_file(ready, 180, proc, "gateway")
             mesh.http, mesh.grpc = gateway["http"], gateway["grpc"]
             _wait_healthy(mesh.http)
             yield mesh
