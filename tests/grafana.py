@@ -25,8 +25,24 @@ def load_dashboard() -> dict[str, Any]:
     return data
 
 
-def expressions(dashboard: dict[str, Any]) -> list[str]:
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+#: The row whose series exist only on a prefill/decode mesh (vLLM's NIXL metrics).
+PD_ROW = "Prefill/decode (KV transfer)"
+
+
+def expressions(dashboard: dict[str, Any], rows: set[str] | None = None) -> list[str]:
+    """The PromQL of every panel (or of the panels under the row titles ``rows``)."""
+    out: list[str] = []
+    row = ""
+    for p in dashboard["panels"]:
+        if p["type"] == "row":
+            row = p["title"]
+        elif rows is None or row in rows:
+            out.extend(t["expr"] for t in p.get("targets", []))
+    return out
+
+
+def rows(dashboard: dict[str, Any]) -> list[str]:
+    return [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
 
 
 def metric_names(expr: str) -> set[str]:

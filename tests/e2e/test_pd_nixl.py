@@ -216,6 +216,26 @@ def test_cancel_mid_decode_frees_both_workers(pd: UpProcess, tokenizer) -> None:
     _wait_idle(pd)
 
 
+def test_dashboard_pd_queries_resolve_against_the_pd_mesh(pd: UpProcess) -> None:
+    """The Grafana dashboard's P/D row reads series a live P/D mesh exports (found
+    through the gateway's service discovery, after the traffic of the tests above)."""
+    from tests.grafana import PD_ROW, exported_names, expressions, load_dashboard, metric_names
+
+    base = pd.state["http"].removesuffix("/v1")
+    groups = httpx.get(base + "/sd/prometheus", timeout=10).json()
+    roles = {g["labels"].get("kvmesh_role") for g in groups} - {None}
+    assert roles == {"prefill", "decode"}
+    exported: set[str] = set()
+    for group in groups:
+        for target in group["targets"]:
+            exported |= exported_names(httpx.get(f"http://{target}/metrics", timeout=10).text)
+    pd_exprs = expressions(load_dashboard(), {PD_ROW})
+    assert pd_exprs
+    for expr in pd_exprs:
+        missing = metric_names(expr) - exported
+        assert not missing, f"{expr}: {sorted(missing)} not exported"
+
+
 def test_prefill_worker_killed_after_prefill_decode_recomputes(pd: UpProcess, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """Runs last: it kills the prefill worker (engine process tree included)."""
     prefill, decode = _worker(pd, "prefill"), _worker(pd, "decode")
@@ -239,3 +259,4 @@ def test_prefill_worker_killed_after_prefill_decode_recomputes(pd: UpProcess, to
     after = _metrics(decode["metrics"])
     assert after.get("vllm:nixl_num_failed_transfers_total", 0) > \
         before.get("vllm:nixl_num_failed_transfers_total", 0)
+

@@ -27,7 +27,8 @@ def test_dashboard_structure() -> None:
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids))
     rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
-    assert rows == ["Gateway", "Router", "Workers (vLLM engine metrics)"]
+    assert rows == ["Gateway", "Router", "Workers (vLLM engine metrics)",
+                    "Prefill/decode (KV transfer)"]
     for p in d["panels"]:
         grid = p["gridPos"]
         assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24
@@ -56,7 +57,8 @@ def test_dashboard_covers_every_service() -> None:
                    "kvmesh_gateway_auth_failures_total", "kvmesh_router_decisions_total",
                    "kvmesh_router_kv_event_lag_seconds_bucket", "kvmesh_router_workers",
                    "vllm:kv_cache_usage_perc", "vllm:prefix_cache_hits_total",
-                   "vllm:num_requests_running"):
+                   "vllm:num_requests_running", "vllm:nixl_bytes_transferred_sum",
+                   "vllm:nixl_xfer_time_seconds_bucket", "kvmesh_gateway_pd_requests_total"):
         assert wanted in names
 
 
