@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import openai
 import pytest
 from transformers import AutoTokenizer
 
 from kvmesh.v1 import router_pb2, router_pb2_grpc
+from tests.prom import Scrape
 
 from .conftest import MODEL, UpProcess
 
@@ -84,15 +86,26 @@ def test_shared_prefix_goes_to_the_worker_that_cached_it(
     assert decision.reason == "kv_aware:prefix"
     assert decision.expected_cached_tokens >= 600 // 32 * 32
 
-    # And vLLM's own prefix-cache hit count agrees, request after request.
+    # And vLLM's own prefix-cache hits agree, request after request: in each reply's
+    # usage and in the holder engine's prefix-cache hit counter.
+    hits_before = _prefix_cache_hits(kvmesh_up, holder)
     for question in ("When do you open?", "Is there parking?", "Can I bring a dog?"):
         reply = ask(question)
         assert reply.usage.prompt_tokens_details.cached_tokens >= 600 // 32 * 32
+    assert _prefix_cache_hits(kvmesh_up, holder) - hits_before >= 3 * (600 // 32 * 32)
+
+
+def _prefix_cache_hits(kvmesh_up: UpProcess, worker_id: str) -> float:
+    """``vllm:prefix_cache_hits_total`` (tokens) of one worker, found through the
+    gateway's Prometheus service discovery."""
+    base = kvmesh_up.state["http"].removesuffix("/v1")
+    for group in httpx.get(base + "/sd/prometheus", timeout=10).json():
+        if group["labels"].get("kvmesh_worker") == worker_id:
+            return Scrape.of(group["targets"][0]).total("vllm:prefix_cache_hits_total")
+    raise AssertionError(f"no metrics target for worker {worker_id}")
 
 
 def test_router_metrics_show_events_and_prefix_decisions(kvmesh_up: UpProcess) -> None:
-    import httpx
-
     text = httpx.get(f"http://{kvmesh_up.state['router_metrics']}/metrics").text
     samples = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
