@@ -72,6 +72,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
         real = {
             "model_dir": LocalModelSource().resolve(args.model),
             "smg_binary": args.smg,
+            "repeat": args.repeat,
             "engine_flags": {"enforce_eager": args.enforce_eager,
                              "block_size": args.block_size,
                              "num_kv_blocks": args.num_kv_blocks},
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--model", default="embedded", help="real mode: model")
     routing.add_argument("--enforce-eager", action="store_true", help="real mode")
     routing.add_argument("--block-size", type=int, default=32, help="real mode")
+    routing.add_argument("--repeat", type=int, default=1,
+                         help="real mode: run each policy this many times, policies taking "
+                         "turns (fairer on a shared machine)")
     routing.add_argument("--num-kv-blocks", type=int, default=None,
                          help="KV capacity per worker in blocks (sim: the simulated cache; "
                          "real: caps each vLLM worker's cache and enables the oracle)")

@@ -80,7 +80,8 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str,
 
 
 async def _drive(url: str, model: str, prompts: list[tuple[float, str, int]],
-                 timeout_s: float) -> dict[str, Any]:
+                 timeout_s: float) -> tuple[list[dict[str, float]], float]:
+    """Send the workload; per-request results and the run's wall time."""
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         start = time.perf_counter()
@@ -88,12 +89,16 @@ async def _drive(url: str, model: str, prompts: list[tuple[float, str, int]],
             _one(client, url, model, text, max_tokens, arrival)
             for arrival, text, max_tokens in prompts
         ])
+    return list(results), max(r["end"] for r in results) - start
+
+
+def summarize(results: list[dict[str, float]], wall_s: float) -> dict[str, Any]:
+    """Metrics over every request of every repetition of one policy."""
     prompt_tokens = sum(r["prompt"] for r in results)
-    wall = max(r["end"] for r in results) - start
     reported = any(r["cached"] for r in results)
     return {
         **ttft_summary(r["ttft"] for r in results),
-        "throughput_tok_s": round(sum(r["completion"] for r in results) / wall, 1),
+        "throughput_tok_s": round(sum(r["completion"] for r in results) / wall_s, 1),
         "hit_rate": round(sum(r["cached"] for r in results) / prompt_tokens, 4)
         if prompt_tokens and reported else None,
         "oracle_hit_rate": None,
@@ -186,7 +191,10 @@ class RealBench:
 
 def run_real(workload: list[SimRequest], policies: list[str], workers: int,
              model_dir: Path, smg_binary: str | None, engine_flags: dict[str, Any],
-             timeout_s: float = 600) -> dict[str, dict[str, Any]]:
+             timeout_s: float = 600, repeat: int = 1) -> dict[str, dict[str, Any]]:
+    """Each policy runs the workload ``repeat`` times, the policies taking turns
+    (A B C A B C ...), so slow drifts of a shared machine hit every policy alike;
+    metrics pool every request of every turn."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -195,30 +203,38 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
     oracle = round(oracle_hit_rate(
         [tok(text, add_special_tokens=False)["input_ids"] for _, text, _ in prompts],
         int(engine_flags.get("block_size") or 32)), 4)
-    results: dict[str, dict[str, Any]] = {}
+    if not smg_binary:
+        for policy in [p for p in policies if p.startswith("smg:")]:
+            log.warning("skipping %s: no smg binary (pass --smg PATH)", policy)
+        policies = [p for p in policies if not p.startswith("smg:")]
+    raw: dict[str, list[dict[str, float]]] = {p: [] for p in policies}
+    walls = dict.fromkeys(policies, 0.0)
     with tempfile.TemporaryDirectory(prefix="kvm-real-") as d:
         bench = RealBench(model_dir, workers, Path(d), smg_binary, engine_flags)
         try:
             bench.start_workers()
-            for policy in policies:
-                if policy.startswith("smg:") and not smg_binary:
-                    log.warning("skipping %s: no smg binary (pass --smg PATH)", policy)
-                    continue
-                url, fronts = (bench.smg_front(policy[4:]) if policy.startswith("smg:")
-                               else bench.kvmesh_front(policy))
-                try:
-                    model = asyncio.run(bench.wait_ready(url, fronts))
-                    asyncio.run(_flush(bench.endpoints))
-                    log.info("running %s (%d requests)", policy, len(prompts))
-                    results[policy] = asyncio.run(_drive(url, model, prompts, timeout_s))
-                    results[policy]["oracle_hit_rate"] = oracle
-                    log.info("%s: %s", policy, results[policy])
-                finally:
-                    for proc in fronts:
-                        terminate(proc, 15)
+            for turn in range(repeat):
+                for policy in policies:
+                    url, fronts = (bench.smg_front(policy[4:]) if policy.startswith("smg:")
+                                   else bench.kvmesh_front(policy))
+                    try:
+                        model = asyncio.run(bench.wait_ready(url, fronts))
+                        asyncio.run(_flush(bench.endpoints))
+                        log.info("running %s, turn %d/%d (%d requests)", policy, turn + 1,
+                                 repeat, len(prompts))
+                        results, wall = asyncio.run(_drive(url, model, prompts, timeout_s))
+                        raw[policy] += results
+                        walls[policy] += wall
+                        log.info("%s, turn %d: %s", policy, turn + 1,
+                                 summarize(results, wall))
+                    finally:
+                        for proc in fronts:
+                            terminate(proc, 15)
         finally:
             bench.stop()
             kept = Path(tempfile.gettempdir()) / "kvmesh-real-bench-logs"
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(d, kept, ignore=shutil.ignore_patterns("*-kv", "*-kvr"))
-    return results
+    return {policy: {**summarize(raw[policy], walls[policy]), "oracle_hit_rate": oracle,
+                     "turns": repeat}
+            for policy in policies}
