@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import grpc
 from pydantic import ValidationError
 
-from kvmesh.errors import InvalidRequestError, KvmeshError, http_error_for
+from kvmesh.errors import AuthenticationError, InvalidRequestError, KvmeshError, http_error_for
 from kvmesh.gateway.chat import ChatPlan, collect_chat, stream_chat
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.logprobs import TokenLogprob
@@ -112,7 +112,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request_id_var.set(record.request_id)
         slot = None
         try:
-            key = self._core.admission.authenticate(_bearer(context))
+            bearer = _bearer(context)
+            try:
+                key = self._core.admission.authenticate(bearer)
+            except AuthenticationError:
+                metrics.auth_failure("missing_key" if bearer is None else "invalid_key")
+                raise
             prepared = await prepare()
             slot = self._core.admission.admit(key, prepared.stream)
             async for item in self._generate(prepared, record.request_id, prefix, endpoint,

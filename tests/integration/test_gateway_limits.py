@@ -214,3 +214,32 @@ def test_grpc_auth_and_rich_status_details(mesh: Mesh) -> None:
             first.cancel()
 
     asyncio.run(run())
+
+
+def test_auth_failures_are_counted(mesh: Mesh) -> None:
+    """Rejected keys, HTTP and gRPC, show up in kvmesh_gateway_auth_failures_total."""
+    from tests.prom import Scrape
+
+    gateway = mesh.http.removeprefix("http://").removesuffix("/v1")
+
+    def failures(reason: str) -> float:
+        return Scrape.of(gateway).total("kvmesh_gateway_auth_failures_total", reason=reason)
+
+    before = {r: failures(r) for r in ("missing_key", "invalid_key")}
+    assert httpx.get(mesh.http + "/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        client(mesh, "wrong").models.list()
+
+    async def grpc_calls() -> None:
+        async with grpc.aio.insecure_channel(mesh.grpc) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            request = inference_pb2.ChatRequest(
+                model=MODEL, messages=[inference_pb2.ChatMessage(role="user", content="hi")])
+            for metadata in ((), (("authorization", "Bearer wrong"),)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    [r async for r in stub.Chat(request, metadata=metadata)]
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    asyncio.run(grpc_calls())
+    assert failures("missing_key") - before["missing_key"] == 2
+    assert failures("invalid_key") - before["invalid_key"] == 2
