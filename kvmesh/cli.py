@@ -59,6 +59,21 @@ def _bench_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_pd(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmesh.pd_bench import Workload, run_pd_bench
+
+    engine = _set(enforce_eager=args.enforce_eager or None, block_size=args.block_size)
+    config = load_settings(MeshConfig, args.config, gateway=_set(port=0),
+                           worker=_set(engine=engine))
+    workload = Workload(shorts=args.shorts, short_max_tokens=args.short_max_tokens,
+                        longs=args.longs, long_tokens=args.long_tokens)
+    result = run_pd_bench(config, workload, args.disaggregation, args.seed, args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _bench_routing(args: argparse.Namespace) -> int:
     import json
 
@@ -161,6 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--out", type=Path, default=None, help="write results.json here")
     gw.set_defaults(func=_bench_gateway)
 
+    pdb = bench_sub.add_parser(
+        "pd", help="aggregated (2 x both) vs 1 prefill + 1 decode worker, mixed workload")
+    pdb.add_argument("--shorts", type=int, default=4, help="short prompts that decode long")
+    pdb.add_argument("--short-max-tokens", type=int, default=96)
+    pdb.add_argument("--longs", type=int, default=4, help="long prompts arriving meanwhile")
+    pdb.add_argument("--long-tokens", type=int, default=1500)
+    pdb.add_argument("--disaggregation", default="auto", choices=["auto", "always"],
+                     help="the router's P/D decision in the 1P+1D run")
+    pdb.add_argument("--config", type=Path, default=None)
+    pdb.add_argument("--enforce-eager", action="store_true")
+    pdb.add_argument("--block-size", type=int, default=32)
+    pdb.add_argument("--seed", type=int, default=0)
+    pdb.add_argument("--out", type=Path, default=None, help="write results.json here")
+    pdb.set_defaults(func=_bench_pd)
     routing = bench_sub.add_parser("routing", help="routing policies side by side")
     routing.add_argument("--mode", choices=["sim", "real"], default="sim",
                          help="sim: simulated workers with real caches and KV events; "

@@ -1,0 +1,65 @@
+"""The gateway's prefill and decode legs (pure request building)."""
+
+import json
+
+import pytest
+from smg_grpc_proto import vllm_engine_pb2
+
+from kvmesh.gateway.pd import PdMetrics, generate_request, handoff, prefill_request
+from kvmesh.pd_bench import Result, _summary, memcpy_gb_s
+
+pytestmark = pytest.mark.unit
+
+
+def test_prefill_leg_is_one_token_one_choice_remote_decode() -> None:
+    sampling = vllm_engine_pb2.SamplingParams(temperature=0, max_tokens=50, min_tokens=5,
+                                              n=3, logprobs=2, ignore_eos=True)
+    req = prefill_request("r1", [1, 2, 3], "abc", sampling)
+    assert req.request_id == "r1-prefill" and not req.stream
+    assert list(req.tokenized.input_ids) == [1, 2, 3]
+    p = req.sampling_params
+    assert (p.max_tokens, p.min_tokens, p.n, p.HasField("logprobs")) == (1, 0, 1, False)
+    assert p.ignore_eos and p.temperature == 0
+    assert json.loads(req.kv_transfer_params_json)["do_remote_decode"] is True
+    # The caller's sampling is untouched (the decode leg uses it as is).
+    assert (sampling.max_tokens, sampling.n) == (50, 3)
+
+
+def test_decode_leg_carries_the_handover_verbatim() -> None:
+    sampling = vllm_engine_pb2.SamplingParams(max_tokens=9)
+    raw = '{"do_remote_prefill": true, "remote_block_ids": [[1, 2]], "remote_port": 5}'
+    req = generate_request("r1", [4, 5], "", sampling, raw)
+    assert req.kv_transfer_params_json == raw and req.stream
+    assert req.sampling_params.max_tokens == 9
+    assert not generate_request("r1", [4], "", sampling).HasField("kv_transfer_params_json")
+
+
+def test_handoff_only_from_a_complete_with_remote_prefill_params() -> None:
+    def complete(params: str | None) -> vllm_engine_pb2.GenerateResponse:
+        return vllm_engine_pb2.GenerateResponse(
+            complete=vllm_engine_pb2.GenerateComplete(kv_transfer_params_json=params))
+
+    raw = '{"do_remote_prefill": true, "remote_engine_id": "e"}'
+    assert handoff(complete(raw)) == raw
+    assert handoff(complete(None)) is None
+    assert handoff(complete("not json")) is None
+    assert handoff(complete('{"do_remote_prefill": false}')) is None
+    chunk = vllm_engine_pb2.GenerateResponse(chunk=vllm_engine_pb2.GenerateStreamChunk())
+    assert handoff(chunk) is None
+
+
+def test_metrics_have_their_own_registry() -> None:
+    a, b = PdMetrics(), PdMetrics()
+    a.fallbacks.labels("prefill_failed").inc()
+    assert b.registry.get_sample_value(
+        "kvmesh_gateway_pd_fallbacks_total", {"reason": "prefill_failed"}) is None
+    assert a.registry.get_sample_value(
+        "kvmesh_gateway_pd_fallbacks_total", {"reason": "prefill_failed"}) == 1.0
+
+
+def test_bench_summary_and_memcpy() -> None:
+    results = [Result("short", 0.1, [0.01, 0.02, 0.5], 4), Result("long", 2.0, [], 1)]
+    s = _summary(results)
+    assert s["short_itl_max_s"] == 0.5 and s["long_ttft_p50_s"] == 2.0
+    assert s["output_tokens"] == 5
+    assert memcpy_gb_s(1 << 20) > 0.1
