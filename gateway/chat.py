@@ -131,7 +131,7 @@ async def collect_chat(
         calls: list[ToolCall] = []
         if plan.tool_mode in ("required", "named"):
             calls = forced_tool_calls(plan.tool_mode, plan.req, texts[i])
-            content = None if calls else texts[i]
+            content = "" if calls else texts[i]  # as vLLM: the text became the calls
         else:
             parser = plan.output_parser(tokenizer)
             if parser is not None:
