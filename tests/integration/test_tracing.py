@@ -3,6 +3,7 @@ with spans from the gateway, the router and the worker, joined by W3C traceparen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -23,8 +24,10 @@ MODEL = "SmolLM2-135M-Instruct"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "trace me"}], "max_tokens": 3}
 
 
-@pytest.fixture(scope="module")
-def traced_mesh(model_dir: Path) -> Iterator[tuple[Mesh, OtlpCollector]]:
+@contextlib.contextmanager
+def _traced(workers: dict[str, tuple[str, ...]], *router_flags: str,
+            ) -> Iterator[tuple[Mesh, OtlpCollector]]:
+    """Router, workers (name -> extra flags) and gateway, all tracing to one collector."""
     collector = OtlpCollector().start()
     trace_flags = ["--trace", "otlp", "--otlp-endpoint", collector.endpoint, "--log-json"]
     saved = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
@@ -32,8 +35,9 @@ def traced_mesh(model_dir: Path) -> Iterator[tuple[Mesh, OtlpCollector]]:
     with tempfile.TemporaryDirectory(prefix="kvm-tr-") as d:
         mesh = Mesh(Path(d))
         try:
-            mesh.router = start_router(mesh, "router", *trace_flags)
-            mesh.workers = [mesh.start_worker("w0", *trace_flags)]
+            mesh.router = start_router(mesh, "router", *trace_flags, *router_flags)
+            mesh.workers = [mesh.start_worker(name, *trace_flags, *extra)
+                            for name, extra in workers.items()]
             ready = mesh.dir / "gateway.ready"
             mesh.procs["gateway"] = spawn_module(
                 "kvmesh.gateway",
@@ -56,6 +60,20 @@ def traced_mesh(model_dir: Path) -> Iterator[tuple[Mesh, OtlpCollector]]:
                 os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
             else:
                 os.environ["OTEL_BSP_SCHEDULE_DELAY"] = saved
+
+
+@pytest.fixture(scope="module")
+def traced_mesh(model_dir: Path) -> Iterator[tuple[Mesh, OtlpCollector]]:
+    with _traced({"w0": ()}) as traced:
+        yield traced
+
+
+@pytest.fixture(scope="module")
+def traced_pd_mesh(model_dir: Path) -> Iterator[tuple[Mesh, OtlpCollector]]:
+    flags = ("--block-size", "32")
+    with _traced({"p0": ("--role", "prefill", *flags), "d0": ("--role", "decode", *flags)},
+                 "--disaggregation", "always") as traced:
+        yield traced
 
 
 def _wait_for_trace(collector: OtlpCollector, trace_id: str,
@@ -131,3 +149,28 @@ def test_json_logs_carry_request_and_trace_ids(traced_mesh: tuple[Mesh, OtlpColl
     assert line["status"] == 200 and line["endpoint"] == "/v1/chat/completions"
     assert line["model"] == MODEL and line["completion_tokens"] == 3
     assert line["prompt_tokens"] > 0 and line["latency_s"] > 0 and line["ttft_s"] > 0
+
+
+def test_disaggregated_request_traces_prefill_and_decode(
+        traced_pd_mesh: tuple[Mesh, OtlpCollector]) -> None:
+    mesh, collector = traced_pd_mesh
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
+    body = {"model": MODEL, "prompt": " ".join(["long prompt"] * 60), "max_tokens": 3}
+    reply = httpx.post(mesh.http + "/completions", json=body, timeout=30, headers={
+        "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    assert reply.status_code == 200
+    spans = _wait_for_trace(collector, trace_id,
+                            {"kvmesh-gateway", "kvmesh-router", "kvmesh-worker"})
+    ids = {s.span_id: s for s in spans}
+    prefill = next(s for s in spans if s.name == "prefill")
+    decode = next(s for s in spans if s.name == "decode")
+    assert prefill.attributes["kvmesh.worker"] == "p0" and prefill.attributes["kvmesh.kv_handover"]
+    assert decode.attributes["kvmesh.worker"] == "d0"
+    assert ids[prefill.parent_span_id].name == ids[decode.parent_span_id].name == \
+        "POST /v1/completions"
+    # Both legs reach their worker: one server span under each gateway leg.
+    worker_spans = [s for s in spans if s.service == "kvmesh-worker"]
+    legs = {ids[ids[s.parent_span_id].parent_span_id].name for s in worker_spans}
+    assert legs == {"prefill", "decode"}
+    decide = next(s for s in spans if s.name == "decide")
+    assert decide.attributes["kvmesh.route.disaggregated"] is True

@@ -81,3 +81,12 @@ def test_metric_name_extraction() -> None:
     text = ("# HELP a_total x\n# TYPE a_total counter\n# TYPE h histogram\n"
             'h_bucket{le="1.0"} 1.0\nb{x="1"} 2.0\n')
     assert exported_names(text) == {"a_total", "h", "h_bucket", "h_sum", "h_count", "b"}
+
+
+def test_prometheus_config_discovers_through_the_gateway() -> None:
+    config = yaml.safe_load((PROVISIONING.parent.parent / "prometheus" / "prometheus.yml")
+                            .read_text())
+    (job,) = config["scrape_configs"]
+    (sd,) = job["http_sd_configs"]
+    assert sd["url"].endswith("/sd/prometheus")
+    assert "static_configs" not in job  # every target comes from discovery
