@@ -193,11 +193,17 @@ def test_cancel_mid_prefill_frees_both_workers(pd: UpProcess, tokenizer) -> None
     _wait_idle(pd)
     ids = tokenizer.encode(" ".join(f"cancelled item {i} is blue." for i in range(220)))
     assert 1500 < len(ids) < CONTEXT - 64
+    decode = _worker(pd, "decode")
+    before = _metrics(decode["metrics"]).get("vllm:prompt_tokens_total", 0.0)
     # The client gives up long before a 1.5k-token prefill on one core is done.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(pd.state["http"] + "/completions", timeout=httpx.Timeout(10, read=0.5),
+        httpx.post(pd.state["http"] + "/completions", timeout=httpx.Timeout(10, read=0.3),
                    json={"model": MODEL, "prompt": ids, "max_tokens": 64, "stream": True})
     _wait_idle(pd)
+    # The prefill leg was aborted, so no decode leg ever reached the decode worker
+    # (only the idle probes' 3-token prompts did).
+    after = _metrics(decode["metrics"]).get("vllm:prompt_tokens_total", 0.0)
+    assert after - before < 100, after - before
 
 
 def test_cancel_mid_decode_frees_both_workers(pd: UpProcess, tokenizer) -> None:  # type: ignore[no-untyped-def]
