@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmesh.errors import InvalidRequestError
+from kvmesh.errors import InvalidRequestError, KvmeshError
 from kvmesh.gateway.schemas import (
     ChatCompletionRequest,
     DeltaFunctionCall,
@@ -105,7 +105,12 @@ class OutputParser:
         self._tools: Any = None
         self._reasoning: Any = None
         if reasoning_parser:
-            self._reasoning = reasoning_parser_class(reasoning_parser)(hf_tokenizer)
+            try:
+                self._reasoning = reasoning_parser_class(reasoning_parser)(hf_tokenizer)
+            except (RuntimeError, ValueError) as exc:  # e.g. no <think> tokens in the vocab
+                raise KvmeshError(
+                    f"reasoning parser {reasoning_parser!r} cannot run with the tokenizer of "
+                    f"{req.model!r}: {exc}") from exc
         if tool_parser:
             self._vreq = _vllm_chat_request_class().model_validate({
                 "model": req.model,
@@ -113,7 +118,13 @@ class OutputParser:
                 "tools": template_tools(req),
                 "tool_choice": "auto",
             })
-            self._tools = tool_parser_class(tool_parser)(hf_tokenizer, tools=self._vreq.tools)
+            try:
+                self._tools = tool_parser_class(tool_parser)(
+                    hf_tokenizer, tools=self._vreq.tools)
+            except (RuntimeError, ValueError) as exc:
+                raise KvmeshError(
+                    f"tool-call parser {tool_parser!r} cannot run with the tokenizer of "
+                    f"{req.model!r}: {exc}") from exc
         self._text = ""
         self._ids: list[int] = []
         self._reasoning_done = self._reasoning is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -243,3 +244,16 @@ def test_auth_failures_are_counted(mesh: Mesh) -> None:
     asyncio.run(grpc_calls())
     assert failures("missing_key") - before["missing_key"] == 2
     assert failures("invalid_key") - before["invalid_key"] == 2
+
+
+def test_worker_failure_is_503(mesh: Mesh) -> None:
+    """Last in this module: it kills the only worker. Until the router notices, the
+    gateway's route lands on a dead worker, re-routes once, finds none: 503."""
+    worker = mesh.procs["w0"]
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    reply = httpx.post(mesh.http + "/chat/completions", timeout=60,
+                       headers={"authorization": "Bearer key-one"},
+                       json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2})
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["type"] == "service_unavailable"

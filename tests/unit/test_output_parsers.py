@@ -116,3 +116,13 @@ async def test_without_parsers_text_is_content(tokenizer: ModelTokenizer) -> Non
     [result], _ = await collect_chat(_events(tokenizer, THOUGHT + "x"), plan, tokenizer, 1)
     assert result.content == THOUGHT + "x" and result.reasoning is None
     assert result.finish_reason == "stop"
+
+
+def test_a_parser_the_tokenizer_cannot_serve_is_a_clear_error(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from kvmesh.errors import KvmeshError
+
+    plain = AutoTokenizer.from_pretrained(str(model_dir))  # no <think> tokens
+    with pytest.raises(KvmeshError, match="reasoning parser 'deepseek_r1' cannot run"):
+        OutputParser(plain, chat(), None, "deepseek_r1")
