@@ -14,7 +14,9 @@ echo "==> mypy (pure core)"
 "$VENV/bin/mypy" router/registry.py router/policies.py router/pd.py router/cost_model.py \
   gateway/detokenize.py \
   gateway/translate.py gateway/structured.py gateway/tools.py gateway/logprobs.py \
-  gateway/admission.py services/engine_args.py kvmesh/config.py kvmesh/errors.py || exit 1
+  gateway/admission.py services/engine_args.py kvmesh/config.py kvmesh/errors.py \
+  gateway/discovery.py gateway/request_log.py gateway/metrics.py router/metrics.py \
+  kvmesh/logs.py kvmesh/tracing.py || exit 1
 echo "==> pytest"
 "$VENV/bin/python" -m pytest "$@"
 rc=$?
