@@ -174,3 +174,34 @@ def test_disaggregated_request_traces_prefill_and_decode(
     assert legs == {"prefill", "decode"}
     decide = next(s for s in spans if s.name == "decide")
     assert decide.attributes["kvmesh.route.disaggregated"] is True
+
+
+def test_grpc_inference_request_is_traced(traced_mesh: tuple[Mesh, OtlpCollector]) -> None:
+    import asyncio
+
+    import grpc
+
+    from kvmesh.v1 import inference_pb2, inference_pb2_grpc
+
+    mesh, collector = traced_mesh
+    trace_id = "6bf92f3577b34da6a3ce929d0e0e4738"
+    metadata = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+
+    async def chat(model: str) -> list[inference_pb2.GenerationResponse]:
+        async with grpc.aio.insecure_channel(mesh.grpc) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            request = inference_pb2.ChatRequest(
+                model=model, messages=[inference_pb2.ChatMessage(role="user", content="hi")],
+                sampling=inference_pb2.SamplingOptions(max_tokens=2))
+            return [r async for r in stub.Chat(request, metadata=metadata)]
+
+    assert asyncio.run(chat(MODEL))[-1].usage.completion_tokens == 2
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # errors keep their status when traced
+        asyncio.run(chat("no-such-model"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    spans = _wait_for_trace(collector, trace_id,
+                            {"kvmesh-gateway", "kvmesh-router", "kvmesh-worker"})
+    names = {(s.service, s.name) for s in spans}
+    assert ("kvmesh-gateway", "/kvmesh.v1.Inference/Chat") in names
+    assert {("kvmesh-gateway", "tokenize"), ("kvmesh-router", "decide"),
+            ("kvmesh-worker", "/vllm.grpc.engine.VllmEngine/Generate")} <= names
