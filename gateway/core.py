@@ -7,8 +7,10 @@ import contextlib
 import logging
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from opentelemetry import trace
 
 from kvmesh.config import GatewayConfig
@@ -16,10 +18,17 @@ from kvmesh.errors import InvalidRequestError
 from kvmesh.gateway.admission import Admission
 from kvmesh.gateway.catalog import ModelCatalog, ModelEntry, watch_router
 from kvmesh.gateway.chat import ChatPlan
+from kvmesh.gateway.embeddings import (
+    EmbeddingModelInfo,
+    check_dimensions,
+    check_input_length,
+    shape_embedding,
+    split_inputs,
+)
 from kvmesh.gateway.mesh import MeshClient
 from kvmesh.gateway.metrics import GatewayMetrics, activate
 from kvmesh.gateway.parsers import load_parsers
-from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from kvmesh.gateway.structured import Constraint, single_constraint
 from kvmesh.gateway.tokenizers import ModelTokenizer, TokenizerStore
 from kvmesh.gateway.tools import template_message, template_tools, tool_constraint, tool_mode
@@ -36,6 +45,14 @@ tracer = trace.get_tracer(__name__)
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class EmbeddingResult:
+    """Vectors in input order, and the prompt tokens they took."""
+
+    vectors: list[np.ndarray]
+    prompt_tokens: int
 
 
 class GatewayCore:
@@ -165,3 +182,34 @@ class GatewayCore:
                         param="prompt")
                 specs.append(self._spec(req, entry, list(prompt), "", constraint))
         return specs, tokenizer
+
+    async def embed(self, req: EmbeddingRequest, request_id: str) -> EmbeddingResult:
+        """Tokenize every input once, embed them concurrently on pooling workers."""
+        entry, tokenizer = await self.tokenizer(req.model)
+        check_dimensions(
+            req.dimensions, req.model, EmbeddingModelInfo.from_config(tokenizer.model_config)
+        )
+        items = split_inputs(req.input)
+        texts = [item for item in items if isinstance(item, str)]
+        encoded = iter(await asyncio.to_thread(tokenizer.encode_batch, texts, True))
+        inputs: list[tuple[list[int], str]] = []
+        for item in items:
+            ids, text = (next(encoded), item) if isinstance(item, str) else (item, "")
+            check_input_length(len(ids), entry.max_context_length)
+            inputs.append((ids, text))
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self.mesh.embed(f"{request_id}-{i}", req.model, ids, text))
+                    for i, (ids, text) in enumerate(inputs)
+                ]
+        except BaseExceptionGroup as failed:
+            # One input failing fails the request; report its error, not the group.
+            raise failed.exceptions[0] from None
+        replies = [task.result() for task in tasks]
+        return EmbeddingResult(
+            vectors=[shape_embedding(r.embedding, req.dimensions, req.model) for r in replies],
+            prompt_tokens=sum(
+                r.prompt_tokens or len(ids) for r, (ids, _) in zip(replies, inputs, strict=True)
+            ),
+        )

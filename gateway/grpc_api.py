@@ -19,6 +19,7 @@ from kvmesh.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DeltaToolCall,
+    EmbeddingRequest,
     Usage,
 )
 from kvmesh.gateway.tokenizers import ModelTokenizer
@@ -250,4 +251,37 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 )
                 for e in self._core.catalog.all()
             ]
+        )
+
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedResponse:
+        inputs: list[object] = []
+        for item in request.inputs:
+            which = item.WhichOneof("input")
+            if which is None:
+                raise InvalidRequestError("every input needs text or token_ids", param="inputs")
+            inputs.append(item.text if which == "text" else list(item.token_ids.ids))
+        if not inputs:
+            raise InvalidRequestError("inputs must not be empty", param="inputs")
+        if all(isinstance(i, str) for i in inputs) or all(isinstance(i, list) for i in inputs):
+            value: object = inputs
+        else:
+            raise InvalidRequestError("inputs mix texts and token ids", param="inputs")
+        fields: dict[str, object] = {"model": request.model, "input": value}
+        if request.HasField("dimensions"):
+            fields["dimensions"] = request.dimensions
+        req = _validated(EmbeddingRequest, fields)
+        assert isinstance(req, EmbeddingRequest)
+        rid = request.request_id or new_request_id("embd")
+        result = await self._core.embed(req, rid)
+        return inference_pb2.EmbedResponse(
+            id=rid, model=req.model, created=int(time.time()),
+            data=[
+                inference_pb2.Embedding(index=i, values=v.tolist())
+                for i, v in enumerate(result.vectors)
+            ],
+            usage=common_pb2.Usage(
+                prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens
+            ),
         )

@@ -33,6 +33,7 @@ from kvmesh.gateway.chat import (
 )
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.discovery import prometheus_targets
+from kvmesh.gateway.embeddings import encode_embedding
 from kvmesh.gateway.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from kvmesh.gateway.metrics import OTHER, GatewayMetrics
 from kvmesh.gateway.pipeline import ChoiceDelta, Finished, merge_generations, run_generation
@@ -48,6 +49,10 @@ from kvmesh.gateway.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ModelCard,
     ModelList,
     Usage,
@@ -354,6 +359,25 @@ def create_app(core: GatewayCore) -> FastAPI:
             raise
         slot.release()
         return None if result is None else JSONResponse(result.model_dump())
+
+    @app.post("/v1/embeddings", response_model=None)
+    async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse | None:
+        rid = new_request_id("embd")
+        created = int(time.time())
+        result = await cancel_on_disconnect(request, core.embed(body, rid))
+        if result is None:
+            return None
+        response = EmbeddingResponse(
+            id=rid, created=created, model=body.model,
+            data=[
+                EmbeddingData(index=i, embedding=encode_embedding(v, body.encoding_format))
+                for i, v in enumerate(result.vectors)
+            ],
+            usage=EmbeddingUsage(
+                prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens
+            ),
+        )
+        return JSONResponse(response.model_dump())
 
     return app
 

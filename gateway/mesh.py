@@ -208,6 +208,41 @@ class MeshClient:
                         "worker", request_id, prefill.worker_id)
         return None
 
+    async def embed(
+        self, request_id: str, model: str, token_ids: Sequence[int], text: str = ""
+    ) -> vllm_engine_pb2.EmbedResponse:
+        """One input through a worker's pooling engine (``VllmEngine.Embed``)."""
+        excluded: list[str] = []
+        for attempt in range(MAX_ATTEMPTS):
+            decision = await self.route(request_id, model, token_ids, 0, excluded)
+            worker = decision.worker
+            log.debug("%s -> %s (%s)", request_id, worker.worker_id, decision.reason)
+            try:
+                response: vllm_engine_pb2.EmbedResponse = await self.worker(
+                    worker.endpoint
+                ).Embed(
+                    vllm_engine_pb2.EmbedRequest(
+                        request_id=request_id,
+                        tokenized=vllm_engine_pb2.TokenizedInput(
+                            input_ids=token_ids, original_text=text
+                        ),
+                    ),
+                    timeout=self._request_timeout_s,
+                )
+                return response
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 >= MAX_ATTEMPTS:
+                    raise
+                log.warning("%s: worker %s unavailable, routing again", request_id,
+                            worker.worker_id)
+                excluded.append(worker.worker_id)
+            finally:
+                self._release(request_id, worker.worker_id)
+                if decision.mode == router_pb2.RouteDecision.MODE_DISAGGREGATED:
+                    # Pooling runs in one pass: a prefill leg has nothing to hand over.
+                    self._release(request_id, decision.prefill_worker.worker_id)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def close(self) -> None:
         for task in list(self._background):
             await asyncio.wait([task], timeout=1.0)

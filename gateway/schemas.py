@@ -275,3 +275,41 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings (OpenAI's shape)."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, a list of texts, a token-id array, or a list of token-id arrays."
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="'base64': little-endian float32 bytes, base64-encoded."
+    )
+    dimensions: int | None = Field(
+        None, ge=1, description="Output size, for Matryoshka models only."
+    )
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage

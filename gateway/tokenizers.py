@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import logging
+import threading
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,17 @@ class ModelTokenizer:
     """A model's tokenizer: chat template rendering and (de)tokenization."""
 
     hf: Any  # transformers PreTrainedTokenizerBase
+    #: The unpacked bundle (tokenizer files, config.json, processor configs).
+    folder: Path | None = None
+
+    @cached_property
+    def model_config(self) -> dict[str, Any]:
+        """The model's ``config.json`` from the bundle ({} when it has none)."""
+        path = self.folder / "config.json" if self.folder else None
+        if path is None or not path.is_file():
+            return {}
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
 
     @property
     def backend(self) -> Any:
@@ -55,6 +69,12 @@ class ModelTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        encoded = self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        return [list(ids) for ids in encoded]
 
     def decode(self, ids: list[int]) -> str:
         return str(self.hf.decode(ids, skip_special_tokens=True))
@@ -102,10 +122,17 @@ def unpack_bundle(data: bytes, digest: str, cache_dir: Path) -> Path:
     return target
 
 
-def load_tokenizer(folder: Path) -> ModelTokenizer:
-    from transformers import AutoTokenizer
+#: transformers resolves classes through lazy imports that are not thread-safe: two
+#: models loading at once in worker threads fail with "cannot import name
+#: 'AutoTokenizer'". Loads are rare (once per model), so they take turns.
+_LOAD_LOCK = threading.Lock()
 
-    return ModelTokenizer(AutoTokenizer.from_pretrained(str(folder)))
+
+def load_tokenizer(folder: Path) -> ModelTokenizer:
+    with _LOAD_LOCK:
+        from transformers import AutoTokenizer
+
+        return ModelTokenizer(AutoTokenizer.from_pretrained(str(folder)), folder)
 
 
 class TokenizerStore:
@@ -140,7 +167,7 @@ class TokenizerStore:
                 tokenizer = await asyncio.to_thread(load_tokenizer, folder)
                 log.info("tokenizer for %s loaded from %s (%s)", model, endpoint, digest[:12])
                 return tokenizer
-            except (grpc.aio.AioRpcError, ValueError, OSError) as exc:
+            except (grpc.aio.AioRpcError, ValueError, OSError, ImportError) as exc:
                 log.warning("tokenizer of %s from %s failed: %s", model, endpoint, exc)
                 last = exc
         raise NoWorkerAvailableError(f"could not load the tokenizer of {model!r}: {last}")

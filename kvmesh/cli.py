@@ -30,6 +30,7 @@ def _up(args: argparse.Namespace) -> int:
         gateway=_set(port=args.port, grpc_port=args.grpc_port, api_keys=args.api_key),
         worker=_set(engine=engine, engine_kind=args.engine_kind),
         **observability_settings(args),
+        embeddings={"workers": 0} if args.no_embeddings else None,
     )
     # Flags merge into the file's sections key by key (pydantic-settings deep-merges).
     config = load_settings(MeshConfig, args.config, **overrides)
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--block-size", type=int, default=None, help="KV block size (CPU: 32k)")
     up.add_argument("--engine-kind", default=None, choices=["vllm", "fake"],
                     help="'fake' for plumbing tests only")
+    up.add_argument("--no-embeddings", action="store_true",
+                    help="serve no embedding model (default: all-MiniLM-L6-v2 next to the "
+                    "chat model)")
     up.add_argument("--state-file", type=Path, default=None,
                     help="write addresses and PIDs here as JSON once up")
     up.add_argument("--verbose", action="store_true", help="show worker logs")

@@ -179,6 +179,14 @@ class EngineConfig(BaseModel):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree.")
     seed: int = Field(0, description="Engine seed.")
+    runner: Literal["auto", "generate", "pooling"] = Field(
+        "auto",
+        description="vLLM runner: 'generate' for chat/completion models, 'pooling' for "
+        "embedding models (served through VllmEngine.Embed); 'auto' lets vLLM decide.",
+    )
+    load_format: str = Field(
+        "auto", description="vLLM load format; 'dummy' gives random weights (plumbing tests)."
+    )
 
 
 KvConnectorName = Literal["nixl", "lmcache"]
@@ -350,6 +358,28 @@ def role_engine(base: EngineConfig, override: EngineConfig | None) -> EngineConf
         update={name: getattr(override, name) for name in override.model_fields_set})
 
 
+class EmbeddingsConfig(BaseModel):
+    """The embedding model `kvmesh up` serves next to the chat model."""
+
+    model_config = {"extra": "forbid"}
+
+    workers: int = Field(
+        1, ge=0, le=16,
+        description="Workers running the embedding model (vLLM pooling runner); 0 turns "
+        "embeddings off.",
+    )
+    model: str = Field(
+        "embedded-embedding",
+        description="Local folder of an embedding model, or 'embedded-embedding' for the "
+        "packaged all-MiniLM-L6-v2.",
+    )
+    max_model_len: int = Field(
+        256, gt=0,
+        description="Longest input in tokens (all-MiniLM-L6-v2 was trained on 256; BERT "
+        "models accept at most 512).",
+    )
+
+
 class MeshConfig(_Settings):
     """`kvmesh up`: a whole local mesh."""
 
@@ -372,6 +402,11 @@ class MeshConfig(_Settings):
         None,
         description="Engine settings of decode workers; the fields given override "
         "worker.engine (e.g. more max_num_seqs), the rest inherit it.",
+    )
+    embeddings: EmbeddingsConfig = Field(
+        default_factory=EmbeddingsConfig,
+        description="Embedding workers; they take the worker template with the embedding "
+        "model and the pooling runner.",
     )
     ray_address: str | None = Field(
         None, description="Existing Ray cluster to join; None starts a local one."

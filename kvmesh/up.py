@@ -35,13 +35,13 @@ def with_mesh_observability(config: MeshConfig) -> MeshConfig:
 
 
 def worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[Any]:
-    """One WorkerConfig per worker (both, then prefill, then decode workers): disjoint
+    """One WorkerConfig per chat worker (both, then prefill, then decode workers): disjoint
     CPU cores, the role's engine settings, the shared template otherwise."""
     from kvmesh.services.engine_args import cpu_binding
 
     roles = config.worker_roles()
     ncpus = os.cpu_count() or 1
-    share = ncpus / len(roles)  # fractional Ray CPUs when workers outnumber cores
+    share = _cpu_share(config, ncpus)
     configs = []
     for i, (role, engine) in enumerate(roles):
         update: dict[str, Any] = {
@@ -56,6 +56,49 @@ def worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[Any]:
             update["cpu_bind"] = cpu_binding(i, len(roles), ncpus)
         configs.append(config.worker.model_copy(update=update))
     return configs
+
+
+def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[Any]:
+    """Embedding workers: the worker template with the embedding model, pooling runner.
+
+    An embedding forward pass is short and bursty, so these workers share every core
+    with the chat workers instead of taking cores of their own.
+    """
+    from kvmesh.services.engine_args import cpu_binding
+
+    ncpus = os.cpu_count() or 1
+    share = _cpu_share(config, ncpus)
+    emb = config.embeddings
+    engine = config.worker.engine.model_copy(update={
+        "model": emb.model,
+        "served_model_name": None,
+        "runner": "pooling",
+        "max_model_len": emb.max_model_len,
+        # Encoder-only models (BERT) have no KV cache to reuse; vLLM's scheduler
+        # refuses to start them with prefix caching on.
+        "enable_prefix_caching": False,
+        "load_format": "auto",
+    })
+    configs = []
+    for i in range(emb.workers):
+        update: dict[str, Any] = {
+            "router": router,
+            "run_dir": run_dir,
+            "worker_id": config.worker.worker_id and f"{config.worker.worker_id}-emb-{i}",
+            "num_cpus": min(config.worker.num_cpus, share),
+            "engine": engine,
+            "role": "both",
+        }
+        if config.worker.cpu_bind is None:
+            update["cpu_bind"] = cpu_binding(0, 1, ncpus)
+        configs.append(config.worker.model_copy(update=update))
+    return configs
+
+
+def _cpu_share(config: MeshConfig, ncpus: int) -> float:
+    """Ray CPUs per worker actor: fractional when workers outnumber cores, so every
+    actor (chat and embedding) can be scheduled."""
+    return ncpus / (len(config.worker_roles()) + config.embeddings.workers)
 
 
 class LocalMesh:
@@ -74,6 +117,10 @@ class LocalMesh:
         cfg = with_mesh_observability(self.config)
         model_path = await asyncio.to_thread(LocalModelSource().resolve, cfg.worker.engine.model)
         log.info("model ready at %s", model_path)
+        if cfg.embeddings.workers:
+            embedding_path = await asyncio.to_thread(
+                LocalModelSource().resolve, cfg.embeddings.model)
+            log.info("embedding model ready at %s", embedding_path)
 
         router_cfg = cfg.router
         for port_field in ("port", "metrics_port"):
@@ -94,13 +141,16 @@ class LocalMesh:
 
         await asyncio.to_thread(init_ray, cfg.ray_address, None, self.verbose)
         configs = worker_configs(cfg, router, self.run_dir)
-        self._actors = [spawn_worker_actor(c) for c in configs]
-        log.info("starting %d worker(s) (first start compiles; see %s)", len(configs),
-                 self.run_dir)
-        workers = await asyncio.wait_for(
+        embedding_configs = embedding_worker_configs(cfg, router, self.run_dir)
+        self._actors = [spawn_worker_actor(c) for c in configs + embedding_configs]
+        log.info("starting %d worker(s) and %d embedding worker(s) (first start compiles; "
+                 "see %s)", len(configs), len(embedding_configs), self.run_dir)
+        started_workers = await asyncio.wait_for(
             asyncio.gather(*[a.start.remote() for a in self._actors]),
             timeout=cfg.startup_timeout_s,
         )
+        workers = started_workers[: len(configs)]
+        embedding_workers = started_workers[len(configs):]
 
         gateway_cfg = cfg.gateway
         if "grpc_port" not in gateway_cfg.model_fields_set:
@@ -116,17 +166,18 @@ class LocalMesh:
         gateway = await asyncio.to_thread(
             wait_ready_file, self.run_dir / "gateway.ready", 120, self._gateway, "gateway"
         )
-        await self._wait_models(gateway["http"], {w["model"] for w in workers})
+        await self._wait_models(gateway["http"], {w["model"] for w in started_workers})
         self.state = {
             "http": gateway["http"],
             "grpc": gateway["grpc"],
             "router": router,
             "router_metrics": router_ready.get("metrics", ""),
             "workers": workers,
+            "embedding_workers": embedding_workers,
             "pids": {
                 "router": self._router.pid,
                 "gateway": self._gateway.pid,
-                "workers": [w["pid"] for w in workers],
+                "workers": [w["pid"] for w in started_workers],
             },
             "run_dir": str(self.run_dir),
             "startup_s": round(time.monotonic() - started, 1),
@@ -194,7 +245,10 @@ async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> N
         console.print(
             f"[bold green]kvmesh is up[/] in {state['startup_s']}s — "
             f"{len(state['workers'])} worker(s) serving "
-            f"{', '.join(sorted({w['model'] for w in state['workers']}))}\n"
+            f"{', '.join(sorted({w['model'] for w in state['workers']}))}"
+            + "".join(f", {len(state['embedding_workers'])} embedding worker(s) serving {m}"
+                      for m in sorted({w['model'] for w in state['embedding_workers']}))
+            + "\n"
             f"  OpenAI API:     [bold]{state['http']}[/]\n"
             f"  gRPC Inference: {state['grpc']}\n"
             f"  router:         {state['router']}\n"

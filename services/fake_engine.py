@@ -118,6 +118,14 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
             self._running.discard(rid)
             self._aborted.discard(rid)
 
+    async def Embed(
+        self, request: vllm_engine_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> vllm_engine_pb2.EmbedResponse:
+        # The fake serves a generative model; vLLM's servicer refuses Embed on one so.
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            "This model does not support pooling")
+        raise AssertionError("abort raises")
+
     async def Abort(
         self, request: vllm_engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> vllm_engine_pb2.AbortResponse:

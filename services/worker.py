@@ -18,7 +18,7 @@ from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 from kvmesh.config import WorkerConfig, WorkerRole
 from kvmesh.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.metrics_http import MetricsEndpoint
-from kvmesh.models import EMBEDDED_CHAT_MODEL, LocalModelSource
+from kvmesh.models import LocalModelSource, embedded_name
 from kvmesh.service_main import write_ready_file
 from kvmesh.services.engine_args import (
     engine_env,
@@ -57,9 +57,7 @@ def free_port(host: str) -> int:
 def served_name(config: WorkerConfig, model_path: Path) -> str:
     if config.engine.served_model_name:
         return config.engine.served_model_name
-    if config.engine.model in ("", "embedded", EMBEDDED_CHAT_MODEL):
-        return EMBEDDED_CHAT_MODEL
-    return model_path.name
+    return embedded_name(config.engine.model) or model_path.name
 
 
 class WorkerServer:

@@ -41,8 +41,8 @@ def pd(model_dir: Path) -> Iterator[UpProcess]:
         config = Path(d) / "pd.yaml"
         config.write_text(
             f"worker:\n  engine:\n    max_model_len: {CONTEXT}\n    kv_cache_space_gib: 1\n")
-        up = UpProcess(Path(d), ("--prefill", "1", "--decode", "1", "--disaggregation",
-                                 "always", "--config", str(config)))
+        up = UpProcess(Path(d), ("--prefill", "1", "--decode", "1", "--no-embeddings",
+                                 "--disaggregation", "always", "--config", str(config)))
         try:
             yield up
         finally:

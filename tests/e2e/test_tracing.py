@@ -26,7 +26,7 @@ def traced_up(model_dir: Path) -> Iterator[tuple[UpProcess, OtlpCollector]]:
     collector = OtlpCollector().start()
     env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "200"}
     with tempfile.TemporaryDirectory(prefix="kvm-tr-") as d:
-        up = UpProcess(Path(d), ("--workers", "1"), env=env, extra=(
+        up = UpProcess(Path(d), ("--workers", "1", "--no-embeddings"), env=env, extra=(
             "--trace", "otlp", "--otlp-endpoint", collector.endpoint, "--log-json"))
         try:
             yield up, collector

@@ -12,3 +12,4 @@ def test_example_mesh_config_loads() -> None:
     cfg = load_settings(MeshConfig, path)
     assert cfg.workers == 2 and cfg.worker.engine.block_size == 32
     assert cfg.router.policy == "kv_aware"
+    assert cfg.embeddings.workers == 1 and cfg.embeddings.model == "embedded-embedding"

@@ -1,0 +1,121 @@
+"""Embeddings: inputs, dimensions (Matryoshka), encodings, and the mesh's embedding workers."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvmesh.config import EngineConfig, MeshConfig, WorkerConfig
+from kvmesh.errors import InvalidRequestError
+from kvmesh.gateway.embeddings import (
+    MAX_INPUTS,
+    EmbeddingModelInfo,
+    check_dimensions,
+    check_input_length,
+    encode_embedding,
+    shape_embedding,
+    split_inputs,
+)
+from kvmesh.gateway.schemas import EmbeddingRequest
+from kvmesh.services.engine_args import engine_kwargs
+from kvmesh.up import embedding_worker_configs, worker_configs
+
+pytestmark = pytest.mark.unit
+
+MINILM_CONFIG = {"architectures": ["BertModel"], "hidden_size": 384, "model_type": "bert"}
+MATRYOSHKA = {"hidden_size": 8, "matryoshka_dimensions": [2, 4, 8]}
+
+
+def test_inputs_of_every_openai_shape() -> None:
+    assert split_inputs("hi") == ["hi"]
+    assert split_inputs(["a", "b"]) == ["a", "b"]
+    assert split_inputs([101, 7592, 102]) == [[101, 7592, 102]]
+    assert split_inputs([[101, 102], [101, 7, 102]]) == [[101, 102], [101, 7, 102]]
+    for bad in ([], [[]], ["x"] * (MAX_INPUTS + 1)):
+        with pytest.raises(InvalidRequestError) as err:
+            split_inputs(bad)
+        assert err.value.param == "input"
+
+
+def test_request_schema_takes_the_openai_shapes_and_rejects_mixtures() -> None:
+    for value in ("a", ["a", "b"], [1, 2], [[1], [2, 3]]):
+        assert EmbeddingRequest(model="m", input=value).input == value
+    with pytest.raises(ValueError):
+        EmbeddingRequest(model="m", input=["a", 1])
+    with pytest.raises(ValueError):
+        EmbeddingRequest(model="m", input="a", encoding_format="int8")
+    with pytest.raises(ValueError):
+        EmbeddingRequest(model="m", input="a", dimensions=0)
+
+
+def test_input_longer_than_context_is_rejected_like_vllm() -> None:
+    check_input_length(256, 256)
+    with pytest.raises(InvalidRequestError, match="maximum context length is 256") as err:
+        check_input_length(257, 256)
+    assert err.value.param == "input"
+
+
+def test_dimensions_refused_for_a_model_without_matryoshka() -> None:
+    info = EmbeddingModelInfo.from_config(MINILM_CONFIG)
+    assert not info.is_matryoshka and info.hidden_size == 384
+    check_dimensions(None, "all-MiniLM-L6-v2", info)
+    with pytest.raises(InvalidRequestError, match="does not support Matryoshka") as err:
+        check_dimensions(128, "all-MiniLM-L6-v2", info)
+    assert err.value.param == "dimensions"
+
+
+def test_dimensions_validated_for_matryoshka_models() -> None:
+    info = EmbeddingModelInfo.from_config(MATRYOSHKA)
+    assert info.is_matryoshka and info.matryoshka_dimensions == (2, 4, 8)
+    check_dimensions(4, "m", info)
+    with pytest.raises(InvalidRequestError, match=r"only supports Matryoshka dimensions"):
+        check_dimensions(3, "m", info)
+    with pytest.raises(InvalidRequestError, match=r"range \[1, 8\]"):
+        check_dimensions(9, "m", info)
+    # is_matryoshka without a list of sizes: any size up to the hidden size.
+    check_dimensions(3, "m", EmbeddingModelInfo.from_config({"is_matryoshka": True}))
+
+
+def test_dimensions_truncate_then_normalize_like_vllms_pooler() -> None:
+    raw = np.array([3.0, 4.0, 12.0, 0.0], dtype=np.float32)
+    normalized = raw / np.linalg.norm(raw)
+    assert np.allclose(shape_embedding(normalized.tolist(), None, "m"), normalized)
+    cut = shape_embedding(normalized.tolist(), 2, "m")
+    assert np.allclose(cut, [0.6, 0.8])
+    with pytest.raises(InvalidRequestError):
+        shape_embedding(normalized.tolist(), 5, "m")
+
+
+def test_base64_is_little_endian_float32() -> None:
+    vector = np.array([0.5, -1.25, 3.0], dtype=np.float32)
+    assert encode_embedding(vector, "float") == [0.5, -1.25, 3.0]
+    encoded = encode_embedding(vector, "base64")
+    assert isinstance(encoded, str)
+    assert np.frombuffer(base64.b64decode(encoded), dtype="<f4").tolist() == [0.5, -1.25, 3.0]
+
+
+def test_mesh_serves_an_embedding_worker_by_default(tmp_path: Path) -> None:
+    config = MeshConfig(
+        workers=2, worker=WorkerConfig(engine=EngineConfig(enforce_eager=True, block_size=32))
+    )
+    chat = worker_configs(config, "r:1", tmp_path)
+    emb = embedding_worker_configs(config, "r:1", tmp_path)
+    assert len(chat) == 2 and len(emb) == 1
+    engine = emb[0].engine
+    assert (engine.model, engine.runner, engine.max_model_len) == (
+        "embedded-embedding", "pooling", 256)
+    assert engine.enforce_eager and not engine.enable_prefix_caching
+    # Every actor fits in the machine's Ray CPUs.
+    cpus = sum(c.num_cpus for c in chat + emb)
+    assert cpus <= (__import__("os").cpu_count() or 1) + 1e-9
+    kwargs = engine_kwargs(emb[0], Path("/m"), "all-MiniLM-L6-v2", "w")
+    assert kwargs["runner"] == "pooling" and kwargs["enable_prefix_caching"] is False
+    assert "runner" not in engine_kwargs(chat[0], Path("/m"), "s", "w")
+
+
+def test_embeddings_can_be_turned_off(tmp_path: Path) -> None:
+    config = MeshConfig.model_validate({"embeddings": {"workers": 0}})
+    assert embedding_worker_configs(config, "r:1", tmp_path) == []
