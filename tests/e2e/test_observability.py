@@ -38,9 +38,11 @@ def scrapes(kvmesh_up: UpProcess) -> dict[str, list[Scrape]]:
     groups = httpx.get(base + "/sd/prometheus", timeout=10).json()
     by_service: dict[str, list[Scrape]] = {}
     for group in groups:
+        service = group["labels"]["kvmesh_service"]
+        if service == "worker" and group["labels"]["kvmesh_model"] != MODEL:
+            service = "embedding_worker"  # kvmesh up serves all-MiniLM-L6-v2 too
         for target in group["targets"]:
-            by_service.setdefault(group["labels"]["kvmesh_service"], []).append(
-                Scrape.of(target))
+            by_service.setdefault(service, []).append(Scrape.of(target))
     return by_service
 
 
@@ -52,6 +54,7 @@ def test_discovery_lists_every_service(kvmesh_up: UpProcess,
                                        scrapes: dict[str, list[Scrape]]) -> None:
     assert len(scrapes["gateway"]) == 1 and len(scrapes["router"]) == 1
     assert len(scrapes["worker"]) == len(kvmesh_up.state["workers"]) == 2
+    assert len(scrapes["embedding_worker"]) == len(kvmesh_up.state["embedding_workers"]) == 1
 
 
 def test_worker_metrics_are_vllms_own(scrapes: dict[str, list[Scrape]]) -> None:
@@ -88,7 +91,7 @@ def test_router_metrics_have_real_values(scrapes: dict[str, list[Scrape]]) -> No
     assert _total(router, "kvmesh_router_kv_event_blocks_total", kind="stored") > 0
     assert _total(router, "kvmesh_router_kv_event_lag_seconds_count") > 0
     assert _total(router, "kvmesh_router_index_blocks") > 0
-    assert _total(router, "kvmesh_router_workers", state="ready") == 2
+    assert _total(router, "kvmesh_router_workers", state="ready") == 3  # + embedding worker
     assert _total(router, "kvmesh_router_worker_cache_hit_rate") > 0
 
 
