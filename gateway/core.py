@@ -7,8 +7,9 @@ import contextlib
 import logging
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from opentelemetry import trace
@@ -38,6 +39,7 @@ from kvmesh.gateway.translate import (
     resolve_max_tokens,
     sampling_params,
 )
+from kvmesh.gateway.vision import image_bytes, multimodal_inputs, open_image
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -153,6 +155,10 @@ class GatewayCore:
             )
         messages = [template_message(m) for m in req.messages]
         tools = template_tools(req)
+        if any(m.image_urls() for m in req.messages):
+            spec = await self._prepare_vision_chat(req, entry, tokenizer, messages, tools,
+                                                   constraint)
+            return spec, tokenizer, plan
         with tracer.start_as_current_span("tokenize") as span:
             text = await asyncio.to_thread(
                 tokenizer.render_chat, messages, req.add_generation_prompt, tools
@@ -160,6 +166,40 @@ class GatewayCore:
             ids = await asyncio.to_thread(tokenizer.encode, text, False)
             span.set_attribute("kvmesh.prompt_tokens", len(ids))
         return self._spec(req, entry, ids, text, constraint), tokenizer, plan
+
+    async def _prepare_vision_chat(
+        self,
+        req: ChatCompletionRequest,
+        entry: ModelEntry,
+        tokenizer: ModelTokenizer,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        constraint: Constraint | None,
+    ) -> GenerationSpec:
+        """Images: the model's processor expands the prompt and makes the pixels; both
+        go to the worker (vLLM runs the vision encoder on them)."""
+        if await asyncio.to_thread(lambda: tokenizer.processor) is None:
+            raise InvalidRequestError(
+                f"the model `{req.model}` does not accept images", param="messages")
+        urls = [url for m in req.messages for url in m.image_urls()]
+        allowed = self.config.allowed_local_media_path
+        images = await asyncio.to_thread(
+            lambda: [open_image(image_bytes(url, allowed)) for url in urls])
+        # Image parts stay in place as the template's image markers.
+        messages = [{**rendered, "content": m.template_content()}
+                    for rendered, m in zip(messages, req.messages, strict=True)]
+        with tracer.start_as_current_span("tokenize") as span:
+            text = await asyncio.to_thread(
+                tokenizer.render_chat, messages, req.add_generation_prompt, tools
+            )
+            try:
+                ids, tensors = await asyncio.to_thread(tokenizer.process_images, text, images)
+            except (ValueError, TypeError) as exc:  # the processor's own validation
+                raise InvalidRequestError(f"image processing failed: {exc}",
+                                          param="messages") from exc
+            span.set_attribute("kvmesh.prompt_tokens", len(ids))
+        mm_inputs = multimodal_inputs(ids, tensors, tokenizer.image_token_id, len(images))
+        return replace(self._spec(req, entry, ids, text, constraint), mm_inputs=mm_inputs)
 
     async def prepare_completion(
         self, req: CompletionRequest

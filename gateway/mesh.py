@@ -86,6 +86,7 @@ class MeshClient:
         prompt_ids: Sequence[int],
         sampling: vllm_engine_pb2.SamplingParams,
         prompt_text: str = "",
+        mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None,
     ) -> AsyncIterator[vllm_engine_pb2.GenerateResponse]:
         """Stream a generation; cancelling the consumer cancels the worker RPC(s).
 
@@ -127,14 +128,14 @@ class MeshClient:
                             "kvmesh.worker": decision.prefill_worker.worker_id}) as pspan:
                         handover = await self._prefill(
                             request_id, decision.prefill_worker, prompt_ids, prompt_text,
-                            sampling)
+                            sampling, mm_inputs)
                         pspan.set_attribute("kvmesh.kv_handover", handover is not None)
                 else:
                     self.pd_metrics.requests.labels("aggregated").inc()
                 with trace.use_span(span, end_on_exit=False):
                     call = self.worker(worker.endpoint).Generate(
                         generate_request(request_id, prompt_ids, prompt_text, sampling,
-                                         handover),
+                                         handover, mm_inputs),
                         timeout=self._request_timeout_s,
                     )
                 async for response in call:
@@ -170,6 +171,7 @@ class MeshClient:
         prompt_ids: Sequence[int],
         prompt_text: str,
         sampling: vllm_engine_pb2.SamplingParams,
+        mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None,
     ) -> str | None:
         """Run the prefill leg; return the decode worker's hand-over, or None to make
         the decode worker prefill locally (counted: never a failed or hung request)."""
@@ -180,7 +182,7 @@ class MeshClient:
             return None
         started = time.monotonic()
         call = self.worker(prefill.endpoint).Generate(
-            prefill_request(request_id, prompt_ids, prompt_text, sampling),
+            prefill_request(request_id, prompt_ids, prompt_text, sampling, mm_inputs),
             timeout=min(self._prefill_timeout_s, self._request_timeout_s),
         )
         reason = "no_handoff"

@@ -36,6 +36,7 @@ def prefill_request(
     prompt_ids: Sequence[int],
     prompt_text: str,
     sampling: vllm_engine_pb2.SamplingParams,
+    mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None,
 ) -> vllm_engine_pb2.GenerateRequest:
     """The prefill leg: the same prompt and sampling, one token, one choice."""
     params = vllm_engine_pb2.SamplingParams()
@@ -51,6 +52,7 @@ def prefill_request(
         sampling_params=params,
         stream=False,
         kv_transfer_params_json=json.dumps(PREFILL_KV_PARAMS),
+        mm_inputs=mm_inputs,
     )
 
 
@@ -60,6 +62,7 @@ def generate_request(
     prompt_text: str,
     sampling: vllm_engine_pb2.SamplingParams,
     kv_transfer_params_json: str | None = None,
+    mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None,
 ) -> vllm_engine_pb2.GenerateRequest:
     """A whole request, or the decode leg when the prefill's hand-over is given."""
     request = vllm_engine_pb2.GenerateRequest(
@@ -67,6 +70,7 @@ def generate_request(
         tokenized=vllm_engine_pb2.TokenizedInput(input_ids=prompt_ids, original_text=prompt_text),
         sampling_params=sampling,
         stream=True,
+        mm_inputs=mm_inputs,
     )
     if kv_transfer_params_json is not None:
         request.kv_transfer_params_json = kv_transfer_params_json

@@ -89,7 +89,8 @@ async def run_generation(
     parent = otel_context.get_current()
     detok = DetokenizeTiming()
     stream = mesh.generate(
-        request_id, spec.model, spec.prompt_ids, spec.sampling, spec.prompt_text
+        request_id, spec.model, spec.prompt_ids, spec.sampling, spec.prompt_text,
+        mm_inputs=spec.mm_inputs,
     )
     async with contextlib.aclosing(stream):
         async for response in stream:

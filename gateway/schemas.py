@@ -103,11 +103,22 @@ class DeltaToolCall(BaseModel):
     function: DeltaFunctionCall | None = None
 
 
+class ImageURL(BaseModel):
+    url: str = Field(description="data:image/...;base64,... or a file:// URL (local files "
+                     "only under the gateway's allowed_local_media_path)")
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -117,7 +128,21 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImagePart)]
+
+    def template_content(self) -> str | list[dict[str, str]]:
+        """Content as chat templates take it: text, or typed parts with images as
+        ``{"type": "image"}`` markers the model's processor expands."""
+        if not self.image_urls():
+            return self.text()
+        assert isinstance(self.content, list)
+        return [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+                for p in self.content]
 
 
 class SamplingFields(_Request):

@@ -70,6 +70,36 @@ class ModelTokenizer:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    @cached_property
+    def processor(self) -> Any:
+        """The model's transformers processor (vision-language models), else None."""
+        folder = self.folder
+        if folder is None or not any(
+            (folder / name).is_file()
+            for name in ("processor_config.json", "preprocessor_config.json")
+        ):
+            return None
+        with _LOAD_LOCK:
+            from transformers import AutoProcessor
+
+            return AutoProcessor.from_pretrained(str(folder))
+
+    @property
+    def image_token_id(self) -> int:
+        processor = self.processor
+        token_id = getattr(processor, "image_token_id", None)
+        if token_id is None:
+            token_id = self.hf.convert_tokens_to_ids(processor.image_token)
+        return int(token_id)
+
+    def process_images(self, text: str, images: list[Any]) -> tuple[list[int], dict[str, Any]]:
+        """Expanded prompt ids and pixel tensors (numpy, batch dimension removed)."""
+        out = self.processor(text=[text], images=[images], return_tensors="np",
+                             add_special_tokens=False)
+        ids = [int(t) for t in out["input_ids"][0]]
+        tensors = {k: v[0] for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        return ids, tensors
+
     def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         if not texts:
             return []

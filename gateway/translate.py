@@ -32,6 +32,8 @@ class GenerationSpec:
     n: int
     max_tokens: int
     prompt_text: str = ""
+    #: Preprocessed images (pixels + placeholders) for a vision-language model.
+    mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None
 
 
 def resolve_max_tokens(

@@ -346,6 +346,10 @@ class GatewayConfig(_Settings):
     ready_file: Path | None = Field(
         None, description="Write {'http': url, 'grpc': addr} here once serving."
     )
+    allowed_local_media_path: Path | None = Field(
+        None, description="Directory whose image files chat requests may reference as "
+        "file:// URLs (None: local files are refused; images come as data: URLs)."
+    )
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 

@@ -193,6 +193,10 @@ class LocalModelSource:
             return prepare_embedded_chat_model(self._cache_dir)
         if name == EMBEDDED_EMBEDDING_MODEL:
             return prepare_embedded_embedding_model(self._cache_dir)
+        if ref == "tiny-vlm":  # config + processor only: serve with load_format=dummy
+            from kvmesh.tiny_vlm import prepare_tiny_vlm
+
+            return prepare_tiny_vlm(self._cache_dir)
         path = Path(ref).expanduser()
         if (path / "config.json").is_file():
             return path.resolve()

@@ -16,7 +16,7 @@ echo "==> mypy (pure core)"
   gateway/translate.py gateway/structured.py gateway/tools.py gateway/logprobs.py \
   gateway/admission.py services/engine_args.py kvmesh/config.py kvmesh/errors.py \
   gateway/discovery.py gateway/request_log.py gateway/metrics.py router/metrics.py \
-  kvmesh/logs.py kvmesh/tracing.py gateway/embeddings.py || exit 1
+  kvmesh/logs.py kvmesh/tracing.py gateway/embeddings.py gateway/vision.py || exit 1
 echo "==> pytest"
 "$VENV/bin/python" -m pytest "$@"
 rc=$?

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--enforce-eager", action="store_true", default=None)
     parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--load-format", default=None,
+                        help="vLLM load format ('dummy': random weights, plumbing tests)")
     parser.add_argument("--num-kv-blocks", type=int, default=None,
                         help="cap the KV cache at this many blocks")
     parser.add_argument("--cpu-bind", default=None, help="cores for the engine, e.g. 0-1")
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             "enforce_eager": args.enforce_eager,
             "block_size": args.block_size,
             "max_model_len": args.max_model_len,
+            "load_format": args.load_format,
             "num_kv_blocks": args.num_kv_blocks,
         }.items()
         if v is not None
