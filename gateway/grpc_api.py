@@ -256,6 +256,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
+        metrics = self._core.metrics
+        status = grpc.StatusCode.OK
+        try:
+            bearer = _bearer(context)
+            try:
+                self._core.admission.authenticate(bearer)
+            except AuthenticationError:
+                metrics.auth_failure("missing_key" if bearer is None else "invalid_key")
+                raise
+            return await self._embed(request)
+        except KvmeshError as exc:
+            status = exc.code
+            metrics.errors.labels(exc.openai_type).inc()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            status = exc.code()
+            metrics.errors.labels(http_error_for(status).openai_type).inc()
+            raise
+        finally:
+            metrics.requests.labels(
+                metrics.model_label(request.model), "grpc:Embed", status.name).inc()
+
+    async def _embed(self, request: inference_pb2.EmbedRequest) -> inference_pb2.EmbedResponse:
         inputs: list[object] = []
         for item in request.inputs:
             which = item.WhichOneof("input")

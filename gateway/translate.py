@@ -165,12 +165,23 @@ def structured_fields_from_proto(so: inference_pb2.StructuredOutput) -> dict[str
     return {"structured_outputs": {kind: value}}
 
 
+def _content(message: inference_pb2.ChatMessage) -> object:
+    """A message's content in the OpenAI shape: text, or typed parts with images."""
+    if not message.parts:
+        return message.content
+    return [
+        {"type": "text", "text": p.text} if p.WhichOneof("part") == "text"
+        else {"type": "image_url", "image_url": {"url": p.image_url}}
+        for p in message.parts
+    ]
+
+
 def chat_fields_from_proto(request: inference_pb2.ChatRequest) -> dict[str, object]:
     """kvmesh.v1.ChatRequest → the OpenAI-shaped chat request fields."""
     fields = sampling_fields_from_proto(request.model, request.sampling, request.stream)
     messages: list[dict[str, object]] = []
     for m in request.messages:
-        message: dict[str, object] = {"role": m.role, "content": m.content}
+        message: dict[str, object] = {"role": m.role, "content": _content(m)}
         if m.name:
             message["name"] = m.name
         if m.tool_call_id:

@@ -62,6 +62,7 @@ class VlmMesh:
         gateway = self._start("gateway", "kvmesh.gateway",
                               ["--router", router, "--port", "0", "--grpc-port", "0"], env)
         self.http = gateway["http"]
+        self.grpc = gateway["grpc"]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the gateway has the model's processor
             health = httpx.get(self.http.removesuffix("/v1") + "/health", timeout=5)
@@ -181,3 +182,30 @@ def test_streaming_with_an_image(client: openai.OpenAI) -> None:
         max_tokens=4, temperature=0, extra_body={"ignore_eos": True}))
     assert chunks[-1].usage.completion_tokens == 4
     assert chunks[-1].usage.prompt_tokens > IMAGE_SEQ_LEN
+
+
+def test_grpc_chat_with_an_image(vlm: VlmMesh, client: openai.OpenAI) -> None:
+    import asyncio
+
+    import grpc
+
+    from kvmesh.v1 import inference_pb2, inference_pb2_grpc
+
+    text = "What is in this picture? " * 4
+    http = ask(client, [image_part(data_url(21)), {"type": "text", "text": text}], 2)
+
+    async def run() -> list[inference_pb2.GenerationResponse]:
+        async with grpc.aio.insecure_channel(vlm.grpc) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            message = inference_pb2.ChatMessage(role="user", parts=[
+                inference_pb2.ContentPart(image_url=data_url(21)),
+                inference_pb2.ContentPart(text=text)])
+            return [r async for r in stub.Chat(inference_pb2.ChatRequest(
+                model=TINY_VLM, messages=[message],
+                sampling=inference_pb2.SamplingOptions(max_tokens=2, temperature=0)),
+                timeout=120)]
+
+    replies = asyncio.run(run())
+    usage = replies[-1].usage
+    assert usage.prompt_tokens == http.usage.prompt_tokens
+    assert usage.cached_tokens >= 32  # the HTTP request's blocks, same image

@@ -213,6 +213,17 @@ def test_grpc_auth_and_rich_status_details(mesh: Mesh) -> None:
             retry = _detail(_grpc_status(err.value), error_details_pb2.RetryInfo)
             assert retry.retry_delay.seconds == 3  # type: ignore[attr-defined]
             first.cancel()
+            # Embed checks the key too; authenticated, the (generative) fake engine
+            # refuses it as vLLM does: no pooler.
+            embed = inference_pb2.EmbedRequest(
+                model=MODEL, inputs=[inference_pb2.EmbedInput(text="hi")])
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Embed(embed)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Embed(embed, metadata=auth)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "does not support pooling" in (err.value.details() or "")
 
     asyncio.run(run())
 
