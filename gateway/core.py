@@ -23,6 +23,7 @@ from kvmesh.gateway.embeddings import (
     EmbeddingModelInfo,
     check_dimensions,
     check_input_length,
+    check_token_ids,
     shape_embedding,
     split_inputs,
 )
@@ -234,7 +235,11 @@ class GatewayCore:
         encoded = iter(await asyncio.to_thread(tokenizer.encode_batch, texts, True))
         inputs: list[tuple[list[int], str]] = []
         for item in items:
-            ids, text = (next(encoded), item) if isinstance(item, str) else (item, "")
+            if isinstance(item, str):
+                ids, text = next(encoded), item
+            else:
+                check_token_ids(item, tokenizer.vocab_size)
+                ids, text = item, ""
             check_input_length(len(ids), entry.max_context_length)
             inputs.append((ids, text))
         try:

@@ -62,6 +62,13 @@ def split_inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[s
     return items
 
 
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """Token-id inputs must name tokens of the model's vocabulary."""
+    if any(t < 0 or t >= vocab_size for t in ids):
+        raise InvalidRequestError(
+            f"input token ids must be in [0, {vocab_size})", param="input")
+
+
 def check_input_length(n_tokens: int, context_len: int) -> None:
     """vLLM's error for an input longer than the model's context."""
     if n_tokens > context_len:

@@ -39,7 +39,8 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps :class:`KvmeshError` raised by a handler to its gRPC status, in one place."""
+    """Maps :class:`KvmeshError` raised by a handler to its gRPC status, in one place
+    (and passes a failed upstream call's status through)."""
 
     async def intercept_service(
         self,
@@ -57,6 +58,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     return await inner_uu(request, context)
                 except KvmeshError as exc:
                     await _abort(context, exc)
+                except grpc.aio.AioRpcError as exc:
+                    await _pass_through(context, exc)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
@@ -72,6 +75,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         yield item
                 except KvmeshError as exc:
                     await _abort(context, exc)
+                except grpc.aio.AioRpcError as exc:
+                    await _pass_through(context, exc)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
@@ -88,6 +93,12 @@ async def _abort(context: grpc.aio.ServicerContext, exc: KvmeshError) -> None:
     if exc.param:
         metadata.append(("kvmesh-error-param", exc.param))
     await context.abort(exc.code, exc.message, trailing_metadata=tuple(metadata))
+
+
+async def _pass_through(context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError) -> None:
+    """A failed upstream call (a worker's refusal, say) keeps its status for our caller,
+    as it keeps its HTTP status over the OpenAI API, instead of becoming UNKNOWN."""
+    await context.abort(exc.code(), exc.details() or exc.code().name)
 
 
 def create_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:

@@ -74,6 +74,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                 f"max_model_len {self._max_len}",
             )
         rid = request.request_id
+        choices = max(params.n, 1)
         kv = json.loads(request.kv_transfer_params_json) \
             if request.HasField("kv_transfer_params_json") else {}
         handing_over = bool(kv.get("do_remote_decode")) and bool(self._side_channel)
@@ -96,24 +97,29 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                 token = prompt[i]
                 output.append(token)
                 if request.stream:
-                    yield vllm_engine_pb2.GenerateResponse(
-                        chunk=vllm_engine_pb2.GenerateStreamChunk(
-                            token_ids=[token], prompt_tokens=len(prompt), completion_tokens=1,
-                            cached_tokens=cached,
+                    # Every one of the n choices echoes the same tokens (index per choice).
+                    for index in range(choices):
+                        yield vllm_engine_pb2.GenerateResponse(
+                            chunk=vllm_engine_pb2.GenerateStreamChunk(
+                                token_ids=[token], prompt_tokens=len(prompt),
+                                completion_tokens=1, cached_tokens=cached, index=index,
+                            )
                         )
+            for index in range(choices):
+                yield vllm_engine_pb2.GenerateResponse(
+                    complete=vllm_engine_pb2.GenerateComplete(
+                        # Like vLLM's servicer: a streamed Complete carries the last delta
+                        # (already sent), a non-streamed one everything.
+                        output_ids=output[-1:] if request.stream else output,
+                        finish_reason=finish,
+                        prompt_tokens=len(prompt),
+                        completion_tokens=len(output),
+                        cached_tokens=cached,
+                        kv_transfer_params_json=(
+                            self._handoff(rid, prompt) if handing_over else None),
+                        index=index,
                     )
-            yield vllm_engine_pb2.GenerateResponse(
-                complete=vllm_engine_pb2.GenerateComplete(
-                    # Like vLLM's servicer: a streamed Complete carries the last delta
-                    # (already sent), a non-streamed one everything.
-                    output_ids=output[-1:] if request.stream else output,
-                    finish_reason=finish,
-                    prompt_tokens=len(prompt),
-                    completion_tokens=len(output),
-                    cached_tokens=cached,
-                    kv_transfer_params_json=self._handoff(rid, prompt) if handing_over else None,
                 )
-            )
         finally:
             self._running.discard(rid)
             self._aborted.discard(rid)

@@ -74,6 +74,17 @@ def test_streaming_equals_non_streaming(client: openai.OpenAI) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 15
 
 
+def test_n_choices_streamed_and_not(client: openai.OpenAI) -> None:
+    # The fake engine answers every one of n choices, as vLLM does (index per choice).
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, n=3)
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    assert len({c.message.content for c in full.choices}) == 1
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, n=3, stream=True))
+    finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1, 2]
+
+
 def test_stop_string_ends_generation(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=40, stop=["helpful"]

@@ -15,6 +15,7 @@ from kvmesh.gateway.embeddings import (
     EmbeddingModelInfo,
     check_dimensions,
     check_input_length,
+    check_token_ids,
     encode_embedding,
     shape_embedding,
     split_inputs,
@@ -49,6 +50,14 @@ def test_request_schema_takes_the_openai_shapes_and_rejects_mixtures() -> None:
         EmbeddingRequest(model="m", input="a", encoding_format="int8")
     with pytest.raises(ValueError):
         EmbeddingRequest(model="m", input="a", dimensions=0)
+
+
+def test_token_ids_outside_the_vocabulary_are_400() -> None:
+    check_token_ids([0, 101, 30521], 30522)
+    for bad in ([30522], [-1], [101, -87178291200]):
+        with pytest.raises(InvalidRequestError, match=r"\[0, 30522\)") as err:
+            check_token_ids(bad, 30522)
+        assert err.value.param == "input"
 
 
 def test_input_longer_than_context_is_rejected_like_vllm() -> None:
