@@ -49,15 +49,19 @@ def _bench_gateway(args: argparse.Namespace) -> int:
 
     from kvmesh.bench import run_gateway_bench
 
-    engine = _set(enforce_eager=args.enforce_eager or None, block_size=args.block_size)
-    config = load_settings(
-        MeshConfig, args.config, workers=1,
-        gateway=_set(port=0), worker=_set(engine=engine),
-    )
+    config = bench_mesh_config(args, workers=1)
     result = run_gateway_bench(config, args.requests, args.concurrency, args.max_tokens,
                                args.out)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def bench_mesh_config(args: argparse.Namespace, **overrides: Any) -> MeshConfig:
+    """The mesh a benchmark starts: only what it measures (no embedding worker, which
+    would share the cores the measured engines are pinned to)."""
+    engine = _set(enforce_eager=args.enforce_eager or None, block_size=args.block_size)
+    return load_settings(MeshConfig, args.config, gateway=_set(port=0),
+                         worker=_set(engine=engine), embeddings={"workers": 0}, **overrides)
 
 
 def _bench_pd(args: argparse.Namespace) -> int:
@@ -65,9 +69,7 @@ def _bench_pd(args: argparse.Namespace) -> int:
 
     from kvmesh.pd_bench import Workload, run_pd_bench
 
-    engine = _set(enforce_eager=args.enforce_eager or None, block_size=args.block_size)
-    config = load_settings(MeshConfig, args.config, gateway=_set(port=0),
-                           worker=_set(engine=engine))
+    config = bench_mesh_config(args)
     workload = Workload(shorts=args.shorts, short_max_tokens=args.short_max_tokens,
                         longs=args.longs, long_tokens=args.long_tokens)
     result = run_pd_bench(config, workload, args.disaggregation, args.seed, args.out)

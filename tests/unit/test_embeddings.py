@@ -128,3 +128,14 @@ def test_mesh_serves_an_embedding_worker_by_default(tmp_path: Path) -> None:
 def test_embeddings_can_be_turned_off(tmp_path: Path) -> None:
     config = MeshConfig.model_validate({"embeddings": {"workers": 0}})
     assert embedding_worker_configs(config, "r:1", tmp_path) == []
+
+
+def test_benchmarks_start_no_embedding_worker() -> None:
+    from kvmesh.cli import bench_mesh_config, build_parser
+
+    for argv in (["bench", "gateway", "--enforce-eager"], ["bench", "pd"]):
+        args = build_parser().parse_args(argv)
+        config = bench_mesh_config(args)
+        assert config.embeddings.workers == 0
+    gateway = bench_mesh_config(build_parser().parse_args(["bench", "gateway"]), workers=1)
+    assert gateway.workers == 1 and gateway.gateway.port == 0
