@@ -24,6 +24,7 @@ from kvmesh.errors import (
     openai_error_body,
 )
 from kvmesh.gateway.admission import ANONYMOUS, Slot
+from kvmesh.gateway.body_limit import ChunkedBodyLimit
 from kvmesh.gateway.chat import (
     ChatChoiceEvent,
     ChatChoiceResult,
@@ -155,6 +156,7 @@ def _sse(payload: Any) -> str:
 
 def create_app(core: GatewayCore) -> FastAPI:
     app = FastAPI(title="kvmesh gateway", version="0.1.0")
+    app.add_middleware(ChunkedBodyLimit, max_body_bytes=core.config.max_body_bytes)
     metrics = core.metrics
     app.state.metrics = metrics
 

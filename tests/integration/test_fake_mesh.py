@@ -261,3 +261,14 @@ def test_router_metrics(fake_mesh: Mesh, client: openai.OpenAI) -> None:
     assert sum(v for k, v in samples.items() if k.startswith("kvmesh_router_workers{")) >= 1
     assert samples["kvmesh_router_decision_seconds_count{policy=\"round_robin\"}"] >= 1
     assert "kvmesh_router_index_blocks" in samples
+
+
+def test_n_choices(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert len({c.message.content for c in reply.choices}) == 1  # the fake echoes
+    assert reply.usage.completion_tokens == 12
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, n=2, stream=True))
+    assert {c.choices[0].finish_reason for c in chunks if c.choices} >= {"length"}
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import tempfile
@@ -127,6 +128,20 @@ def test_prompt_and_body_limits(mesh: Mesh) -> None:
                      headers={"authorization": "Bearer key-one"},
                      json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 30000}]})
     assert big.status_code == 413 and big.json()["error"]["code"] == 413
+    # The same without Content-Length (a chunked body) is measured as it arrives.
+    payload = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 30000}]})
+    chunked = httpx.post(mesh.http + "/chat/completions", timeout=30,
+                         headers={"authorization": "Bearer key-one", "x-request-id": "big-1",
+                                  "content-type": "application/json"},
+                         content=(payload[i:i + 4096].encode()
+                                  for i in range(0, len(payload), 4096)))
+    assert chunked.status_code == 413 and chunked.headers["x-request-id"] == "big-1"
+    small = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 2})
+    ok = httpx.post(mesh.http + "/chat/completions", timeout=30,
+                    headers={"authorization": "Bearer key-one",
+                             "content-type": "application/json"},
+                    content=(small[i:i + 16].encode() for i in range(0, len(small), 16)))
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
 def test_errors_name_params_and_request_id_is_echoed_and_logged(mesh: Mesh) -> None:
