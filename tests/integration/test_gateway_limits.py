@@ -78,7 +78,9 @@ def test_api_keys(mesh: Mesh) -> None:
 
 
 def test_stream_limit_per_key_is_429_with_retry_after(mesh: Mesh) -> None:
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 25, "stream": True}
+    # Long enough (800 tokens at the fake engine's 5 ms) that the held stream is still
+    # generating when the second request arrives, however loaded the machine is.
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 800, "stream": True}
     first_open = threading.Event()
     finish = threading.Event()
 
