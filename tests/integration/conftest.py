@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -37,6 +38,21 @@ class Mesh:
         info["pid"] = proc.pid
         return info
 
+    def start_gateway(self, *extra: str, env: dict[str, str] | None = None,
+                      timeout_s: float = 60) -> None:
+        """The gateway in front of ``self.router``; waits until it answers /health."""
+        ready = self.dir / "gateway.ready"
+        proc = spawn_module(
+            "kvmesh.gateway",
+            ["--router", self.router, "--port", "0", "--grpc-port", "0",
+             "--ready-file", str(ready), *extra],
+            self.dir / "gateway.log", env=env,
+        )
+        self.procs["gateway"] = proc
+        gateway = wait_ready_file(ready, timeout_s, proc, "gateway")
+        self.http, self.grpc = gateway["http"], gateway["grpc"]
+        _wait_healthy(self.http)
+
     def logs(self) -> str:
         return "\n".join(
             f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.dir.glob("*.log"))
@@ -61,24 +77,13 @@ def start_router(mesh: Mesh, name: str = "router", *extra: str) -> str:
     return str(info["grpc"])
 
 
-@pytest.fixture(scope="module")
-def fake_mesh(model_dir: Path) -> Iterator[Mesh]:
-    with tempfile.TemporaryDirectory(prefix="kvm-") as d:
+@contextlib.contextmanager
+def running_mesh(prefix: str = "kvm-") -> Iterator[Mesh]:
+    """A mesh in a fresh folder: its logs printed when starting it fails, every process
+    it started terminated on the way out."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as d:
         mesh = Mesh(Path(d))
         try:
-            mesh.router = start_router(mesh)
-            mesh.workers = [mesh.start_worker("w0"), mesh.start_worker("w1")]
-            ready = mesh.dir / "gateway.ready"
-            proc = spawn_module(
-                "kvmesh.gateway",
-                ["--router", mesh.router, "--port", "0", "--grpc-port", "0",
-                 "--ready-file", str(ready)],
-                mesh.dir / "gateway.log",
-            )
-            mesh.procs["gateway"] = proc
-            gateway = wait_ready_file(ready, 60, proc, "gateway")
-            mesh.http, mesh.grpc = gateway["http"], gateway["grpc"]
-            _wait_healthy(mesh.http)
             yield mesh
         except BaseException:
             print(mesh.logs())
@@ -86,6 +91,15 @@ def fake_mesh(model_dir: Path) -> Iterator[Mesh]:
         finally:
             for proc in mesh.procs.values():
                 terminate(proc)
+
+
+@pytest.fixture(scope="module")
+def fake_mesh(model_dir: Path) -> Iterator[Mesh]:
+    with running_mesh() as mesh:
+        mesh.router = start_router(mesh)
+        mesh.workers = [mesh.start_worker("w0"), mesh.start_worker("w1")]
+        mesh.start_gateway()
+        yield mesh
 
 
 def _wait_healthy(base_url: str) -> None:

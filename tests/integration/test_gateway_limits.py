@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +17,9 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from kvmesh.procs import spawn_module, terminate, wait_ready_file
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
-from .conftest import Mesh, _wait_healthy, start_router
+from .conftest import Mesh, running_mesh, start_router
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
@@ -30,32 +28,15 @@ MESSAGES = [{"role": "user", "content": "Tell me about the mesh, at length pleas
 
 @pytest.fixture(scope="module")
 def mesh(model_dir: Path) -> Iterator[Mesh]:
-    with tempfile.TemporaryDirectory(prefix="kvm-") as d:
-        mesh = Mesh(Path(d))
-        try:
-            mesh.router = start_router(mesh)
-            mesh.workers = [mesh.start_worker("w0")]
-            ready = mesh.dir / "gateway.ready"
-            env = {**os.environ, "KVMESH_GATEWAY_MAX_BODY_BYTES": "20000",
-                   "KVMESH_GATEWAY_RETRY_AFTER_S": "3"}
-            proc = spawn_module(
-                "kvmesh.gateway",
-                ["--router", mesh.router, "--port", "0", "--grpc-port", "0",
-                 "--ready-file", str(ready), "--api-key", "key-one", "--api-key", "key-two",
-                 "--max-streams-per-key", "1", "--max-prompt-tokens", "100"],
-                mesh.dir / "gateway.log", env=env,
-            )
-            mesh.procs["gateway"] = proc
-            gateway = wait_ready_file(ready, 180, proc, "gateway")
-            mesh.http, mesh.grpc = gateway["http"], gateway["grpc"]
-            _wait_healthy(mesh.http)
-            yield mesh
-        except BaseException:
-            print(mesh.logs())
-            raise
-        finally:
-            for proc in mesh.procs.values():
-                terminate(proc)
+    with running_mesh() as mesh:
+        mesh.router = start_router(mesh)
+        mesh.workers = [mesh.start_worker("w0")]
+        env = {**os.environ, "KVMESH_GATEWAY_MAX_BODY_BYTES": "20000",
+               "KVMESH_GATEWAY_RETRY_AFTER_S": "3"}
+        mesh.start_gateway("--api-key", "key-one", "--api-key", "key-two",
+                           "--max-streams-per-key", "1", "--max-prompt-tokens", "100",
+                           env=env, timeout_s=180)
+        yield mesh
 
 
 def client(mesh: Mesh, key: str) -> openai.OpenAI:

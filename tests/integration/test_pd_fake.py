@@ -8,7 +8,6 @@ gets one. Real KV transfer is covered by tests/e2e/test_pd_nixl.py.
 from __future__ import annotations
 
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import httpx
 import openai
 import pytest
 
-from kvmesh.procs import spawn_module, terminate, wait_ready_file
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-from .conftest import Mesh, _wait_healthy, start_router
+from .conftest import Mesh, running_mesh, start_router
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
@@ -29,32 +27,14 @@ BLOCK = 32
 
 @pytest.fixture(scope="module")
 def pd_mesh(model_dir: Path) -> Iterator[Mesh]:
-    with tempfile.TemporaryDirectory(prefix="kvm-") as d:
-        mesh = Mesh(Path(d))
-        try:
-            mesh.router = start_router(mesh, "router", "--disaggregation", "always")
-            mesh.workers = [
-                mesh.start_worker("p0", "--role", "prefill", "--block-size", str(BLOCK)),
-                mesh.start_worker("d0", "--role", "decode", "--block-size", str(BLOCK)),
-            ]
-            ready = mesh.dir / "gateway.ready"
-            proc = spawn_module(
-                "kvmesh.gateway",
-                ["--router", mesh.router, "--port", "0", "--grpc-port", "0",
-                 "--ready-file", str(ready)],
-                mesh.dir / "gateway.log",
-            )
-            mesh.procs["gateway"] = proc
-            gateway = wait_ready_file(ready, 60, proc, "gateway")
-            mesh.http, mesh.grpc = gateway["http"], gateway["grpc"]
-            _wait_healthy(mesh.http)
-            yield mesh
-        except BaseException:
-            print(mesh.logs())
-            raise
-        finally:
-            for proc in mesh.procs.values():
-                terminate(proc)
+    with running_mesh() as mesh:
+        mesh.router = start_router(mesh, "router", "--disaggregation", "always")
+        mesh.workers = [
+            mesh.start_worker("p0", "--role", "prefill", "--block-size", str(BLOCK)),
+            mesh.start_worker("d0", "--role", "decode", "--block-size", str(BLOCK)),
+        ]
+        mesh.start_gateway()
+        yield mesh
 
 
 def _list_workers(router: str) -> list[router_pb2.WorkerStatus]:

@@ -7,16 +7,13 @@ for this model only, must split it into `reasoning` and `content`, streamed too.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from kvmesh.procs import spawn_module, terminate, wait_ready_file
-
-from .conftest import Mesh, _wait_healthy, start_router
+from .conftest import Mesh, running_mesh, start_router
 
 pytestmark = pytest.mark.integration
 REASONER = "tiny-reasoner"
@@ -28,8 +25,7 @@ ASK = [{"role": "user", "content": f"<think>{THOUGHT}</think>Blue."}]
 def mesh(model_dir: Path) -> Iterator[Mesh]:
     from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory(prefix="kvm-") as d:
-        mesh = Mesh(Path(d))
+    with running_mesh() as mesh:
         # A reasoning model's tokenizer: SmolLM2's plus the thinking tokens.
         folder = mesh.dir / REASONER
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -39,28 +35,11 @@ def mesh(model_dir: Path) -> Iterator[Mesh]:
         config = mesh.dir / "gateway.yaml"
         config.write_text(
             f"model_parsers:\n  {REASONER}: {{reasoning_parser: deepseek_r1}}\n")
-        try:
-            mesh.router = start_router(mesh)
-            mesh.workers = [mesh.start_worker("w0", "--model", str(folder)),
-                            mesh.start_worker("w1")]
-            ready = mesh.dir / "gateway.ready"
-            proc = spawn_module(
-                "kvmesh.gateway",
-                ["--router", mesh.router, "--port", "0", "--grpc-port", "0",
-                 "--ready-file", str(ready), "--config", str(config)],
-                mesh.dir / "gateway.log",
-            )
-            mesh.procs["gateway"] = proc
-            gateway = wait_ready_file(ready, 180, proc, "gateway")
-            mesh.http, mesh.grpc = gateway["http"], gateway["grpc"]
-            _wait_healthy(mesh.http)
-            yield mesh
-        except BaseException:
-            print(mesh.logs())
-            raise
-        finally:
-            for proc in mesh.procs.values():
-                terminate(proc)
+        mesh.router = start_router(mesh)
+        mesh.workers = [mesh.start_worker("w0", "--model", str(folder)),
+                        mesh.start_worker("w1")]
+        mesh.start_gateway("--config", str(config), timeout_s=180)
+        yield mesh
 
 
 def test_reasoning_split_whole_and_streamed(mesh: Mesh) -> None:

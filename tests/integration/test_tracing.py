@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvmesh.procs import spawn_module, terminate, wait_ready_file
 from tests.otlp_collector import OtlpCollector, ReceivedSpan
 
-from .conftest import Mesh, _wait_healthy, start_router
+from .conftest import Mesh, running_mesh, start_router
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
@@ -32,34 +30,19 @@ def _traced(workers: dict[str, tuple[str, ...]], *router_flags: str,
     trace_flags = ["--trace", "otlp", "--otlp-endpoint", collector.endpoint, "--log-json"]
     saved = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export every 100 ms (tests only)
-    with tempfile.TemporaryDirectory(prefix="kvm-tr-") as d:
-        mesh = Mesh(Path(d))
-        try:
+    try:
+        with running_mesh("kvm-tr-") as mesh:
             mesh.router = start_router(mesh, "router", *trace_flags, *router_flags)
             mesh.workers = [mesh.start_worker(name, *trace_flags, *extra)
                             for name, extra in workers.items()]
-            ready = mesh.dir / "gateway.ready"
-            mesh.procs["gateway"] = spawn_module(
-                "kvmesh.gateway",
-                ["--router", mesh.router, "--port", "0", "--grpc-port", "0",
-                 "--ready-file", str(ready), *trace_flags],
-                mesh.dir / "gateway.log",
-            )
-            gateway = wait_ready_file(ready, 60, mesh.procs["gateway"], "gateway")
-            mesh.http, mesh.grpc = gateway["http"], gateway["grpc"]
-            _wait_healthy(mesh.http)
+            mesh.start_gateway(*trace_flags)
             yield mesh, collector
-        except BaseException:
-            print(mesh.logs())
-            raise
-        finally:
-            for proc in mesh.procs.values():
-                terminate(proc)
-            collector.stop()
-            if saved is None:
-                os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
-            else:
-                os.environ["OTEL_BSP_SCHEDULE_DELAY"] = saved
+    finally:
+        collector.stop()
+        if saved is None:
+            os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
+        else:
+            os.environ["OTEL_BSP_SCHEDULE_DELAY"] = saved
 
 
 @pytest.fixture(scope="module")
