@@ -192,17 +192,6 @@ def holder_clear(keys: Array, masks: Array, hashes: Array, word: int, bit: Any) 
 
 
 @njit(cache=True, nogil=True)
-def holder_lookup(keys: Array, masks: Array, hashes: Array, out: Array) -> None:
-    """``out[n]`` = the holder row of ``hashes[n]`` (zeros when absent)."""
-    for n in range(hashes.shape[0]):
-        i = _find(keys, _key(hashes[n]))
-        if i < 0:
-            out[n, :] = _U0
-        else:
-            out[n, :] = masks[i, :]
-
-
-@njit(cache=True, nogil=True)
 def engine_put(keys: Array, sums: Array, lens: Array, engine_hashes: Array,
                totals: Array, first_length: int, fresh: Array) -> int:
     """Insert engine hashes with their chain states (lengths ``first_length``,
@@ -440,8 +429,6 @@ def warm_up() -> None:
     keys, masks = np.zeros(16, np.uint64), np.zeros((16, 1), np.uint64)
     seen = np.zeros(len(hashes), np.bool_)
     holder_set(keys, masks, hashes, 0, np.uint64(1), seen)
-    out = np.zeros((len(hashes), 1), np.uint64)
-    holder_lookup(keys, masks, hashes, out)
     match(keys, masks, hashes, np.ones(1, np.uint64), np.zeros(64, np.int32))
     holder_clear(keys, masks, hashes, 0, np.uint64(1))
     ekeys, esums, elens = np.zeros(16, np.uint64), np.zeros(16, np.uint64), np.zeros(16, np.uint32)
