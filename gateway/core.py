@@ -61,7 +61,9 @@ class EmbeddingResult:
 class GatewayCore:
     def __init__(self, config: GatewayConfig, cache_dir: Path | None = None) -> None:
         self.config = config
-        self.mesh = MeshClient(config.router, config.route_timeout_s, config.request_timeout_s,
+        # A Route call may wait at the router for a worker slot (router admission).
+        route_s = config.route_timeout_s + config.route_queue_timeout_s
+        self.mesh = MeshClient(config.router, route_s, config.request_timeout_s,
                                config.prefill_timeout_s)
         self.catalog = ModelCatalog()
         self.metrics = GatewayMetrics(known_models=self.catalog.names)

@@ -12,6 +12,7 @@ from typing import Any
 from kvmesh.config import MeshConfig, load_settings
 from kvmesh.logs import setup_logging
 from kvmesh.service_main import add_observability_flags, observability_settings
+from kvmesh.routing_workloads import WORKLOADS
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -26,7 +27,8 @@ def _up(args: argparse.Namespace) -> int:
         workers=workers,
         prefill=args.prefill,
         decode=args.decode,
-        router=_set(policy=args.policy, disaggregation=args.disaggregation),
+        router=_set(policy=args.policy, disaggregation=args.disaggregation,
+                    max_inflight_per_worker=args.max_inflight_per_worker),
         gateway=_set(port=args.port, grpc_port=args.grpc_port, api_keys=args.api_key),
         worker=_set(engine=engine, engine_kind=args.engine_kind),
         **observability_settings(args),
@@ -153,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--policy", default=None,
                     choices=["kv_aware", "approx_prefix", "power_of_two", "round_robin", "random"],
                     help="routing policy (default kv_aware)")
+    up.add_argument("--max-inflight-per-worker", type=int, default=None,
+                    help="router admission: requests in flight per worker before new ones "
+                    "wait at the router for a slot (default 0: no limit)")
     up.add_argument("--config", type=Path, default=None, help="YAML/JSON MeshConfig file")
     up.add_argument("--model", default=None, help="model folder or 'embedded'")
     up.add_argument("--enforce-eager", action="store_true", help="skip torch.compile")
@@ -212,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="KV capacity per worker in blocks (sim: the simulated cache; "
                          "real: caps each vLLM worker's cache and enables the oracle)")
     routing.add_argument("--workload", default="shared_prefix,multi_turn,low_reuse,bursty",
-                         help="comma-separated: shared_prefix, multi_turn, low_reuse, bursty")
+                         help="comma-separated: " + ", ".join(WORKLOADS))
     routing.add_argument("--policies",
-                         default="random,round_robin,power_of_two,approx_prefix,kv_aware")
+                         default="random,round_robin,power_of_two,approx_prefix,kv_aware",
+                         help="comma-separated; real mode also takes smg:POLICY (the smg "
+                         "router) and POLICY/N (a kvmesh router admitting N requests in "
+                         "flight per worker, the rest waiting at the router)")
     routing.add_argument("--workers", type=int, default=16)
     routing.add_argument("--requests", type=int, default=2000)
     routing.add_argument("--rate-per-worker", type=float, default=3.5,

@@ -123,6 +123,16 @@ class RouterConfig(_Settings):
         "'auto' decides per request with the cost model, 'always' splits every request "
         "it can, 'never' runs every request on one worker.",
     )
+    max_inflight_per_worker: int = Field(
+        0, ge=0,
+        description="Admission: requests this router has in flight on one worker (routed, "
+        "not finished) before new ones wait here for a free slot; 0 = no limit. Under overload "
+        "the engines then hold only what they work on, so queued prompts do not evict "
+        "cached prefixes, and waiting requests are placed late, on fresh cache state.")
+    admission_max_wait_s: float = Field(
+        120.0, gt=0,
+        description="Longest a request waits for a worker slot before it is refused with "
+        "429 + Retry-After (also bounded by the caller's deadline).")
     seed: int | None = Field(None, description="Seed for random tie-breaks (tests).")
     snapshot_path: Path | None = Field(
         None, description="Where the prefix index is snapshotted and restored from on "
@@ -304,6 +314,10 @@ class GatewayConfig(_Settings):
         600.0, gt=0, description="Deadline for one generation, end to end."
     )
     route_timeout_s: float = Field(5.0, gt=0, description="Deadline for one Route call.")
+    route_queue_timeout_s: float = Field(
+        120.0, ge=0,
+        description="Extra time a Route call may take while the router holds it for a free "
+        "worker slot (router admission, `max_inflight_per_worker`).")
     prefill_timeout_s: float = Field(
         60.0, gt=0,
         description="Deadline for the prefill leg of a disaggregated request; past it (or "

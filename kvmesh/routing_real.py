@@ -92,6 +92,33 @@ async def _drive(url: str, model: str, prompts: list[tuple[float, str, int]],
     return list(results), max(r["end"] for r in results) - start
 
 
+ENGINE_COUNTERS = {
+    "vllm:request_success_total": "requests",
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:prefix_cache_hits_total": "hit_tokens",
+}
+
+
+def scrape_counters(url: str) -> dict[str, float]:
+    """Sums of the engine counters in ENGINE_COUNTERS from one Prometheus page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = dict.fromkeys(ENGINE_COUNTERS.values(), 0.0)
+    text = httpx.get(url, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = ENGINE_COUNTERS.get(sample.name)
+            if key is not None:
+                totals[key] += sample.value
+    return totals
+
+
+def counter_deltas(before: list[dict[str, float]],
+                   after: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Per worker, what one run added to each counter."""
+    return [{k: round(a[k] - b.get(k, 0.0), 1) for k in a} for b, a in zip(before, after)]
+
+
 def summarize(results: list[dict[str, float]], wall_s: float) -> dict[str, Any]:
     """Metrics over every request of every repetition of one policy."""
     prompt_tokens = sum(r["prompt"] for r in results)
@@ -116,6 +143,7 @@ class RealBench:
         self.engine_flags = engine_flags
         self.procs: list[subprocess.Popen[bytes]] = []
         self.endpoints: list[str] = []
+        self.metrics: list[str] = []
         self.model = ""
 
     def start_workers(self) -> None:
@@ -123,7 +151,8 @@ class RealBench:
 
         for i in range(self.n):
             ready = self.dir / f"w{i}.ready"
-            args = ["--no-ray", "--port", "0", "--worker-id", f"w{i}", "--ready-file",
+            args = ["--no-ray", "--port", "0", "--metrics-port", "0", "--worker-id", f"w{i}",
+                    "--ready-file",
                     str(ready), "--run-dir", str(self.dir), "--model", str(self.model_dir),
                     "--cpu-bind", cpu_binding(i, self.n, os.cpu_count() or 1)]
             if self.engine_flags.get("enforce_eager"):
@@ -136,21 +165,32 @@ class RealBench:
         for i, proc in enumerate(self.procs):
             info = wait_ready_file(self.dir / f"w{i}.ready", 900, proc, f"worker {i}")
             self.endpoints.append(info["endpoint"])
+            self.metrics.append(info["metrics"])
             self.model = info["model"]
 
-    def kvmesh_front(self, policy: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    def engine_counters(self) -> list[dict[str, float]]:
+        """Each worker's cumulative vLLM counters (requests, prompt and cache-hit tokens)."""
+        return [scrape_counters(f"http://{endpoint}/metrics") for endpoint in self.metrics]
+
+    def kvmesh_front(self, spec: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
+        """A kvmesh router + gateway for ``POLICY`` or ``POLICY/N`` (N: the router's
+        ``--max-inflight-per-worker``, requests wait at the router beyond it)."""
+        policy, _, inflight = spec.partition("/")
+        tag = spec.replace("/", "-")
         args = ["--port", "0", "--metrics-port", "0", "--policy", policy,
-                "--ready-file", str(self.dir / f"router-{policy}.ready")]
+                "--ready-file", str(self.dir / f"router-{tag}.ready")]
+        if inflight:
+            args += ["--max-inflight-per-worker", inflight]
         for endpoint in self.endpoints:
             args += ["--worker", endpoint]
-        router = spawn_module("kvmesh.router", args, self.dir / f"router-{policy}.log")
-        address = wait_ready_file(self.dir / f"router-{policy}.ready", 60, router)["grpc"]
+        router = spawn_module("kvmesh.router", args, self.dir / f"router-{tag}.log")
+        address = wait_ready_file(self.dir / f"router-{tag}.ready", 60, router)["grpc"]
         gateway = spawn_module(
             "kvmesh.gateway",
             ["--router", address, "--port", "0", "--grpc-port", "0",
-             "--ready-file", str(self.dir / f"gateway-{policy}.ready")],
-            self.dir / f"gateway-{policy}.log")
-        url = wait_ready_file(self.dir / f"gateway-{policy}.ready", 60, gateway)["http"]
+             "--ready-file", str(self.dir / f"gateway-{tag}.ready")],
+            self.dir / f"gateway-{tag}.log")
+        url = wait_ready_file(self.dir / f"gateway-{tag}.ready", 60, gateway)["http"]
         return url, [gateway, router]
 
     def smg_front(self, policy: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
@@ -209,6 +249,7 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
         policies = [p for p in policies if not p.startswith("smg:")]
     raw: dict[str, list[dict[str, float]]] = {p: [] for p in policies}
     walls = dict.fromkeys(policies, 0.0)
+    engines: dict[str, list[list[dict[str, float]]]] = {p: [] for p in policies}
     with tempfile.TemporaryDirectory(prefix="kvm-real-") as d:
         bench = RealBench(model_dir, workers, Path(d), smg_binary, engine_flags)
         try:
@@ -222,11 +263,14 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
                         asyncio.run(_flush(bench.endpoints))
                         log.info("running %s, turn %d/%d (%d requests)", policy, turn + 1,
                                  repeat, len(prompts))
+                        before = bench.engine_counters()
                         results, wall = asyncio.run(_drive(url, model, prompts, timeout_s))
+                        per_worker = counter_deltas(before, bench.engine_counters())
                         raw[policy] += results
                         walls[policy] += wall
-                        log.info("%s, turn %d: %s", policy, turn + 1,
-                                 summarize(results, wall))
+                        engines[policy].append(per_worker)
+                        log.info("%s, turn %d: %s; per worker %s", policy, turn + 1,
+                                 summarize(results, wall), per_worker)
                     finally:
                         for proc in fronts:
                             terminate(proc, 15)
@@ -236,5 +280,5 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(d, kept, ignore=shutil.ignore_patterns("*-kv", "*-kvr"))
     return {policy: {**summarize(raw[policy], walls[policy]), "oracle_hit_rate": oracle,
-                     "turns": repeat}
+                     "turns": repeat, "per_worker_by_turn": engines[policy]}
             for policy in policies}

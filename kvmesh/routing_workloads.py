@@ -14,7 +14,7 @@ class SimRequest:
 
 
 VOCAB = 49_000
-WORKLOADS = ("shared_prefix", "multi_turn", "low_reuse", "bursty", "hot_set")
+WORKLOADS = ("shared_prefix", "multi_turn", "low_reuse", "bursty", "hot_set", "rag_zipf")
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:
@@ -88,6 +88,25 @@ def hot_set(rng: random.Random, n: int, rate: float, tenants: int = 40,
             for t in _poisson_times(rng, n, rate)]
 
 
+def rag_zipf(rng: random.Random, n: int, rate: float, tenants: int = 48,
+             system_len: int = 512, doc_len: int = 1024, zipf: float = 0.8) -> list[SimRequest]:
+    """Retrieval-style traffic: one shared system prompt, then one of ``tenants`` long
+    documents with Zipf popularity, a short question and a short answer, so prefill
+    is most of the work and every document miss costs about a request's worth of it.
+    The hot set (system + documents, 16 + 48 × 32 blocks of 32) is sized to outgrow
+    one worker's cache at ``--num-kv-blocks 1024`` but fit in two."""
+    system = _tokens(rng, system_len)
+    docs = [_tokens(rng, doc_len) for _ in range(tenants)]
+    weights = [1 / (i + 1) ** zipf for i in range(tenants)]
+    order = list(range(tenants))
+    rng.shuffle(order)  # popularity rank independent of anything a router could see
+    out = []
+    for t in _poisson_times(rng, n, rate):
+        doc = docs[order[rng.choices(range(tenants), weights)[0]]]
+        out.append(SimRequest(t, tuple(system + doc + _tokens(rng, 32)), rng.randint(8, 16)))
+    return out
+
+
 def make_workload(name: str, n: int, rate: float, seed: int) -> list[SimRequest]:
     rng = random.Random(seed)
     if name == "shared_prefix":
@@ -100,4 +119,6 @@ def make_workload(name: str, n: int, rate: float, seed: int) -> list[SimRequest]
         return bursty(rng, n, rate)
     if name == "hot_set":
         return hot_set(rng, n, rate)
+    if name == "rag_zipf":
+        return rag_zipf(rng, n, rate)
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")

@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--disaggregation", default=None, choices=["auto", "always", "never"],
                         help="prefill/decode split when P and D workers exist (default auto)")
+    parser.add_argument("--max-inflight-per-worker", type=int, default=None,
+                        help="admission: requests in flight per worker before new ones wait "
+                        "at the router (default 0: no limit)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus /metrics port (0 = free port)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write the address here")
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_settings(
         RouterConfig, args.config, host=args.host, port=args.port, policy=args.policy,
         static_workers=args.static_workers, metrics_port=args.metrics_port,
-        disaggregation=args.disaggregation,
+        disaggregation=args.disaggregation, max_inflight_per_worker=args.max_inflight_per_worker,
         **observability_settings(args),
     )
     setup_logging("router", args.log_level, config.logging.json_format)

@@ -1,8 +1,15 @@
 """The one cost model: estimated seconds until a request's first token (pure).
 
     cost(w) = (uncached prompt tokens on w + prefill work queued on w) / prefill rate
+              + backlog weight × requests waiting on w × uncached tokens / prefill rate
               + eviction weight × KV fullness of w × uncached tokens / prefill rate
               + running sequences on w × per-sequence step cost
+
+The backlog term prices a miss for the requests it delays: on a worker with a queue,
+about as many requests will wait behind this prefill as wait there now (Little's law),
+so its uncached tokens cost their prefill time once more per waiting request. An idle
+fleet spreads freely; a saturated one stops trading cache hits for a shorter queue,
+because there every miss is capacity lost.
 
 Cached tokens come from the prefix index (confirmed or pending blocks), queued work
 from the worker's own report plus what the router routed since that report, and the
@@ -27,6 +34,10 @@ class CostParams(BaseModel):
         0.004, ge=0, description="How much each running sequence lengthens an engine step.")
     balance_epsilon: float = Field(
         2.0, ge=0, description="Bounded load: skip workers above (1+ε)·mean active + 1.")
+    backlog_weight: float = Field(
+        1.0, ge=0,
+        description="Price of an uncached token per request waiting on the worker, in "
+        "prefill-seconds: what a miss costs the requests that will queue behind it.")
     eviction_weight: float = Field(
         3.0, ge=0,
         description="Price of evicting cached blocks, in prefill-seconds per uncached "
@@ -60,6 +71,7 @@ class WorkerLoadInput(NamedTuple):
     running: int
     queued_prefill_tokens: int
     kv_usage: float = 0.0
+    waiting: int = 0
 
 
 def ttft_cost(
@@ -68,9 +80,10 @@ def ttft_cost(
     uncached = max(prompt_tokens - cached_tokens, 0)
     prefill = (uncached + load.queued_prefill_tokens) / params.prefill_tokens_per_s
     # Blocks stored into a full cache evict someone else's prefix: a miss later.
-    eviction = (params.eviction_weight * min(max(load.kv_usage, 0.0), 1.0)
-                * uncached / params.prefill_tokens_per_s)
-    return prefill + eviction + load.running * params.decode_step_s_per_seq
+    per_token = uncached / params.prefill_tokens_per_s
+    eviction = params.eviction_weight * min(max(load.kv_usage, 0.0), 1.0) * per_token
+    backlog = params.backlog_weight * max(load.waiting, 0) * per_token
+    return prefill + backlog + eviction + load.running * params.decode_step_s_per_seq
 
 
 def within_bound(params: CostParams, loads: list[WorkerLoadInput]) -> list[WorkerLoadInput]:

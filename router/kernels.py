@@ -321,8 +321,9 @@ def match(keys: Array, masks: Array, hashes: Array, alive: Array, depth: Array) 
 def pending_mark(keys: Array, masks: Array, expiry: Array, held_keys: Array,
                  held_masks: Array, hashes: Array, positions: Array, word: int, bit: Any,
                  now: float, until: float) -> int:
-    """Mark ``hashes[positions]`` pending on (``word``, ``bit``) until ``until``, except
-    blocks the worker already holds. Returns how many rows were added."""
+    """Mark ``hashes[positions]`` pending on (``word``, ``bit``) until ``until`` (a row
+    shared with other workers' live marks keeps the later expiry), except blocks the
+    worker already holds. Returns how many rows were added."""
     added = 0
     for p in positions:
         key = _key(hashes[p])
@@ -333,11 +334,14 @@ def pending_mark(keys: Array, masks: Array, expiry: Array, held_keys: Array,
         if keys[i] == _U0:
             keys[i] = key
             masks[i, :] = _U0
+            expiry[i] = until
             added += 1
         elif expiry[i] < now:
             masks[i, :] = _U0
+            expiry[i] = until
+        else:  # a shorter mark for another worker must not cut a live one short
+            expiry[i] = max(expiry[i], until)
         masks[i, word] |= bit
-        expiry[i] = until
     return added
 
 

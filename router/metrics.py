@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 
 _PREFIX_BUCKETS = (0, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _LATENCY_BUCKETS = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
+_WAIT_BUCKETS = (0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 120.0)
 _LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 WORKER_STATES = ("ready", "stale")
 
@@ -102,6 +103,12 @@ class RouterMetrics:
             "kvmesh_router_kv_event_lag_seconds",
             "Delay between an engine publishing KV events and the router applying them",
             buckets=_LAG_BUCKETS, registry=r)
+        self.admission_waiting = Gauge(
+            "kvmesh_router_admission_waiting",
+            "Route calls waiting for a worker slot (max_inflight_per_worker)", registry=r)
+        self.admission_wait_seconds = Histogram(
+            "kvmesh_router_admission_wait_seconds",
+            "Time a Route call waited for a worker slot", buckets=_WAIT_BUCKETS, registry=r)
         self.index_blocks = Gauge(
             "kvmesh_router_index_blocks", "Distinct blocks in the prefix index", registry=r)
 

@@ -145,7 +145,10 @@ class KvAwarePolicy:
         hits = cached.get(chosen.worker_id, 0)
         hashes = hashes_by_size.get(chosen.block_size)
         if hashes is not None and len(hashes):
-            self._index.mark_pending(chosen.worker_id, hashes)
+            # Pending until the prefill can have happened: the base TTL after the
+            # estimated wait, so a backlog does not outlast the marks it depends on.
+            self._index.mark_pending(chosen.worker_id, hashes,
+                                     self.params.pending_ttl_s + costs[chosen.worker_id])
         return Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits)
 
 
@@ -157,6 +160,8 @@ def load_input(w: WorkerState) -> WorkerLoadInput:
         running=max(w.load.num_running, len(w.in_flight)),
         queued_prefill_tokens=w.load.waiting_uncached_tokens + w.unreported_prefill_tokens,
         kv_usage=w.load.kv_usage,
+        # Routed since the last report and not yet running count as waiting.
+        waiting=max(w.load.num_waiting, w.active - w.load.num_running),
     )
 
 

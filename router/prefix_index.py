@@ -281,9 +281,11 @@ class PrefixIndex:
         self._clear(view, router[:popped])
 
     # ---- routing ---------------------------------------------------------------
-    def mark_pending(self, worker_id: str, hashes: Sequence[int] | np.ndarray) -> None:
+    def mark_pending(self, worker_id: str, hashes: Sequence[int] | np.ndarray,
+                     ttl_s: float | None = None) -> None:
         """Count the prompt's blocks (at ``mark_positions``) as cached on the worker
-        until the TTL passes or its events confirm them."""
+        until the TTL (the index's, or ``ttl_s`` if longer) passes or its events
+        confirm them."""
         view = self._view(worker_id)
         now = self._clock()
         positions = _positions(len(hashes), True)
@@ -292,7 +294,7 @@ class PrefixIndex:
         self._pcount += kernels.pending_mark(
             self._pkeys, self._pmasks, self._pexpiry, self._keys, self._masks,
             as_hash_array(hashes), positions, view.word, view.bit, now,
-            now + self._pending_ttl_s)
+            now + max(self._pending_ttl_s, ttl_s or 0.0))
 
     def _reserve_pending(self, more: int, words: int, now: float) -> None:
         capacity, old_words = self._pmasks.shape

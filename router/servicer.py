@@ -16,10 +16,11 @@ from opentelemetry import trace
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
 from kvmesh.config import RouterConfig
-from kvmesh.errors import InvalidRequestError, ModelNotFoundError
+from kvmesh.errors import InvalidRequestError, ModelNotFoundError, RateLimitedError
 from kvmesh.grpc_util import insecure_channel
 from kvmesh.logs import request_id_var
 from kvmesh.router import snapshot, worker_probe
+from kvmesh.router.admission import Admission, AdmissionTimeout
 from kvmesh.router.cost_model import CostParams
 from kvmesh.router.kv_events import KvEventFollower
 from kvmesh.router.metrics import RouterMetrics, WorkerSample
@@ -31,6 +32,9 @@ from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
+
+#: Seconds of the Route caller's deadline kept for answering "busy" before it expires.
+ADMISSION_DEADLINE_MARGIN_S = 0.5
 
 _ROLE_TO_NAME = {
     common_pb2.WORKER_ROLE_UNSPECIFIED: "both",
@@ -98,6 +102,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             ],
         )
         self._changed = asyncio.Condition()
+        self._admission: dict[str, Admission] = {}
         #: host:port of this router's /metrics, told to gateways for service discovery.
         self.metrics_endpoint = ""
         self._tasks: list[asyncio.Task[None]] = []
@@ -168,6 +173,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 await self._notify()
 
     async def _notify(self) -> None:
+        self._wake_admission()  # a worker joined or left: waiters look again
         async with self._changed:
             self._changed.notify_all()
 
@@ -197,6 +203,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
                     sample.waiting_uncached_tokens, sample.cache_hit_rate,
                 )
+                self._wake_admission()
             except grpc.aio.AioRpcError as exc:
                 log.debug("probe of %s failed: %s", worker_id, exc.code().name)
             await asyncio.sleep(self._config.probe_interval_s)
@@ -244,6 +251,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 worker_id, load.running_requests, load.waiting_requests, load.token_usage,
                 pending, load.cache_hit_rate if load.HasField("cache_hit_rate") else None,
             )
+            self._wake_admission()
 
         follower = KvEventFollower(
             worker_id, self._channel(state.endpoint), self.index, state.model,
@@ -309,7 +317,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             max_tokens=request.max_tokens,
         )
         exclude = request.exclude_worker_ids
-        workers = self.registry.candidates(request.model, request.adapter, exclude)
+        workers = await self._admit(request, context)
         prefill = self.registry.candidates(
             request.model, request.adapter, exclude, roles=("prefill",))
         decode = [w for w in workers if w.role == "decode"]
@@ -349,10 +357,48 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             policy=self.policy.name,
         )
 
+    async def _admit(
+        self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> list[WorkerState]:
+        """The candidate workers with a free slot; waits at the router while every
+        one is full (``max_inflight_per_worker``), as long as the caller's deadline
+        and ``admission_max_wait_s`` allow."""
+
+        def candidates() -> list[WorkerState]:
+            return self.registry.candidates(
+                request.model, request.adapter, request.exclude_worker_ids)
+
+        limit = self._config.max_inflight_per_worker
+        if limit <= 0:
+            return candidates()
+        queue = self._admission.setdefault(request.model, Admission(limit))
+        wait_s = self._config.admission_max_wait_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait_s = min(wait_s, remaining - ADMISSION_DEADLINE_MARGIN_S)
+        started = time.monotonic()
+        self.metrics.admission_waiting.inc()
+        try:
+            # This router's own count: exact and immediate (reports lag a finish).
+            return await queue.admit(candidates, lambda w: len(w.in_flight), wait_s)
+        except AdmissionTimeout as exc:
+            raise RateLimitedError(
+                f"every worker serving `{request.model}` has {limit} requests in flight "
+                f"and none freed a slot in {exc.waited_s:.1f}s",
+                retry_after_s=max(1, round(exc.waited_s / 4))) from None
+        finally:
+            self.metrics.admission_waiting.dec()
+            self.metrics.admission_wait_seconds.observe(time.monotonic() - started)
+
+    def _wake_admission(self) -> None:
+        for queue in self._admission.values():
+            queue.notify()
+
     async def RequestFinished(
         self, request: router_pb2.RequestFinishedRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RequestFinishedResponse:
         self.registry.finished(request.worker_id, request.request_id)
+        self._wake_admission()
         return router_pb2.RequestFinishedResponse()
 
     async def ListWorkers(

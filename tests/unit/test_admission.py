@@ -1,44 +1,104 @@
+import asyncio
+
 import pytest
 
-from kvmesh.errors import AuthenticationError, RateLimitedError
-from kvmesh.gateway.admission import ANONYMOUS, Admission, key_id
+from kvmesh.router.admission import Admission, AdmissionTimeout
 
 pytestmark = pytest.mark.unit
 
 
-def test_no_keys_means_no_auth() -> None:
-    assert Admission([], None, None, 1).authenticate(None) == ANONYMOUS
+class Pool:
+    """Workers as names with in-flight counts, like the registry's view."""
+
+    def __init__(self, **in_flight: int) -> None:
+        self.in_flight = dict(in_flight)
+
+    def candidates(self) -> list[str]:
+        return list(self.in_flight)
+
+    def count(self, worker: str) -> int:
+        return self.in_flight[worker]
 
 
-def test_several_keys_bearer_only() -> None:
-    a = Admission(["k1", "k2"], None, None, 1)
-    assert a.authenticate("Bearer k1") == key_id("k1")
-    assert a.authenticate("bearer k2") == key_id("k2")
-    for bad in (None, "k1", "Basic k1", "Bearer ", "Bearer k3", "Bearer k1x"):
-        with pytest.raises(AuthenticationError):
-            a.authenticate(bad)
-    assert "k1" not in key_id("k1")
+def test_no_limit_admits_everything() -> None:
+    pool = Pool(a=100, b=7)
+    assert asyncio.run(Admission(0).admit(pool.candidates, pool.count, 1.0)) == ["a", "b"]
 
 
-def test_stream_limit_per_key_and_release() -> None:
-    a = Admission(["k"], None, 2, retry_after_s=7)
-    s1, s2 = a.admit("a", stream=True), a.admit("a", stream=True)
-    with pytest.raises(RateLimitedError) as err:
-        a.admit("a", stream=True)
-    assert err.value.retry_after_s == 7
-    a.admit("b", stream=True)  # another key has its own budget
-    a.admit("a", stream=False).release()  # non-streaming requests are not counted
-    s1.release()
-    s1.release()  # idempotent
-    a.admit("a", stream=True)
-    s2.release()
+def test_only_workers_with_a_free_slot_are_offered() -> None:
+    pool = Pool(a=2, b=1)
+    assert asyncio.run(Admission(2).admit(pool.candidates, pool.count, 1.0)) == ["b"]
 
 
-def test_overload_limit() -> None:
-    a = Admission([], 1, None, 1)
-    slot = a.admit(ANONYMOUS, stream=False)
-    with pytest.raises(RateLimitedError, match="overloaded"):
-        a.admit(ANONYMOUS, stream=False)
-    slot.release()
-    assert a.in_flight == 0
-    a.admit(ANONYMOUS, stream=False)
+def test_a_full_pool_waits_for_a_slot_and_times_out_without_one() -> None:
+    async def main() -> None:
+        pool = Pool(a=1)
+        gate = Admission(1)
+        waiter = asyncio.create_task(gate.admit(pool.candidates, pool.count, 5.0))
+        await asyncio.sleep(0.05)
+        assert not waiter.done() and gate.waiting == 1
+        pool.in_flight["a"] = 0
+        gate.notify()
+        assert await waiter == ["a"]
+        assert gate.waiting == 0
+        pool.in_flight["a"] = 1
+        with pytest.raises(AdmissionTimeout):
+            await gate.admit(pool.candidates, pool.count, 0.05)
+        assert gate.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_waiters_are_admitted_in_arrival_order() -> None:
+    async def main() -> None:
+        pool = Pool(a=1)
+        gate = Admission(1)
+        order: list[int] = []
+
+        async def request(i: int) -> None:
+            await gate.admit(pool.candidates, pool.count, 5.0)
+            pool.in_flight["a"] += 1  # the caller takes the slot synchronously
+            order.append(i)
+
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(request(i)))
+            await asyncio.sleep(0.01)
+        for _ in range(4):  # one slot frees at a time
+            pool.in_flight["a"] -= 1
+            gate.notify()
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*tasks)
+        assert order == [0, 1, 2, 3]
+
+    asyncio.run(main())
+
+
+def test_a_newcomer_queues_behind_earlier_waiters() -> None:
+    async def main() -> None:
+        pool = Pool(a=1)
+        gate = Admission(1)
+        first = asyncio.create_task(gate.admit(pool.candidates, pool.count, 5.0))
+        await asyncio.sleep(0.01)
+        pool.in_flight["a"] = 0  # a slot frees, nobody has been told yet
+        late = asyncio.create_task(gate.admit(pool.candidates, pool.count, 5.0))
+        await asyncio.sleep(0.01)
+        assert not late.done()  # the earlier waiter has the first claim
+        gate.notify()
+        assert await first == ["a"]
+        assert await late == ["a"]  # woken when the first left (slot still free here)
+
+    asyncio.run(main())
+
+
+def test_a_vanished_pool_returns_empty_instead_of_waiting() -> None:
+    async def main() -> None:
+        pool = Pool(a=1)
+        gate = Admission(1)
+        waiter = asyncio.create_task(gate.admit(pool.candidates, pool.count, 5.0))
+        await asyncio.sleep(0.01)
+        pool.in_flight.clear()  # the worker died
+        gate.notify()
+        assert await waiter == []
+
+    asyncio.run(main())

@@ -131,3 +131,42 @@ def test_documents_after_a_shared_system_prompt_spread_over_its_holders() -> Non
     assert all(len(h) == 1 for h in homes.values())  # deterministic per document
     placed = [h.pop() for h in homes.values()]
     assert 4 <= placed.count("a") <= 12  # spread, not all on one worker
+
+
+def test_a_backlog_keeps_a_hit_where_an_idle_fleet_would_spill() -> None:
+    """Both workers queued: a miss on the shorter queue delays everyone behind it, so
+    the cached worker keeps the request (without the backlog price it spilled)."""
+    index = PrefixIndex()
+    cache(index, "b", PROMPT)
+    a, b = worker("a", waiting_uncached=200), worker("b", waiting_uncached=800)
+    a.load.num_waiting, b.load.num_waiting = 2, 4
+    spill = KvAwarePolicy(index, random.Random(0), CostParams(backlog_weight=0))
+    assert spill.choose(ctx(PROMPT + [7]), [a, b]).worker.worker_id == "a"
+    index2 = PrefixIndex()
+    cache(index2, "b", PROMPT)
+    assert policy(index2).choose(ctx(PROMPT + [7]), [a, b]).worker.worker_id == "b"
+    # An idle worker costs nothing extra to spill onto: no backlog, no price.
+    assert policy(index2).choose(ctx(PROMPT + [8]), [worker("a"), b]).worker.worker_id == "a"
+
+
+def test_pending_blocks_outlive_the_queue_they_wait_in() -> None:
+    now = [0.0]
+    index = PrefixIndex(pending_ttl_s=2.0, clock=lambda: now[0])
+    queued = worker("q", waiting_uncached=25_000)  # ~10 s of prefill ahead of it
+    queued.load.num_waiting = 3
+    p = KvAwarePolicy(index, random.Random(0), CostParams())
+    assert p.choose(ctx(PROMPT), [queued]).worker is queued
+    now[0] = 8.0  # past the base TTL, before the prefill can have run
+    assert p.cached_tokens(ctx(PROMPT), [queued])[0]["q"] == len(PROMPT)
+    now[0] = 30.0
+    assert p.cached_tokens(ctx(PROMPT), [queued])[0].get("q", 0) == 0
+
+
+def test_a_short_mark_does_not_cut_another_workers_long_one() -> None:
+    now = [0.0]
+    index = PrefixIndex(pending_ttl_s=1.0, clock=lambda: now[0])
+    hashes = prompt_hashes(PROMPT, BS, namespace_seed("m", ""))
+    index.mark_pending("long", hashes, ttl_s=10.0)
+    index.mark_pending("short", hashes)
+    now[0] = 5.0
+    assert index.match(hashes, ["long"])["long"] == len(hashes)
