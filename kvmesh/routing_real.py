@@ -266,6 +266,8 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
                         before = bench.engine_counters()
                         results, wall = asyncio.run(_drive(url, model, prompts, timeout_s))
                         per_worker = counter_deltas(before, bench.engine_counters())
+                        (Path(d) / f"requests-{policy.replace('/', '-')}-{turn}.json").write_text(
+                            json.dumps(results))
                         raw[policy] += results
                         walls[policy] += wall
                         engines[policy].append(per_worker)

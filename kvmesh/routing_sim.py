@@ -22,7 +22,7 @@ from smg_grpc_proto.generated import common_pb2
 from kvmesh.bench_stats import ttft_summary
 from kvmesh.router.cost_model import CostParams
 from kvmesh.router.kv_events import FollowerStats, apply_batch
-from kvmesh.router.policies import RouteContext, make_policy, pick
+from kvmesh.router.policies import KvAwarePolicy, RouteContext, make_policy, pick
 from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerRegistry, WorkerState
 from kvmesh.routing_workloads import SimRequest
@@ -214,6 +214,12 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
 
     for rid, request in enumerate(requests):
         push(request.arrival_s, "arrive", (rid, request))
+
+    def finish(worker_id: str, rid: str) -> None:
+        registry.finished(worker_id, rid)
+        if isinstance(policy, KvAwarePolicy):
+            policy.finished(rid)
+
     while heap:
         now, _, kind, payload = heapq.heappop(heap)
         clock[0] = now
@@ -242,7 +248,7 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
                 if seq.left > 0:
                     still.append(seq)
                 else:
-                    registry.finished(w.worker_id, str(seq.rid))
+                    finish(w.worker_id, str(seq.rid))
                     result.output_tokens += seq.request.output_tokens
                     result.last_done = max(result.last_done, now)
             w.running = still
@@ -256,7 +262,7 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
                     w.running.append(
                         _Running(item.rid, item.request, item.request.output_tokens - 1))
                 else:
-                    registry.finished(w.worker_id, str(item.rid))
+                    finish(w.worker_id, str(item.rid))
                     result.output_tokens += item.request.output_tokens
                     result.last_done = max(result.last_done, now)
             step(w, now)

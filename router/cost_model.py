@@ -47,7 +47,10 @@ class CostParams(BaseModel):
         description="Workers within this fraction of the prompt's full prefill time of "
         "the best cost count as equal; the prompt's rendezvous home wins among them.")
     pending_ttl_s: float = Field(
-        2.0, gt=0, description="How long routed-but-unconfirmed blocks count as cached.")
+        120.0, gt=0,
+        description="Longest routed-but-unconfirmed blocks count as cached on the chosen "
+        "worker; they stop earlier when the worker's events confirm them or the request "
+        "finishes, so this only bounds marks whose finish never arrives.")
     kv_transfer_tokens_per_s: float = Field(
         40000.0, gt=0,
         description="Prompt tokens' KV a decode worker pulls from a prefill worker per "

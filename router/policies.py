@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -104,6 +105,21 @@ class KvAwarePolicy:
         self._index = index
         self._rng = rng
         self.params = params or CostParams()
+        # request id -> (worker, marked hashes, expiry): cleared when it finishes.
+        self._marks: dict[str, tuple[str, U64Array, float]] = {}
+
+    def finished(self, request_id: str) -> None:
+        """The request is done: blocks it marked pending and its events never
+        confirmed (cancelled, failed) stop counting as cached."""
+        marked = self._marks.pop(request_id, None)
+        if marked is not None:
+            self._index.clear_pending(marked[0], marked[1])
+
+    def _remember(self, request_id: str, worker_id: str, hashes: U64Array) -> None:
+        now = time.monotonic()
+        if len(self._marks) >= MAX_REMEMBERED_MARKS:  # finishes lost (a gateway died)
+            self._marks = {r: m for r, m in self._marks.items() if m[2] > now}
+        self._marks[request_id] = (worker_id, hashes, now + self.params.pending_ttl_s)
 
     def cached_tokens(
         self, ctx: RouteContext, workers: Sequence[WorkerState]
@@ -145,10 +161,10 @@ class KvAwarePolicy:
         hits = cached.get(chosen.worker_id, 0)
         hashes = hashes_by_size.get(chosen.block_size)
         if hashes is not None and len(hashes):
-            # Pending until the prefill can have happened: the base TTL after the
-            # estimated wait, so a backlog does not outlast the marks it depends on.
-            self._index.mark_pending(chosen.worker_id, hashes,
-                                     self.params.pending_ttl_s + costs[chosen.worker_id])
+            # Pending until its events confirm the blocks or the request finishes:
+            # however long it queues, the next request with this prefix follows it.
+            self._index.mark_pending(chosen.worker_id, hashes, self.params.pending_ttl_s)
+            self._remember(ctx.request_id, chosen.worker_id, hashes)
         return Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits)
 
 
@@ -187,6 +203,7 @@ def placement_key(
 
 
 PLACEMENT_BLOCKS = 4
+MAX_REMEMBERED_MARKS = 65536
 
 
 def rendezvous_score(key: int, worker_id: str) -> int:

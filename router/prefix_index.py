@@ -296,6 +296,15 @@ class PrefixIndex:
             as_hash_array(hashes), positions, view.word, view.bit, now,
             now + max(self._pending_ttl_s, ttl_s or 0.0))
 
+    def clear_pending(self, worker_id: str, hashes: Sequence[int] | np.ndarray) -> None:
+        """Drop the worker's pending marks of the prompt's blocks (its request ended)."""
+        view = self._views.get(worker_id)
+        if view is None or not self._pcount or view.word >= self._pmasks.shape[1]:
+            return
+        positions = _positions(len(hashes), True)
+        kernels.pending_clear(self._pkeys, self._pmasks, as_hash_array(hashes)[positions],
+                              view.word, view.bit)
+
     def _reserve_pending(self, more: int, words: int, now: float) -> None:
         capacity, old_words = self._pmasks.shape
         if self._pcount + more <= capacity * MAX_LOAD and words <= old_words:

@@ -25,7 +25,7 @@ from kvmesh.router.cost_model import CostParams
 from kvmesh.router.kv_events import KvEventFollower
 from kvmesh.router.metrics import RouterMetrics, WorkerSample
 from kvmesh.router.pd import decide
-from kvmesh.router.policies import RouteContext, make_policy
+from kvmesh.router.policies import KvAwarePolicy, RouteContext, make_policy
 from kvmesh.router.prefix_index import PrefixIndex, pack_views
 from kvmesh.router.registry import WorkerRegistry, WorkerState
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -398,6 +398,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.RequestFinishedRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RequestFinishedResponse:
         self.registry.finished(request.worker_id, request.request_id)
+        if isinstance(self.policy, KvAwarePolicy):
+            self.policy.finished(request.request_id)
         self._wake_admission()
         return router_pb2.RequestFinishedResponse()
 

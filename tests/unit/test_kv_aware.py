@@ -149,16 +149,20 @@ def test_a_backlog_keeps_a_hit_where_an_idle_fleet_would_spill() -> None:
     assert policy(index2).choose(ctx(PROMPT + [8]), [worker("a"), b]).worker.worker_id == "a"
 
 
-def test_pending_blocks_outlive_the_queue_they_wait_in() -> None:
+def test_pending_blocks_last_until_confirmed_or_finished() -> None:
+    """However long the first request of a prefix queues, the next follows it; its
+    marks end when it finishes (here: never confirmed, e.g. cancelled)."""
     now = [0.0]
     index = PrefixIndex(pending_ttl_s=2.0, clock=lambda: now[0])
-    queued = worker("q", waiting_uncached=25_000)  # ~10 s of prefill ahead of it
-    queued.load.num_waiting = 3
-    p = KvAwarePolicy(index, random.Random(0), CostParams())
-    assert p.choose(ctx(PROMPT), [queued]).worker is queued
-    now[0] = 8.0  # past the base TTL, before the prefill can have run
+    queued = worker("q", waiting_uncached=25_000)
+    p = KvAwarePolicy(index, random.Random(0), CostParams(pending_ttl_s=120))
+    assert p.choose(ctx(PROMPT, "first"), [queued]).worker is queued
+    now[0] = 60.0  # far past the index's own 2 s: still queued, still pending
     assert p.cached_tokens(ctx(PROMPT), [queued])[0]["q"] == len(PROMPT)
-    now[0] = 30.0
+    p.finished("first")
+    assert p.cached_tokens(ctx(PROMPT), [queued])[0].get("q", 0) == 0
+    p.choose(ctx(PROMPT, "second"), [queued])
+    now[0] = 200.0  # its finish never arrived: the TTL bounds the mark
     assert p.cached_tokens(ctx(PROMPT), [queued])[0].get("q", 0) == 0
 
 
