@@ -84,7 +84,7 @@ def _logprobs(
     return [
         inference_pb2.TokenLogprob(
             token_id=item.token_id, token=tokenizer.token_text(item.token_id),
-            logprob=item.logprob,
+            logprob=item.logprob,  # None (unset) for an echoed prompt's first token
             top_logprobs=[
                 inference_pb2.TopLogprob(token_id=tid, token=tokenizer.token_text(tid),
                                          logprob=lp)
@@ -230,13 +230,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 yield response([inference_pb2.GenerationChoice(
                     index=event.index, text=text, token_ids=event.token_ids,
                     finish_reason=event.finish_reason or "",
-                    logprobs=_logprobs(event.logprobs, top, tokenizer),
+                    logprobs=_logprobs([*event.prompt_logprobs, *event.logprobs], top,
+                                       tokenizer),
                 )])
             else:
                 choice = choices[event.index]
                 choice.text += event.text
                 choice.token_ids.extend(event.token_ids)
-                choice.logprobs.extend(_logprobs(event.logprobs, top, tokenizer))
+                choice.logprobs.extend(_logprobs([*event.prompt_logprobs, *event.logprobs],
+                                                 top, tokenizer))
                 if event.finish_reason:
                     choice.finish_reason = event.finish_reason
 

@@ -342,14 +342,14 @@ def create_app(core: GatewayCore) -> FastAPI:
 
             async def collect() -> CompletionResponse:
                 total = n * len(specs)
-                texts, reasons, logprobs, final = await _collect(events, total)
+                texts, reasons, logprobs, prompt_logprobs, final = await _collect(events, total)
                 choices = []
                 for i in range(total):
                     prefix = prefixes[i // n]
                     lp = None
                     if body.logprobs is not None:
-                        lp = completion_logprobs(logprobs[i], body.logprobs,
-                                                 tokenizer.token_text, len(prefix))
+                        lp = _completion_logprobs(prompt_logprobs[i], logprobs[i],
+                                                  body.logprobs, tokenizer, len(prefix))
                     choices.append(CompletionChoice(
                         index=i, text=prefix + texts[i], finish_reason=reasons[i], logprobs=lp))
                 return CompletionResponse(
@@ -422,12 +422,24 @@ def _chat_response(
     return payload
 
 
+def _completion_logprobs(
+    prompt: list[TokenLogprob], generated: list[TokenLogprob], top_n: int,
+    tokenizer: ModelTokenizer, start_offset: int,
+) -> dict[str, Any]:
+    """A completion choice's logprobs; with the echoed prompt's tokens first (their
+    offsets then start at 0, where the echoed text starts)."""
+    return completion_logprobs([*prompt, *generated], top_n, tokenizer.token_text,
+                               0 if prompt else start_offset)
+
+
 async def _collect(
     events: AsyncIterator[ChoiceDelta | Finished], n: int
-) -> tuple[list[str], list[str | None], list[list[TokenLogprob]], Usage]:
+) -> tuple[list[str], list[str | None], list[list[TokenLogprob]], list[list[TokenLogprob]],
+           Usage]:
     texts = [""] * n
     reasons: list[str | None] = [None] * n
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     final: Usage | None = None
     async for event in events:
         if isinstance(event, Finished):
@@ -435,10 +447,11 @@ async def _collect(
         else:
             texts[event.index] += event.text
             logprobs[event.index].extend(event.logprobs)
+            prompt_logprobs[event.index].extend(event.prompt_logprobs)
             if event.finish_reason:
                 reasons[event.index] = event.finish_reason
     assert final is not None  # run_generation always ends with Finished
-    return texts, reasons, logprobs, final
+    return texts, reasons, logprobs, prompt_logprobs, final
 
 
 async def _stream_errors(
@@ -520,11 +533,11 @@ def _completion_stream(
                     echoed.add(event.index)
                     text = prefix + text
                 lp = None
-                if logprobs is not None and event.logprobs:
+                if logprobs is not None and (event.logprobs or event.prompt_logprobs):
                     start = offsets.get(event.index, len(prefix))
-                    lp = completion_logprobs(event.logprobs, logprobs, tokenizer.token_text,
-                                             start)
-                    offsets[event.index] = start + sum(len(t) for t in lp["tokens"])
+                    lp = _completion_logprobs(event.prompt_logprobs, event.logprobs, logprobs,
+                                              tokenizer, start)
+                    offsets[event.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
                 if text or event.finish_reason or lp:
                     yield chunk([CompletionChoice(
                         index=event.index, text=text, finish_reason=event.finish_reason,

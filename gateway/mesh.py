@@ -13,7 +13,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
-from kvmesh.gateway.pd import PdMetrics, generate_request, handoff, prefill_request
+from kvmesh.gateway.pd import (
+    PdMetrics,
+    generate_request,
+    handoff,
+    pd_fallback_reason,
+    prefill_request,
+)
 from kvmesh.grpc_util import insecure_channel
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -175,9 +181,9 @@ class MeshClient:
     ) -> str | None:
         """Run the prefill leg; return the decode worker's hand-over, or None to make
         the decode worker prefill locally (counted: never a failed or hung request)."""
-        if sampling.n > 1:
-            # vLLM hands one request's KV to one request; n choices fork after it.
-            self.pd_metrics.fallbacks.labels("multiple_choices").inc()
+        local = pd_fallback_reason(sampling)
+        if local is not None:
+            self.pd_metrics.fallbacks.labels(local).inc()
             self._release(request_id, prefill.worker_id)
             return None
         started = time.monotonic()

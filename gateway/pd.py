@@ -77,6 +77,21 @@ def generate_request(
     return request
 
 
+def pd_fallback_reason(sampling: vllm_engine_pb2.SamplingParams) -> str | None:
+    """Why a request must prefill on its decode worker instead, or None.
+
+    n > 1: vLLM hands one request's KV to one request, and n choices fork after it.
+    Prompt logprobs: vLLM never reads cached KV for them (it skips the connector's
+    hand-over too), so the decode worker would compute the prompt anyway while the
+    prefill worker held its blocks for nothing until NIXL's lease ran out.
+    """
+    if sampling.n > 1:
+        return "multiple_choices"
+    if sampling.HasField("prompt_logprobs"):
+        return "prompt_logprobs"
+    return None
+
+
 def handoff(response: vllm_engine_pb2.GenerateResponse) -> str | None:
     """The decode worker's ``kv_transfer_params_json`` from the prefill's Complete,
     or None when the prefill worker handed nothing over (no connector, or the
@@ -106,7 +121,8 @@ class PdMetrics:
         self.fallbacks = Counter(
             "kvmesh_gateway_pd_fallbacks",
             "Disaggregated requests that prefilled on the decode worker instead "
-            "(prefill_failed, prefill_timeout, no_handoff, multiple_choices)",
+            "(prefill_failed, prefill_timeout, no_handoff, multiple_choices, "
+            "prompt_logprobs)",
             ["reason"], registry=r)
         self.prefill_seconds = Counter(
             "kvmesh_gateway_pd_prefill_seconds",

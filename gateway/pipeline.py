@@ -51,13 +51,22 @@ class DetokenizeTiming:
 
 @dataclass
 class ChoiceDelta:
-    """New text for one choice; ``finish_reason`` set on its last delta."""
+    """New text for one choice; ``finish_reason`` set on its last delta.
+
+    A choice's first delta carries the prompt's logprobs when they were asked for
+    (``SamplingParams.prompt_logprobs``: completions with ``echo`` and ``logprobs``).
+    """
 
     index: int
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+def _top(tops: list[vllm_engine_pb2.TopLogProbs], i: int) -> tuple[tuple[int, float], ...]:
+    return tuple(zip(tops[i].token_ids, tops[i].values, strict=False)) if i < len(tops) else ()
 
 
 def _logprobs(chunk: vllm_engine_pb2.GenerateStreamChunk) -> list[TokenLogprob]:
@@ -66,10 +75,23 @@ def _logprobs(chunk: vllm_engine_pb2.GenerateStreamChunk) -> list[TokenLogprob]:
     lp = chunk.output_logprobs
     tops = list(lp.top_logprobs)
     return [
-        TokenLogprob(
-            token_id, value,
-            tuple(zip(tops[i].token_ids, tops[i].values, strict=False)) if i < len(tops) else (),
-        )
+        TokenLogprob(token_id, value, _top(tops, i))
+        for i, (token_id, value) in enumerate(zip(lp.token_ids, lp.token_logprobs, strict=False))
+    ]
+
+
+def _prompt_logprobs(
+    chunk: vllm_engine_pb2.GenerateStreamChunk | vllm_engine_pb2.GenerateComplete,
+) -> list[TokenLogprob]:
+    """The worker's prompt logprobs (in its first chunk per choice, or a non-streamed
+    Complete); the first prompt token's value is unset."""
+    if not chunk.HasField("input_logprobs"):
+        return []
+    lp = chunk.input_logprobs
+    tops = list(lp.top_logprobs)
+    return [
+        TokenLogprob(token_id, value.value if value.HasField("value") else None,
+                     _top(tops, i))
         for i, (token_id, value) in enumerate(zip(lp.token_ids, lp.token_logprobs, strict=False))
     ]
 
@@ -84,6 +106,16 @@ async def run_generation(
 ) -> AsyncIterator[ChoiceDelta | Finished]:
     assemblers = [TextAssembler(tokenizer.backend, spec.stop) for _ in range(spec.n)]
     done: set[int] = set()
+    # The prompt is the same for every choice; each choice's first delta gets it.
+    prompt_logprobs: list[TokenLogprob] = []
+    started: set[int] = set()
+
+    def first_delta(delta: ChoiceDelta) -> ChoiceDelta:
+        if delta.index not in started:
+            started.add(delta.index)
+            delta.prompt_logprobs = prompt_logprobs
+        return delta
+
     prompt_tokens = len(spec.prompt_ids)
     cached_tokens = 0
     parent = otel_context.get_current()
@@ -98,6 +130,7 @@ async def run_generation(
             if kind == "chunk":
                 chunk = response.chunk
                 cached_tokens = max(cached_tokens, chunk.cached_tokens)
+                prompt_logprobs = prompt_logprobs or _prompt_logprobs(chunk)
                 if chunk.index in done:
                     continue
                 assembler = assemblers[chunk.index]
@@ -107,13 +140,16 @@ async def run_generation(
                 logprobs = _logprobs(chunk)
                 if assembler.stopped_by is not None:
                     done.add(chunk.index)
-                    yield ChoiceDelta(chunk.index, text, list(chunk.token_ids), "stop", logprobs)
+                    yield first_delta(ChoiceDelta(
+                        chunk.index, text, list(chunk.token_ids), "stop", logprobs))
                 elif text or chunk.token_ids:
-                    yield ChoiceDelta(chunk.index, text, list(chunk.token_ids), None, logprobs)
+                    yield first_delta(ChoiceDelta(
+                        chunk.index, text, list(chunk.token_ids), None, logprobs))
             elif kind == "complete":
                 complete = response.complete
                 prompt_tokens = complete.prompt_tokens or prompt_tokens
                 cached_tokens = max(cached_tokens, complete.cached_tokens)
+                prompt_logprobs = prompt_logprobs or _prompt_logprobs(complete)
                 if complete.index in done:
                     continue
                 done.add(complete.index)
@@ -123,7 +159,7 @@ async def run_generation(
                 text = assembler.finish()
                 detok.add(t0, 0)
                 reason = "stop" if assembler.stopped_by else finish_reason(complete.finish_reason)
-                yield ChoiceDelta(complete.index, text, [], reason)
+                yield first_delta(ChoiceDelta(complete.index, text, [], reason))
     detok.record(parent)
     if len(done) != spec.n:
         raise KvmeshError(f"worker stream ended with {len(done)} of {spec.n} choices finished")

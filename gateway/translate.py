@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from smg_grpc_proto import vllm_engine_pb2
 
 from kvmesh.errors import InvalidRequestError
+from kvmesh.gateway.logprobs import prompt_logprobs_to_request
 from kvmesh.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -100,6 +101,9 @@ def sampling_params(
             params.logprobs = req.top_logprobs or 0
     elif isinstance(req, CompletionRequest) and req.logprobs is not None:
         params.logprobs = req.logprobs
+        if req.echo:
+            # As vLLM's server: echoed prompt tokens come with their logprobs too.
+            params.prompt_logprobs = prompt_logprobs_to_request(req.logprobs)
     return params
 
 

@@ -24,6 +24,36 @@ from smg_grpc_servicer.tokenizer_bundle import tokenizer_bundle, tokenizer_chunk
 log = logging.getLogger(__name__)
 
 
+def _fake_top(token: int, value: float, top_n: int) -> vllm_engine_pb2.TopLogProbs:
+    # Like vLLM's servicer: the map starts with the token itself, cut to top_n entries.
+    # The alternatives are all likelier than the token, so it is never among the top.
+    others = range(1, top_n)
+    return vllm_engine_pb2.TopLogProbs(token_ids=[token, *(token + j for j in others)],
+                                       values=[value, *(-0.01 * j for j in others)])
+
+
+def fake_prompt_logprobs(prompt: list[int], top_n: int) -> vllm_engine_pb2.InputLogProbs:
+    """Deterministic prompt logprobs in the servicer's shape (the first token's value
+    unset); position i's logprob is ``-1 - i % 4 / 4``."""
+    lp = vllm_engine_pb2.InputLogProbs(token_ids=prompt)
+    for i, token in enumerate(prompt):
+        if i == 0:
+            lp.token_logprobs.add()
+            lp.top_logprobs.add()
+            continue
+        value = -1 - (i % 4) / 4
+        lp.token_logprobs.add(value=value)
+        lp.top_logprobs.append(_fake_top(token, value, top_n))
+    return lp
+
+
+def fake_output_logprobs(tokens: list[int], top_n: int) -> vllm_engine_pb2.OutputLogProbs:
+    """Every generated token at logprob -1, in the servicer's shape."""
+    return vllm_engine_pb2.OutputLogProbs(
+        token_ids=tokens, token_logprobs=[-1.0] * len(tokens),
+        top_logprobs=[_fake_top(t, -1.0, top_n) for t in tokens] if top_n else [])
+
+
 class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     def __init__(
         self,
@@ -81,6 +111,9 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         # A decode worker given a hand-over "loads" the prompt's full blocks.
         cached = len(prompt) - len(prompt) % self._block_size \
             if kv.get("do_remote_prefill") else 0
+        prompt_logprobs = (fake_prompt_logprobs(prompt, params.prompt_logprobs)
+                           if params.HasField("prompt_logprobs") else None)
+        top_n = params.logprobs if params.HasField("logprobs") else None
         self._running.add(rid)
         self.generated_requests += 1
         output: list[int] = []
@@ -103,6 +136,10 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                             chunk=vllm_engine_pb2.GenerateStreamChunk(
                                 token_ids=[token], prompt_tokens=len(prompt),
                                 completion_tokens=1, cached_tokens=cached, index=index,
+                                # Like vLLM's servicer: in each choice's first chunk.
+                                input_logprobs=prompt_logprobs if i == 0 else None,
+                                output_logprobs=None if top_n is None
+                                else fake_output_logprobs([token], top_n),
                             )
                         )
             for index in range(choices):
@@ -115,6 +152,9 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                         prompt_tokens=len(prompt),
                         completion_tokens=len(output),
                         cached_tokens=cached,
+                        input_logprobs=None if request.stream else prompt_logprobs,
+                        output_logprobs=None if top_n is None or request.stream
+                        else fake_output_logprobs(output, top_n),
                         kv_transfer_params_json=(
                             self._handoff(rid, prompt) if handing_over else None),
                         index=index,

@@ -241,6 +241,26 @@ def test_completion_logprobs_n_and_batch(client: openai.OpenAI) -> None:
     assert batch.usage.prompt_tokens > single.usage.prompt_tokens
 
 
+def test_completion_echo_logprobs_cover_the_prompt(client: openai.OpenAI) -> None:
+    prompt = "The capital of France is"
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                      temperature=0, echo=True, logprobs=1)
+    choice = reply.choices[0]
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt) and "".join(lp.tokens) == choice.text
+    assert len(lp.tokens) == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    # Each map: the token itself and the top alternative (one entry when they agree).
+    assert all(tok in top and 1 <= len(top) <= 2
+               for tok, top in zip(lp.tokens[1:], lp.top_logprobs[1:], strict=True))
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                            temperature=0, echo=True, logprobs=1,
+                                            stream=True))
+    assert [t for c in chunks if c.choices[0].logprobs
+            for t in c.choices[0].logprobs.tokens] == lp.tokens
+
+
 def test_grpc_inference_structured_output_tools_and_logprobs(kvmesh_up: UpProcess) -> None:
     import asyncio
 

@@ -156,3 +156,36 @@ def test_completion_logprobs_same_shape(vllm_openai: str, kvmesh_up: UpProcess) 
     lp, ref_lp = ours["choices"][0]["logprobs"], ref["choices"][0]["logprobs"]
     assert lp["tokens"] == ref_lp["tokens"] and lp["text_offset"] == ref_lp["text_offset"]
     assert [set(t) for t in lp["top_logprobs"]] == [set(t) for t in ref_lp["top_logprobs"]]
+
+
+def _same_logprobs(lp: dict[str, Any], ref_lp: dict[str, Any]) -> None:
+    assert lp["tokens"] == ref_lp["tokens"] and lp["text_offset"] == ref_lp["text_offset"]
+    assert [v is None for v in lp["token_logprobs"]] == \
+        [v is None for v in ref_lp["token_logprobs"]]
+    assert lp["token_logprobs"][1:] == pytest.approx(ref_lp["token_logprobs"][1:], abs=0.05)
+    assert [t and set(t) for t in lp["top_logprobs"]] == \
+        [t and set(t) for t in ref_lp["top_logprobs"]]
+
+
+def test_echo_with_logprobs_returns_prompt_logprobs_like_vllm(
+        vllm_openai: str, kvmesh_up: UpProcess) -> None:
+    prompts = ["The capital of France is", "One, two, three,"]
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 4, "temperature": 0,
+            "echo": True, "logprobs": 2}
+    ref, ours = both(vllm_openai, kvmesh_up.state["http"], "/completions", body)
+    assert shape(ours) == shape(ref)
+    for choice, ref_choice in zip(ours["choices"], ref["choices"], strict=True):
+        assert choice["text"] == ref_choice["text"]
+        lp, ref_lp = choice["logprobs"], ref_choice["logprobs"]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        _same_logprobs(lp, ref_lp)
+    single = {**body, "prompt": prompts[0]}
+    ref_chunks, chunks = both_streamed(vllm_openai, kvmesh_up.state["http"], "/completions",
+                                       single)
+    assert shape(chunks[0]) == shape(ref_chunks[0])  # the prompt and first token
+    merged = [{key: [x for c in cs if c["choices"] and c["choices"][0]["logprobs"]
+                     for x in c["choices"][0]["logprobs"][key]]
+               for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+              for cs in (chunks, ref_chunks)]
+    _same_logprobs(merged[0], merged[1])
+    assert merged[0]["tokens"] == ours["choices"][0]["logprobs"]["tokens"]

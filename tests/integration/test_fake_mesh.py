@@ -104,6 +104,62 @@ def test_completions_text_tokens_and_echo(client: openai.OpenAI) -> None:
     assert by_ids.usage.prompt_tokens == 3 and by_ids.usage.completion_tokens == 3
 
 
+def _prompt_part_as_vllm_shows_it(lp: object, prompt: list[str], top_n: int) -> None:
+    """The echoed prompt's logprobs: its tokens first, the first with null logprob and
+    top map, the others with the fake's values and the token plus the top_n."""
+    tokens, values, tops = lp.tokens, lp.token_logprobs, lp.top_logprobs  # type: ignore[attr-defined]
+    assert tokens[:len(prompt)] == prompt
+    assert values[0] is None and tops[0] is None
+    assert values[1:len(prompt)] == [-1 - (i % 4) / 4 for i in range(1, len(prompt))]
+    for i in range(1, len(prompt)):
+        assert len(tops[i]) == top_n + 1 and tops[i][prompt[i]] == values[i]
+    offsets = [0]
+    for token in tokens[:-1]:
+        offsets.append(offsets[-1] + len(token))
+    assert lp.text_offset == offsets  # type: ignore[attr-defined]
+
+
+def test_echo_with_logprobs_returns_prompt_logprobs(fake_mesh: Mesh,
+                                                    client: openai.OpenAI) -> None:
+    prompts = ["alpha beta gamma", "one two"]
+    words = [["alpha", " beta", " gamma"], ["one", " two"]]
+    reply = client.completions.create(model=MODEL, prompt=prompts, max_tokens=2, n=2,
+                                      echo=True, logprobs=2)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    for choice in reply.choices:
+        prompt = words[choice.index // 2]
+        # The fake echoes the prompt: the prompt's tokens, then its first two again.
+        assert choice.text == "".join(prompt) + "".join(prompt[:2])
+        assert choice.logprobs.tokens == [*prompt, *prompt[:2]]
+        _prompt_part_as_vllm_shows_it(choice.logprobs, prompt, 2)
+        assert choice.logprobs.token_logprobs[len(prompt):] == [-1.0, -1.0]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=2,
+                                            echo=True, logprobs=2, stream=True))
+    text = "".join(c.choices[0].text for c in chunks)
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert text == reply.choices[0].text
+    assert streamed[0].tokens == [*words[0], words[0][0]]  # the prompt and first token
+    whole = reply.choices[0].logprobs
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for lp in streamed for x in getattr(lp, key)] == getattr(whole, key)
+    plain = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=2,
+                                      logprobs=2)
+    assert plain.choices[0].logprobs.tokens == words[0][:2]  # no echo, no prompt logprobs
+
+    async def grpc_echo() -> list[inference_pb2.TokenLogprob]:
+        async with grpc.aio.insecure_channel(fake_mesh.grpc) as channel:
+            replies = [r async for r in inference_pb2_grpc.InferenceStub(channel).Complete(
+                inference_pb2.CompletionRequest(
+                    model=MODEL, text=prompts[0], echo=True, logprobs=2,
+                    sampling=inference_pb2.SamplingOptions(max_tokens=2)))]
+            return list(replies[-1].choices[0].logprobs)
+
+    over_grpc = asyncio.run(grpc_echo())
+    assert [t.token for t in over_grpc] == reply.choices[0].logprobs.tokens
+    assert [t.HasField("logprob") for t in over_grpc] == [False] + [True] * 4
+    assert [len(t.top_logprobs) for t in over_grpc] == [0] + [2] * 4
+
+
 def test_openai_errors(fake_mesh: Mesh, client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="no-such-model", messages=MESSAGES)

@@ -88,6 +88,22 @@ def test_disaggregated_stream_equals_the_whole_output(pd_mesh: Mesh) -> None:
     assert after - before == 2
 
 
+def test_prompt_logprobs_prefill_on_the_decode_worker(pd_mesh: Mesh) -> None:
+    client = openai.OpenAI(base_url=pd_mesh.http, api_key="x", max_retries=0)
+    name = 'kvmesh_gateway_pd_fallbacks_total{reason="prompt_logprobs"}'
+    before = _metric(pd_mesh, name)
+    prompt = list(range(900, 900 + 2 * BLOCK))
+    reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                      temperature=0, echo=True, logprobs=1)
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == len(prompt) + 3
+    assert lp.token_logprobs[0] is None and None not in lp.token_logprobs[1:]
+    # No hand-over: the decode worker computed the prompt itself.
+    assert not reply.usage.prompt_tokens_details \
+        or not reply.usage.prompt_tokens_details.cached_tokens
+    assert _metric(pd_mesh, name) - before == 1
+
+
 def test_prefill_worker_gone_falls_back_to_local_prefill(pd_mesh: Mesh) -> None:
     client = openai.OpenAI(base_url=pd_mesh.http, api_key="x", max_retries=0)
     prompt = list(range(700, 700 + 2 * BLOCK))

@@ -5,7 +5,13 @@ import json
 import pytest
 from smg_grpc_proto import vllm_engine_pb2
 
-from kvmesh.gateway.pd import PdMetrics, generate_request, handoff, prefill_request
+from kvmesh.gateway.pd import (
+    PdMetrics,
+    generate_request,
+    handoff,
+    pd_fallback_reason,
+    prefill_request,
+)
 from kvmesh.pd_bench import Result, _summary, memcpy_gb_s
 
 pytestmark = pytest.mark.unit
@@ -46,6 +52,13 @@ def test_handoff_only_from_a_complete_with_remote_prefill_params() -> None:
     assert handoff(complete('{"do_remote_prefill": false}')) is None
     chunk = vllm_engine_pb2.GenerateResponse(chunk=vllm_engine_pb2.GenerateStreamChunk())
     assert handoff(chunk) is None
+
+
+def test_multiple_choices_and_prompt_logprobs_prefill_locally() -> None:
+    assert pd_fallback_reason(vllm_engine_pb2.SamplingParams(n=1, logprobs=2)) is None
+    assert pd_fallback_reason(vllm_engine_pb2.SamplingParams(n=2)) == "multiple_choices"
+    assert pd_fallback_reason(
+        vllm_engine_pb2.SamplingParams(n=1, prompt_logprobs=0)) == "prompt_logprobs"
 
 
 def test_metrics_have_their_own_registry() -> None:
