@@ -109,6 +109,7 @@ class GatewayCore:
         prompt_ids: list[int],
         prompt_text: str,
         constraint: Constraint | None,
+        vocab_size: int,
     ) -> GenerationSpec:
         limit = self.config.max_prompt_tokens
         if limit is not None and len(prompt_ids) > limit:
@@ -126,7 +127,7 @@ class GatewayCore:
         return GenerationSpec(
             model=req.model,
             prompt_ids=prompt_ids,
-            sampling=sampling_params(req, max_tokens, constraint),
+            sampling=sampling_params(req, max_tokens, constraint, vocab_size),
             stop=tuple(req.stop_list()),
             n=req.n,
             max_tokens=max_tokens,
@@ -168,7 +169,8 @@ class GatewayCore:
             )
             ids = await asyncio.to_thread(tokenizer.encode, text, False)
             span.set_attribute("kvmesh.prompt_tokens", len(ids))
-        return self._spec(req, entry, ids, text, constraint), tokenizer, plan
+        spec = self._spec(req, entry, ids, text, constraint, tokenizer.vocab_size)
+        return spec, tokenizer, plan
 
     async def _prepare_vision_chat(
         self,
@@ -202,7 +204,8 @@ class GatewayCore:
                                           param="messages") from exc
             span.set_attribute("kvmesh.prompt_tokens", len(ids))
         mm_inputs = multimodal_inputs(ids, tensors, tokenizer.image_token_id, len(images))
-        return replace(self._spec(req, entry, ids, text, constraint), mm_inputs=mm_inputs)
+        spec = self._spec(req, entry, ids, text, constraint, tokenizer.vocab_size)
+        return replace(spec, mm_inputs=mm_inputs)
 
     async def prepare_completion(
         self, req: CompletionRequest
@@ -210,20 +213,20 @@ class GatewayCore:
         """One spec per prompt (a batch of prompts is several generations)."""
         entry, tokenizer = await self.tokenizer(req.model)
         constraint = single_constraint(req)
+        vocab = tokenizer.vocab_size
         specs = []
         for prompt in req.prompts():
             if isinstance(prompt, str):
                 with tracer.start_as_current_span("tokenize") as span:
                     ids = await asyncio.to_thread(tokenizer.encode, prompt, True)
                     span.set_attribute("kvmesh.prompt_tokens", len(ids))
-                specs.append(self._spec(req, entry, ids, prompt, constraint))
+                specs.append(self._spec(req, entry, ids, prompt, constraint, vocab))
             else:
-                vocab = tokenizer.vocab_size
                 if any(t >= vocab for t in prompt):
                     raise InvalidRequestError(
                         f"prompt token ids must be below the vocabulary size {vocab}",
                         param="prompt")
-                specs.append(self._spec(req, entry, list(prompt), "", constraint))
+                specs.append(self._spec(req, entry, list(prompt), "", constraint, vocab))
         return specs, tokenizer
 
     async def embed(self, req: EmbeddingRequest, request_id: str) -> EmbeddingResult:

@@ -162,6 +162,9 @@ class SamplingFields(_Request):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=2)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) → bias added to its logit; biases are "
+        "clamped to [-100, 100] and ids must be in the vocabulary.")
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -62,12 +62,42 @@ def resolve_max_tokens(
     return requested
 
 
+#: OpenAI's (and vLLM's) range for a logit bias; larger values are clamped to it.
+LOGIT_BIAS_LIMIT = 100.0
+
+
+def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """OpenAI ``logit_bias`` → token id → bias, as vLLM's server takes it: keys must be
+    token ids in the vocabulary (else 400), biases are clamped to [-100, 100]."""
+    out: dict[int, float] = {}
+    bad_keys: list[str] = []
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            bad_keys.append(key)
+            continue
+        out[token_id] = min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, value))
+    if bad_keys:
+        raise InvalidRequestError(
+            f"logit_bias keys must be token ids; these are not: {bad_keys!r}",
+            param="logit_bias")
+    unknown = sorted(t for t in out if not 0 <= t < vocab_size)
+    if unknown:
+        raise InvalidRequestError(
+            f"token id(s) {unknown} in logit_bias are not in the vocabulary (size "
+            f"{vocab_size})", param="logit_bias")
+    return out
+
+
 def sampling_params(
-    req: SamplingFields, max_tokens: int, constraint: Constraint | None = None
+    req: SamplingFields, max_tokens: int, constraint: Constraint | None = None,
+    vocab_size: int = 0,
 ) -> vllm_engine_pb2.SamplingParams:
     """OpenAI sampling fields → the worker's SamplingParams (unset stays engine default).
 
-    ``constraint`` is the structured output the worker's vLLM must enforce.
+    ``constraint`` is the structured output the worker's vLLM must enforce;
+    ``vocab_size`` bounds the token ids a ``logit_bias`` may name.
     """
     params = vllm_engine_pb2.SamplingParams(
         max_tokens=max_tokens,
@@ -94,6 +124,8 @@ def sampling_params(
         params.frequency_penalty = req.frequency_penalty
     if req.repetition_penalty is not None:
         params.repetition_penalty = req.repetition_penalty
+    if req.logit_bias:
+        params.logit_bias.update(logit_bias(req.logit_bias, vocab_size))
     if constraint is not None:
         apply_constraint(params, constraint)
     if isinstance(req, ChatCompletionRequest):
@@ -143,6 +175,8 @@ def sampling_fields_from_proto(
         fields["stop_token_ids"] = list(options.stop_token_ids)
     if options.ignore_eos:
         fields["ignore_eos"] = True
+    if options.logit_bias:
+        fields["logit_bias"] = {str(k): v for k, v in options.logit_bias.items()}
     return fields
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from .conftest import MODEL, UpProcess
 
@@ -259,6 +261,25 @@ def test_completion_echo_logprobs_cover_the_prompt(client: openai.OpenAI) -> Non
                                             stream=True))
     assert [t for c in chunks if c.choices[0].logprobs
             for t in c.choices[0].logprobs.tokens] == lp.tokens
+
+
+def test_logit_bias_forces_and_forbids_tokens(client: openai.OpenAI, model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = "The capital of France is"
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                       temperature=0)
+    first = tok.encode(greedy.choices[0].text, add_special_tokens=False)
+    assert len(first) == 1  # one token, re-encoded to its id
+    forbidden = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                          temperature=0, logit_bias={str(first[0]): -100})
+    assert forbidden.choices[0].text != greedy.choices[0].text
+    banana = tok.encode(" banana", add_special_tokens=False)[0]
+    forced = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                       temperature=0, logit_bias={str(banana): 100})
+    assert forced.choices[0].text == tok.decode([banana] * 3)
+    chat = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=2,
+                                          temperature=0, logit_bias={str(banana): 100})
+    assert chat.choices[0].message.content == tok.decode([banana] * 2)
 
 
 def test_grpc_inference_structured_output_tools_and_logprobs(kvmesh_up: UpProcess) -> None:

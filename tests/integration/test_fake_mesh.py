@@ -176,6 +176,36 @@ def test_openai_errors(fake_mesh: Mesh, client: openai.OpenAI) -> None:
     assert raw.headers["x-request-id"] == "abc"
 
 
+def test_logit_bias_errors_name_the_param(fake_mesh: Mesh, client: openai.OpenAI) -> None:
+    vocab = 49152  # SmolLM2's
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                       logit_bias={str(vocab): 5})
+    assert unknown.value.body["param"] == "logit_bias" and str(vocab) in unknown.value.message
+    with pytest.raises(openai.BadRequestError) as not_an_id:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                  logit_bias={"hello": 5})
+    assert not_an_id.value.body["param"] == "logit_bias"
+    # In range: accepted (the fake engine ignores it; real vLLM is tested in e2e).
+    ok = client.completions.create(model=MODEL, prompt="x y", max_tokens=1,
+                                   logit_bias={str(vocab - 1): 500})
+    assert ok.choices[0].text == "x"
+
+    async def grpc_unknown() -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(fake_mesh.grpc) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in inference_pb2_grpc.InferenceStub(channel).Complete(
+                        inference_pb2.CompletionRequest(
+                            model=MODEL, text="x", sampling=inference_pb2.SamplingOptions(
+                                max_tokens=1, logit_bias={vocab: 1.0}))):
+                    pass
+            return err.value
+
+    err = asyncio.run(grpc_unknown())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(err.trailing_metadata())["kvmesh-error-param"] == "logit_bias"
+
+
 def test_router_round_robin_over_registered_workers(fake_mesh: Mesh) -> None:
     async def route() -> list[str]:
         async with grpc.aio.insecure_channel(fake_mesh.router) as channel:

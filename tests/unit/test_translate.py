@@ -6,6 +6,7 @@ from kvmesh.errors import InvalidRequestError, http_error_for, openai_error_body
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from kvmesh.gateway.translate import (
     finish_reason,
+    logit_bias,
     requested_max_tokens,
     resolve_max_tokens,
     sampling_fields_from_proto,
@@ -66,6 +67,19 @@ def test_request_validation() -> None:
     assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompt == [1, 2]
 
 
+def test_logit_bias_clamped_and_checked_against_the_vocabulary() -> None:
+    p = sampling_params(chat(logit_bias={"5": 250, "7": -3.5, "9": -101}), max_tokens=4,
+                        vocab_size=10)
+    assert dict(p.logit_bias) == {5: 100.0, 7: -3.5, 9: -100.0}
+    assert not sampling_params(chat(), max_tokens=4, vocab_size=10).logit_bias
+    for bad, named in (({"10": 1}, "[10]"), ({"-1": 1}, "[-1]"), ({"x": 1, "2": 1}, "'x'")):
+        with pytest.raises(InvalidRequestError) as err:
+            logit_bias(bad, vocab_size=10)
+        assert err.value.param == "logit_bias" and named in err.value.message
+    with pytest.raises(ValidationError):
+        chat(logit_bias={"5": "high"})
+
+
 def test_usage_and_finish_reason() -> None:
     u = usage(10, 5, 4)
     assert (u.total_tokens, u.prompt_tokens_details) == (15, {"cached_tokens": 4})
@@ -73,10 +87,12 @@ def test_usage_and_finish_reason() -> None:
 
 
 def test_grpc_sampling_options_round_trip_through_validation() -> None:
-    opts = inference_pb2.SamplingOptions(max_tokens=3, temperature=0.0, stop=["x"])
+    opts = inference_pb2.SamplingOptions(max_tokens=3, temperature=0.0, stop=["x"],
+                                         logit_bias={12: -100.0})
     fields = sampling_fields_from_proto("m", opts, stream=True)
     assert fields == {"model": "m", "stream": True, "max_tokens": 3, "temperature": 0.0,
-                      "stop": ["x"]}
+                      "stop": ["x"], "logit_bias": {"12": -100.0}}
+    assert chat(**fields).logit_bias == {"12": -100.0}
 
 
 def test_error_map() -> None:
