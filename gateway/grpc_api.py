@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from pydantic import ValidationError
@@ -13,7 +13,7 @@ from kvmesh.errors import AuthenticationError, InvalidRequestError, KvmeshError,
 from kvmesh.gateway.chat import ChatPlan, collect_chat, stream_chat
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.logprobs import TokenLogprob
-from kvmesh.gateway.pipeline import Finished, run_generation
+from kvmesh.gateway.pipeline import Finished, echo_texts, run_prompts
 from kvmesh.gateway.request_log import RequestRecord
 from kvmesh.gateway.schemas import (
     ChatCompletionRequest,
@@ -50,7 +50,7 @@ class Prepared:
     tokenizer: ModelTokenizer
     stream: bool
     plan: ChatPlan | None = None  # chat only
-    echo: str = ""  # completions: the prompt text to prepend
+    echoes: list[str] = field(default_factory=list)  # completions: echo text per prompt
     logprobs: int | None = None  # completions: alternatives per token, when requested
 
 
@@ -167,10 +167,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         req = _validated(CompletionRequest, completion_fields_from_proto(request))
         assert isinstance(req, CompletionRequest)
         specs, tokenizer = await self._core.prepare_completion(req)
-        prefix = ""
-        if req.echo:
-            prefix = specs[0].prompt_text or tokenizer.decode(specs[0].prompt_ids)
-        return Prepared(specs, tokenizer, req.stream, echo=prefix, logprobs=req.logprobs)
+        echoes = echo_texts(specs, tokenizer) if req.echo else [""] * len(specs)
+        return Prepared(specs, tokenizer, req.stream, echoes=echoes, logprobs=req.logprobs)
 
     async def _generate(
         self, prepared: Prepared, client_id: str, prefix: str, endpoint: str, started: float,
@@ -180,8 +178,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         rid = client_id or new_request_id(prefix)
         created = int(time.time())
         events = self._core.metrics.observe_generation(
-            run_generation(self._core.mesh, tokenizer, spec, rid), spec.model, endpoint, started,
-            record)
+            run_prompts(self._core.mesh, tokenizer, prepared.specs, rid), spec.model, endpoint,
+            started, record)
         top = plan.top_logprobs if plan is not None else prepared.logprobs
 
         def response(choices: list[inference_pb2.GenerationChoice],
@@ -216,17 +214,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     logprobs=_logprobs(chat_event.logprobs, top, tokenizer),
                 )])
             return
-        choices = [inference_pb2.GenerationChoice(index=i, text=prepared.echo)
-                   for i in range(spec.n)]
+        # Prompt i's choice j is choice i*n+j.
+        choices = [inference_pb2.GenerationChoice(index=i, text=prepared.echoes[i // spec.n])
+                   for i in range(spec.n * len(prepared.specs))]
         echoed: set[int] = set()
         async for event in events:
             if isinstance(event, Finished):
                 yield response([] if prepared.stream else choices, _usage(event.usage))
             elif prepared.stream:
                 text = event.text
-                if prepared.echo and event.index not in echoed:
+                echo = prepared.echoes[event.index // spec.n]
+                if echo and event.index not in echoed:
                     echoed.add(event.index)
-                    text = prepared.echo + text
+                    text = echo + text
                 yield response([inference_pb2.GenerationChoice(
                     index=event.index, text=text, token_ids=event.token_ids,
                     finish_reason=event.finish_reason or "",

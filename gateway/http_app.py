@@ -37,7 +37,13 @@ from kvmesh.gateway.discovery import prometheus_targets
 from kvmesh.gateway.embeddings import encode_embedding
 from kvmesh.gateway.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from kvmesh.gateway.metrics import OTHER, GatewayMetrics
-from kvmesh.gateway.pipeline import ChoiceDelta, Finished, merge_generations, run_generation
+from kvmesh.gateway.pipeline import (
+    ChoiceDelta,
+    Finished,
+    echo_texts,
+    run_generation,
+    run_prompts,
+)
 from kvmesh.gateway.request_log import RequestRecord
 from kvmesh.gateway.schemas import (
     ChatChoice,
@@ -315,15 +321,11 @@ def create_app(core: GatewayCore) -> FastAPI:
         rid = new_request_id("cmpl")
         created = int(time.time())
         n = body.n
-        prefixes = [
-            (spec.prompt_text or tokenizer.decode(spec.prompt_ids)) if body.echo else ""
-            for spec in specs
-        ]
+        prefixes = echo_texts(specs, tokenizer) if body.echo else [""] * len(specs)
         slot = admit(request, body.stream)
         try:
-            events = metrics.observe_generation(merge_generations(
-                [run_generation(core.mesh, tokenizer, spec, f"{rid}-{i}" if len(specs) > 1
-                                else rid) for i, spec in enumerate(specs)], n),
+            events = metrics.observe_generation(
+                run_prompts(core.mesh, tokenizer, specs, rid),
                 body.model, "/v1/completions", request.state.started, request.state.record)
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)

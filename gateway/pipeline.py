@@ -167,6 +167,22 @@ async def run_generation(
     yield Finished(usage(prompt_tokens, completion_tokens, cached_tokens))
 
 
+def run_prompts(
+    mesh: MeshClient, tokenizer: ModelTokenizer, specs: list[GenerationSpec], request_id: str
+) -> AsyncIterator[ChoiceDelta | Finished]:
+    """A batch of prompts (completions) as one generation: prompt i's choice j is
+    choice i*n+j; each prompt runs as its own request (``<id>-<i>`` in a batch)."""
+    return merge_generations(
+        [run_generation(mesh, tokenizer, spec,
+                        f"{request_id}-{i}" if len(specs) > 1 else request_id)
+         for i, spec in enumerate(specs)], specs[0].n)
+
+
+def echo_texts(specs: list[GenerationSpec], tokenizer: ModelTokenizer) -> list[str]:
+    """What ``echo`` puts before each prompt's choices: the prompt as text."""
+    return [spec.prompt_text or tokenizer.decode(spec.prompt_ids) for spec in specs]
+
+
 async def merge_generations(
     streams: list[AsyncIterator[ChoiceDelta | Finished]], n: int
 ) -> AsyncIterator[ChoiceDelta | Finished]:

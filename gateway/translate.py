@@ -257,13 +257,29 @@ def chat_fields_from_proto(request: inference_pb2.ChatRequest) -> dict[str, obje
     return fields
 
 
+def _prompt_batch(batch: inference_pb2.PromptBatch) -> list[str] | list[list[int]]:
+    """kvmesh.v1.PromptBatch → the OpenAI batch shape: all texts or all token arrays."""
+    kinds = {p.WhichOneof("prompt") for p in batch.prompts}
+    if not batch.prompts or None in kinds:
+        raise InvalidRequestError("every prompt in the batch needs text or token_ids",
+                                  param="batch")
+    if kinds == {"text"}:
+        return [p.text for p in batch.prompts]
+    if kinds == {"token_ids"}:
+        return [list(p.token_ids.ids) for p in batch.prompts]
+    raise InvalidRequestError("a batch mixes texts and token ids", param="batch")
+
+
 def completion_fields_from_proto(request: inference_pb2.CompletionRequest) -> dict[str, object]:
     """kvmesh.v1.CompletionRequest → the OpenAI-shaped completion request fields."""
     fields = sampling_fields_from_proto(request.model, request.sampling, request.stream)
     which = request.WhichOneof("prompt")
     if which is None:
         raise InvalidRequestError("prompt is required", param="prompt")
-    fields["prompt"] = request.text if which == "text" else list(request.token_ids.ids)
+    if which == "batch":
+        fields["prompt"] = _prompt_batch(request.batch)
+    else:
+        fields["prompt"] = request.text if which == "text" else list(request.token_ids.ids)
     if request.HasField("logprobs"):
         fields["logprobs"] = request.logprobs
     fields["echo"] = request.echo

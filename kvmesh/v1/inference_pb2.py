@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh/v1/inference.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\xa0\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.kvmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12%\n\x05parts\x18\x06 \x03(\x0b\x32\x16.kvmesh.v1.ContentPart\":\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x13\n\timage_url\x18\x02 \x01(\tH\x00\x42\x06\n\x04part\"\xbc\x04\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x0e\n\x01n\x18\x0b \x01(\rH\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).kvmesh.v1.SamplingOptions.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x04\n\x02_n\"\x82\x03\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvmesh.v1.SamplingOptions\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x36\n\x11structured_output\x18\x06 \x01(\x0b\x32\x1b.kvmesh.v1.StructuredOutput\x12\x1e\n\x05tools\x18\x07 \x03(\x0b\x32\x0f.kvmesh.v1.Tool\x12*\n\x0btool_choice\x18\x08 \x01(\x0b\x32\x15.kvmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\t \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x42\x16\n\x14_parallel_tool_callsB\x0f\n\r_top_logprobs\"\xa2\x02\n\x11\x43ompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvmesh.v1.SamplingOptions\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x36\n\x11structured_output\x18\x07 \x01(\x0b\x32\x1b.kvmesh.v1.StructuredOutput\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\t \x01(\x08\x42\x08\n\x06promptB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc0\x01\n\x10GenerationChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x11\n\treasoning\x18\x05 \x01(\t\x12\'\n\ntool_calls\x18\x06 \x03(\x0b\x32\x13.kvmesh.v1.ToolCall\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.kvmesh.v1.TokenLogprob\"\x8f\x01\n\x12GenerationResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x1b.kvmesh.v1.GenerationChoice\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x03\"\x13\n\x11ListModelsRequest\"Q\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kvmesh.v1.ModelCard\"\x95\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x15.kvmesh.v1.ChoiceListH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"~\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.kvmesh.v1.TopLogprobB\n\n\x08_logprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"O\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x80\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.kvmesh.v1.EmbedInput\x12\x17\n\ndimensions\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\r\n\x0b_dimensions\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\x80\x01\n\rEmbedResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32\x14.kvmesh.v1.Embedding\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x03\x32\x9e\x02\n\tInference\x12?\n\x04\x43hat\x12\x16.kvmesh.v1.ChatRequest\x1a\x1d.kvmesh.v1.GenerationResponse0\x01\x12I\n\x08\x43omplete\x12\x1c.kvmesh.v1.CompletionRequest\x1a\x1d.kvmesh.v1.GenerationResponse0\x01\x12I\n\nListModels\x12\x1c.kvmesh.v1.ListModelsRequest\x1a\x1d.kvmesh.v1.ListModelsResponse\x12:\n\x05\x45mbed\x12\x17.kvmesh.v1.EmbedRequest\x1a\x18.kvmesh.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh/v1/inference.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\xa0\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.kvmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12%\n\x05parts\x18\x06 \x03(\x0b\x32\x16.kvmesh.v1.ContentPart\":\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x13\n\timage_url\x18\x02 \x01(\tH\x00\x42\x06\n\x04part\"\xbc\x04\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x0e\n\x01n\x18\x0b \x01(\rH\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).kvmesh.v1.SamplingOptions.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x04\n\x02_n\"\x82\x03\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.kvmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvmesh.v1.SamplingOptions\x12\x0e\n\x06stream\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x36\n\x11structured_output\x18\x06 \x01(\x0b\x32\x1b.kvmesh.v1.StructuredOutput\x12\x1e\n\x05tools\x18\x07 \x03(\x0b\x32\x0f.kvmesh.v1.Tool\x12*\n\x0btool_choice\x18\x08 \x01(\x0b\x32\x15.kvmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\t \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x42\x16\n\x14_parallel_tool_callsB\x0f\n\r_top_logprobs\"\xcb\x02\n\x11\x43ompletionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x12\'\n\x05\x62\x61tch\x18\n \x01(\x0b\x32\x16.kvmesh.v1.PromptBatchH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvmesh.v1.SamplingOptions\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x36\n\x11structured_output\x18\x07 \x01(\x0b\x32\x1b.kvmesh.v1.StructuredOutput\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\t \x01(\x08\x42\x08\n\x06promptB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"L\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x42\x08\n\x06prompt\"1\n\x0bPromptBatch\x12\"\n\x07prompts\x18\x01 \x03(\x0b\x32\x11.kvmesh.v1.Prompt\"\xc0\x01\n\x10GenerationChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x11\n\treasoning\x18\x05 \x01(\t\x12\'\n\ntool_calls\x18\x06 \x03(\x0b\x32\x13.kvmesh.v1.ToolCall\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.kvmesh.v1.TokenLogprob\"\x8f\x01\n\x12GenerationResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12,\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x1b.kvmesh.v1.GenerationChoice\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x03\"\x13\n\x11ListModelsRequest\"Q\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kvmesh.v1.ModelCard\"\x95\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x15.kvmesh.v1.ChoiceListH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"~\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.kvmesh.v1.TopLogprobB\n\n\x08_logprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"O\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.kvmesh.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x80\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.kvmesh.v1.EmbedInput\x12\x17\n\ndimensions\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\r\n\x0b_dimensions\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\x80\x01\n\rEmbedResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32\x14.kvmesh.v1.Embedding\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12\x0f\n\x07\x63reated\x18\x05 \x01(\x03\x32\x9e\x02\n\tInference\x12?\n\x04\x43hat\x12\x16.kvmesh.v1.ChatRequest\x1a\x1d.kvmesh.v1.GenerationResponse0\x01\x12I\n\x08\x43omplete\x12\x1c.kvmesh.v1.CompletionRequest\x1a\x1d.kvmesh.v1.GenerationResponse0\x01\x12I\n\nListModels\x12\x1c.kvmesh.v1.ListModelsRequest\x1a\x1d.kvmesh.v1.ListModelsResponse\x12:\n\x05\x45mbed\x12\x17.kvmesh.v1.EmbedRequest\x1a\x18.kvmesh.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,41 +45,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATREQUEST']._serialized_start=863
   _globals['_CHATREQUEST']._serialized_end=1249
   _globals['_COMPLETIONREQUEST']._serialized_start=1252
-  _globals['_COMPLETIONREQUEST']._serialized_end=1542
-  _globals['_TOKENIDS']._serialized_start=1544
-  _globals['_TOKENIDS']._serialized_end=1567
-  _globals['_GENERATIONCHOICE']._serialized_start=1570
-  _globals['_GENERATIONCHOICE']._serialized_end=1762
-  _globals['_GENERATIONRESPONSE']._serialized_start=1765
-  _globals['_GENERATIONRESPONSE']._serialized_end=1908
-  _globals['_LISTMODELSREQUEST']._serialized_start=1910
-  _globals['_LISTMODELSREQUEST']._serialized_end=1929
-  _globals['_MODELCARD']._serialized_start=1931
-  _globals['_MODELCARD']._serialized_end=2012
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2014
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2072
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=2075
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=2224
-  _globals['_CHOICELIST']._serialized_start=2226
-  _globals['_CHOICELIST']._serialized_end=2255
-  _globals['_TOOL']._serialized_start=2257
-  _globals['_TOOL']._serialized_end=2323
-  _globals['_TOOLCHOICE']._serialized_start=2325
-  _globals['_TOOLCHOICE']._serialized_end=2383
-  _globals['_TOOLCALL']._serialized_start=2385
-  _globals['_TOOLCALL']._serialized_end=2455
-  _globals['_TOKENLOGPROB']._serialized_start=2457
-  _globals['_TOKENLOGPROB']._serialized_end=2583
-  _globals['_TOPLOGPROB']._serialized_start=2585
-  _globals['_TOPLOGPROB']._serialized_end=2647
-  _globals['_EMBEDINPUT']._serialized_start=2649
-  _globals['_EMBEDINPUT']._serialized_end=2728
-  _globals['_EMBEDREQUEST']._serialized_start=2731
-  _globals['_EMBEDREQUEST']._serialized_end=2859
-  _globals['_EMBEDDING']._serialized_start=2861
-  _globals['_EMBEDDING']._serialized_end=2903
-  _globals['_EMBEDRESPONSE']._serialized_start=2906
-  _globals['_EMBEDRESPONSE']._serialized_end=3034
-  _globals['_INFERENCE']._serialized_start=3037
-  _globals['_INFERENCE']._serialized_end=3323
+  _globals['_COMPLETIONREQUEST']._serialized_end=1583
+  _globals['_TOKENIDS']._serialized_start=1585
+  _globals['_TOKENIDS']._serialized_end=1608
+  _globals['_PROMPT']._serialized_start=1610
+  _globals['_PROMPT']._serialized_end=1686
+  _globals['_PROMPTBATCH']._serialized_start=1688
+  _globals['_PROMPTBATCH']._serialized_end=1737
+  _globals['_GENERATIONCHOICE']._serialized_start=1740
+  _globals['_GENERATIONCHOICE']._serialized_end=1932
+  _globals['_GENERATIONRESPONSE']._serialized_start=1935
+  _globals['_GENERATIONRESPONSE']._serialized_end=2078
+  _globals['_LISTMODELSREQUEST']._serialized_start=2080
+  _globals['_LISTMODELSREQUEST']._serialized_end=2099
+  _globals['_MODELCARD']._serialized_start=2101
+  _globals['_MODELCARD']._serialized_end=2182
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2184
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2242
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=2245
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=2394
+  _globals['_CHOICELIST']._serialized_start=2396
+  _globals['_CHOICELIST']._serialized_end=2425
+  _globals['_TOOL']._serialized_start=2427
+  _globals['_TOOL']._serialized_end=2493
+  _globals['_TOOLCHOICE']._serialized_start=2495
+  _globals['_TOOLCHOICE']._serialized_end=2553
+  _globals['_TOOLCALL']._serialized_start=2555
+  _globals['_TOOLCALL']._serialized_end=2625
+  _globals['_TOKENLOGPROB']._serialized_start=2627
+  _globals['_TOKENLOGPROB']._serialized_end=2753
+  _globals['_TOPLOGPROB']._serialized_start=2755
+  _globals['_TOPLOGPROB']._serialized_end=2817
+  _globals['_EMBEDINPUT']._serialized_start=2819
+  _globals['_EMBEDINPUT']._serialized_end=2898
+  _globals['_EMBEDREQUEST']._serialized_start=2901
+  _globals['_EMBEDREQUEST']._serialized_end=3029
+  _globals['_EMBEDDING']._serialized_start=3031
+  _globals['_EMBEDDING']._serialized_end=3073
+  _globals['_EMBEDRESPONSE']._serialized_start=3076
+  _globals['_EMBEDRESPONSE']._serialized_end=3204
+  _globals['_INFERENCE']._serialized_start=3207
+  _globals['_INFERENCE']._serialized_end=3493
 # @@protoc_insertion_point(module_scope)

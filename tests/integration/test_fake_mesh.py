@@ -293,6 +293,50 @@ def test_grpc_inference_api(fake_mesh: Mesh, model_dir: Path,
     asyncio.run(run())
 
 
+def test_grpc_complete_batch_of_prompts(fake_mesh: Mesh, client: openai.OpenAI) -> None:
+    prompts = ["alpha beta gamma", "one two"]
+    http = client.completions.create(model=MODEL, prompt=prompts, max_tokens=2, n=2,
+                                      echo=True)
+
+    async def run() -> tuple[list[inference_pb2.GenerationResponse],
+                             list[inference_pb2.GenerationResponse]]:
+        async with grpc.aio.insecure_channel(fake_mesh.grpc) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+
+            def request(stream: bool, batch: inference_pb2.PromptBatch,
+                        ) -> inference_pb2.CompletionRequest:
+                return inference_pb2.CompletionRequest(
+                    model=MODEL, batch=batch, echo=True, stream=stream,
+                    sampling=inference_pb2.SamplingOptions(max_tokens=2, n=2))
+
+            texts = inference_pb2.PromptBatch(
+                prompts=[inference_pb2.Prompt(text=p) for p in prompts])
+            whole = [r async for r in stub.Complete(request(False, texts))]
+            streamed = [r async for r in stub.Complete(request(True, texts))]
+            mixed = inference_pb2.PromptBatch(prompts=[
+                inference_pb2.Prompt(text="a"),
+                inference_pb2.Prompt(token_ids=inference_pb2.TokenIds(ids=[28]))])
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Complete(request(False, mixed)):
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert dict(err.value.trailing_metadata())["kvmesh-error-param"] == "batch"
+            return whole, streamed
+
+    whole, streamed = asyncio.run(run())
+    assert len(whole) == 1
+    assert [(c.index, c.text) for c in whole[0].choices] == \
+        [(c.index, c.text) for c in http.choices]
+    assert whole[0].usage.prompt_tokens == http.usage.prompt_tokens == 5
+    assert whole[0].usage.completion_tokens == http.usage.completion_tokens == 8
+    by_index: dict[int, str] = {}
+    for r in streamed:
+        for c in r.choices:
+            by_index[c.index] = by_index.get(c.index, "") + c.text
+    assert by_index == {c.index: c.text for c in http.choices}
+    assert streamed[-1].usage.completion_tokens == 8
+
+
 def test_worker_registered_by_address(fake_mesh: Mesh) -> None:
     info = fake_mesh.start_worker("plain", register=False)
     router = start_router(fake_mesh, "router2", "--worker", info["endpoint"])

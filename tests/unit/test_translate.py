@@ -5,6 +5,7 @@ from pydantic import ValidationError
 from kvmesh.errors import InvalidRequestError, http_error_for, openai_error_body
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from kvmesh.gateway.translate import (
+    completion_fields_from_proto,
     finish_reason,
     logit_bias,
     requested_max_tokens,
@@ -93,6 +94,22 @@ def test_grpc_sampling_options_round_trip_through_validation() -> None:
     assert fields == {"model": "m", "stream": True, "max_tokens": 3, "temperature": 0.0,
                       "stop": ["x"], "logit_bias": {"12": -100.0}}
     assert chat(**fields).logit_bias == {"12": -100.0}
+
+
+def test_grpc_prompt_batch_becomes_the_openai_batch() -> None:
+    def fields(*prompts: inference_pb2.Prompt) -> object:
+        return completion_fields_from_proto(inference_pb2.CompletionRequest(
+            model="m", batch=inference_pb2.PromptBatch(prompts=prompts)))["prompt"]
+
+    assert fields(inference_pb2.Prompt(text="a"), inference_pb2.Prompt(text="b")) == ["a", "b"]
+    ids = inference_pb2.TokenIds
+    assert fields(inference_pb2.Prompt(token_ids=ids(ids=[1, 2])),
+                  inference_pb2.Prompt(token_ids=ids(ids=[3]))) == [[1, 2], [3]]
+    for bad in ((), (inference_pb2.Prompt(),),
+                (inference_pb2.Prompt(text="a"), inference_pb2.Prompt(token_ids=ids(ids=[1])))):
+        with pytest.raises(InvalidRequestError) as err:
+            fields(*bad)
+        assert err.value.param == "batch"
 
 
 def test_error_map() -> None:
