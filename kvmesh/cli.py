@@ -11,8 +11,8 @@ from typing import Any
 
 from kvmesh.config import MeshConfig, load_settings
 from kvmesh.logs import setup_logging
-from kvmesh.service_main import add_observability_flags, observability_settings
 from kvmesh.routing_workloads import WORKLOADS
+from kvmesh.service_main import add_observability_flags, observability_settings
 
 
 def _up(args: argparse.Namespace) -> int:

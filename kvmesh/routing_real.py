@@ -116,7 +116,8 @@ def scrape_counters(url: str) -> dict[str, float]:
 def counter_deltas(before: list[dict[str, float]],
                    after: list[dict[str, float]]) -> list[dict[str, float]]:
     """Per worker, what one run added to each counter."""
-    return [{k: round(a[k] - b.get(k, 0.0), 1) for k in a} for b, a in zip(before, after)]
+    return [{k: round(a[k] - b.get(k, 0.0), 1) for k in a}
+            for b, a in zip(before, after, strict=True)]
 
 
 def summarize(results: list[dict[str, float]], wall_s: float) -> dict[str, Any]:

@@ -1,12 +1,10 @@
 """Admission: at most N requests in flight per worker; the rest wait at the router.
 
 When every candidate worker is full, a Route call waits here instead of being sent
-on: the engines then hold only what they can work on, so their KV caches keep the
-hot prefixes instead of filling with queued prompts that evict them, and the request
-is placed when a slot frees — late, on the index and loads of that moment. Waiters
-are woken in arrival order whenever a slot may have freed (a request finished, a
-load report, a worker joined). One queue per model (the router keeps a map), so a model whose workers are full
-never holds up another's requests. Pure asyncio: no grpc, ray or vllm.
+on, and is placed when a slot frees, among the workers that have one. Waiters are
+woken in arrival order whenever a slot may have freed (a request finished, a load
+report, a worker joined). One queue per model (the router keeps a map), so a model
+whose workers are full never holds up another's. Pure asyncio: no grpc, ray or vllm.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ echo "==> generated stubs are fresh"
 echo "==> ruff"
 "$VENV/bin/ruff" check . || exit 1
 echo "==> mypy (pure core)"
-"$VENV/bin/mypy" router/registry.py router/policies.py router/pd.py router/cost_model.py \
+"$VENV/bin/mypy" router/registry.py router/policies.py router/pd.py router/cost_model.py router/admission.py \
   gateway/detokenize.py \
   gateway/translate.py gateway/structured.py gateway/tools.py gateway/logprobs.py \
   gateway/admission.py services/engine_args.py kvmesh/config.py kvmesh/errors.py \
