@@ -178,6 +178,8 @@ class RealBench:
         ``--max-inflight-per-worker``, requests wait at the router beyond it)."""
         policy, _, inflight = spec.partition("/")
         tag = spec.replace("/", "-")
+        for stale in (f"router-{tag}.ready", f"gateway-{tag}.ready"):  # an earlier turn's
+            (self.dir / stale).unlink(missing_ok=True)
         args = ["--port", "0", "--metrics-port", "0", "--policy", policy,
                 "--ready-file", str(self.dir / f"router-{tag}.ready")]
         if inflight:
