@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from kvmesh.gateway.logprobs import TokenLogprob
-from kvmesh.gateway.parsers import OutputParser
+from kvmesh.gateway.parsers import OutputParser, RequiredToolStream
 from kvmesh.gateway.pipeline import ChoiceDelta, Finished
 from kvmesh.gateway.schemas import ChatCompletionRequest, DeltaToolCall, ToolCall, Usage
 from kvmesh.gateway.tokenizers import ModelTokenizer
-from kvmesh.gateway.tools import ForcedToolStream, forced_tool_calls
+from kvmesh.gateway.tools import NamedToolStream, forced_tool_calls
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,19 @@ class ChatPlan:
     @property
     def needs_parser(self) -> bool:
         return bool(self.reasoning_parser or (self.tool_mode == "auto" and self.tool_parser))
+
+    @property
+    def streams_required_calls(self) -> bool:
+        """A streamed required tool choice: its calls stream through vLLM's scanner."""
+        return self.tool_mode == "required" and self.req.stream
+
+    def tool_stream(self) -> NamedToolStream | RequiredToolStream | None:
+        """What streams a forced (named or required) choice's tool calls, if any."""
+        if self.tool_mode == "named":
+            return NamedToolStream(self.req)
+        if self.tool_mode == "required":
+            return RequiredToolStream()
+        return None
 
     def output_parser(self, tokenizer: ModelTokenizer) -> OutputParser | None:
         if not self.needs_parser:
@@ -75,8 +88,7 @@ async def stream_chat(
     events: AsyncIterator[ChoiceDelta | Finished], plan: ChatPlan, tokenizer: ModelTokenizer,
     n: int,
 ) -> AsyncIterator[ChatChoiceEvent | Finished]:
-    forced = plan.tool_mode in ("required", "named")
-    streams = [ForcedToolStream(plan.tool_mode, plan.req) if forced else None for _ in range(n)]
+    streams = [plan.tool_stream() for _ in range(n)]
     parsers = [plan.output_parser(tokenizer) for _ in range(n)]
     called = [False] * n
     async with contextlib.aclosing(events):  # type: ignore[type-var]

@@ -153,9 +153,10 @@ class GatewayCore:
         # A required/named tool choice is guaranteed by its schema; it wins over any
         # response_format, as in vLLM.
         constraint = tool_constraint(req) or single_constraint(req)
-        if plan.needs_parser:
+        if plan.needs_parser or plan.streams_required_calls:
             await load_parsers(
-                plan.tool_parser if plan.tool_mode == "auto" else None, plan.reasoning_parser
+                plan.tool_parser if plan.tool_mode == "auto" else None, plan.reasoning_parser,
+                required_calls=plan.streams_required_calls,
             )
         messages = [template_message(m) for m in req.messages]
         tools = template_tools(req)

@@ -123,6 +123,16 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None
     return task.result()
 
 
+def _without_nulls(value: Any) -> Any:
+    """A chat delta as vLLM sends it: unset fields left out, nested ones too (the openai
+    SDK's stream accumulator takes a tool call's `"type": null` as a new type)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def _without_null_usage(payload: dict[str, Any]) -> dict[str, Any]:
     if payload.get("usage") is None:
         payload.pop("usage", None)
@@ -480,7 +490,7 @@ def _chat_stream(
             id=rid, created=created, model=model, choices=choices, usage=usage
         ).model_dump())
         for choice in payload["choices"]:
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            choice["delta"] = _without_nulls(choice["delta"])
         return _sse(payload)
 
     async def frames() -> AsyncIterator[str]:

@@ -52,14 +52,25 @@ def _vllm_chat_request_class() -> Any:
     return ChatCompletionRequest
 
 
-async def load_parsers(tool_parser: str | None, reasoning_parser: str | None) -> None:
-    """Import what a request needs without blocking the event loop."""
+@functools.cache
+def _required_call_scanner() -> Any:
+    from vllm.tool_parsers.streaming import extract_required_tool_call_streaming
+
+    return extract_required_tool_call_streaming
+
+
+async def load_parsers(tool_parser: str | None, reasoning_parser: str | None,
+                       required_calls: bool = False) -> None:
+    """Import what a request needs without blocking the event loop (``required_calls``:
+    vLLM's streaming scanner for a required tool choice)."""
     def load() -> None:
         if tool_parser:
             tool_parser_class(tool_parser)
             _vllm_chat_request_class()
         if reasoning_parser:
             reasoning_parser_class(reasoning_parser)
+        if required_calls:
+            _required_call_scanner()
     await asyncio.to_thread(load)
 
 
@@ -85,6 +96,25 @@ def _delta_tool_calls(calls: Sequence[Any]) -> list[DeltaToolCall]:
                 name=fn.name, arguments=fn.arguments),
         ))
     return out
+
+
+class RequiredToolStream:
+    """Streams a ``tool_choice="required"`` choice's calls as vLLM's server does, with
+    vLLM's own scanner over the constrained JSON array: a call's first delta carries
+    its id, name and the arguments text so far, later ones only new arguments text."""
+
+    def __init__(self) -> None:
+        self._scan = _required_call_scanner()
+        self._text = ""
+
+    def add(self, delta: str) -> list[DeltaToolCall]:
+        previous, self._text = self._text, self._text + delta
+        message, _ = self._scan(previous_text=previous, current_text=self._text,
+                                tool_call_idx=None, tool_call_id_type="random")
+        return [] if message is None else _delta_tool_calls(message.tool_calls)
+
+    def finish(self) -> list[DeltaToolCall]:
+        return []  # every argument character was streamed as it came
 
 
 class OutputParser:

@@ -149,24 +149,16 @@ def forced_tool_calls(mode: str, req: ChatCompletionRequest, text: str) -> list[
 
 
 @dataclass
-class ForcedToolStream:
-    """Streams a required/named choice's tool calls.
+class NamedToolStream:
+    """Streams a named tool choice: the constrained output *is* the arguments, so they
+    stream as generated after one delta with the id and name (as vLLM's server does).
+    A required choice streams through vLLM's own scanner (``RequiredToolStream``)."""
 
-    Named: the output *is* the arguments, so they stream as they come after one delta
-    with the id and name. Required: the array is parsed once complete (its arguments
-    are re-serialised objects, not a prefix of the text).
-    """
-
-    mode: str
     req: ChatCompletionRequest
-    text: str = ""
     _started: bool = False
     _id: str = field(default_factory=tool_call_id)
 
     def add(self, delta: str) -> list[DeltaToolCall]:
-        self.text += delta
-        if self.mode != "named":
-            return []
         out = []
         if not self._started:
             self._started = True
@@ -179,11 +171,4 @@ class ForcedToolStream:
         return out
 
     def finish(self) -> list[DeltaToolCall]:
-        if self.mode == "named":
-            return self.add("") if not self._started else []
-        return [
-            DeltaToolCall(index=i, id=call.id, type="function",
-                          function=DeltaFunctionCall(name=call.function.name,
-                                                     arguments=call.function.arguments))
-            for i, call in enumerate(forced_tool_calls(self.mode, self.req, self.text))
-        ]
+        return self.add("") if not self._started else []

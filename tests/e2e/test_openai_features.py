@@ -150,14 +150,26 @@ def test_required_tool_choice_streams_tool_calls(client: openai.OpenAI) -> None:
                             tools[call.function.name]["function"]["parameters"])
     chunks = list(client.chat.completions.create(**kwargs, stream=True))
     streamed: dict[int, dict[str, str]] = {}
+    pieces: dict[int, int] = {}
     for c in chunks:
         for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
-            entry = streamed.setdefault(d.index, {"name": "", "arguments": ""})
+            entry = streamed.setdefault(d.index, {"name": "", "arguments": "", "id": ""})
             entry["name"] += d.function.name or ""
             entry["arguments"] += d.function.arguments or ""
+            entry["id"] += d.id or ""
+            pieces[d.index] = pieces.get(d.index, 0) + bool(d.function.arguments)
     assert [(e["name"], json.loads(e["arguments"])) for e in streamed.values()] == [
         (c.function.name, json.loads(c.function.arguments)) for c in calls]
+    assert all(e["id"].startswith("chatcmpl-tool-") for e in streamed.values())
+    # Incremental, as vLLM streams them: each call's arguments arrive in several deltas.
+    assert all(n > 1 for n in pieces.values()), pieces
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The openai SDK's own accumulation of the stream gives the same calls.
+    with client.chat.completions.stream(**kwargs) as stream:
+        final = stream.get_final_completion()
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in final.choices[0].message.tool_calls] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in calls]
 
 
 HERMES_CALL = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Lyon)"\}\}\n</tool_call>'  # noqa: E501

@@ -189,3 +189,31 @@ def test_echo_with_logprobs_returns_prompt_logprobs_like_vllm(
               for cs in (chunks, ref_chunks)]
     _same_logprobs(merged[0], merged[1])
     assert merged[0]["tokens"] == ours["choices"][0]["logprobs"]["tokens"]
+
+
+def test_streamed_required_tool_calls_same_deltas(vllm_openai: str,
+                                                   kvmesh_up: UpProcess) -> None:
+    body = {"model": MODEL, "max_tokens": 60, "temperature": 0, "tools": [WEATHER_TOOL],
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tool_choice": "required"}
+    ref, ours = both_streamed(vllm_openai, kvmesh_up.state["http"], "/chat/completions", body)
+
+    def tool_deltas(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("tool_calls")]
+
+    def calls(chunks: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        acc: dict[int, list[str]] = {}
+        for c in tool_deltas(chunks):
+            for d in c["choices"][0]["delta"]["tool_calls"]:
+                entry = acc.setdefault(d["index"], ["", ""])
+                fn = d.get("function") or {}
+                entry[0] += fn.get("name") or ""
+                entry[1] += fn.get("arguments") or ""
+        return [(name, args) for name, args in acc.values()]
+
+    ours_deltas, ref_deltas = tool_deltas(ours), tool_deltas(ref)
+    assert shape(ours_deltas[0]) == shape(ref_deltas[0])  # id, type, name, first arguments
+    assert shape(ours_deltas[1]) == shape(ref_deltas[1])  # arguments only
+    assert len(ours_deltas) > 2 and len(ref_deltas) > 2
+    assert calls(ours) == calls(ref)  # the same argument text, streamed the same way
+    assert ours[-1]["choices"][0]["finish_reason"] == ref[-1]["choices"][0]["finish_reason"]

@@ -160,6 +160,22 @@ def test_echo_with_logprobs_returns_prompt_logprobs(fake_mesh: Mesh,
     assert [len(t.top_logprobs) for t in over_grpc] == [0] + [2] * 4
 
 
+def test_streamed_tool_call_deltas_accumulate_in_the_openai_sdk(
+        client: openai.OpenAI, model_dir: Path, chat_prompt_ids: list[int]) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    # The fake engine echoes the whole prompt and stops, so the named call's "arguments"
+    # are that text (it enforces no schema); what matters is how the deltas accumulate.
+    with client.chat.completions.stream(
+            model=MODEL, messages=MESSAGES, max_tokens=200, tools=[tool],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}) as stream:
+        final = stream.get_final_completion()
+    [call] = final.choices[0].message.tool_calls
+    assert call.type == "function" and call.id.startswith("chatcmpl-tool-")
+    assert call.function.name == "get_weather"
+    assert call.function.arguments == expected_echo(model_dir, chat_prompt_ids)
+
+
 def test_openai_errors(fake_mesh: Mesh, client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="no-such-model", messages=MESSAGES)

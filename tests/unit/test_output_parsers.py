@@ -111,6 +111,31 @@ async def test_reasoning_then_tool_call_through_the_chat_layer(
     assert json.loads(args) == {"city": "Paris"}
 
 
+async def test_required_tool_calls_stream_incrementally(tokenizer: ModelTokenizer) -> None:
+    ping = {"type": "function", "function": {"name": "ping"}}
+    req = chat(tools=[WEATHER, ping], tool_choice="required", stream=True)
+    plan = ChatPlan(req=req, tool_mode="required", tool_parser="hermes",
+                    reasoning_parser=None, top_logprobs=None)
+    text = ('[{"name": "get_weather", "parameters": {"city": "Paris, France"}}, '
+            '{"name": "ping", "parameters": {}}]')
+    [whole], _ = await collect_chat(_events(tokenizer, text), plan, tokenizer, 1)
+    events = [e async for e in stream_chat(_events(tokenizer, text), plan, tokenizer, 1)]
+    deltas = [c for e in events if not isinstance(e, Finished) for c in e.tool_calls]
+    # As vLLM streams them: id, type and name once per call, then arguments pieces.
+    heads = [d for d in deltas if d.id]
+    assert [(d.index, d.type, d.function and d.function.name) for d in heads] == [
+        (0, "function", "get_weather"), (1, "function", "ping")]
+    assert len({d.id for d in heads}) == 2
+    assert all(d.function and d.function.name is None for d in deltas if not d.id)
+    weather_pieces = [d for d in deltas if d.index == 0 and d.function and d.function.arguments]
+    assert len(weather_pieces) > 2  # arguments arrive as generated, not in one piece
+    streamed = {i: "".join(d.function.arguments or "" for d in deltas
+                           if d.index == i and d.function) for i in (0, 1)}
+    assert [json.loads(streamed[i]) for i in (0, 1)] == \
+        [json.loads(c.function.arguments) for c in whole.tool_calls]
+    assert events[-2].finish_reason == "tool_calls"
+
+
 async def test_without_parsers_text_is_content(tokenizer: ModelTokenizer) -> None:
     plan = _plan(chat(), None)
     [result], _ = await collect_chat(_events(tokenizer, THOUGHT + "x"), plan, tokenizer, 1)

@@ -6,7 +6,7 @@ import pytest
 from kvmesh.errors import InvalidRequestError
 from kvmesh.gateway.schemas import ChatCompletionRequest
 from kvmesh.gateway.tools import (
-    ForcedToolStream,
+    NamedToolStream,
     forced_tool_calls,
     required_schema,
     template_message,
@@ -98,20 +98,15 @@ def test_forced_calls_from_constrained_output() -> None:
     assert forced_tool_calls("required", req, '[{"name": "pi') == []  # cut by max_tokens
 
 
-def test_forced_streams() -> None:
+def test_named_stream() -> None:
     named = chat(tools=[WEATHER], tool_choice={
         "type": "function", "function": {"name": "get_weather"}})
-    s = ForcedToolStream("named", named)
+    s = NamedToolStream(named)
     deltas = s.add('{"ci') + s.add('ty": "Rome"}') + s.finish()
     assert deltas[0].id and deltas[0].function and deltas[0].function.name == "get_weather"
     assert "".join(d.function.arguments or "" for d in deltas if d.function) == \
         '{"city": "Rome"}'
     assert {d.index for d in deltas} == {0}
-    s = ForcedToolStream("required", chat(tools=[WEATHER], tool_choice="required"))
-    assert s.add('[{"name": "get_weather", ') == []
-    [d] = s.add('"parameters": {"city": "Rome"}}]') + s.finish()
-    assert d.function and d.function.name == "get_weather"
-    assert json.loads(d.function.arguments or "") == {"city": "Rome"}
 
 
 def test_template_messages_carry_tool_calls_as_objects() -> None:
