@@ -19,6 +19,7 @@ from .conftest import Mesh, running_mesh, start_router
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
+CLIENT_SPAN = "00f067aa0ba902b7"  # the caller's span in the traceparent headers below
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "trace me"}], "max_tokens": 3}
 
 
@@ -61,11 +62,15 @@ def traced_pd_mesh(model_dir: Path) -> Iterator[tuple[Mesh, OtlpCollector]]:
 
 def _wait_for_trace(collector: OtlpCollector, trace_id: str,
                     services: set[str]) -> list[ReceivedSpan]:
+    """The trace once every service reported and it is connected: each span's parent has
+    arrived too (processes export in batches, so a child can land before its parent)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         spans = collector.trace(trace_id)
+        ids = {s.span_id for s in spans}
+        dangling = {s.parent_span_id for s in spans if s.parent_span_id} - ids
         if services <= {s.service for s in spans} and any(
-                s.name == "detokenize" for s in spans):
+                s.name == "detokenize" for s in spans) and dangling <= {CLIENT_SPAN}:
             return spans
         time.sleep(0.1)
     return collector.trace(trace_id)
@@ -76,7 +81,7 @@ def test_one_request_one_connected_trace(traced_mesh: tuple[Mesh, OtlpCollector]
     # The client's own trace context is honoured (as when Envoy or an app starts it).
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     reply = httpx.post(mesh.http + "/chat/completions", json=BODY, timeout=30, headers={
-        "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+        "traceparent": f"00-{trace_id}-{CLIENT_SPAN}-01"})
     assert reply.status_code == 200
     spans = _wait_for_trace(collector, trace_id,
                             {"kvmesh-gateway", "kvmesh-router", "kvmesh-worker"})
@@ -140,7 +145,7 @@ def test_disaggregated_request_traces_prefill_and_decode(
     trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
     body = {"model": MODEL, "prompt": " ".join(["long prompt"] * 60), "max_tokens": 3}
     reply = httpx.post(mesh.http + "/completions", json=body, timeout=30, headers={
-        "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+        "traceparent": f"00-{trace_id}-{CLIENT_SPAN}-01"})
     assert reply.status_code == 200
     spans = _wait_for_trace(collector, trace_id,
                             {"kvmesh-gateway", "kvmesh-router", "kvmesh-worker"})
@@ -168,7 +173,7 @@ def test_grpc_inference_request_is_traced(traced_mesh: tuple[Mesh, OtlpCollector
 
     mesh, collector = traced_mesh
     trace_id = "6bf92f3577b34da6a3ce929d0e0e4738"
-    metadata = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+    metadata = (("traceparent", f"00-{trace_id}-{CLIENT_SPAN}-01"),)
 
     async def chat(model: str) -> list[inference_pb2.GenerationResponse]:
         async with grpc.aio.insecure_channel(mesh.grpc) as channel:
