@@ -1,0 +1,75 @@
+"""Ctrl-C while `kvmesh up` is still loading vLLM leaves no process behind: the engine
+process a worker actor started (vLLM's EngineCore) is ended with the actor."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kvmesh.procs import pid_alive, spawn_module, terminate
+
+from .conftest import ENGINE_FLAGS
+
+pytestmark = pytest.mark.e2e
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return "?"
+
+
+def _is_engine_core(proc: psutil.Process) -> bool:
+    try:
+        return "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def test_interrupt_during_engine_start_ends_every_process(model_dir: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="kvm-upint-") as d:
+        log = Path(d) / "up.log"
+        up = spawn_module("kvmesh.cli", ["up", "--workers", "1", "--no-embeddings",
+                                         "--port", "0", *ENGINE_FLAGS], log)
+        seen: set[int] = set()
+        engine = None
+        try:
+            deadline = time.monotonic() + 300
+            while engine is None and time.monotonic() < deadline and up.poll() is None:
+                tree = _tree(up.pid)
+                seen.update(p.pid for p in tree)
+                engine = next((p for p in tree if _is_engine_core(p)), None)
+                time.sleep(0.2)
+            assert engine is not None, log.read_text()[-4000:]
+            # Interrupt while vLLM's engine loads (the actor is busy in start()).
+            up.send_signal(signal.SIGINT)
+            try:
+                up.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pytest.fail("kvmesh up did not stop after Ctrl-C:\n" + log.read_text()[-4000:])
+        finally:
+            terminate(up, 5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(pid_alive(p) for p in seen):
+            time.sleep(0.2)
+        left = {p: _cmdline(p) for p in seen if pid_alive(p)}
+        for pid in left:  # ours: started below this test's `kvmesh up`
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        assert engine.pid not in left, log.read_text()[-4000:]
+        assert not left, left
