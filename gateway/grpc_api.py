@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kvmesh.errors import AuthenticationError, InvalidRequestError, KvmeshError, http_error_for
 from kvmesh.gateway.chat import ChatPlan, collect_chat, stream_chat
@@ -32,8 +33,10 @@ from kvmesh.logs import request_id_var
 from kvmesh.tracing import current_trace_id
 from kvmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
+M = TypeVar("M", bound=BaseModel)
 
-def _validated(cls: type, fields: dict[str, object]) -> object:
+
+def _validated(cls: type[M], fields: dict[str, object]) -> M:
     try:
         return cls.model_validate(fields)
     except ValidationError as exc:

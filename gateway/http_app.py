@@ -152,7 +152,7 @@ async def primed(events: AsyncIterator[T]) -> AsyncIterator[T]:
         raise
 
     async def replay() -> AsyncIterator[T]:
-        async with contextlib.aclosing(iterator):
+        async with contextlib.aclosing(iterator):  # type: ignore[type-var]
             yield first
             async for item in iterator:
                 yield item

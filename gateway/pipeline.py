@@ -211,19 +211,19 @@ async def merge_generations(
     try:
         running = len(tasks)
         while running:
-            i, event = await queue.get()
-            if event is None:
+            i, item = await queue.get()
+            if item is None:
                 running -= 1
-            elif isinstance(event, BaseException):
-                raise event
-            elif isinstance(event, Finished):
-                u = event.usage
+            elif isinstance(item, BaseException):
+                raise item
+            elif isinstance(item, Finished):
+                u = item.usage
                 cached = (u.prompt_tokens_details or {}).get("cached_tokens", 0)
                 totals = [totals[0] + u.prompt_tokens, totals[1] + u.completion_tokens,
                           totals[2] + cached]
             else:
-                event.index += i * n
-                yield event
+                item.index += i * n
+                yield item
     finally:
         for task in tasks:
             task.cancel()

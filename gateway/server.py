@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 
 import grpc
 import uvicorn
@@ -18,6 +19,15 @@ from kvmesh.gateway.http_app import create_app
 from kvmesh.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.service_main import write_ready_file
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the gateway's own loop: the service handles SIGINT/SIGTERM (one
+    ordered stop of HTTP, gRPC and the core), so uvicorn must not take them over."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -54,11 +64,10 @@ class GatewayServer:
         self.core.http_address = f"{self.config.host}:{self.http_port}"
         app = create_app(self.core)
         tracing.instrument_fastapi(app)
-        http = uvicorn.Server(
+        http = _EmbeddedServer(
             uvicorn.Config(app, log_level="warning", lifespan="off",
                            timeout_graceful_shutdown=3)
         )
-        http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._http = http
         self._http_task = asyncio.create_task(http.serve(sockets=[sock]))
         while not http.started:

@@ -28,6 +28,7 @@ from kvmesh.router.block_hash import namespace_seed, prompt_hash_array
 from kvmesh.router.policies import KvAwarePolicy, RouteContext
 from kvmesh.router.prefix_index import PrefixIndex, StoredBlocks
 from kvmesh.router.registry import WorkerState
+from kvmesh.service_main import freeze_heap
 
 BS = 32
 MODEL = "bench"
@@ -80,12 +81,13 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def _prompt(chains: list[np.ndarray], prompt_tokens: int, i: int,
-            rng: random.Random) -> list[int]:
-    """Even i: a cached chain (repeated to length); odd i: fresh tokens."""
+            rng: random.Random) -> np.ndarray:
+    """Even i: a cached chain (repeated to length); odd i: fresh tokens. One uint32
+    buffer, as the router's servicer holds a request (np.frombuffer of the packed ids)."""
     if i % 2 == 0:
-        base = rng.choice(chains).tolist()
-        return (base * (prompt_tokens // len(base) + 1))[:prompt_tokens]
-    return [rng.randrange(49_000) for _ in range(prompt_tokens)]
+        return np.resize(rng.choice(chains), prompt_tokens)
+    fresh = np.random.default_rng(rng.getrandbits(64))
+    return fresh.integers(0, 49_000, prompt_tokens, dtype=np.uint32)
 
 
 def _decisions(index: PrefixIndex, chains: list[np.ndarray], prompt_tokens: int,
@@ -95,8 +97,7 @@ def _decisions(index: PrefixIndex, chains: list[np.ndarray], prompt_tokens: int,
                for w in WORKERS]
     samples = []
     for i in range(n):
-        # As the router's servicer holds it: np.frombuffer of the packed request.
-        prompt = np.array(_prompt(chains, prompt_tokens, i, rng), dtype=np.uint32)
+        prompt = _prompt(chains, prompt_tokens, i, rng)
         ctx = RouteContext(request_id=str(i), model=MODEL, token_ids=prompt)
         t0 = time.perf_counter()
         policy.choose(ctx, workers)
@@ -122,7 +123,7 @@ def _ray_tree_match(chains: list[np.ndarray], prompt_tokens: int, rng: random.Ra
     insert_s = time.perf_counter() - t0
     samples = []
     for i in range(n):
-        query = text(_prompt(chains, prompt_tokens, i, rng))
+        query = text(_prompt(chains, prompt_tokens, i, rng).tolist())
         t0 = time.perf_counter()
         tree.prefix_match(query, WORKERS)
         samples.append(time.perf_counter() - t0)
@@ -140,6 +141,7 @@ def run_router_bench(blocks: int = 1_000_000, ray_blocks: int = 20_000,
     index = PrefixIndex()
     ingest_s = _fill(index, chains)
     after = _rss()
+    freeze_heap()  # as the router service does once started (index restored)
     report: dict[str, Any] = {
         "indexed_blocks": len(index),
         "ingest_blocks_per_s": round(blocks / ingest_s),

@@ -80,13 +80,17 @@ class WorkerLoadInput(NamedTuple):
 def ttft_cost(
     params: CostParams, load: WorkerLoadInput, prompt_tokens: int, cached_tokens: int
 ) -> float:
-    uncached = max(prompt_tokens - cached_tokens, 0)
-    prefill = (uncached + load.queued_prefill_tokens) / params.prefill_tokens_per_s
+    # Called per candidate per decision: plain comparisons instead of min()/max().
+    uncached = prompt_tokens - cached_tokens if prompt_tokens > cached_tokens else 0
+    rate = params.prefill_tokens_per_s
+    prefill = (uncached + load.queued_prefill_tokens) / rate
+    per_token = uncached / rate
     # Blocks stored into a full cache evict someone else's prefix: a miss later.
-    per_token = uncached / params.prefill_tokens_per_s
-    eviction = params.eviction_weight * min(max(load.kv_usage, 0.0), 1.0) * per_token
-    backlog = params.backlog_weight * max(load.waiting, 0) * per_token
-    return prefill + backlog + eviction + load.running * params.decode_step_s_per_seq
+    usage = load.kv_usage
+    fullness = 0.0 if usage < 0.0 else 1.0 if usage > 1.0 else usage
+    waiting = load.waiting if load.waiting > 0 else 0
+    return (prefill + (params.backlog_weight * waiting + params.eviction_weight * fullness)
+            * per_token + load.running * params.decode_step_s_per_seq)
 
 
 def within_bound(params: CostParams, loads: list[WorkerLoadInput]) -> list[WorkerLoadInput]:

@@ -7,6 +7,7 @@ prompt's token ids through :class:`RouteContext`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import time
@@ -169,16 +170,17 @@ class KvAwarePolicy:
 
 
 def load_input(w: WorkerState) -> WorkerLoadInput:
-    """What the cost model needs of a worker's load."""
+    """What the cost model needs of a worker's load (called per candidate per decision:
+    plain comparisons, positional fields)."""
+    load = w.load
+    routed = len(w.in_flight)
+    running, reported = load.num_running, load.num_running + load.num_waiting
+    active = routed if routed > reported else reported  # == w.active
+    # Routed since the last report and not yet running count as waiting.
+    waiting = active - running if active - running > load.num_waiting else load.num_waiting
     return WorkerLoadInput(
-        worker_id=w.worker_id,
-        active=w.active,
-        running=max(w.load.num_running, len(w.in_flight)),
-        queued_prefill_tokens=w.load.waiting_uncached_tokens + w.unreported_prefill_tokens,
-        kv_usage=w.load.kv_usage,
-        # Routed since the last report and not yet running count as waiting.
-        waiting=max(w.load.num_waiting, w.active - w.load.num_running),
-    )
+        w.worker_id, active, routed if routed > running else running,
+        load.waiting_uncached_tokens + w.unreported_prefill_tokens, load.kv_usage, waiting)
 
 
 def placement_key(
@@ -207,8 +209,20 @@ MAX_REMEMBERED_MARKS = 65536
 
 
 def rendezvous_score(key: int, worker_id: str) -> int:
-    digest = hashlib.blake2b(f"{key}:{worker_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    """Highest-random-weight score of ``worker_id`` for ``key``: splitmix64's finaliser
+    over the key and the worker's salt (a few integer operations per candidate)."""
+    x = key ^ _worker_salt(worker_id)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _worker_salt(worker_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(worker_id.encode(), digest_size=8).digest(), "little")
 
 
 POLICY_NAMES = ("random", "round_robin", "power_of_two", "approx_prefix", "kv_aware")

@@ -14,7 +14,7 @@ from kvmesh.config import RouterConfig
 from kvmesh.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.router import kernels
 from kvmesh.router.servicer import RouterServicer
-from kvmesh.service_main import write_ready_file
+from kvmesh.service_main import freeze_heap, write_ready_file
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class RouterServer:
             self.metrics_port = self._metrics_http.server_port
             ready["metrics"] = f"{self.config.host}:{self.metrics_port}"
             self.servicer.metrics_endpoint = ready["metrics"]
+        freeze_heap()  # routing decisions: no collector pauses over start-up objects
         write_ready_file(self._ready_file, ready)
         log.info("router serving on %s (policy=%s)", self.address, self.config.policy)
         return self.address

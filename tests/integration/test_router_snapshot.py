@@ -79,3 +79,19 @@ async def test_worker_registers_with_every_router_replica(tmp_path: Path) -> Non
         await worker.stop()
         for router in routers:
             await router.stop()
+
+
+async def test_router_freezes_its_startup_heap(tmp_path: Path) -> None:
+    """Once started (snapshot restored), the router's long-lived objects are out of the
+    collector's passes (gc.freeze), keeping its pauses off routing decisions."""
+    import gc
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    router = RouterServer(RouterConfig(port=0, metrics_port=None))
+    await router.start()
+    try:
+        assert gc.get_freeze_count() > 1000
+    finally:
+        await router.stop()
+        gc.unfreeze()
