@@ -10,13 +10,10 @@ echo "==> generated stubs are fresh"
 "$VENV/bin/python" protos/generate.py --check || exit 1
 echo "==> ruff"
 "$VENV/bin/ruff" check . || exit 1
-echo "==> mypy (pure core)"
+echo "==> mypy (router core, gateway, shared modules)"
 "$VENV/bin/mypy" router/registry.py router/policies.py router/pd.py router/cost_model.py router/admission.py \
-  gateway/detokenize.py \
-  gateway/translate.py gateway/structured.py gateway/tools.py gateway/logprobs.py \
-  gateway/admission.py services/engine_args.py kvmesh/config.py kvmesh/errors.py \
-  gateway/discovery.py gateway/request_log.py gateway/metrics.py router/metrics.py \
-  kvmesh/logs.py kvmesh/tracing.py gateway/embeddings.py gateway/vision.py || exit 1
+  gateway/*.py services/engine_args.py kvmesh/config.py kvmesh/errors.py \
+  router/metrics.py kvmesh/logs.py kvmesh/tracing.py kvmesh/service_main.py || exit 1
 echo "==> pytest"
 "$VENV/bin/python" -m pytest "$@"
 rc=$?
