@@ -74,6 +74,17 @@ def _fill(index: PrefixIndex, chains: list[np.ndarray]) -> float:
     return elapsed
 
 
+INDEX_SIZES = (10_000, 100_000)
+
+
+def _filled(blocks: int, seed: int) -> tuple[PrefixIndex, list[np.ndarray]]:
+    """A fresh index holding ``blocks`` blocks of a seeded trace, and that trace."""
+    chains = _chains(blocks, seed)
+    index = PrefixIndex()
+    _fill(index, chains)
+    return index, chains
+
+
 def _percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     return {"p50_us": round(statistics.median(ordered) * 1e6, 1),
@@ -151,9 +162,12 @@ def run_router_bench(blocks: int = 1_000_000, ray_blocks: int = 20_000,
             f"{n}_tokens": _decisions(index, chains, n, rng) for n in (1024, 4096, 8192)
         },
     }
-    small = PrefixIndex()
-    small_chains = _chains(ray_blocks, seed + 1)
-    _fill(small, small_chains)
+    # Decision cost against index size (8k-token prompts): the largest is the one above.
+    by_size = {str(n): _decisions(*_filled(n, seed + 3 + i), 8192, rng, n=300)
+               for i, n in enumerate(INDEX_SIZES) if n < blocks}
+    by_size[str(blocks)] = report["decision_latency"]["8192_tokens"]
+    report["decision_latency_8k_by_indexed_blocks"] = by_size
+    small, small_chains = _filled(ray_blocks, seed + 1)
     ours = _decisions(small, small_chains, 8192, rng, n=200)
     ray = _ray_tree_match(small_chains, 8192, random.Random(seed + 2))
     report["vs_ray_prefix_tree"] = {
