@@ -173,9 +173,7 @@ def load_input(w: WorkerState) -> WorkerLoadInput:
     """What the cost model needs of a worker's load (called per candidate per decision:
     plain comparisons, positional fields)."""
     load = w.load
-    routed = len(w.in_flight)
-    running, reported = load.num_running, load.num_running + load.num_waiting
-    active = routed if routed > reported else reported  # == w.active
+    routed, running, active = len(w.in_flight), load.num_running, w.active
     # Routed since the last report and not yet running count as waiting.
     waiting = active - running if active - running > load.num_waiting else load.num_waiting
     return WorkerLoadInput(

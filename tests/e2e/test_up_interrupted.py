@@ -27,18 +27,13 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _cmdline(pid: int) -> str:
+def _describe(pid: int) -> str:
+    """Process name and command line ("?" once it is gone)."""
     try:
-        return " ".join(psutil.Process(pid).cmdline())
+        proc = psutil.Process(pid)
+        return f"{proc.name()}: {' '.join(proc.cmdline())}"
     except psutil.Error:
         return "?"
-
-
-def _is_engine_core(proc: psutil.Process) -> bool:
-    try:
-        return "EngineCore" in proc.name() or "EngineCore" in " ".join(proc.cmdline())
-    except psutil.Error:
-        return False
 
 
 def test_interrupt_during_engine_start_ends_every_process(model_dir: Path) -> None:
@@ -53,7 +48,7 @@ def test_interrupt_during_engine_start_ends_every_process(model_dir: Path) -> No
             while engine is None and time.monotonic() < deadline and up.poll() is None:
                 tree = _tree(up.pid)
                 seen.update(p.pid for p in tree)
-                engine = next((p for p in tree if _is_engine_core(p)), None)
+                engine = next((p for p in tree if "EngineCore" in _describe(p.pid)), None)
                 time.sleep(0.2)
             assert engine is not None, log.read_text()[-4000:]
             # Interrupt while vLLM's engine loads (the actor is busy in start()).
@@ -67,7 +62,7 @@ def test_interrupt_during_engine_start_ends_every_process(model_dir: Path) -> No
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(pid_alive(p) for p in seen):
             time.sleep(0.2)
-        left = {p: _cmdline(p) for p in seen if pid_alive(p)}
+        left = {p: _describe(p) for p in seen if pid_alive(p)}
         for pid in left:  # ours: started below this test's `kvmesh up`
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
