@@ -192,11 +192,14 @@ class MeshClient:
             timeout=min(self._prefill_timeout_s, self._request_timeout_s),
         )
         reason = "no_handoff"
+        handover: str | None = None
         try:
+            # Read to the end of the stream (the hand-over rides on the last message):
+            # leaving mid-stream would leave the RPC, and its client span, to the GC.
             async for response in call:
-                handover = handoff(response)
-                if handover is not None:
-                    return handover
+                handover = handover or handoff(response)
+            if handover is not None:
+                return handover
         except grpc.aio.AioRpcError as exc:
             reason = (
                 "prefill_timeout" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -206,7 +209,7 @@ class MeshClient:
                         request_id, prefill.worker_id, exc.code().name, exc.details())
         finally:
             # Cancelled mid-prefill (client gone): the prefill worker aborts the request
-            # and frees its blocks. After the hand-over this is a no-op.
+            # and frees its blocks. After a finished stream this is a no-op.
             call.cancel()
             self._release(request_id, prefill.worker_id)
             self.pd_metrics.prefill_seconds.inc(time.monotonic() - started)

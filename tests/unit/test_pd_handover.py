@@ -1,10 +1,13 @@
-"""The gateway's prefill and decode legs (pure request building)."""
+"""The gateway's prefill and decode legs (request building, the prefill leg's stream)."""
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 from smg_grpc_proto import vllm_engine_pb2
 
+from kvmesh.gateway.mesh import MeshClient
 from kvmesh.gateway.pd import (
     PdMetrics,
     generate_request,
@@ -13,6 +16,7 @@ from kvmesh.gateway.pd import (
     prefill_request,
 )
 from kvmesh.pd_bench import Result, _summary, memcpy_gb_s
+from kvmesh.v1 import common_pb2
 
 pytestmark = pytest.mark.unit
 
@@ -52,6 +56,42 @@ def test_handoff_only_from_a_complete_with_remote_prefill_params() -> None:
     assert handoff(complete('{"do_remote_prefill": false}')) is None
     chunk = vllm_engine_pb2.GenerateResponse(chunk=vllm_engine_pb2.GenerateStreamChunk())
     assert handoff(chunk) is None
+
+
+def test_prefill_leg_reads_its_stream_to_the_end() -> None:
+    """The hand-over rides on the last message; the leg still reads to the stream's end,
+    so the RPC (and its tracing span) finishes then, not whenever the GC collects it."""
+    raw = '{"do_remote_prefill": true, "remote_engine_id": "e"}'
+    seen: list[str] = []
+
+    class Call:
+        def __aiter__(self) -> AsyncIterator[vllm_engine_pb2.GenerateResponse]:
+            return self._stream()
+
+        async def _stream(self) -> AsyncIterator[vllm_engine_pb2.GenerateResponse]:
+            yield vllm_engine_pb2.GenerateResponse(
+                complete=vllm_engine_pb2.GenerateComplete(kv_transfer_params_json=raw))
+            seen.append("end of stream")
+
+        def cancel(self) -> bool:
+            seen.append("cancel")
+            return False
+
+    class Stub:
+        def Generate(self, request: vllm_engine_pb2.GenerateRequest, timeout: float) -> Call:
+            seen.append(request.request_id)
+            return Call()
+
+    async def run() -> str | None:
+        client = MeshClient("127.0.0.1:1", route_timeout_s=1, request_timeout_s=5)
+        client.worker = lambda endpoint: Stub()
+        client._release = lambda request_id, worker_id: seen.append(f"release {worker_id}")
+        prefill = common_pb2.WorkerInfo(worker_id="p0", endpoint="127.0.0.1:2")
+        return await client._prefill("r1", prefill, [1, 2, 3], "", vllm_engine_pb2.SamplingParams(
+            max_tokens=4))
+
+    assert asyncio.run(run()) == raw
+    assert seen == ["r1-prefill", "end of stream", "cancel", "release p0"]
 
 
 def test_multiple_choices_and_prompt_logprobs_prefill_locally() -> None:
