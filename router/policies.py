@@ -175,7 +175,8 @@ def load_input(w: WorkerState) -> WorkerLoadInput:
     load = w.load
     routed, running, active = len(w.in_flight), load.num_running, w.active
     # Routed since the last report and not yet running count as waiting.
-    waiting = active - running if active - running > load.num_waiting else load.num_waiting
+    unstarted = active - running
+    waiting = unstarted if unstarted > load.num_waiting else load.num_waiting
     return WorkerLoadInput(
         w.worker_id, active, routed if routed > running else running,
         load.waiting_uncached_tokens + w.unreported_prefill_tokens, load.kv_usage, waiting)
@@ -206,6 +207,9 @@ PLACEMENT_BLOCKS = 4
 MAX_REMEMBERED_MARKS = 65536
 
 
+_MASK64 = (1 << 64) - 1
+
+
 def rendezvous_score(key: int, worker_id: str) -> int:
     """Highest-random-weight score of ``worker_id`` for ``key``: splitmix64's finaliser
     over the key and the worker's salt (a few integer operations per candidate)."""
@@ -213,9 +217,6 @@ def rendezvous_score(key: int, worker_id: str) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
-
-
-_MASK64 = (1 << 64) - 1
 
 
 @functools.lru_cache(maxsize=4096)
