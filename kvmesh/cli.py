@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvmesh.config import MeshConfig, load_settings
-from kvmesh.logs import setup_logging
-from kvmesh.routing_workloads import WORKLOADS
-from kvmesh.service_main import add_observability_flags, observability_settings
+from kvmesh.bench.routing.workloads import WORKLOADS
+from kvmesh.core.config import MeshConfig, load_settings
+from kvmesh.core.logs import setup_logging
+from kvmesh.core.service_main import add_observability_flags, observability_settings
 
 
 def _up(args: argparse.Namespace) -> int:
-    from kvmesh.up import serve
+    from kvmesh.launch.up import serve
 
     engine = _set(model=args.model, enforce_eager=args.enforce_eager or None,
                   block_size=args.block_size)
@@ -49,7 +49,7 @@ def _set(**values: Any) -> dict[str, Any] | None:
 def _bench_gateway(args: argparse.Namespace) -> int:
     import json
 
-    from kvmesh.bench import run_gateway_bench
+    from kvmesh.bench.gateway import run_gateway_bench
 
     config = bench_mesh_config(args, workers=1)
     result = run_gateway_bench(config, args.requests, args.concurrency, args.max_tokens,
@@ -69,7 +69,7 @@ def bench_mesh_config(args: argparse.Namespace, **overrides: Any) -> MeshConfig:
 def _bench_pd(args: argparse.Namespace) -> int:
     import json
 
-    from kvmesh.pd_bench import Workload, run_pd_bench
+    from kvmesh.bench.pd import Workload, run_pd_bench
 
     config = bench_mesh_config(args)
     workload = Workload(shorts=args.shorts, short_max_tokens=args.short_max_tokens,
@@ -82,12 +82,12 @@ def _bench_pd(args: argparse.Namespace) -> int:
 def _bench_routing(args: argparse.Namespace) -> int:
     import json
 
-    from kvmesh.routing_bench import run_routing_bench
-    from kvmesh.routing_sim import SimParams
+    from kvmesh.bench.routing.run import run_routing_bench
+    from kvmesh.bench.routing.sim import SimParams
 
     real = None
     if args.mode == "real":
-        from kvmesh.models import LocalModelSource
+        from kvmesh.models.source import LocalModelSource
 
         real = {
             "model_dir": LocalModelSource().resolve(args.model),
@@ -113,7 +113,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
 def _bench_router(args: argparse.Namespace) -> int:
     import json
 
-    from kvmesh.router_bench import run_router_bench
+    from kvmesh.bench.router import run_router_bench
 
     report = run_router_bench(args.blocks, args.ray_blocks, args.seed)
     text = json.dumps(report, indent=2)
@@ -125,14 +125,14 @@ def _bench_router(args: argparse.Namespace) -> int:
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
-    from kvmesh.models import LocalModelSource
+    from kvmesh.models.source import LocalModelSource
 
     print(LocalModelSource().resolve(args.model))
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from kvmesh.status import print_status
+    from kvmesh.launch.status import print_status
 
     return asyncio.run(print_status(args.router))
 

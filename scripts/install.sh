@@ -61,7 +61,7 @@ else
   echo "==> $VENV is up to date"
 fi
 
-"$VENV/bin/python" -c "import vllm, nixl, kvmesh.router, kvmesh.gateway, kvmesh.services" \
+"$VENV/bin/python" -c "import vllm, nixl, kvmesh.router, kvmesh.gateway, kvmesh.worker" \
   2>/dev/null || { echo "import check failed; remove $STAMP_FILE and retry" >&2; exit 1; }
 echo "==> compiling the router's index kernels (cached on disk)"
 "$VENV/bin/python" -c "from kvmesh.router import kernels; kernels.warm_up()"

@@ -23,7 +23,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from kvmesh.models import prepare_embedded_chat_model
+    from kvmesh.models.embedded import prepare_embedded_chat_model
 
     return prepare_embedded_chat_model()
 

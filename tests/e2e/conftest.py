@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from kvmesh.grpc_util import wait_serving
-from kvmesh.procs import pid_alive, spawn_module, terminate, wait_ready_file
+from kvmesh.core.grpc_util import wait_serving
+from kvmesh.launch.procs import pid_alive, spawn_module, terminate, wait_ready_file
 
 MODEL = "SmolLM2-135M-Instruct"
 ENGINE_FLAGS = ["--enforce-eager", "--block-size", "32"]

@@ -14,7 +14,7 @@ import numpy as np
 import openai
 import pytest
 
-from kvmesh.models import EMBEDDED_EMBEDDING_MODEL, prepare_embedded_embedding_model
+from kvmesh.models.embedded import EMBEDDED_EMBEDDING_MODEL, prepare_embedded_embedding_model
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
 from .conftest import MODEL, UpProcess

@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from kvmesh.procs import spawn_module, terminate, wait_ready_file
+from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
 
 from .conftest import MODEL, PlainVllm
 

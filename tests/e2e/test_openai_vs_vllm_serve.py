@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kvmesh.procs import terminate
+from kvmesh.launch.procs import terminate
 
 from .conftest import ENGINE_FLAGS, MODEL, UpProcess, free_port
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kvmesh.procs import pid_alive, spawn_module, terminate
+from kvmesh.launch.procs import pid_alive, spawn_module, terminate
 
 from .conftest import ENGINE_FLAGS
 

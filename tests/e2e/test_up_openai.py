@@ -11,7 +11,7 @@ import openai
 import pytest
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
-from kvmesh.procs import pid_alive
+from kvmesh.launch.procs import pid_alive
 
 from .conftest import MODEL, UpProcess
 

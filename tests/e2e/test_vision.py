@@ -22,8 +22,8 @@ import numpy as np
 import openai
 import pytest
 
-from kvmesh.procs import spawn_module, terminate, wait_ready_file
-from kvmesh.tiny_vlm import IMAGE_SEQ_LEN, TINY_VLM, prepare_tiny_vlm
+from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
+from kvmesh.models.tiny_vlm import IMAGE_SEQ_LEN, TINY_VLM, prepare_tiny_vlm
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ class VlmMesh:
         router = self._start("router", "kvmesh.router",
                              ["--port", "0", "--metrics-port", "0"])["grpc"]
         env = {**os.environ, "KVMESH_WORKER_CPU_BIND": "0-1"}
-        self._start("worker", "kvmesh.services",
+        self._start("worker", "kvmesh.worker",
                     ["--no-ray", "--model", str(prepare_tiny_vlm()), "--load-format", "dummy",
                      "--router", router, "--port", "0", "--enforce-eager", "--block-size", "32",
                      "--max-model-len", "2048", "--run-dir", str(work)], env, timeout=600)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.procs import spawn_module, terminate, wait_ready_file
+from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Mesh:
         if register:
             args += ["--router", self.router]
         env = {**os.environ, "KVMESH_WORKER_FAKE_TOKEN_DELAY_S": "0.02"}
-        proc = spawn_module("kvmesh.services", args, self.dir / f"{name}.log", env=env)
+        proc = spawn_module("kvmesh.worker", args, self.dir / f"{name}.log", env=env)
         self.procs[name] = proc
         info = wait_ready_file(ready, 60, proc, name)
         info["pid"] = proc.pid

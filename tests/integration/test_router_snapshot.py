@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 
-from kvmesh.config import RouterConfig, WorkerConfig
+from kvmesh.core.config import RouterConfig, WorkerConfig
 from kvmesh.router import snapshot
 from kvmesh.router.server import RouterServer
-from kvmesh.services.worker import WorkerServer
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from kvmesh.worker.worker import WorkerServer
 
 pytestmark = pytest.mark.integration
 

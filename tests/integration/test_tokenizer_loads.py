@@ -27,7 +27,7 @@ asyncio.run(main())
 def test_concurrent_first_loads_in_a_fresh_process(model_dir: Path) -> None:
     # transformers' lazy imports race when two threads import it first; the gateway
     # meets this whenever a chat and an embedding model come up together.
-    from kvmesh.models import prepare_embedded_embedding_model
+    from kvmesh.models.embedded import prepare_embedded_embedding_model
 
     folders = [str(model_dir), str(prepare_embedded_embedding_model())]
     for _ in range(2):

@@ -1,4 +1,4 @@
-"""`python -m kvmesh.services` runs its worker as a Ray actor by default (fake engine)."""
+"""`python -m kvmesh.worker` runs its worker as a Ray actor by default (fake engine)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvmesh.procs import pid_alive, spawn_module, wait_ready_file
+from kvmesh.launch.procs import pid_alive, spawn_module, wait_ready_file
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 from .conftest import Mesh, start_router
@@ -23,7 +23,7 @@ def test_worker_as_ray_actor_registers_and_stops(tmp_path: Path) -> None:
     router = start_router(mesh)
     ready = tmp_path / "actor.ready"
     proc = spawn_module(
-        "kvmesh.services",
+        "kvmesh.worker",
         ["--engine-kind", "fake", "--port", "0", "--router", router, "--worker-id", "ray-w",
          "--run-dir", str(tmp_path), "--ready-file", str(ready)],
         tmp_path / "actor.log",

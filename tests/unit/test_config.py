@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from kvmesh.config import (
+from kvmesh.core.config import (
     GatewayConfig,
     MeshConfig,
     RouterConfig,
@@ -72,7 +72,7 @@ def test_every_field_is_described(cls: type[BaseModel]) -> None:
 
 
 def test_pd_mesh_roles_and_per_role_engines(tmp_path: Path) -> None:
-    from kvmesh.up import worker_configs
+    from kvmesh.launch.up import worker_configs
 
     f = tmp_path / "pd.yaml"
     f.write_text(

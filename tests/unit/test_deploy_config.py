@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.config import MeshConfig, load_settings
+from kvmesh.core.config import MeshConfig, load_settings
 
 pytestmark = pytest.mark.unit
 

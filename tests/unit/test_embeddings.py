@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvmesh.config import EngineConfig, MeshConfig, WorkerConfig
-from kvmesh.errors import InvalidRequestError
+from kvmesh.core.config import EngineConfig, MeshConfig, WorkerConfig
+from kvmesh.core.errors import InvalidRequestError
 from kvmesh.gateway.embeddings import (
     MAX_INPUTS,
     EmbeddingModelInfo,
@@ -21,8 +21,8 @@ from kvmesh.gateway.embeddings import (
     split_inputs,
 )
 from kvmesh.gateway.schemas import EmbeddingRequest
-from kvmesh.services.engine_args import engine_kwargs
-from kvmesh.up import embedding_worker_configs, worker_configs
+from kvmesh.launch.up import embedding_worker_configs, worker_configs
+from kvmesh.worker.engine_args import engine_kwargs
 
 pytestmark = pytest.mark.unit
 

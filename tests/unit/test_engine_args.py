@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.config import EngineConfig, WorkerConfig
-from kvmesh.services.engine_args import (
+from kvmesh.core.config import EngineConfig, WorkerConfig
+from kvmesh.worker.engine_args import (
     cpu_binding,
     engine_env,
     engine_kwargs,
@@ -59,8 +59,8 @@ def test_parse_cores() -> None:
 
 
 def test_roles_map_to_kv_transfer_config() -> None:
-    from kvmesh.config import KvTransferConfig
-    from kvmesh.services.engine_args import kv_transfer_config, nixl_side_channel
+    from kvmesh.core.config import KvTransferConfig
+    from kvmesh.worker.engine_args import kv_transfer_config, nixl_side_channel
 
     assert kv_transfer_config(WorkerConfig()) is None
     assert "kv_transfer_config" not in engine_kwargs(WorkerConfig(), Path("/m"), "s", "w")
@@ -85,8 +85,8 @@ def test_roles_map_to_kv_transfer_config() -> None:
 
 
 def test_lmcache_connector_config() -> None:
-    from kvmesh.config import KvTransferConfig
-    from kvmesh.services.engine_args import kv_transfer_config, nixl_side_channel
+    from kvmesh.core.config import KvTransferConfig
+    from kvmesh.worker.engine_args import kv_transfer_config, nixl_side_channel
 
     kv = KvTransferConfig(connector="lmcache", buffer_device="cuda",
                           lmcache_config_file="/etc/lmcache.yaml")

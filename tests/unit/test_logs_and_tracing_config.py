@@ -8,10 +8,10 @@ import logging
 import pytest
 
 from kvmesh.cli import build_parser
-from kvmesh.config import MeshConfig, TracingConfig
-from kvmesh.logs import ContextFilter, JsonFormatter, TextFormatter, request_id_var
-from kvmesh.service_main import observability_settings
-from kvmesh.up import with_mesh_observability
+from kvmesh.core.config import MeshConfig, TracingConfig
+from kvmesh.core.logs import ContextFilter, JsonFormatter, TextFormatter, request_id_var
+from kvmesh.core.service_main import observability_settings
+from kvmesh.launch.up import with_mesh_observability
 
 pytestmark = pytest.mark.unit
 

@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from kvmesh.models import (
+from kvmesh.models.embedded import (
     EMBEDDED_CHAT_MODEL,
     EMBEDDED_EMBEDDING_MODEL,
     embedded_embedding_files,

@@ -146,7 +146,7 @@ async def test_without_parsers_text_is_content(tokenizer: ModelTokenizer) -> Non
 def test_a_parser_the_tokenizer_cannot_serve_is_a_clear_error(model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from kvmesh.errors import KvmeshError
+    from kvmesh.core.errors import KvmeshError
 
     plain = AutoTokenizer.from_pretrained(str(model_dir))  # no <think> tokens
     with pytest.raises(KvmeshError, match="reasoning parser 'deepseek_r1' cannot run"):

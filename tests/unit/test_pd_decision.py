@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from kvmesh.errors import NoWorkerAvailableError
+from kvmesh.core.errors import NoWorkerAvailableError
 from kvmesh.router.cost_model import (
     CostParams,
     WorkerLoadInput,

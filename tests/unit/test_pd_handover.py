@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from smg_grpc_proto import vllm_engine_pb2
 
+from kvmesh.bench.pd import Result, _summary, memcpy_gb_s
 from kvmesh.gateway.mesh import MeshClient
 from kvmesh.gateway.pd import (
     PdMetrics,
@@ -15,7 +16,6 @@ from kvmesh.gateway.pd import (
     pd_fallback_reason,
     prefill_request,
 )
-from kvmesh.pd_bench import Result, _summary, memcpy_gb_s
 from kvmesh.v1 import common_pb2
 
 pytestmark = pytest.mark.unit

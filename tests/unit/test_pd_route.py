@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvmesh.config import RouterConfig
+from kvmesh.core.config import RouterConfig
 from kvmesh.router.registry import WorkerState
 from kvmesh.router.servicer import RouterServicer
 from kvmesh.v1 import common_pb2, router_pb2

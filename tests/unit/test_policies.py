@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmesh.errors import NoWorkerAvailableError
+from kvmesh.core.errors import NoWorkerAvailableError
 from kvmesh.router.policies import (
     PowerOfTwoPolicy,
     RoundRobinPolicy,

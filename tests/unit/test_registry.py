@@ -1,6 +1,6 @@
 import pytest
 
-from kvmesh.errors import WorkerNotFoundError
+from kvmesh.core.errors import WorkerNotFoundError
 from kvmesh.router.registry import WorkerRegistry, WorkerState
 
 pytestmark = pytest.mark.unit

@@ -7,7 +7,7 @@ import gc
 
 import pytest
 
-from kvmesh.router_bench import run_router_bench
+from kvmesh.bench.router import run_router_bench
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,6 @@
 import pytest
 
-from kvmesh.routing_oracle import oracle_hit_rate
+from kvmesh.bench.routing.oracle import oracle_hit_rate
 
 pytestmark = pytest.mark.unit
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kvmesh.routing_sim import SimParams, SimWorker, simulate
-from kvmesh.routing_workloads import make_workload
+from kvmesh.bench.routing.sim import SimParams, SimWorker, simulate
+from kvmesh.bench.routing.workloads import make_workload
 
 pytestmark = pytest.mark.unit
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kvmesh.errors import InvalidRequestError
+from kvmesh.core.errors import InvalidRequestError
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from kvmesh.gateway.structured import single_constraint
 from kvmesh.gateway.translate import sampling_params

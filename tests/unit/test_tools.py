@@ -3,7 +3,7 @@ import json
 import jsonschema
 import pytest
 
-from kvmesh.errors import InvalidRequestError
+from kvmesh.core.errors import InvalidRequestError
 from kvmesh.gateway.schemas import ChatCompletionRequest
 from kvmesh.gateway.tools import (
     NamedToolStream,

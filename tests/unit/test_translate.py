@@ -2,7 +2,8 @@ import grpc
 import pytest
 from pydantic import ValidationError
 
-from kvmesh.errors import InvalidRequestError, http_error_for, openai_error_body
+from kvmesh.core.error_map import http_error_for, openai_error_body
+from kvmesh.core.errors import InvalidRequestError
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from kvmesh.gateway.translate import (
     completion_fields_from_proto,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvmesh.errors import InvalidRequestError
+from kvmesh.core.errors import InvalidRequestError
 from kvmesh.gateway.schemas import ChatCompletionRequest
 from kvmesh.gateway.vision import image_bytes, multimodal_inputs, open_image, token_runs
 

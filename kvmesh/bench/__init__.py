@@ -1,0 +1,1 @@
+"""Benchmarks: gateway, P/D, router microbenchmark and routing (simulation, real, oracle)."""

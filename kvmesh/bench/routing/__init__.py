@@ -1,0 +1,1 @@
+"""Routing benchmarks: workloads, virtual-time simulation, real workers, the oracle."""

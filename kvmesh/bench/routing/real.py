@@ -1,0 +1,289 @@
+"""`kvmesh bench routing --mode real`: the same workloads against real vLLM workers.
+
+Starts N kvmesh workers (real vLLM on CPU, one core each on this machine), then, for
+each policy in turn and against the *same* workers with their prefix caches flushed:
+
+- kvmesh policies: a kvmesh router (workers registered by address) + gateway;
+- `smg:<policy>`: the SGLang/Shepherd model gateway (`smg launch`, gRPC mode, from
+  its own venv) in front of the same workers, as the reference.
+
+Requests are the workload's prompts as text (decoded once with the model's tokenizer)
+sent open-loop at their arrival times to `/v1/completions` with streaming usage, so
+every front end sees identical traffic. Per policy: TTFT percentiles, output tokens/s
+and the prefix-cache hit rate vLLM itself reports (`usage.prompt_tokens_details`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+from smg_grpc_proto import vllm_engine_pb2_grpc
+from smg_grpc_proto.generated import common_pb2
+
+from kvmesh.bench.routing.oracle import oracle_hit_rate
+from kvmesh.bench.routing.workloads import SimRequest
+from kvmesh.bench.stats import ttft_summary
+from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _flush(endpoints: list[str]) -> None:
+    for endpoint in endpoints:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            await vllm_engine_pb2_grpc.VllmEngineStub(channel).FlushCache(
+                common_pb2.FlushCacheRequest(), timeout=30)
+
+
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str,
+               max_tokens: int, delay: float) -> dict[str, float]:
+    await asyncio.sleep(delay)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft = 0.0
+    usage: dict[str, Any] = {}
+    async with client.stream("POST", url + "/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text") and not ttft:
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    details = usage.get("prompt_tokens_details") or {}
+    return {"ttft": ttft or time.perf_counter() - start,
+            "prompt": float(usage.get("prompt_tokens", 0)),
+            "cached": float(details.get("cached_tokens", 0) or 0),
+            "completion": float(usage.get("completion_tokens", 0)),
+            "end": time.perf_counter()}
+
+
+async def _drive(url: str, model: str, prompts: list[tuple[float, str, int]],
+                 timeout_s: float) -> tuple[list[dict[str, float]], float]:
+    """Send the workload; per-request results and the run's wall time."""
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*[
+            _one(client, url, model, text, max_tokens, arrival)
+            for arrival, text, max_tokens in prompts
+        ])
+    return list(results), max(r["end"] for r in results) - start
+
+
+ENGINE_COUNTERS = {
+    "vllm:request_success_total": "requests",
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:prefix_cache_hits_total": "hit_tokens",
+}
+
+
+def scrape_counters(url: str) -> dict[str, float]:
+    """Sums of the engine counters in ENGINE_COUNTERS from one Prometheus page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = dict.fromkeys(ENGINE_COUNTERS.values(), 0.0)
+    text = httpx.get(url, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = ENGINE_COUNTERS.get(sample.name)
+            if key is not None:
+                totals[key] += sample.value
+    return totals
+
+
+def counter_deltas(before: list[dict[str, float]],
+                   after: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Per worker, what one run added to each counter."""
+    return [{k: round(a[k] - b.get(k, 0.0), 1) for k in a}
+            for b, a in zip(before, after, strict=True)]
+
+
+def summarize(results: list[dict[str, float]], wall_s: float) -> dict[str, Any]:
+    """Metrics over every request of every repetition of one policy."""
+    prompt_tokens = sum(r["prompt"] for r in results)
+    reported = any(r["cached"] for r in results)
+    return {
+        **ttft_summary(r["ttft"] for r in results),
+        "throughput_tok_s": round(sum(r["completion"] for r in results) / wall_s, 1),
+        "hit_rate": round(sum(r["cached"] for r in results) / prompt_tokens, 4)
+        if prompt_tokens and reported else None,
+        "oracle_hit_rate": None,
+        "requests": len(results),
+    }
+
+
+class RealBench:
+    def __init__(self, model_dir: Path, workers: int, workdir: Path,
+                 smg_binary: str | None, engine_flags: dict[str, Any]) -> None:
+        self.model_dir = model_dir
+        self.n = workers
+        self.dir = workdir
+        self.smg = smg_binary
+        self.engine_flags = engine_flags
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.endpoints: list[str] = []
+        self.metrics: list[str] = []
+        self.model = ""
+
+    def start_workers(self) -> None:
+        from kvmesh.worker.engine_args import cpu_binding
+
+        for i in range(self.n):
+            ready = self.dir / f"w{i}.ready"
+            args = ["--no-ray", "--port", "0", "--metrics-port", "0", "--worker-id", f"w{i}",
+                    "--ready-file",
+                    str(ready), "--run-dir", str(self.dir), "--model", str(self.model_dir),
+                    "--cpu-bind", cpu_binding(i, self.n, os.cpu_count() or 1)]
+            if self.engine_flags.get("enforce_eager"):
+                args.append("--enforce-eager")
+            if self.engine_flags.get("block_size"):
+                args += ["--block-size", str(self.engine_flags["block_size"])]
+            if self.engine_flags.get("num_kv_blocks"):
+                args += ["--num-kv-blocks", str(self.engine_flags["num_kv_blocks"])]
+            self.procs.append(spawn_module("kvmesh.worker", args, self.dir / f"w{i}.log"))
+        for i, proc in enumerate(self.procs):
+            info = wait_ready_file(self.dir / f"w{i}.ready", 900, proc, f"worker {i}")
+            self.endpoints.append(info["endpoint"])
+            self.metrics.append(info["metrics"])
+            self.model = info["model"]
+
+    def engine_counters(self) -> list[dict[str, float]]:
+        """Each worker's cumulative vLLM counters (requests, prompt and cache-hit tokens)."""
+        return [scrape_counters(f"http://{endpoint}/metrics") for endpoint in self.metrics]
+
+    def kvmesh_front(self, spec: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
+        """A kvmesh router + gateway for ``POLICY`` or ``POLICY/N`` (N: the router's
+        ``--max-inflight-per-worker``, requests wait at the router beyond it)."""
+        policy, _, inflight = spec.partition("/")
+        tag = spec.replace("/", "-")
+        for stale in (f"router-{tag}.ready", f"gateway-{tag}.ready"):  # an earlier turn's
+            (self.dir / stale).unlink(missing_ok=True)
+        args = ["--port", "0", "--metrics-port", "0", "--policy", policy,
+                "--ready-file", str(self.dir / f"router-{tag}.ready")]
+        if inflight:
+            args += ["--max-inflight-per-worker", inflight]
+        for endpoint in self.endpoints:
+            args += ["--worker", endpoint]
+        router = spawn_module("kvmesh.router", args, self.dir / f"router-{tag}.log")
+        address = wait_ready_file(self.dir / f"router-{tag}.ready", 60, router)["grpc"]
+        gateway = spawn_module(
+            "kvmesh.gateway",
+            ["--router", address, "--port", "0", "--grpc-port", "0",
+             "--ready-file", str(self.dir / f"gateway-{tag}.ready")],
+            self.dir / f"gateway-{tag}.log")
+        url = wait_ready_file(self.dir / f"gateway-{tag}.ready", 60, gateway)["http"]
+        return url, [gateway, router]
+
+    def smg_front(self, policy: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
+        assert self.smg is not None
+        port = _free_port()
+        log_file = open(self.dir / f"smg-{policy}.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [self.smg, "launch", "--host", "127.0.0.1", "--port", str(port),
+             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port()),
+             "--worker-urls", *[f"grpc://{e}" for e in self.endpoints],
+             "--policy", policy, "--backend", "vllm", "--model-path", str(self.model_dir)],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return f"http://127.0.0.1:{port}/v1", [proc]
+
+    async def wait_ready(self, url: str, procs: list[subprocess.Popen[bytes]]) -> str:
+        """Ready = a completion goes through; returns the model name it answered to."""
+        deadline = time.monotonic() + 180
+        async with httpx.AsyncClient(timeout=30) as client:
+            while time.monotonic() < deadline:
+                if any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"front end at {url} exited; see logs in {self.dir}")
+                try:
+                    models = (await client.get(url + "/models")).json()["data"]
+                    name = models[0]["id"] if models else self.model
+                    reply = await client.post(url + "/completions", json={
+                        "model": name, "prompt": "ready?", "max_tokens": 1})
+                    if reply.status_code == 200:
+                        return str(name)
+                except (httpx.HTTPError, KeyError, ValueError, IndexError):
+                    pass
+                await asyncio.sleep(0.5)
+        raise TimeoutError(f"front end at {url} never served a completion")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            terminate(proc, 30)
+
+
+def run_real(workload: list[SimRequest], policies: list[str], workers: int,
+             model_dir: Path, smg_binary: str | None, engine_flags: dict[str, Any],
+             timeout_s: float = 600, repeat: int = 1) -> dict[str, dict[str, Any]]:
+    """Each policy runs the workload ``repeat`` times, the policies taking turns
+    (A B C A B C ...), so slow drifts of a shared machine hit every policy alike;
+    metrics pool every request of every turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompts = [(r.arrival_s, tok.decode(list(r.prompt)), r.output_tokens) for r in workload]
+    # What the engines see is the text tokenized again: replay exactly those ids.
+    oracle = round(oracle_hit_rate(
+        [tok(text, add_special_tokens=False)["input_ids"] for _, text, _ in prompts],
+        int(engine_flags.get("block_size") or 32)), 4)
+    if not smg_binary:
+        for policy in [p for p in policies if p.startswith("smg:")]:
+            log.warning("skipping %s: no smg binary (pass --smg PATH)", policy)
+        policies = [p for p in policies if not p.startswith("smg:")]
+    raw: dict[str, list[dict[str, float]]] = {p: [] for p in policies}
+    walls = dict.fromkeys(policies, 0.0)
+    engines: dict[str, list[list[dict[str, float]]]] = {p: [] for p in policies}
+    with tempfile.TemporaryDirectory(prefix="kvm-real-") as d:
+        bench = RealBench(model_dir, workers, Path(d), smg_binary, engine_flags)
+        try:
+            bench.start_workers()
+            for turn in range(repeat):
+                for policy in policies:
+                    url, fronts = (bench.smg_front(policy[4:]) if policy.startswith("smg:")
+                                   else bench.kvmesh_front(policy))
+                    try:
+                        model = asyncio.run(bench.wait_ready(url, fronts))
+                        asyncio.run(_flush(bench.endpoints))
+                        log.info("running %s, turn %d/%d (%d requests)", policy, turn + 1,
+                                 repeat, len(prompts))
+                        before = bench.engine_counters()
+                        results, wall = asyncio.run(_drive(url, model, prompts, timeout_s))
+                        per_worker = counter_deltas(before, bench.engine_counters())
+                        (Path(d) / f"requests-{policy.replace('/', '-')}-{turn}.json").write_text(
+                            json.dumps(results))
+                        raw[policy] += results
+                        walls[policy] += wall
+                        engines[policy].append(per_worker)
+                        log.info("%s, turn %d: %s; per worker %s", policy, turn + 1,
+                                 summarize(results, wall), per_worker)
+                    finally:
+                        for proc in fronts:
+                            terminate(proc, 15)
+        finally:
+            bench.stop()
+            kept = Path(tempfile.gettempdir()) / "kvmesh-real-bench-logs"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(d, kept, ignore=shutil.ignore_patterns("*-kv", "*-kvr"))
+    return {policy: {**summarize(raw[policy], walls[policy]), "oracle_hit_rate": oracle,
+                     "turns": repeat, "per_worker_by_turn": engines[policy]}
+            for policy in policies}

@@ -1,0 +1,90 @@
+"""The models the mesh serves, kept current from the router's WatchWorkers stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvmesh.core.errors import ModelNotFoundError
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    created: int
+    max_context_length: int
+    endpoints: list[str] = field(default_factory=list)
+
+
+class ModelCatalog:
+    def __init__(self) -> None:
+        self._models: dict[str, ModelEntry] = {}
+        #: The router's last worker set, and its metrics endpoint (service discovery).
+        self.workers: list[common_pb2.WorkerInfo] = []
+        self.router_metrics_endpoint = ""
+        self.version = -1
+        self.changed = asyncio.Event()
+
+    def apply(self, worker_set: router_pb2.WorkerSet) -> list[str]:
+        """Replace the view with a router snapshot; return newly seen models."""
+        fresh: dict[str, ModelEntry] = {}
+        for w in worker_set.workers:
+            entry = fresh.get(w.model)
+            if entry is None:
+                old = self._models.get(w.model)
+                entry = fresh[w.model] = ModelEntry(
+                    name=w.model,
+                    created=old.created if old else int(time.time()),
+                    max_context_length=w.max_context_length,
+                )
+            entry.endpoints.append(w.endpoint)
+            if w.max_context_length:
+                entry.max_context_length = min(
+                    entry.max_context_length or w.max_context_length, w.max_context_length
+                )
+        new = [m for m in fresh if m not in self._models]
+        self._models = fresh
+        self.workers = list(worker_set.workers)
+        self.router_metrics_endpoint = worker_set.router_metrics_endpoint
+        self.version = worker_set.version
+        self.changed.set()
+        self.changed = asyncio.Event()
+        return new
+
+    def get(self, model: str) -> ModelEntry:
+        entry = self._models.get(model)
+        if entry is None:
+            raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+        return entry
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def all(self) -> list[ModelEntry]:
+        return sorted(self._models.values(), key=lambda e: e.name)
+
+
+async def watch_router(
+    stub: router_pb2_grpc.RouterStub, catalog: ModelCatalog, on_new_model: object
+) -> None:
+    """Follow WatchWorkers forever, reconnecting with backoff."""
+    backoff = 0.2
+    while True:
+        try:
+            async for worker_set in stub.WatchWorkers(router_pb2.WatchWorkersRequest()):
+                backoff = 0.2
+                for model in catalog.apply(worker_set):
+                    log.info("model %s is now served", model)
+                    if callable(on_new_model):
+                        on_new_model(catalog.get(model))
+        except grpc.aio.AioRpcError as exc:
+            log.warning("router watch broken (%s); reconnecting", exc.code().name)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,316 @@
+"""kvmesh.v1.Inference: the gateway's gRPC API, over the same pipeline as HTTP."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import grpc
+from pydantic import BaseModel, ValidationError
+
+from kvmesh.core.error_map import grpc_code_for, http_error_for, http_error_of
+from kvmesh.core.errors import AuthenticationError, InvalidRequestError, KvmeshError
+from kvmesh.core.logs import request_id_var
+from kvmesh.core.tracing import current_trace_id
+from kvmesh.gateway.chat import ChatPlan, collect_chat, stream_chat
+from kvmesh.gateway.core import GatewayCore, new_request_id
+from kvmesh.gateway.logprobs import TokenLogprob
+from kvmesh.gateway.pipeline import Finished, echo_texts, run_prompts
+from kvmesh.gateway.request_log import RequestRecord
+from kvmesh.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DeltaToolCall,
+    EmbeddingRequest,
+    Usage,
+)
+from kvmesh.gateway.tokenizers import ModelTokenizer
+from kvmesh.gateway.translate import (
+    GenerationSpec,
+    chat_fields_from_proto,
+    completion_fields_from_proto,
+)
+from kvmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validated(cls: type[M], fields: dict[str, object]) -> M:
+    try:
+        return cls.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidRequestError(f"{param}: {first.get('msg')}", param=param) from exc
+
+
+@dataclass
+class Prepared:
+    """A validated, tokenized request, ready to generate."""
+
+    specs: list[GenerationSpec]
+    tokenizer: ModelTokenizer
+    stream: bool
+    plan: ChatPlan | None = None  # chat only
+    echoes: list[str] = field(default_factory=list)  # completions: echo text per prompt
+    logprobs: int | None = None  # completions: alternatives per token, when requested
+
+
+def _bearer(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
+
+
+def _usage(u: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens,
+        cached_tokens=(u.prompt_tokens_details or {}).get("cached_tokens", 0),
+    )
+
+
+def _tool_call_delta(d: DeltaToolCall) -> inference_pb2.ToolCall:
+    fn = d.function
+    return inference_pb2.ToolCall(
+        index=d.index, id=d.id or "", name=(fn.name if fn else None) or "",
+        arguments=(fn.arguments if fn else None) or "")
+
+
+def _logprobs(
+    items: list[TokenLogprob], top: int | None, tokenizer: ModelTokenizer
+) -> list[inference_pb2.TokenLogprob]:
+    if top is None:
+        return []
+    return [
+        inference_pb2.TokenLogprob(
+            token_id=item.token_id, token=tokenizer.token_text(item.token_id),
+            logprob=item.logprob,  # None (unset) for an echoed prompt's first token
+            top_logprobs=[
+                inference_pb2.TopLogprob(token_id=tid, token=tokenizer.token_text(tid),
+                                         logprob=lp)
+                for tid, lp in sorted(item.top, key=lambda t: -t[1])[:top]
+            ],
+        )
+        for item in items
+    ]
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, core: GatewayCore) -> None:
+        self._core = core
+
+    async def _counted(
+        self, method: str, model: str, client_id: str, prefix: str,
+        prepare: Callable[[], Awaitable[Prepared]], context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        """Metrics for one RPC: requests by gRPC status, errors by type, token timings."""
+        metrics = self._core.metrics
+        started = time.perf_counter()
+        endpoint = f"grpc:{method}"
+        status = grpc.StatusCode.OK
+        record = RequestRecord(client_id or new_request_id(prefix), started,
+                               trace_id=current_trace_id(), endpoint=endpoint, model=model)
+        request_id_var.set(record.request_id)
+        slot = None
+        try:
+            bearer = _bearer(context)
+            try:
+                key = self._core.admission.authenticate(bearer)
+            except AuthenticationError:
+                metrics.auth_failure("missing_key" if bearer is None else "invalid_key")
+                raise
+            prepared = await prepare()
+            slot = self._core.admission.admit(key, prepared.stream)
+            async for item in self._generate(prepared, record.request_id, prefix, endpoint,
+                                             started, record):
+                yield item
+        except KvmeshError as exc:
+            status = grpc_code_for(exc)
+            metrics.errors.labels(http_error_of(exc).openai_type).inc()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            status = exc.code()
+            metrics.errors.labels(http_error_for(status).openai_type).inc()
+            raise
+        finally:
+            if slot is not None:
+                slot.release()
+            metrics.requests.labels(metrics.model_label(model), endpoint, status.name).inc()
+            record.status = status.name
+            record.done()
+
+    async def Chat(
+        self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        async for item in self._counted(
+            "Chat", request.model, request.request_id, "chatcmpl",
+            lambda: self._prepare_chat(request), context,
+        ):
+            yield item
+
+    async def Complete(
+        self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        async for item in self._counted(
+            "Complete", request.model, request.request_id, "cmpl",
+            lambda: self._prepare_completion(request), context,
+        ):
+            yield item
+
+    async def _prepare_chat(self, request: inference_pb2.ChatRequest) -> Prepared:
+        req = _validated(ChatCompletionRequest, chat_fields_from_proto(request))
+        assert isinstance(req, ChatCompletionRequest)
+        spec, tokenizer, plan = await self._core.prepare_chat(req)
+        return Prepared([spec], tokenizer, req.stream, plan=plan)
+
+    async def _prepare_completion(self, request: inference_pb2.CompletionRequest) -> Prepared:
+        req = _validated(CompletionRequest, completion_fields_from_proto(request))
+        assert isinstance(req, CompletionRequest)
+        specs, tokenizer = await self._core.prepare_completion(req)
+        echoes = echo_texts(specs, tokenizer) if req.echo else [""] * len(specs)
+        return Prepared(specs, tokenizer, req.stream, echoes=echoes, logprobs=req.logprobs)
+
+    async def _generate(
+        self, prepared: Prepared, client_id: str, prefix: str, endpoint: str, started: float,
+        record: RequestRecord,
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        spec, tokenizer, plan = prepared.specs[0], prepared.tokenizer, prepared.plan
+        rid = client_id or new_request_id(prefix)
+        created = int(time.time())
+        events = self._core.metrics.observe_generation(
+            run_prompts(self._core.mesh, tokenizer, prepared.specs, rid), spec.model, endpoint,
+            started, record)
+        top = plan.top_logprobs if plan is not None else prepared.logprobs
+
+        def response(choices: list[inference_pb2.GenerationChoice],
+                     usage: common_pb2.Usage | None = None) -> inference_pb2.GenerationResponse:
+            return inference_pb2.GenerationResponse(
+                id=rid, model=spec.model, created=created, choices=choices, usage=usage)
+
+        if plan is not None and not prepared.stream:
+            results, final = await collect_chat(events, plan, tokenizer, spec.n)
+            yield response([
+                inference_pb2.GenerationChoice(
+                    index=r.index, text=r.content or "", reasoning=r.reasoning or "",
+                    finish_reason=r.finish_reason or "",
+                    tool_calls=[inference_pb2.ToolCall(
+                        index=i, id=c.id, name=c.function.name, arguments=c.function.arguments)
+                        for i, c in enumerate(r.tool_calls)],
+                    logprobs=_logprobs(r.logprobs, top, tokenizer),
+                )
+                for r in results
+            ], _usage(final))
+            return
+        if plan is not None:
+            async for chat_event in stream_chat(events, plan, tokenizer, spec.n):
+                if isinstance(chat_event, Finished):
+                    yield response([], _usage(chat_event.usage))
+                    continue
+                yield response([inference_pb2.GenerationChoice(
+                    index=chat_event.index, text=chat_event.content or "",
+                    reasoning=chat_event.reasoning or "",
+                    finish_reason=chat_event.finish_reason or "",
+                    tool_calls=[_tool_call_delta(d) for d in chat_event.tool_calls],
+                    logprobs=_logprobs(chat_event.logprobs, top, tokenizer),
+                )])
+            return
+        # Prompt i's choice j is choice i*n+j.
+        choices = [inference_pb2.GenerationChoice(index=i, text=prepared.echoes[i // spec.n])
+                   for i in range(spec.n * len(prepared.specs))]
+        echoed: set[int] = set()
+        async for event in events:
+            if isinstance(event, Finished):
+                yield response([] if prepared.stream else choices, _usage(event.usage))
+            elif prepared.stream:
+                text = event.text
+                echo = prepared.echoes[event.index // spec.n]
+                if echo and event.index not in echoed:
+                    echoed.add(event.index)
+                    text = echo + text
+                yield response([inference_pb2.GenerationChoice(
+                    index=event.index, text=text, token_ids=event.token_ids,
+                    finish_reason=event.finish_reason or "",
+                    logprobs=_logprobs([*event.prompt_logprobs, *event.logprobs], top,
+                                       tokenizer),
+                )])
+            else:
+                choice = choices[event.index]
+                choice.text += event.text
+                choice.token_ids.extend(event.token_ids)
+                choice.logprobs.extend(_logprobs([*event.prompt_logprobs, *event.logprobs],
+                                                 top, tokenizer))
+                if event.finish_reason:
+                    choice.finish_reason = event.finish_reason
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        return inference_pb2.ListModelsResponse(
+            models=[
+                inference_pb2.ModelCard(
+                    id=e.name, owned_by="kvmesh", created=e.created,
+                    max_model_len=e.max_context_length,
+                )
+                for e in self._core.catalog.all()
+            ]
+        )
+
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedResponse:
+        metrics = self._core.metrics
+        status = grpc.StatusCode.OK
+        try:
+            bearer = _bearer(context)
+            try:
+                self._core.admission.authenticate(bearer)
+            except AuthenticationError:
+                metrics.auth_failure("missing_key" if bearer is None else "invalid_key")
+                raise
+            return await self._embed(request)
+        except KvmeshError as exc:
+            status = grpc_code_for(exc)
+            metrics.errors.labels(http_error_of(exc).openai_type).inc()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            status = exc.code()
+            metrics.errors.labels(http_error_for(status).openai_type).inc()
+            raise
+        finally:
+            metrics.requests.labels(
+                metrics.model_label(request.model), "grpc:Embed", status.name).inc()
+
+    async def _embed(self, request: inference_pb2.EmbedRequest) -> inference_pb2.EmbedResponse:
+        inputs: list[object] = []
+        for item in request.inputs:
+            which = item.WhichOneof("input")
+            if which is None:
+                raise InvalidRequestError("every input needs text or token_ids", param="inputs")
+            inputs.append(item.text if which == "text" else list(item.token_ids.ids))
+        if not inputs:
+            raise InvalidRequestError("inputs must not be empty", param="inputs")
+        if all(isinstance(i, str) for i in inputs) or all(isinstance(i, list) for i in inputs):
+            value: object = inputs
+        else:
+            raise InvalidRequestError("inputs mix texts and token ids", param="inputs")
+        fields: dict[str, object] = {"model": request.model, "input": value}
+        if request.HasField("dimensions"):
+            fields["dimensions"] = request.dimensions
+        req = _validated(EmbeddingRequest, fields)
+        assert isinstance(req, EmbeddingRequest)
+        rid = request.request_id or new_request_id("embd")
+        result = await self._core.embed(req, rid)
+        return inference_pb2.EmbedResponse(
+            id=rid, model=req.model, created=int(time.time()),
+            data=[
+                inference_pb2.Embedding(index=i, values=v.tolist())
+                for i, v in enumerate(result.vectors)
+            ],
+            usage=common_pb2.Usage(
+                prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens
+            ),
+        )

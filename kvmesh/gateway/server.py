@@ -1,0 +1,90 @@
+"""The gateway process: uvicorn (OpenAI HTTP) and grpc.aio (Inference) on one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import grpc
+import uvicorn
+
+from kvmesh.core import tracing
+from kvmesh.core.config import GatewayConfig
+from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.core.service_main import write_ready_file
+from kvmesh.gateway.core import GatewayCore
+from kvmesh.gateway.grpc_api import InferenceServicer
+from kvmesh.gateway.http_app import create_app
+from kvmesh.v1 import inference_pb2, inference_pb2_grpc
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the gateway's own loop: the service handles SIGINT/SIGTERM (one
+    ordered stop of HTTP, gRPC and the core), so uvicorn must not take them over."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+class GatewayServer:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.core = GatewayCore(config)
+        self._grpc: grpc.aio.Server | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self.http_port = 0
+        self.grpc_port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.config.host}:{self.http_port}/v1"
+
+    async def start(self) -> dict[str, str]:
+        await self.core.start()
+        server = create_server()
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core), server)
+        health = add_health_and_reflection(server, [SERVICE_NAME])
+        self.grpc_port = bind(server, self.config.host, self.config.grpc_port)
+        await server.start()
+        await set_serving(health, [SERVICE_NAME])
+        self._grpc = server
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.host, self.config.port))
+        self.http_port = sock.getsockname()[1]
+        self.core.http_address = f"{self.config.host}:{self.http_port}"
+        app = create_app(self.core)
+        tracing.instrument_fastapi(app)
+        http = _EmbeddedServer(
+            uvicorn.Config(app, log_level="warning", lifespan="off",
+                           timeout_graceful_shutdown=3)
+        )
+        self._http = http
+        self._http_task = asyncio.create_task(http.serve(sockets=[sock]))
+        while not http.started:
+            if self._http_task.done():
+                self._http_task.result()
+            await asyncio.sleep(0.01)
+        info = {"http": self.base_url, "grpc": f"{self.config.host}:{self.grpc_port}"}
+        write_ready_file(self.config.ready_file, info)
+        log.info("gateway serving OpenAI at %s, Inference gRPC at %s", info["http"], info["grpc"])
+        return info
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+        if self._http_task is not None:
+            with contextlib.suppress(Exception):
+                await self._http_task
+        if self._grpc is not None:
+            await self._grpc.stop(grace=2.0)
+        await self.core.stop()

@@ -1,0 +1,1 @@
+"""The launcher: start, inspect and stop a mesh on one machine (`kvmesh up`, `kvmesh status`)."""

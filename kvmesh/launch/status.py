@@ -1,0 +1,65 @@
+"""`kvmesh status`: the router's view of the mesh, as tables (workers, then models)."""
+
+from __future__ import annotations
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+_ROLE = {v: k.removeprefix("WORKER_ROLE_").lower()
+         for k, v in common_pb2.WorkerRole.items()}
+
+
+def worker_table(reply: router_pb2.ListWorkersResponse) -> Table:
+    table = Table(title=f"kvmesh workers (policy: {reply.policy})")
+    for column in ("worker", "model", "adapters", "role", "running", "waiting", "in flight",
+                   "KV usage", "cache hit rate", "block", "indexed", "metrics", "seen"):
+        table.add_column(column)
+    for s in reply.workers:
+        w, load = s.worker, s.load
+        table.add_row(
+            w.worker_id, w.model, ", ".join(w.adapters) or "-", _ROLE.get(w.role, "?"),
+            str(load.num_running), str(load.num_waiting), str(load.in_flight),
+            f"{load.kv_usage:.1%}", f"{load.cache_hit_rate:.1%}", str(w.block_size),
+            str(s.indexed_blocks), w.metrics_endpoint or "-", f"{s.last_seen_age_s:.1f}s ago",
+        )
+    return table
+
+
+def model_table(reply: router_pb2.ListWorkersResponse) -> Table:
+    """Per model: workers, adapters across them, summed load, mean cache hit rate."""
+    table = Table(title="models")
+    for column in ("model", "workers", "adapters", "running", "waiting", "in flight",
+                   "cache hit rate"):
+        table.add_column(column)
+    by_model: dict[str, list[router_pb2.WorkerStatus]] = {}
+    for s in reply.workers:
+        by_model.setdefault(s.worker.model, []).append(s)
+    for model, statuses in sorted(by_model.items()):
+        adapters = sorted({a for s in statuses for a in s.worker.adapters})
+        hit_rate = sum(s.load.cache_hit_rate for s in statuses) / len(statuses)
+        table.add_row(
+            model, str(len(statuses)), ", ".join(adapters) or "-",
+            str(sum(s.load.num_running for s in statuses)),
+            str(sum(s.load.num_waiting for s in statuses)),
+            str(sum(s.load.in_flight for s in statuses)), f"{hit_rate:.1%}",
+        )
+    return table
+
+
+async def print_status(router: str, console: Console | None = None) -> int:
+    console = console or Console()
+    async with insecure_channel(router) as channel:
+        try:
+            reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
+                router_pb2.ListWorkersRequest(), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            console.print(f"[red]router {router} unreachable:[/] {exc.details()}")
+            return 1
+    console.print(worker_table(reply))
+    console.print(model_table(reply))
+    return 0

@@ -1,0 +1,262 @@
+"""`kvmesh up`: router + N worker actors (local Ray) + gateway on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kvmesh.core.config import MeshConfig, dump_settings
+from kvmesh.core.service_main import write_ready_file
+from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
+from kvmesh.models.source import LocalModelSource
+
+log = logging.getLogger(__name__)
+
+
+def with_mesh_observability(config: MeshConfig) -> MeshConfig:
+    """The mesh-wide tracing/logging settings, copied into every service's config."""
+    shared = {k: v for k, v in (("tracing", config.tracing), ("logging", config.logging))
+              if v is not None}
+    if not shared:
+        return config
+    return config.model_copy(update={
+        "router": config.router.model_copy(update=shared),
+        "gateway": config.gateway.model_copy(update=shared),
+        "worker": config.worker.model_copy(update=shared),
+    })
+
+
+def worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[Any]:
+    """One WorkerConfig per chat worker (both, then prefill, then decode workers): disjoint
+    CPU cores, the role's engine settings, the shared template otherwise."""
+    from kvmesh.worker.engine_args import cpu_binding
+
+    roles = config.worker_roles()
+    ncpus = os.cpu_count() or 1
+    share = _cpu_share(config, ncpus)
+    configs = []
+    for i, (role, engine) in enumerate(roles):
+        update: dict[str, Any] = {
+            "router": router,
+            "run_dir": run_dir,
+            "worker_id": config.worker.worker_id and f"{config.worker.worker_id}-{i}",
+            "num_cpus": min(config.worker.num_cpus, share),
+            "role": role,
+            "engine": engine,
+        }
+        if config.worker.cpu_bind is None:
+            update["cpu_bind"] = cpu_binding(i, len(roles), ncpus)
+        configs.append(config.worker.model_copy(update=update))
+    return configs
+
+
+def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[Any]:
+    """Embedding workers: the worker template with the embedding model, pooling runner.
+
+    An embedding forward pass is short and bursty, so these workers share every core
+    with the chat workers instead of taking cores of their own.
+    """
+    from kvmesh.worker.engine_args import cpu_binding
+
+    ncpus = os.cpu_count() or 1
+    share = _cpu_share(config, ncpus)
+    emb = config.embeddings
+    engine = config.worker.engine.model_copy(update={
+        "model": emb.model,
+        "served_model_name": None,
+        "runner": "pooling",
+        "max_model_len": emb.max_model_len,
+        # Encoder-only models (BERT) have no KV cache to reuse; vLLM's scheduler
+        # refuses to start them with prefix caching on.
+        "enable_prefix_caching": False,
+        "load_format": "auto",
+    })
+    configs = []
+    for i in range(emb.workers):
+        update: dict[str, Any] = {
+            "router": router,
+            "run_dir": run_dir,
+            "worker_id": config.worker.worker_id and f"{config.worker.worker_id}-emb-{i}",
+            "num_cpus": min(config.worker.num_cpus, share),
+            "engine": engine,
+            "role": "both",
+        }
+        if config.worker.cpu_bind is None:
+            update["cpu_bind"] = cpu_binding(0, 1, ncpus)
+        configs.append(config.worker.model_copy(update=update))
+    return configs
+
+
+def _cpu_share(config: MeshConfig, ncpus: int) -> float:
+    """Ray CPUs per worker actor: fractional when workers outnumber cores, so every
+    actor (chat and embedding) can be scheduled."""
+    return ncpus / (len(config.worker_roles()) + config.embeddings.workers)
+
+
+class LocalMesh:
+    def __init__(self, config: MeshConfig, run_dir: Path | None = None,
+                 verbose: bool = False) -> None:
+        self.config = config
+        self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="kvmesh-up-"))
+        self.verbose = verbose
+        self._router: subprocess.Popen[bytes] | None = None
+        self._gateway: subprocess.Popen[bytes] | None = None
+        self._actors: list[Any] = []
+        self.state: dict[str, Any] = {}
+
+    async def start(self) -> dict[str, Any]:
+        started = time.monotonic()
+        cfg = with_mesh_observability(self.config)
+        model_path = await asyncio.to_thread(LocalModelSource().resolve, cfg.worker.engine.model)
+        log.info("model ready at %s", model_path)
+        if cfg.embeddings.workers:
+            embedding_path = await asyncio.to_thread(
+                LocalModelSource().resolve, cfg.embeddings.model)
+            log.info("embedding model ready at %s", embedding_path)
+
+        router_cfg = cfg.router
+        for port_field in ("port", "metrics_port"):
+            if port_field not in router_cfg.model_fields_set:
+                router_cfg = router_cfg.model_copy(update={port_field: 0})
+        ready = self.run_dir / "router.ready"
+        self._router = spawn_module(
+            "kvmesh.router",
+            ["--config", str(dump_settings(router_cfg, self.run_dir / "router.json")),
+             "--ready-file", str(ready)],
+            self.run_dir / "router.log",
+        )
+        router_ready = await asyncio.to_thread(wait_ready_file, ready, 60, self._router, "router")
+        router = router_ready["grpc"]
+        log.info("router up at %s", router)
+
+        from kvmesh.worker.actor import init_ray, spawn_worker_actor
+
+        await asyncio.to_thread(init_ray, cfg.ray_address, None, self.verbose)
+        configs = worker_configs(cfg, router, self.run_dir)
+        embedding_configs = embedding_worker_configs(cfg, router, self.run_dir)
+        self._actors = [spawn_worker_actor(c) for c in configs + embedding_configs]
+        log.info("starting %d worker(s) and %d embedding worker(s) (first start compiles; "
+                 "see %s)", len(configs), len(embedding_configs), self.run_dir)
+        started_workers = await asyncio.wait_for(
+            asyncio.gather(*[a.start.remote() for a in self._actors]),
+            timeout=cfg.startup_timeout_s,
+        )
+        workers = started_workers[: len(configs)]
+        embedding_workers = started_workers[len(configs):]
+
+        gateway_cfg = cfg.gateway
+        if "grpc_port" not in gateway_cfg.model_fields_set:
+            gateway_cfg = gateway_cfg.model_copy(update={"grpc_port": 0})
+        gateway_cfg = gateway_cfg.model_copy(
+            update={"router": router, "ready_file": self.run_dir / "gateway.ready"}
+        )
+        self._gateway = spawn_module(
+            "kvmesh.gateway",
+            ["--config", str(dump_settings(gateway_cfg, self.run_dir / "gateway.json"))],
+            self.run_dir / "gateway.log",
+        )
+        gateway = await asyncio.to_thread(
+            wait_ready_file, self.run_dir / "gateway.ready", 120, self._gateway, "gateway"
+        )
+        await self._wait_models(gateway["http"], {w["model"] for w in started_workers})
+        self.state = {
+            "http": gateway["http"],
+            "grpc": gateway["grpc"],
+            "router": router,
+            "router_metrics": router_ready.get("metrics", ""),
+            "workers": workers,
+            "embedding_workers": embedding_workers,
+            "pids": {
+                "router": self._router.pid,
+                "gateway": self._gateway.pid,
+                "workers": [w["pid"] for w in started_workers],
+            },
+            "run_dir": str(self.run_dir),
+            "startup_s": round(time.monotonic() - started, 1),
+        }
+        return self.state
+
+    async def _wait_models(self, base_url: str, models: set[str]) -> None:
+        """Ready means the gateway can tokenize for every model (GET /health)."""
+        deadline = time.monotonic() + 120
+        async with httpx.AsyncClient(timeout=5) as client:
+            while time.monotonic() < deadline:
+                try:
+                    reply = await client.get(base_url.removesuffix("/v1") + "/health")
+                    if reply.status_code == 200 and models <= set(reply.json()["models"]):
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"gateway never served {sorted(models)}")
+
+    async def stop(self) -> None:
+        if self._gateway is not None:
+            await asyncio.to_thread(terminate, self._gateway)
+        if self._actors:
+            import ray
+
+            for actor in self._actors:
+                try:
+                    await asyncio.wait_for(actor.stop.remote(), timeout=30)
+                except Exception as exc:  # a dead actor must not block shutdown
+                    log.warning("worker stop failed: %s", exc)
+                ray.kill(actor)
+            self._actors = []
+        if self.config.ray_address is None:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        if self._router is not None:
+            await asyncio.to_thread(terminate, self._router)
+
+
+async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> None:
+    """Start the mesh, print where to send requests, run until Ctrl-C / SIGTERM."""
+    import signal
+
+    from rich.console import Console
+
+    console = Console(stderr=False)
+    mesh = LocalMesh(config, verbose=verbose)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        start = asyncio.ensure_future(mesh.start())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            start.cancel()
+            return
+        state = start.result()
+        stopper.cancel()
+        write_ready_file(state_file, state)
+        console.print(
+            f"[bold green]kvmesh is up[/] in {state['startup_s']}s — "
+            f"{len(state['workers'])} worker(s) serving "
+            f"{', '.join(sorted({w['model'] for w in state['workers']}))}"
+            + "".join(f", {len(state['embedding_workers'])} embedding worker(s) serving {m}"
+                      for m in sorted({w['model'] for w in state['embedding_workers']}))
+            + "\n"
+            f"  OpenAI API:     [bold]{state['http']}[/]\n"
+            f"  gRPC Inference: {state['grpc']}\n"
+            f"  router:         {state['router']}\n"
+            f"  logs:           {state['run_dir']}\n"
+            "Press Ctrl-C to stop."
+        )
+        await stop.wait()
+        console.print("stopping kvmesh ...")
+    finally:
+        await mesh.stop()
+    console.print("kvmesh stopped.")

@@ -1,0 +1,1 @@
+"""Models: where weights come from (sources) and the embedded models kvmesh prepares."""

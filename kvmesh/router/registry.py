@@ -1,0 +1,164 @@
+"""The worker registry: who serves what, whether they are alive, how loaded.
+
+Pure bookkeeping (no grpc): the servicer feeds it registrations, heartbeats, probe
+results and routed/finished requests; policies read :class:`WorkerState` from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from kvmesh.core.errors import WorkerNotFoundError
+
+
+@dataclass
+class WorkerLoadView:
+    """Load as last reported by the worker, plus the router's own accounting."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    reported_at: float = 0.0
+    waiting_uncached_tokens: int = 0
+    # Prefix-cache hit rate in [0, 1] as the engine reports it; None until it does.
+    cache_hit_rate: float | None = None
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    endpoint: str
+    model: str
+    role: str = "both"
+    adapters: tuple[str, ...] = ()
+    block_size: int = 0
+    max_context_length: int = 0
+    kv_capacity_tokens: int = 0
+    metrics_endpoint: str = ""
+    nixl_side_channel: str = ""
+    kv_connector: str = ""
+    dp_rank: int = -1
+    self_registered: bool = True
+    last_seen: float = 0.0
+    load: WorkerLoadView = field(default_factory=WorkerLoadView)
+    in_flight: set[str] = field(default_factory=set)
+    # Prompt tokens the router sent since the worker's last load report (not in it yet).
+    unreported_prefill_tokens: int = 0
+
+    @property
+    def active(self) -> int:
+        """Requests believed to be on the worker: the larger of what we routed and
+        what it reports (a plain vLLM worker may also take traffic from elsewhere)."""
+        return max(len(self.in_flight), self.load.num_running + self.load.num_waiting)
+
+
+class WorkerRegistry:
+    """Registered workers, keyed by id; changes bump :attr:`version`."""
+
+    def __init__(self, lease_ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._workers: dict[str, WorkerState] = {}
+        self._lease_ttl_s = lease_ttl_s
+        self._clock = clock
+        self.version = 0
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def upsert(self, worker: WorkerState) -> WorkerState:
+        """Add or replace a worker; keeps in-flight accounting across re-registration."""
+        old = self._workers.get(worker.worker_id)
+        if old is not None:
+            worker.in_flight = old.in_flight
+            worker.load = old.load
+        worker.last_seen = self._clock()
+        self._workers[worker.worker_id] = worker
+        self.version += 1
+        return worker
+
+    def remove(self, worker_id: str) -> bool:
+        removed = self._workers.pop(worker_id, None) is not None
+        if removed:
+            self.version += 1
+        return removed
+
+    def get(self, worker_id: str) -> WorkerState:
+        try:
+            return self._workers[worker_id]
+        except KeyError:
+            raise WorkerNotFoundError(f"unknown worker {worker_id!r}") from None
+
+    def touch(self, worker_id: str) -> bool:
+        """Record a sign of life; False when the worker is unknown."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.last_seen = self._clock()
+        return True
+
+    def report_load(
+        self, worker_id: str, num_running: int, num_waiting: int, kv_usage: float,
+        waiting_uncached_tokens: int = 0, cache_hit_rate: float | None = None,
+    ) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return
+        now = self._clock()
+        if cache_hit_rate is None:  # not in every report: keep the last one
+            cache_hit_rate = worker.load.cache_hit_rate
+        worker.load = WorkerLoadView(
+            num_running, num_waiting, kv_usage, now, waiting_uncached_tokens, cache_hit_rate)
+        worker.unreported_prefill_tokens = 0
+        worker.last_seen = now
+
+    def expire(self) -> list[str]:
+        """Remove workers not seen within the lease; return their ids."""
+        cutoff = self._clock() - self._lease_ttl_s
+        dead = [wid for wid, w in self._workers.items() if w.last_seen < cutoff]
+        for wid in dead:
+            self.remove(wid)
+        return dead
+
+    def routed(self, worker_id: str, request_id: str, uncached_tokens: int = 0) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.in_flight.add(request_id)
+            worker.unreported_prefill_tokens += uncached_tokens
+
+    def finished(self, worker_id: str, request_id: str) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.in_flight.discard(request_id)
+
+    def all(self) -> list[WorkerState]:
+        return list(self._workers.values())
+
+    def state_of(self, worker: WorkerState, fresh_s: float) -> str:
+        """``ready`` when seen within ``fresh_s``, else ``stale`` (lease not yet expired)."""
+        return "ready" if self._clock() - worker.last_seen <= fresh_s else "stale"
+
+    def candidates(
+        self, model: str, adapter: str = "", exclude: Iterable[str] = (),
+        roles: Iterable[str] = ("both", "decode"),
+    ) -> list[WorkerState]:
+        """Workers of ``roles`` serving ``model`` (and ``adapter``), in id order.
+
+        The default roles are the ones that can run a whole request (a decode worker
+        prefills locally when it gets no KV)."""
+        excluded = set(exclude)
+        wanted = set(roles)
+        return sorted(
+            (
+                w
+                for w in self._workers.values()
+                if w.model == model
+                and w.role in wanted
+                and (not adapter or adapter in w.adapters)
+                and w.worker_id not in excluded
+            ),
+            key=lambda w: w.worker_id,
+        )
+
+    def models(self) -> list[str]:
+        return sorted({w.model for w in self._workers.values()})

@@ -1,0 +1,1 @@
+"""kvmesh worker service: a Ray actor hosting vLLM behind the VllmEngine contract."""

@@ -1,0 +1,82 @@
+"""Workers as Ray actors: one actor per engine, with fractional CPU/GPU resources."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from kvmesh.core.config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+def ray_env() -> dict[str, str]:
+    """Environment for a local, loopback-only, no-telemetry Ray."""
+    return {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True
+) -> None:
+    """Join ``address`` or start a local Ray bound to 127.0.0.1 (idempotent)."""
+    os.environ.update(ray_env())
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+            log_to_driver=log_to_driver,
+        )
+
+
+class WorkerActor:
+    """Hosts a :class:`~kvmesh.worker.worker.WorkerServer` on the actor's event loop."""
+
+    def __init__(self, config_json: str) -> None:
+        from kvmesh.core.logs import setup_logging
+        from kvmesh.core.tracing import setup_tracing
+
+        self._config = WorkerConfig.model_validate_json(config_json)
+        setup_logging("worker", json_format=self._config.logging.json_format)
+        setup_tracing(self._config.tracing, "worker")
+        self._worker: Any = None
+
+    async def start(self) -> dict[str, Any]:
+        from kvmesh.worker.worker import WorkerServer
+
+        self._worker = WorkerServer(self._config)
+        info = await self._worker.start()
+        info["pid"] = os.getpid()
+        return info
+
+    async def stop(self) -> bool:
+        from kvmesh.core.tracing import shutdown_tracing
+
+        if self._worker is not None:
+            await self._worker.stop()
+            self._worker = None
+        shutdown_tracing()
+        return True
+
+
+def spawn_worker_actor(config: WorkerConfig, name: str | None = None) -> Any:
+    """Create (not start) a worker actor; call ``.start.remote()`` on the handle."""
+    import ray
+
+    cls = ray.remote(WorkerActor)
+    options: dict[str, Any] = {
+        "num_cpus": config.num_cpus,
+        "num_gpus": config.num_gpus,
+        "max_concurrency": 1000,
+        "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", **ray_env()}},
+    }
+    if name:
+        options["name"] = name
+    return cls.options(**options).remote(config.model_dump_json())

@@ -1,0 +1,71 @@
+"""Keeps a worker registered with the router: register, heartbeat, re-register."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+RPC_TIMEOUT_S = 10.0
+
+
+class Registration:
+    def __init__(self, router: str, info: common_pb2.WorkerInfo) -> None:
+        self._router = router
+        self._info = info
+        self._channel = insecure_channel(router)
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._task: asyncio.Task[None] | None = None
+        self.registered = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _register(self) -> float:
+        reply = await self._stub.RegisterWorker(
+            router_pb2.RegisterWorkerRequest(worker=self._info), timeout=RPC_TIMEOUT_S
+        )
+        log.info("registered with router %s as %s", self._router, reply.worker.worker_id)
+        self.registered.set()
+        return reply.heartbeat_interval_s
+
+    async def _run(self) -> None:
+        interval = 1.0
+        known = False
+        while True:
+            try:
+                if not known:
+                    interval = await self._register()
+                    known = True
+                else:
+                    reply = await self._stub.Heartbeat(
+                        router_pb2.HeartbeatRequest(worker_id=self._info.worker_id),
+                        timeout=RPC_TIMEOUT_S,
+                    )
+                    if not reply.known:
+                        log.warning("router %s forgot this worker; registering again",
+                                    self._router)
+                        known = False
+                        continue
+            except grpc.aio.AioRpcError as exc:
+                log.warning("router %s unreachable (%s); retrying", self._router,
+                            exc.code().name)
+                known = False
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._stub.DeregisterWorker(
+                router_pb2.DeregisterWorkerRequest(worker_id=self._info.worker_id), timeout=2.0
+            )
+        await self._channel.close()

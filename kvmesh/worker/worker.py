@@ -1,0 +1,202 @@
+"""One worker: an engine (real vLLM, or the fake for tests) served over VllmEngine.
+
+The same class runs inside a Ray actor (services/actor.py) or a plain process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
+
+from kvmesh.core.config import WorkerConfig, WorkerRole
+from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.core.metrics_http import MetricsEndpoint
+from kvmesh.core.service_main import write_ready_file
+from kvmesh.models.embedded import embedded_name
+from kvmesh.models.source import LocalModelSource
+from kvmesh.v1 import common_pb2
+from kvmesh.worker.engine_args import (
+    engine_env,
+    engine_kwargs,
+    kv_transfer_config,
+    nixl_side_channel,
+)
+from kvmesh.worker.registration import Registration
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = vllm_engine_pb2.DESCRIPTOR.services_by_name["VllmEngine"].full_name
+_ROLES = {
+    "both": common_pb2.WORKER_ROLE_BOTH,
+    "prefill": common_pb2.WORKER_ROLE_PREFILL,
+    "decode": common_pb2.WORKER_ROLE_DECODE,
+}
+
+
+def with_side_channel(config: WorkerConfig) -> WorkerConfig:
+    """Give a NIXL prefill/decode worker a free side-channel port when it has none."""
+    kv = config.kv_transfer
+    if config.role == WorkerRole.both or kv.connector != "nixl" or kv.side_channel_port:
+        return config
+    port = free_port(kv.side_channel_host)
+    return config.model_copy(
+        update={"kv_transfer": kv.model_copy(update={"side_channel_port": port})})
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def served_name(config: WorkerConfig, model_path: Path) -> str:
+    if config.engine.served_model_name:
+        return config.engine.served_model_name
+    return embedded_name(config.engine.model) or model_path.name
+
+
+class WorkerServer:
+    def __init__(self, config: WorkerConfig, ready_file: Path | None = None) -> None:
+        self.config = with_side_channel(config)
+        self._ready_file = ready_file
+        self._server: grpc.aio.Server | None = None
+        self._engine: Any = None
+        self._registrations: list[Registration] = []
+        self._metrics: MetricsEndpoint | None = None
+        self.metrics_endpoint = ""
+        self.port = 0
+        self.worker_id = ""
+        self.model = ""
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.config.advertise_host or self.config.host}:{self.port}"
+
+    async def start(self) -> dict[str, Any]:
+        """Bind, start the engine, serve, register. Returns what the caller needs."""
+        config = self.config
+        server = create_server()
+        self.port = bind(server, config.host, config.port)
+        self.worker_id = config.worker_id or self.endpoint
+        model_path = LocalModelSource().resolve(config.engine.model)
+        self.model = served_name(config, model_path)
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+
+        started = time.monotonic()
+        if config.engine_kind == "fake":
+            from kvmesh.worker.fake_engine import FakeVllmEngineServicer
+
+            servicer: Any = FakeVllmEngineServicer(
+                self.model,
+                model_path,
+                token_delay_s=config.fake_token_delay_s,
+                max_context_length=config.engine.max_model_len,
+                block_size=config.engine.block_size or 32,
+                side_channel=nixl_side_channel(config),
+            )
+            health = add_health_and_reflection(server, [SERVICE_NAME])
+        else:
+            servicer, health = self._start_vllm(server, model_path)
+        vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(servicer, server)
+        await server.start()
+        if health is not None:
+            await set_serving(health, [SERVICE_NAME])
+        self._server = server
+        if config.metrics_port is not None:
+            self._start_metrics(config.metrics_port)
+        log.info(
+            "worker %s serving %s on %s (%s engine ready in %.1fs)",
+            self.worker_id, self.model, self.endpoint, config.engine_kind,
+            time.monotonic() - started,
+        )
+        # Every router replica gets the registration (and subscribes to the events).
+        for router in filter(None, (r.strip() for r in (config.router or "").split(","))):
+            registration = Registration(
+                router,
+                common_pb2.WorkerInfo(
+                    worker_id=self.worker_id,
+                    endpoint=self.endpoint,
+                    model=self.model,
+                    role=_ROLES[config.role.value],
+                    dp_rank=-1,
+                    self_registered=True,
+                    nixl_side_channel=nixl_side_channel(config),
+                    kv_connector=config.kv_transfer.connector
+                    if config.role != WorkerRole.both else "",
+                    metrics_endpoint=self.metrics_endpoint,
+                ),
+            )
+            registration.start()
+            self._registrations.append(registration)
+        info = {"worker_id": self.worker_id, "endpoint": self.endpoint, "model": self.model,
+                "role": config.role.value, "nixl_side_channel": nixl_side_channel(config),
+                "metrics": self.metrics_endpoint}
+        write_ready_file(self._ready_file, info)
+        return info
+
+    def _start_metrics(self, port: int) -> None:
+        """Serve this process's Prometheus registry: with a vLLM engine, the `vllm:*`
+        metrics its stat logger records in-process (the engine core subprocess sends
+        its stats to this, the frontend, process; with PROMETHEUS_MULTIPROC_DIR set,
+        vLLM's multiprocess registry)."""
+        from prometheus_client import REGISTRY, CollectorRegistry
+
+        registry: CollectorRegistry = REGISTRY
+        if self._engine is not None:
+            from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+            registry = get_prometheus_registry()
+        self._metrics = MetricsEndpoint(self.config.host, port, registry)
+        self._metrics.start()
+        self.metrics_endpoint = (
+            f"{self.config.advertise_host or self.config.host}:{self._metrics.port}")
+
+    def _start_vllm(self, server: grpc.aio.Server, model_path: Path) -> tuple[Any, Any]:
+        os.environ.update(engine_env(self.config))
+        from grpc_health.v1 import health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+        from smg_grpc_servicer.vllm.health_servicer import VllmHealthServicer
+        from vllm.config import KVEventsConfig, KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from kvmesh.worker.vllm_servicer import KvmeshVllmEngineServicer
+
+        kwargs = engine_kwargs(self.config, model_path, self.model, self.worker_id)
+        kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
+        if kv_transfer_config(self.config) is not None:
+            kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])
+        engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**kwargs), usage_context=UsageContext.OPENAI_API_SERVER
+        )
+        self._engine = engine
+        servicer = KvmeshVllmEngineServicer(engine, time.time())
+        # vLLM's own health servicer reports the engine's real state.
+        health_pb2_grpc.add_HealthServicer_to_server(VllmHealthServicer(engine), server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+        )
+        return servicer, None
+
+    async def wait_registered(self) -> None:
+        for registration in self._registrations:
+            await registration.registered.wait()
+
+    async def stop(self) -> None:
+        for registration in self._registrations:
+            await registration.stop()
+        if self._server is not None:
+            await self._server.stop(grace=2.0)
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None

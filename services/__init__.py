@@ -1,1 +1,0 @@
-"""kvmesh services service."""
