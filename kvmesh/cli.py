@@ -7,10 +7,10 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from kvmesh.bench.routing.workloads import WORKLOADS
-from kvmesh.core.config import MeshConfig, load_settings
+from kvmesh.core.config import MeshConfig, PolicyName, load_settings
 from kvmesh.core.logs import setup_logging
 from kvmesh.core.service_main import add_observability_flags, observability_settings
 
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=None, help="OpenAI HTTP port (default 8000)")
     up.add_argument("--grpc-port", type=int, default=None, help="Inference gRPC port")
     up.add_argument("--policy", default=None,
-                    choices=["kv_aware", "approx_prefix", "power_of_two", "round_robin", "random"],
+                    choices=get_args(PolicyName),
                     help="routing policy (default kv_aware)")
     up.add_argument("--max-inflight-per-worker", type=int, default=None,
                     help="router admission: requests in flight per worker before new ones "

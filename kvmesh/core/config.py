@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextvars
 import json
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -16,6 +15,8 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kvmesh.core.roles import WorkerRole
 
 # (settings class being loaded, its file's data): nested settings models must not
 # read their parent's file as their own.
@@ -25,12 +26,6 @@ _FILE_DATA: contextvars.ContextVar[tuple[type, dict[str, Any]] | None] = context
 
 PolicyName = Literal["kv_aware", "approx_prefix", "round_robin", "power_of_two", "random"]
 DEFAULT_HOST = "127.0.0.1"
-
-
-class WorkerRole(StrEnum):
-    both = "both"
-    prefill = "prefill"
-    decode = "decode"
 
 
 class _FileSource(PydanticBaseSettingsSource):

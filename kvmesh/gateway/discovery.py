@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from kvmesh.core.roles import role_from_proto
 from kvmesh.v1 import common_pb2
-
-_ROLE = {common_pb2.WORKER_ROLE_UNSPECIFIED: "both", common_pb2.WORKER_ROLE_BOTH: "both",
-         common_pb2.WORKER_ROLE_PREFILL: "prefill", common_pb2.WORKER_ROLE_DECODE: "decode"}
 
 
 def prometheus_targets(
@@ -32,6 +30,6 @@ def prometheus_targets(
         groups.append({
             "targets": [w.metrics_endpoint],
             "labels": {"kvmesh_service": "worker", "kvmesh_worker": w.worker_id,
-                       "kvmesh_model": w.model, "kvmesh_role": _ROLE.get(w.role, "both")},
+                       "kvmesh_model": w.model, "kvmesh_role": role_from_proto(w.role).value},
         })
     return groups

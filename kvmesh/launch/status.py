@@ -7,10 +7,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmesh.core.grpc_util import insecure_channel
-from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
-
-_ROLE = {v: k.removeprefix("WORKER_ROLE_").lower()
-         for k, v in common_pb2.WorkerRole.items()}
+from kvmesh.core.roles import role_from_proto
+from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 
 def worker_table(reply: router_pb2.ListWorkersResponse) -> Table:
@@ -21,7 +19,7 @@ def worker_table(reply: router_pb2.ListWorkersResponse) -> Table:
     for s in reply.workers:
         w, load = s.worker, s.load
         table.add_row(
-            w.worker_id, w.model, ", ".join(w.adapters) or "-", _ROLE.get(w.role, "?"),
+            w.worker_id, w.model, ", ".join(w.adapters) or "-", role_from_proto(w.role).value,
             str(load.num_running), str(load.num_waiting), str(load.in_flight),
             f"{load.kv_usage:.1%}", f"{load.cache_hit_rate:.1%}", str(w.block_size),
             str(s.indexed_blocks), w.metrics_endpoint or "-", f"{s.last_seen_age_s:.1f}s ago",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import get_args
 
-from kvmesh.core.config import RouterConfig, load_settings
+from kvmesh.core.config import PolicyName, RouterConfig, load_settings
 from kvmesh.core.logs import setup_logging
 from kvmesh.core.service_main import base_parser, observability_settings, run_until_signalled
 from kvmesh.core.tracing import setup_tracing
@@ -16,7 +17,7 @@ from kvmesh.router.server import RouterServer
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("kvmesh router: worker registry and routing")
     parser.add_argument("--policy", default=None,
-                    choices=["kv_aware", "approx_prefix", "power_of_two", "round_robin", "random"],
+                    choices=get_args(PolicyName),
                     help="routing policy (default kv_aware)")
     parser.add_argument(
         "--worker", action="append", default=None, dest="static_workers",

@@ -19,6 +19,7 @@ from kvmesh.core.config import RouterConfig
 from kvmesh.core.errors import InvalidRequestError, ModelNotFoundError, RateLimitedError
 from kvmesh.core.grpc_util import insecure_channel
 from kvmesh.core.logs import request_id_var
+from kvmesh.core.roles import role_from_proto, role_to_proto
 from kvmesh.router import snapshot, worker_probe
 from kvmesh.router.admission import Admission, AdmissionTimeout
 from kvmesh.router.cost_model import CostParams
@@ -36,17 +37,6 @@ tracer = trace.get_tracer(__name__)
 #: Seconds of the Route caller's deadline kept for answering "busy" before it expires.
 ADMISSION_DEADLINE_MARGIN_S = 0.5
 
-_ROLE_TO_NAME = {
-    common_pb2.WORKER_ROLE_UNSPECIFIED: "both",
-    common_pb2.WORKER_ROLE_BOTH: "both",
-    common_pb2.WORKER_ROLE_PREFILL: "prefill",
-    common_pb2.WORKER_ROLE_DECODE: "decode",
-}
-_NAME_TO_ROLE = {
-    "both": common_pb2.WORKER_ROLE_BOTH,
-    "prefill": common_pb2.WORKER_ROLE_PREFILL,
-    "decode": common_pb2.WORKER_ROLE_DECODE,
-}
 
 
 def unpack_tokens(packed: bytes, listed: Sequence[int]) -> np.ndarray:
@@ -64,7 +54,7 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
         endpoint=w.endpoint,
         model=w.model,
         adapters=list(w.adapters),
-        role=_NAME_TO_ROLE[w.role],
+        role=role_to_proto(w.role),
         block_size=w.block_size,
         nixl_side_channel=w.nixl_side_channel,
         dp_rank=w.dp_rank,
@@ -216,7 +206,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             worker_id=info.worker_id or info.endpoint,
             endpoint=info.endpoint,
             model=info.model or facts.model,
-            role=_ROLE_TO_NAME.get(info.role, "both"),
+            role=role_from_proto(info.role),
             adapters=tuple(info.adapters),
             block_size=info.block_size or facts.block_size,
             max_context_length=info.max_context_length or facts.max_context_length,

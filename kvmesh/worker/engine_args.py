@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kvmesh.core.config import WorkerConfig, WorkerRole
+from kvmesh.core.config import WorkerConfig
+from kvmesh.core.roles import WorkerRole
 
 #: vLLM connector class per kvmesh connector name.
 CONNECTORS = {"nixl": "NixlConnector", "lmcache": "LMCacheConnectorV1"}

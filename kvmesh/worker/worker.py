@@ -15,9 +15,10 @@ from typing import Any
 import grpc
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
-from kvmesh.core.config import WorkerConfig, WorkerRole
+from kvmesh.core.config import WorkerConfig
 from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.core.metrics_http import MetricsEndpoint
+from kvmesh.core.roles import WorkerRole, role_to_proto
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.models.embedded import embedded_name
 from kvmesh.models.source import LocalModelSource
@@ -32,11 +33,6 @@ from kvmesh.worker.registration import Registration
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = vllm_engine_pb2.DESCRIPTOR.services_by_name["VllmEngine"].full_name
-_ROLES = {
-    "both": common_pb2.WORKER_ROLE_BOTH,
-    "prefill": common_pb2.WORKER_ROLE_PREFILL,
-    "decode": common_pb2.WORKER_ROLE_DECODE,
-}
 
 
 def with_side_channel(config: WorkerConfig) -> WorkerConfig:
@@ -123,7 +119,7 @@ class WorkerServer:
                     worker_id=self.worker_id,
                     endpoint=self.endpoint,
                     model=self.model,
-                    role=_ROLES[config.role.value],
+                    role=role_to_proto(config.role),
                     dp_rank=-1,
                     self_registered=True,
                     nixl_side_channel=nixl_side_channel(config),
