@@ -35,7 +35,7 @@ def _up(args: argparse.Namespace) -> int:
         embeddings={"workers": 0} if args.no_embeddings else None,
     )
     # Flags merge into the file's sections key by key (pydantic-settings deep-merges).
-    config = load_settings(MeshConfig, args.config, **overrides)
+    config = load_settings(MeshConfig, args.config, **(overrides or {}))
     asyncio.run(serve(config, args.state_file, args.verbose))
     return 0
 

@@ -12,6 +12,8 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +77,11 @@ async def _direct(
 
 
 async def _round(
-    name: str, calls: list[Any], concurrency: int
-) -> dict[str, float]:
+    name: str, calls: list[Callable[[], Awaitable[tuple[float, int]]]], concurrency: int
+) -> dict[str, Any]:
     sem = asyncio.Semaphore(concurrency)
 
-    async def one(call: Any) -> tuple[float, int]:
+    async def one(call: Callable[[], Awaitable[tuple[float, int]]]) -> tuple[float, int]:
         async with sem:
             result: tuple[float, int] = await call()
             return result
@@ -120,11 +122,12 @@ async def gateway_overhead(
             await _via_gateway(state["http"], model, prompts[0], 4)
             rounds = []
             for name in ("direct", "gateway", "direct", "gateway"):
+                calls: list[Callable[[], Awaitable[tuple[float, int]]]]
                 if name == "direct":
-                    calls = [lambda i=i, x=x: _direct(stub, x, max_tokens, f"d{i}-{time.time()}")
+                    calls = [partial(_direct, stub, x, max_tokens, f"d{i}-{time.time()}")
                              for i, x in enumerate(ids)]
                 else:
-                    calls = [lambda p=p: _via_gateway(state["http"], model, p, max_tokens)
+                    calls = [partial(_via_gateway, state["http"], model, p, max_tokens)
                              for p in prompts]
                 rounds.append(await _round(name, calls, concurrency))
         best = {

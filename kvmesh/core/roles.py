@@ -26,10 +26,10 @@ _TO_PROTO = {
 _FROM_PROTO = {value: role for role, value in _TO_PROTO.items()}
 
 
-def role_to_proto(role: WorkerRole | str) -> common_pb2.WorkerRole.ValueType:
+def role_to_proto(role: WorkerRole | str) -> common_pb2.WorkerRole:
     return _TO_PROTO[WorkerRole(role)]
 
 
 def role_from_proto(value: int) -> WorkerRole:
     """The role a protobuf value names; unspecified (an older client) means ``both``."""
-    return _FROM_PROTO.get(value, WorkerRole.both)  # type: ignore[call-overload]
+    return _FROM_PROTO.get(common_pb2.WorkerRole(value), WorkerRole.both)

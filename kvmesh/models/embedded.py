@@ -96,7 +96,7 @@ def prepare_embedded_chat_model(cache_dir: Path | None = None) -> Path:
             dtype=torch.bfloat16,
         )
         steps.update(1)
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # saved as plain bf16
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.architectures = ["LlamaForCausalLM"]

@@ -89,7 +89,7 @@ def prepare_tiny_vlm(cache_dir: Path | None = None) -> Path:
                 pad_token_id=tokenizer.pad_token_id,
             ).to_dict(),
             scale_factor=SCALE_FACTOR,
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            image_token_id=tokenizer.get_vocab()["<image>"],  # added above
             tie_word_embeddings=True,
             pad_token_id=tokenizer.pad_token_id,
         )

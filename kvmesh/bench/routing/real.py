@@ -241,7 +241,7 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    prompts = [(r.arrival_s, tok.decode(list(r.prompt)), r.output_tokens) for r in workload]
+    prompts = [(r.arrival_s, str(tok.decode(list(r.prompt))), r.output_tokens) for r in workload]
     # What the engines see is the text tokenized again: replay exactly those ids.
     oracle = round(oracle_hit_rate(
         [tok(text, add_special_tokens=False)["input_ids"] for _, text, _ in prompts],
