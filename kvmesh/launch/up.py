@@ -13,7 +13,8 @@ from typing import Any
 
 import httpx
 
-from kvmesh.core.config import MeshConfig, dump_settings
+from kvmesh.core.config import EngineConfig, MeshConfig, WorkerConfig, dump_settings
+from kvmesh.core.roles import WorkerRole
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
 from kvmesh.models.source import LocalModelSource
@@ -34,40 +35,43 @@ def with_mesh_observability(config: MeshConfig) -> MeshConfig:
     })
 
 
-def worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[Any]:
-    """One WorkerConfig per chat worker (both, then prefill, then decode workers): disjoint
-    CPU cores, the role's engine settings, the shared template otherwise."""
+def _worker_config(config: MeshConfig, router: str, run_dir: Path, name: str, role: WorkerRole,
+                   engine: EngineConfig, cpu_bind: tuple[int, int]) -> WorkerConfig:
+    """The worker template with one worker's name, role, engine and CPU binding.
+
+    ``model_copy`` does not validate, so every value here is of the field's type (a role
+    given as a string would warn when the config is serialised for the actor)."""
     from kvmesh.worker.engine_args import cpu_binding
 
-    roles = config.worker_roles()
     ncpus = os.cpu_count() or 1
-    share = _cpu_share(config, ncpus)
-    configs = []
-    for i, (role, engine) in enumerate(roles):
-        update: dict[str, Any] = {
-            "router": router,
-            "run_dir": run_dir,
-            "worker_id": config.worker.worker_id and f"{config.worker.worker_id}-{i}",
-            "num_cpus": min(config.worker.num_cpus, share),
-            "role": role,
-            "engine": engine,
-        }
-        if config.worker.cpu_bind is None:
-            update["cpu_bind"] = cpu_binding(i, len(roles), ncpus)
-        configs.append(config.worker.model_copy(update=update))
-    return configs
+    update: dict[str, Any] = {
+        "router": router,
+        "run_dir": run_dir,
+        "worker_id": config.worker.worker_id and f"{config.worker.worker_id}-{name}",
+        "num_cpus": min(config.worker.num_cpus, _cpu_share(config, ncpus)),
+        "role": role,
+        "engine": engine,
+    }
+    if config.worker.cpu_bind is None:
+        update["cpu_bind"] = cpu_binding(cpu_bind[0], cpu_bind[1], ncpus)
+    return config.worker.model_copy(update=update)
 
 
-def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[Any]:
+def worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[WorkerConfig]:
+    """One WorkerConfig per chat worker (both, then prefill, then decode workers): disjoint
+    CPU cores, the role's engine settings, the shared template otherwise."""
+    roles = config.worker_roles()
+    return [_worker_config(config, router, run_dir, str(i), role, engine, (i, len(roles)))
+            for i, (role, engine) in enumerate(roles)]
+
+
+def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path
+                             ) -> list[WorkerConfig]:
     """Embedding workers: the worker template with the embedding model, pooling runner.
 
     An embedding forward pass is short and bursty, so these workers share every core
     with the chat workers instead of taking cores of their own.
     """
-    from kvmesh.worker.engine_args import cpu_binding
-
-    ncpus = os.cpu_count() or 1
-    share = _cpu_share(config, ncpus)
     emb = config.embeddings
     engine = config.worker.engine.model_copy(update={
         "model": emb.model,
@@ -79,20 +83,8 @@ def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path) -> 
         "enable_prefix_caching": False,
         "load_format": "auto",
     })
-    configs = []
-    for i in range(emb.workers):
-        update: dict[str, Any] = {
-            "router": router,
-            "run_dir": run_dir,
-            "worker_id": config.worker.worker_id and f"{config.worker.worker_id}-emb-{i}",
-            "num_cpus": min(config.worker.num_cpus, share),
-            "engine": engine,
-            "role": "both",
-        }
-        if config.worker.cpu_bind is None:
-            update["cpu_bind"] = cpu_binding(0, 1, ncpus)
-        configs.append(config.worker.model_copy(update=update))
-    return configs
+    return [_worker_config(config, router, run_dir, f"emb-{i}", WorkerRole.both, engine, (0, 1))
+            for i in range(emb.workers)]
 
 
 def _cpu_share(config: MeshConfig, ncpus: int) -> float:

@@ -125,6 +125,22 @@ def test_mesh_serves_an_embedding_worker_by_default(tmp_path: Path) -> None:
     assert "runner" not in engine_kwargs(chat[0], Path("/m"), "s", "w")
 
 
+def test_worker_configs_serialise_without_warnings(tmp_path: Path) -> None:
+    """`kvmesh up` hands each worker its config serialised; a field holding a value of
+    the wrong type (the role as the string 'both') made pydantic print a serializer
+    warning at every start."""
+    import warnings
+
+    config = MeshConfig(workers=1, prefill=1, decode=1)
+    configs = (worker_configs(config, "r:1", tmp_path)
+               + embedding_worker_configs(config, "r:1", tmp_path))
+    assert [c.role for c in configs] == ["both", "prefill", "decode", "both"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for worker in configs:
+            assert WorkerConfig.model_validate(worker.model_dump(mode="json")) == worker
+
+
 def test_embeddings_can_be_turned_off(tmp_path: Path) -> None:
     config = MeshConfig.model_validate({"embeddings": {"workers": 0}})
     assert embedding_worker_configs(config, "r:1", tmp_path) == []
