@@ -4,9 +4,10 @@ the error interceptor, and client channels with sane options."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -55,36 +56,36 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
+                async with _errors_as_status(context):
                     return await inner_uu(request, context)
-                except KvmeshError as exc:
-                    await _abort(context, exc)
-                except grpc.aio.AioRpcError as exc:
-                    await _pass_through(context, exc)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return _rebuilt(grpc.unary_unary_rpc_method_handler, unary_unary, handler)
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
+                async with _errors_as_status(context):
                     async for item in inner_us(request, context):
                         yield item
-                except KvmeshError as exc:
-                    await _abort(context, exc)
-                except grpc.aio.AioRpcError as exc:
-                    await _pass_through(context, exc)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return _rebuilt(grpc.unary_stream_rpc_method_handler, unary_stream, handler)
         return handler
+
+
+def _rebuilt(factory: Callable[..., grpc.RpcMethodHandler], behaviour: Callable[..., Any],
+             handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    return factory(behaviour, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
+@contextlib.asynccontextmanager
+async def _errors_as_status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    try:
+        yield
+    except KvmeshError as exc:
+        await _abort(context, exc)
+    except grpc.aio.AioRpcError as exc:
+        await _pass_through(context, exc)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: KvmeshError) -> None:

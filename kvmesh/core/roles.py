@@ -23,7 +23,7 @@ _TO_PROTO = {
     WorkerRole.prefill: common_pb2.WORKER_ROLE_PREFILL,
     WorkerRole.decode: common_pb2.WORKER_ROLE_DECODE,
 }
-_FROM_PROTO = {value: role for role, value in _TO_PROTO.items()}
+_FROM_PROTO: dict[int, WorkerRole] = {value: role for role, value in _TO_PROTO.items()}
 
 
 def role_to_proto(role: WorkerRole | str) -> common_pb2.WorkerRole:
@@ -32,4 +32,4 @@ def role_to_proto(role: WorkerRole | str) -> common_pb2.WorkerRole:
 
 def role_from_proto(value: int) -> WorkerRole:
     """The role a protobuf value names; unspecified (an older client) means ``both``."""
-    return _FROM_PROTO.get(common_pb2.WorkerRole(value), WorkerRole.both)
+    return _FROM_PROTO.get(value, WorkerRole.both)

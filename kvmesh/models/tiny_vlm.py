@@ -13,13 +13,15 @@ Image splitting is off, so each image is one 128x128 tile of ``IMAGE_SEQ_LEN`` t
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
-from kvmesh.models.embedded import default_cache_dir, prepare_embedded_chat_model
+from kvmesh.models.embedded import (
+    atomic_folder,
+    default_cache_dir,
+    is_prepared,
+    prepare_embedded_chat_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ PATCH_SIZE = 16
 SCALE_FACTOR = 2
 #: <image> tokens per image: (128/16)^2 patches, pixel-shuffled by 2x2.
 IMAGE_SEQ_LEN = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2
-_MARKER = ".kvmesh-tiny-vlm.json"
-_FORMAT_VERSION = 1
 
 #: ChatML (SmolLM2's) with image parts rendered as the processor's <image> marker.
 CHAT_TEMPLATE = (
@@ -47,8 +47,7 @@ CHAT_TEMPLATE = (
 def prepare_tiny_vlm(cache_dir: Path | None = None) -> Path:
     """Write (once) config, tokenizer and processor of a tiny Idefics3 model."""
     target = (cache_dir or default_cache_dir()) / TINY_VLM
-    marker = target / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("format") == _FORMAT_VERSION:
+    if is_prepared(target):
         return target
     from transformers import (
         AutoTokenizer,
@@ -59,9 +58,7 @@ def prepare_tiny_vlm(cache_dir: Path | None = None) -> Path:
     )
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=target.parent))
-    try:
+    with atomic_folder(target, {}) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(prepare_embedded_chat_model()))
         tokenizer.add_special_tokens({"additional_special_tokens": [
             "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]})
@@ -97,13 +94,5 @@ def prepare_tiny_vlm(cache_dir: Path | None = None) -> Path:
         config.save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / _MARKER).write_text(json.dumps({"format": _FORMAT_VERSION}))
-        tmp.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("tiny VLM prepared at %s", target)
     return target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -14,7 +15,6 @@ class SimRequest:
 
 
 VOCAB = 49_000
-WORKLOADS = ("shared_prefix", "multi_turn", "low_reuse", "bursty", "hot_set", "rag_zipf")
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:
@@ -107,18 +107,14 @@ def rag_zipf(rng: random.Random, n: int, rate: float, tenants: int = 48,
     return out
 
 
+_MAKERS: dict[str, Callable[[random.Random, int, float], list[SimRequest]]] = {
+    "shared_prefix": shared_prefix, "multi_turn": multi_turn, "low_reuse": low_reuse,
+    "bursty": bursty, "hot_set": hot_set, "rag_zipf": rag_zipf}
+WORKLOADS = tuple(_MAKERS)
+
+
 def make_workload(name: str, n: int, rate: float, seed: int) -> list[SimRequest]:
-    rng = random.Random(seed)
-    if name == "shared_prefix":
-        return shared_prefix(rng, n, rate)
-    if name == "multi_turn":
-        return multi_turn(rng, n, rate)
-    if name == "low_reuse":
-        return low_reuse(rng, n, rate)
-    if name == "bursty":
-        return bursty(rng, n, rate)
-    if name == "hot_set":
-        return hot_set(rng, n, rate)
-    if name == "rag_zipf":
-        return rag_zipf(rng, n, rate)
-    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    maker = _MAKERS.get(name)
+    if maker is None:
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    return maker(random.Random(seed), n, rate)
