@@ -19,20 +19,24 @@ from typing import Any
 
 import httpx
 import numpy as np
+from pydantic import BaseModel, Field
 
+from kvmesh.bench.sse import chunk_text, completion_chunks
 from kvmesh.bench.stats import percentile
 from kvmesh.core.config import MeshConfig
 
 
-@dataclass
-class Workload:
-    shorts: int = 4
-    short_max_tokens: int = 96
-    longs: int = 4
-    long_tokens: int = 1500
-    long_max_tokens: int = 8
-    long_every_s: float = 2.0
-    first_long_at_s: float = 1.0
+class Workload(BaseModel):
+    """Short streams decoding while long prompts arrive: what P/D protects them from."""
+
+    shorts: int = Field(4, description="Concurrent short requests.")
+    short_max_tokens: int = Field(96, description="Tokens each short request streams.")
+    longs: int = Field(4, description="Long prompts, which no cache holds.")
+    long_tokens: int = Field(1500, description="Tokens of each long prompt.")
+    long_max_tokens: int = Field(8, description="A long request's output (it is there to "
+                                 "prefill, not to decode).")
+    long_every_s: float = Field(2.0, description="Seconds between long arrivals.")
+    first_long_at_s: float = Field(1.0, description="When the first long prompt arrives.")
 
 
 @dataclass
@@ -49,21 +53,16 @@ async def _stream(client: httpx.AsyncClient, base_url: str, model: str, ids: lis
             "temperature": 0, "stream": True}
     result = Result(kind)
     start = last = time.perf_counter()
-    async with client.stream("POST", base_url + "/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if not chunk.get("choices") or not chunk["choices"][0].get("text"):
-                continue
-            now = time.perf_counter()
-            if result.tokens == 0:
-                result.ttft = now - start
-            else:
-                result.gaps.append(now - last)
-            last = now
-            result.tokens += 1
+    async for chunk in completion_chunks(client, base_url, body):
+        if not chunk_text(chunk):
+            continue
+        now = time.perf_counter()
+        if result.tokens == 0:
+            result.ttft = now - start
+        else:
+            result.gaps.append(now - last)
+        last = now
+        result.tokens += 1
     return result
 
 
@@ -199,7 +198,7 @@ async def pd_bench(base: MeshConfig, workload: Workload, disaggregation: str, se
     runs = [await _deployment("aggregated (2 x both)", aggregated, workload, seed),
             await _deployment(f"disaggregated (1P+1D, {disaggregation})", split, workload,
                               seed)]
-    return {"workload": workload.__dict__, "runs": runs,
+    return {"workload": workload.model_dump(), "runs": runs,
             "note": "same prompts, same seed; one engine pinned per core in both runs"}
 
 

@@ -34,6 +34,7 @@ from smg_grpc_proto.generated import common_pb2
 
 from kvmesh.bench.routing.oracle import oracle_hit_rate
 from kvmesh.bench.routing.workloads import SimRequest
+from kvmesh.bench.sse import chunk_text, completion_chunks
 from kvmesh.bench.stats import ttft_summary
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
 
@@ -61,16 +62,11 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str,
     start = time.perf_counter()
     ttft = 0.0
     usage: dict[str, Any] = {}
-    async with client.stream("POST", url + "/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text") and not ttft:
-                ttft = time.perf_counter() - start
-            if chunk.get("usage"):
-                usage = chunk["usage"]
+    async for chunk in completion_chunks(client, url, body):
+        if not ttft and chunk_text(chunk):
+            ttft = time.perf_counter() - start
+        if chunk.get("usage"):
+            usage = chunk["usage"]
     details = usage.get("prompt_tokens_details") or {}
     return {"ttft": ttft or time.perf_counter() - start,
             "prompt": float(usage.get("prompt_tokens", 0)),
