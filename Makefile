@@ -1,5 +1,5 @@
 # kvmesh — the two commands: `make up` and `make test` (each installs first).
-.PHONY: install up test unit proto lint
+.PHONY: install up test unit proto lint images
 
 ARGS ?=
 
@@ -20,3 +20,9 @@ proto:
 
 lint:
 	.venv/bin/ruff check .
+
+DOCKER ?= docker
+images:
+	$(DOCKER) build -f deploy/docker/wheel.Dockerfile -t kvmesh/wheel:0.1.0 .
+	for s in router gateway worker-cpu worker-cuda; do \
+	  $(DOCKER) build -f deploy/docker/$$s.Dockerfile -t kvmesh/$$s:0.1.0 . || exit 1; done
