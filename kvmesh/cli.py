@@ -11,6 +11,7 @@ from typing import Any, get_args
 
 from kvmesh.bench.routing.workloads import WORKLOADS
 from kvmesh.core.config import MeshConfig, PolicyName, load_settings
+from kvmesh.core.errors import ModelNotFoundError
 from kvmesh.core.logs import setup_logging
 from kvmesh.core.service_main import add_observability_flags, observability_settings
 
@@ -87,10 +88,10 @@ def _bench_routing(args: argparse.Namespace) -> int:
 
     real = None
     if args.mode == "real":
-        from kvmesh.models.source import LocalModelSource
+        from kvmesh.models.source import resolve_model
 
         real = {
-            "model_dir": LocalModelSource().resolve(args.model),
+            "model_dir": resolve_model(args.model),
             "smg_binary": args.smg,
             "repeat": args.repeat,
             "engine_flags": {"enforce_eager": args.enforce_eager,
@@ -125,9 +126,9 @@ def _bench_router(args: argparse.Namespace) -> int:
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
-    from kvmesh.models.source import LocalModelSource
+    from kvmesh.models.source import resolve_model
 
-    print(LocalModelSource().resolve(args.model))
+    print(resolve_model(args.model))
     return 0
 
 
@@ -159,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="router admission: requests in flight per worker before new ones "
                     "wait at the router for a slot (default 0: no limit)")
     up.add_argument("--config", type=Path, default=None, help="YAML/JSON MeshConfig file")
-    up.add_argument("--model", default=None, help="model folder or 'embedded'")
+    up.add_argument("--model", default=None,
+                    help="model folder, 'embedded', hf://org/name[@rev], s3://bucket/prefix "
+                    "or gs://bucket/prefix (docs/models.md)")
     up.add_argument("--enforce-eager", action="store_true", help="skip torch.compile")
     up.add_argument("--block-size", type=int, default=None, help="KV block size (CPU: 32k)")
     up.add_argument("--engine-kind", default=None, choices=["vllm", "fake"],
@@ -242,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="model files")
     model_sub = model.add_subparsers(dest="model_command", required=True)
-    prepare = model_sub.add_parser("prepare", help="prepare a model folder (default: embedded)")
+    prepare = model_sub.add_parser(
+        "prepare", help="prepare or fetch a model into this node's cache; print its folder "
+        "(default: embedded)")
     prepare.add_argument("model", nargs="?", default="embedded")
     prepare.set_defaults(func=_model_prepare)
 
@@ -256,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("kvmesh", args.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ModelNotFoundError as exc:  # says what is missing; a traceback would not
+        print(f"kvmesh: {exc.message}", file=sys.stderr)
+        return 2
     return result
 
 

@@ -103,14 +103,13 @@ async def gateway_overhead(
     from transformers import AutoTokenizer
 
     from kvmesh.launch.up import LocalMesh
-    from kvmesh.models.source import LocalModelSource
+    from kvmesh.models.source import resolve_model
 
     mesh = LocalMesh(config)
     try:
         state = await mesh.start()
         model = state["workers"][0]["model"]
-        tok = AutoTokenizer.from_pretrained(str(LocalModelSource().resolve(
-            config.worker.engine.model)))
+        tok = AutoTokenizer.from_pretrained(str(resolve_model(config.worker.engine.model)))
         prompts = [PROMPTS[i % len(PROMPTS)] + f" (variant {i})" for i in range(requests)]
         ids = [tok.encode(tok.apply_chat_template(
             [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),

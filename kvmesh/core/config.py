@@ -155,10 +155,13 @@ class EngineConfig(BaseModel):
 
     model: str = Field(
         "embedded",
-        description="Local model folder, or 'embedded' for the packaged SmolLM2-135M-Instruct.",
+        description="Local model folder, 'embedded' for the packaged SmolLM2-135M-Instruct, "
+        "hf://org/name[@revision] (or org/name), s3://bucket/prefix or gs://bucket/prefix; "
+        "remote models are fetched once per node into $KVMESH_MODEL_CACHE (docs/models.md).",
     )
     served_model_name: str | None = Field(
-        None, description="Name clients use; defaults to the embedded name or folder name."
+        None, description="Name clients use; defaults to the embedded name, the hub repo id, "
+        "the last part of a bucket prefix, or the folder name."
     )
     max_model_len: int = Field(4096, gt=0, description="Context length (prompt + output).")
     block_size: int | None = Field(
@@ -383,8 +386,9 @@ class EmbeddingsConfig(BaseModel):
     )
     model: str = Field(
         "embedded-embedding",
-        description="Local folder of an embedding model, or 'embedded-embedding' for the "
-        "packaged all-MiniLM-L6-v2.",
+        description="Local folder of an embedding model, 'embedded-embedding' for the "
+        "packaged all-MiniLM-L6-v2, or a remote reference as for the chat model (hf://, "
+        "s3://, gs://).",
     )
     max_model_len: int = Field(
         256, gt=0,

@@ -17,7 +17,7 @@ from kvmesh.core.config import EngineConfig, MeshConfig, WorkerConfig, dump_sett
 from kvmesh.core.roles import WorkerRole
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
-from kvmesh.models.source import LocalModelSource
+from kvmesh.models.source import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,12 @@ class LocalMesh:
     async def start(self) -> dict[str, Any]:
         started = time.monotonic()
         cfg = with_mesh_observability(self.config)
-        model_path = await asyncio.to_thread(LocalModelSource().resolve, cfg.worker.engine.model)
+        # Fetched here, with the progress bar on the user's terminal; the workers then
+        # find the model in this node's cache.
+        model_path = await asyncio.to_thread(resolve_model, cfg.worker.engine.model)
         log.info("model ready at %s", model_path)
         if cfg.embeddings.workers:
-            embedding_path = await asyncio.to_thread(
-                LocalModelSource().resolve, cfg.embeddings.model)
+            embedding_path = await asyncio.to_thread(resolve_model, cfg.embeddings.model)
             log.info("embedding model ready at %s", embedding_path)
 
         router_cfg = cfg.router

@@ -64,6 +64,12 @@ def is_prepared(folder: Path) -> bool:
         return False
 
 
+def mark_prepared(folder: Path, marker: dict[str, object]) -> None:
+    """Write the marker that makes ``folder`` count as a complete model (is_prepared):
+    the last thing written, so a folder without it is never used."""
+    (folder / _MARKER).write_text(json.dumps({"format": _FORMAT_VERSION, **marker}))
+
+
 @contextlib.contextmanager
 def atomic_folder(target: Path, marker: dict[str, object]) -> Iterator[Path]:
     """A temporary folder next to ``target`` to write a model into; on success it gets
@@ -73,7 +79,7 @@ def atomic_folder(target: Path, marker: dict[str, object]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=target.parent))
     try:
         yield tmp
-        (tmp / _MARKER).write_text(json.dumps({"format": _FORMAT_VERSION, **marker}))
+        mark_prepared(tmp, marker)
         tmp.chmod(0o755)
         if target.exists():
             shutil.rmtree(target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.core.config import WorkerConfig, load_settings
+from kvmesh.core.errors import ModelNotFoundError
 from kvmesh.core.logs import setup_logging
 from kvmesh.core.service_main import (
     base_parser,
@@ -22,7 +24,9 @@ log = logging.getLogger("kvmesh.worker")
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("kvmesh worker: vLLM behind the VllmEngine gRPC contract")
-    parser.add_argument("--model", default=None, help="model folder or 'embedded'")
+    parser.add_argument("--model", default=None,
+                        help="model folder, 'embedded', hf://org/name[@rev], "
+                        "s3://bucket/prefix or gs://bucket/prefix (docs/models.md)")
     parser.add_argument("--router", default=None, help="router host:port to register with")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--role", default=None, choices=["both", "prefill", "decode"])
@@ -63,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port, **observability_settings(args),
     )
     setup_logging("worker", args.log_level, config.logging.json_format)
+    try:
+        return _run(args, config)
+    except ModelNotFoundError as exc:  # says what is missing; a traceback would not
+        log.error("%s", exc.message)
+        return 2
+
+
+def _run(args: argparse.Namespace, config: WorkerConfig) -> int:
     if args.no_ray:
         from kvmesh.core.tracing import setup_tracing
         from kvmesh.worker.worker import WorkerServer
@@ -73,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from kvmesh.models.source import resolve_model
     from kvmesh.worker.actor import init_ray, spawn_worker_actor
 
+    if not args.ray_address:  # fetch on this node first: the actor runs offline
+        resolve_model(config.engine.model)
     init_ray(args.ray_address)
 
     class ActorService:

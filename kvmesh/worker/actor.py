@@ -75,7 +75,10 @@ def spawn_worker_actor(config: WorkerConfig, name: str | None = None) -> Any:
         "num_cpus": config.num_cpus,
         "num_gpus": config.num_gpus,
         "max_concurrency": 1000,
-        "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1", **ray_env()}},
+        # Offline unless the caller says otherwise: a hub model is fetched by whoever
+        # starts the actor (`kvmesh up`), or by the actor when HF_HUB_OFFLINE=0 is set.
+        "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                                     **ray_env()}},
     }
     if name:
         options["name"] = name

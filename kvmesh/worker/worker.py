@@ -5,6 +5,7 @@ The same class runs inside a Ray actor (services/actor.py) or a plain process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -20,8 +21,8 @@ from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server
 from kvmesh.core.metrics_http import MetricsEndpoint
 from kvmesh.core.roles import WorkerRole, role_to_proto
 from kvmesh.core.service_main import write_ready_file
-from kvmesh.models.embedded import embedded_name
-from kvmesh.models.source import LocalModelSource
+from kvmesh.models.source import resolve_model
+from kvmesh.models.source import served_name as default_served_name
 from kvmesh.v1 import common_pb2
 from kvmesh.worker.engine_args import (
     engine_env,
@@ -54,7 +55,7 @@ def free_port(host: str) -> int:
 def served_name(config: WorkerConfig, model_path: Path) -> str:
     if config.engine.served_model_name:
         return config.engine.served_model_name
-    return embedded_name(config.engine.model) or model_path.name
+    return default_served_name(config.engine.model, model_path)
 
 
 class WorkerServer:
@@ -80,7 +81,8 @@ class WorkerServer:
         server = create_server()
         self.port = bind(server, config.host, config.port)
         self.worker_id = config.worker_id or self.endpoint
-        model_path = LocalModelSource().resolve(config.engine.model)
+        # A bucket or hub model is fetched here once per node (other workers wait).
+        model_path = await asyncio.to_thread(resolve_model, config.engine.model)
         self.model = served_name(config, model_path)
         config.run_dir.mkdir(parents=True, exist_ok=True)
 
