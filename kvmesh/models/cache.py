@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 #: A folder vLLM can serve has one of these: a model's config, or a LoRA adapter's.
 MODEL_MARKERS = ("config.json", "adapter_config.json")
 _LISTING = ".kvmesh-listing.json"
+_BOOKKEEPING = ".kvmesh-"  # the listing and the prepared-marker
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,8 @@ def fetch_folder(remote: RemoteFolder, cache_dir: Path) -> Path:
     with node_lock(entry.with_name(entry.name + ".lock"), remote.uri):
         if is_prepared(entry):  # another process fetched it while this one waited
             return entry
-        files = remote.list_files()
+        # A folder uploaded from a kvmesh cache carries its bookkeeping: ours is written anew.
+        files = [f for f in remote.list_files() if not f.name.startswith(_BOOKKEEPING)]
         check_model_files(remote.uri, [f.name for f in files])
         partial = entry.with_name(entry.name + ".partial")
         _keep_unchanged(partial, files, remote.uri)
