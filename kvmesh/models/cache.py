@@ -71,6 +71,14 @@ class RemoteFolder(Protocol):
         ...
 
 
+class BucketFolder:
+    """What every store's folder starts from: its URI, bucket and prefix."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.bucket, self.prefix = split_bucket_uri(uri)
+
+
 def split_bucket_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` → ``("bucket", "a/b/")``: the prefix names a folder, so
     ``a/b`` must not also match ``a/bc/``."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Any
 
 from kvmesh.core.errors import ModelNotFoundError
-from kvmesh.models.cache import RemoteFile, Sink, split_bucket_uri
+from kvmesh.models.cache import BucketFolder, RemoteFile, Sink
 
 log = logging.getLogger(__name__)
 
@@ -22,26 +23,19 @@ _CREDENTIALS = ("set GOOGLE_APPLICATION_CREDENTIALS to a service account key, or
                 "`gcloud auth application-default login`")
 
 
-class GcsFolder:
+class GcsFolder(BucketFolder):
     """The objects under ``gs://bucket/prefix/``, listed and read with google-cloud-storage."""
 
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.bucket, self.prefix = split_bucket_uri(uri)
-        self._client: Any = None
-
-    @property
+    @cached_property
     def client(self) -> Any:
-        if self._client is None:
-            from google.auth.exceptions import DefaultCredentialsError
-            from google.cloud import storage
+        from google.auth.exceptions import DefaultCredentialsError
+        from google.cloud import storage
 
-            try:
-                self._client = storage.Client()
-            except DefaultCredentialsError:
-                log.info("no Google credentials found: reading %s anonymously", self.uri)
-                self._client = storage.Client.create_anonymous_client()
-        return self._client
+        try:
+            return storage.Client()
+        except DefaultCredentialsError:
+            log.info("no Google credentials found: reading %s anonymously", self.uri)
+            return storage.Client.create_anonymous_client()
 
     def list_files(self) -> list[RemoteFile]:
         with self._errors():

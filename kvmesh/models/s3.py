@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Any
 
 from kvmesh.core.errors import ModelNotFoundError
-from kvmesh.models.cache import RemoteFile, Sink, split_bucket_uri
+from kvmesh.models.cache import BucketFolder, RemoteFile, Sink
 
 log = logging.getLogger(__name__)
 
@@ -25,21 +26,14 @@ _CREDENTIALS = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE
                 "~/.aws/credentials, an instance role)")
 
 
-class S3Folder:
+class S3Folder(BucketFolder):
     """The objects under ``s3://bucket/prefix/``, listed and read with boto3."""
 
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.bucket, self.prefix = split_bucket_uri(uri)
-        self._client: Any = None
-
-    @property
+    @cached_property
     def client(self) -> Any:
-        if self._client is None:
-            import boto3
+        import boto3
 
-            self._client = boto3.session.Session().client("s3")
-        return self._client
+        return boto3.session.Session().client("s3")
 
     def list_files(self) -> list[RemoteFile]:
         files = []
