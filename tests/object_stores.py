@@ -6,6 +6,7 @@ as huggingface_hub writes it."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -27,12 +28,13 @@ AWS_ISOLATION = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/n
                  "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
 
 
-def _start(args: list[str], ready: re.Pattern[str], log: Path) -> tuple[subprocess.Popen[str],
-                                                                      re.Match[str]]:
+def _start(args: list[str], ready: re.Pattern[str], log: Path, env: dict[str, str] | None = None
+           ) -> tuple[subprocess.Popen[str], re.Match[str]]:
     """Start a server, read its output up to the line that says it listens (a server that
     dies first ends the output), then keep copying its output to ``log``."""
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            env=env)
     assert proc.stdout is not None
     seen = []
     for line in proc.stdout:
@@ -55,12 +57,14 @@ def _start(args: list[str], ready: re.Pattern[str], log: Path) -> tuple[subproce
 
 
 class MotoS3:
-    """``moto_server`` on a port of its choosing."""
+    """``moto_server`` on a port of its choosing; its request recording in ``workdir``."""
 
     def __init__(self, workdir: Path) -> None:
         self.proc, match = _start(["-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
                                   re.compile(r"Running on (http://127\.0\.0\.1:\d+)"),
-                                  workdir / "moto.log")
+                                  workdir / "moto.log",
+                                  {**os.environ,
+                                   "MOTO_RECORDER_FILEPATH": str(workdir / "moto-recording")})
         self.endpoint = match.group(1)
         self.env = {**AWS_ISOLATION, "AWS_ENDPOINT_URL_S3": self.endpoint,
                     "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
