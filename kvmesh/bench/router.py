@@ -26,7 +26,8 @@ import psutil
 from kvmesh.core.service_main import freeze_heap
 from kvmesh.router import kernels
 from kvmesh.router.block_hash import namespace_seed, prompt_hash_array
-from kvmesh.router.policies import KvAwarePolicy, RouteContext
+from kvmesh.router.policy.base import RouteContext
+from kvmesh.router.policy.kv_aware import KvAwarePolicy
 from kvmesh.router.prefix_index import PrefixIndex, StoredBlocks
 from kvmesh.router.registry import WorkerState
 

@@ -86,6 +86,51 @@ class LoggingConfig(BaseModel):
         "instead of plain text.")
 
 
+class CostParams(BaseModel):
+    """The router's cost model (kvmesh/router/cost_model.py), in estimated seconds.
+
+    Defaults were measured for SmolLM2-135M on 2 CPU cores; a bigger model or a GPU
+    changes the rates (``prefill_tokens_per_s``, ``decode_step_s_per_seq``,
+    ``kv_transfer_tokens_per_s``): measure them with ``kvmesh bench`` and set them here.
+    """
+
+    prefill_tokens_per_s: float = Field(
+        2500.0, gt=0, description="Prompt tokens a worker prefills per second.")
+    decode_step_s_per_seq: float = Field(
+        0.004, ge=0, description="How much each running sequence lengthens an engine step.")
+    balance_epsilon: float = Field(
+        2.0, ge=0, description="Bounded load: skip workers above (1+ε)·mean active + 1.")
+    backlog_weight: float = Field(
+        1.0, ge=0,
+        description="Price of an uncached token per request waiting on the worker, in "
+        "prefill-seconds: what a miss costs the requests that will queue behind it.")
+    eviction_weight: float = Field(
+        3.0, ge=0,
+        description="Price of evicting cached blocks, in prefill-seconds per uncached "
+        "token, scaled by how full the worker's KV cache is.")
+    placement_slack: float = Field(
+        0.1, ge=0,
+        description="Workers within this fraction of the prompt's full prefill time of "
+        "the best cost count as equal; the prompt's rendezvous home wins among them.")
+    pending_ttl_s: float = Field(
+        120.0, gt=0,
+        description="Longest routed-but-unconfirmed blocks count as cached on the chosen "
+        "worker; they stop earlier when the worker's events confirm them or the request "
+        "finishes, so this only bounds marks whose finish never arrives.")
+    kv_transfer_tokens_per_s: float = Field(
+        40000.0, gt=0,
+        description="Prompt tokens' KV a decode worker pulls from a prefill worker per "
+        "second (NIXL over loopback on CPU, incl. per-block overheads).")
+    pd_overhead_s: float = Field(
+        0.03, ge=0,
+        description="Fixed price of disaggregating: the extra prefill RPC, its one sampled "
+        "token and the transfer handshake.")
+    interference_weight: float = Field(
+        0.25, ge=0,
+        description="Price of stalling a worker's running decodes while it prefills, per "
+        "running sequence, as a fraction of the prefill time (what disaggregation avoids).")
+
+
 class RouterConfig(_Settings):
     """The router service."""
 
@@ -129,6 +174,9 @@ class RouterConfig(_Settings):
         description="Longest a request waits for a worker slot before it is refused with "
         "429 + Retry-After (also bounded by the caller's deadline).")
     seed: int | None = Field(None, description="Seed for random tie-breaks (tests).")
+    cost: CostParams = Field(
+        default_factory=CostParams,
+        description="The cost model's rates and weights (kv_aware and the P/D decision).")
     snapshot_path: Path | None = Field(
         None, description="Where the prefix index is snapshotted and restored from on "
         "restart (None: no snapshots).")
@@ -413,7 +461,7 @@ class MeshConfig(_Settings):
     prefill_engine: EngineConfig | None = Field(
         None,
         description="Engine settings of prefill workers; the fields given override "
-        "worker.engine (e.g. a larger max_num_batched_tokens), the rest inherit it.",
+        "worker.engine (e.g. a larger kv_cache_space_gib), the rest inherit it.",
     )
     decode_engine: EngineConfig | None = Field(
         None,

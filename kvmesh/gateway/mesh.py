@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import grpc
 import numpy as np
@@ -93,7 +93,7 @@ class MeshClient:
         sampling: vllm_engine_pb2.SamplingParams,
         prompt_text: str = "",
         mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None,
-    ) -> AsyncIterator[vllm_engine_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[vllm_engine_pb2.GenerateResponse, None]:
         """Stream a generation; cancelling the consumer cancels the worker RPC(s).
 
         A disaggregated decision first prefills on the prefill worker; the client

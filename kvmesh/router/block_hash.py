@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,6 +21,8 @@ import numpy as np
 from kvmesh.router import kernels
 
 U64Array = np.ndarray[Any, np.dtype[np.uint64]]
+#: A prompt's token ids: a list, or the uint32 buffer a packed Route request carries.
+TokenIds = Sequence[int] | np.ndarray[Any, np.dtype[Any]]
 
 
 @functools.lru_cache(maxsize=4096)

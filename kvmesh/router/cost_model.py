@@ -11,58 +11,20 @@ so its uncached tokens cost their prefill time once more per waiting request. An
 fleet spreads freely; a saturated one stops trading cache hits for a shorter queue,
 because there every miss is capacity lost.
 
-Cached tokens come from the prefix index (confirmed or pending blocks), queued work
-from the worker's own report plus what the router routed since that report, and the
-decode pressure from the worker's running set. Bounded load keeps any worker from
-taking more than (1 + ε) × the mean active load (+1), so affinity never piles
-everything onto one cache.
+The parameters are ``CostParams`` (``RouterConfig.cost``, so a deployment sets them
+in its router config). Cached tokens come from the prefix index (confirmed or
+pending blocks), queued work from the worker's own report plus what the router routed
+since that report, and the decode pressure from the worker's running set. Bounded
+load keeps any worker from taking more than (1 + ε) × the mean active load (+1), so
+affinity never piles everything onto one cache.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from pydantic import BaseModel, Field
-
-
-class CostParams(BaseModel):
-    """Defaults measured for SmolLM2-135M on 2 CPU cores; scale for bigger models."""
-
-    prefill_tokens_per_s: float = Field(
-        2500.0, gt=0, description="Prompt tokens a worker prefills per second.")
-    decode_step_s_per_seq: float = Field(
-        0.004, ge=0, description="How much each running sequence lengthens an engine step.")
-    balance_epsilon: float = Field(
-        2.0, ge=0, description="Bounded load: skip workers above (1+ε)·mean active + 1.")
-    backlog_weight: float = Field(
-        1.0, ge=0,
-        description="Price of an uncached token per request waiting on the worker, in "
-        "prefill-seconds: what a miss costs the requests that will queue behind it.")
-    eviction_weight: float = Field(
-        3.0, ge=0,
-        description="Price of evicting cached blocks, in prefill-seconds per uncached "
-        "token, scaled by how full the worker's KV cache is.")
-    placement_slack: float = Field(
-        0.1, ge=0,
-        description="Workers within this fraction of the prompt's full prefill time of "
-        "the best cost count as equal; the prompt's rendezvous home wins among them.")
-    pending_ttl_s: float = Field(
-        120.0, gt=0,
-        description="Longest routed-but-unconfirmed blocks count as cached on the chosen "
-        "worker; they stop earlier when the worker's events confirm them or the request "
-        "finishes, so this only bounds marks whose finish never arrives.")
-    kv_transfer_tokens_per_s: float = Field(
-        40000.0, gt=0,
-        description="Prompt tokens' KV a decode worker pulls from a prefill worker per "
-        "second (NIXL over loopback on CPU, incl. per-block overheads).")
-    pd_overhead_s: float = Field(
-        0.03, ge=0,
-        description="Fixed price of disaggregating: the extra prefill RPC, its one sampled "
-        "token and the transfer handshake.")
-    interference_weight: float = Field(
-        0.25, ge=0,
-        description="Price of stalling a worker's running decodes while it prefills, per "
-        "running sequence, as a fraction of the prefill time (what disaggregation avoids).")
+from kvmesh.core.config import CostParams
+from kvmesh.router.registry import WorkerState
 
 
 class WorkerLoadInput(NamedTuple):
@@ -75,6 +37,19 @@ class WorkerLoadInput(NamedTuple):
     queued_prefill_tokens: int
     kv_usage: float = 0.0
     waiting: int = 0
+
+
+def load_input(w: WorkerState) -> WorkerLoadInput:
+    """What the cost model needs of a worker's load (called per candidate per decision:
+    plain comparisons, positional fields)."""
+    load = w.load
+    routed, running, active = len(w.in_flight), load.num_running, w.active
+    # Routed since the last report and not yet running count as waiting.
+    unstarted = active - running
+    waiting = unstarted if unstarted > load.num_waiting else load.num_waiting
+    return WorkerLoadInput(
+        w.worker_id, active, routed if routed > running else running,
+        load.waiting_uncached_tokens + w.unreported_prefill_tokens, load.kv_usage, waiting)
 
 
 def ttft_cost(

@@ -85,7 +85,7 @@ def _key(key: Any) -> Any:
 
 
 @njit(cache=True, inline="always")
-def _home(key: Any, mask: int) -> int:
+def _home(key: Any, mask: int) -> Any:
     return np.int64(mix(key) & np.uint64(mask))
 
 
@@ -225,7 +225,7 @@ def engine_put_states(keys: Array, sums: Array, lens: Array, engine_hashes: Arra
 
 
 @njit(cache=True, nogil=True)
-def engine_get(keys: Array, sums: Array, lens: Array, engine_hash: Any) -> tuple[Any, int]:
+def engine_get(keys: Array, sums: Array, lens: Array, engine_hash: Any) -> tuple[Any, Any]:
     """The chain state (sum, length) after a known engine block, or (0, -1)."""
     i = _find(keys, _key(engine_hash))
     if i < 0:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
+from kvmesh.core.config import CostParams
 from kvmesh.core.errors import NoWorkerAvailableError
-from kvmesh.router.cost_model import CostParams, aggregated_cost, disaggregated_cost
-from kvmesh.router.policies import Policy, RouteContext, load_input, pick
+from kvmesh.router.cost_model import aggregated_cost, disaggregated_cost, load_input
+from kvmesh.router.policy.base import Policy, RouteContext, pick
 from kvmesh.router.registry import WorkerState
 
 DisaggregationMode = Literal["auto", "always", "never"]
@@ -40,15 +41,6 @@ class PdDecision:
     @property
     def disaggregated(self) -> bool:
         return self.prefill_worker is not None
-
-
-@runtime_checkable
-class PrefixAware(Protocol):
-    def cached_tokens(
-        self, ctx: RouteContext, workers: Sequence[WorkerState]
-    ) -> tuple[dict[str, int], object]:
-        """Prompt tokens each worker already holds, without side effects."""
-        ...
 
 
 def compatible(prefill: WorkerState, decode: WorkerState) -> bool:
@@ -114,9 +106,7 @@ def _costs(
     rng: random.Random,
 ) -> tuple[float, float]:
     """Best aggregated and best disaggregated cost (seconds) for the request."""
-    cached: dict[str, int] = {}
-    if isinstance(policy, PrefixAware):
-        cached, _ = policy.cached_tokens(ctx, [*whole, *prefill])
+    cached = policy.cached_tokens(ctx, [*whole, *prefill])
     n = len(ctx.token_ids)
     agg = min(aggregated_cost(params, load_input(w), n, cached.get(w.worker_id, 0))
               for w in whole)

@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvmesh.router import kernels
-from kvmesh.router.block_hash import ROOT, ChainState, chain_arrays, namespace_seed
+from kvmesh.router.block_hash import (
+    ROOT,
+    ChainState,
+    TokenIds,
+    chain_arrays,
+    namespace_seed,
+)
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 # Tables grow (double) past this load factor; linear probing stays short below it.
@@ -87,7 +93,7 @@ class StoredBlocks:
     """One BlockStored event, engine side."""
 
     engine_hashes: Sequence[int]
-    token_ids: Sequence[int]  # all the blocks' tokens, concatenated
+    token_ids: TokenIds  # all the blocks' tokens, concatenated
     block_size: int
     parent_engine_hash: int | None = None
     model: str = ""
@@ -157,9 +163,7 @@ def _engine_keys(engine_hashes: Iterable[int]) -> np.ndarray:
 
 
 class PrefixIndex:
-    def __init__(
-        self, pending_ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         # The holder table: router hash -> worker-slot bitmask (one uint64 per 64 slots).
         self._keys = np.zeros(_MIN_CAPACITY, np.uint64)
         self._masks = np.zeros((_MIN_CAPACITY, 1), np.uint64)
@@ -171,7 +175,6 @@ class PrefixIndex:
         self._pcount = 0
         self._views: dict[str, _WorkerView] = {}
         self._free: list[int] = []  # slots of removed workers, reused first
-        self._pending_ttl_s = pending_ttl_s
         self._clock = clock
         self.unknown_parent_blocks = 0
 
@@ -282,10 +285,10 @@ class PrefixIndex:
 
     # ---- routing ---------------------------------------------------------------
     def mark_pending(self, worker_id: str, hashes: Sequence[int] | np.ndarray,
-                     ttl_s: float | None = None) -> None:
+                     ttl_s: float) -> None:
         """Count the prompt's blocks (at ``mark_positions``) as cached on the worker
-        until the TTL (the index's, or ``ttl_s`` if longer) passes or its events
-        confirm them."""
+        until ``ttl_s`` passes or its events confirm them (the policy also clears them
+        when the request finishes: ``CostParams.pending_ttl_s`` bounds lost finishes)."""
         view = self._view(worker_id)
         now = self._clock()
         positions = _positions(len(hashes), True)
@@ -294,7 +297,7 @@ class PrefixIndex:
         self._pcount += kernels.pending_mark(
             self._pkeys, self._pmasks, self._pexpiry, self._keys, self._masks,
             as_hash_array(hashes), positions, view.word, view.bit, now,
-            now + max(self._pending_ttl_s, ttl_s or 0.0))
+            now + ttl_s)
 
     def clear_pending(self, worker_id: str, hashes: Sequence[int] | np.ndarray) -> None:
         """Drop the worker's pending marks of the prompt's blocks (its request ended)."""

@@ -14,6 +14,8 @@ from kvmesh.core.config import RouterConfig
 from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.core.service_main import freeze_heap, write_ready_file
 from kvmesh.router import kernels
+from kvmesh.router.core import RouterCore
+from kvmesh.router.lifecycle import WorkerLifecycle
 from kvmesh.router.servicer import RouterServicer
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
@@ -25,7 +27,9 @@ class RouterServer:
     def __init__(self, config: RouterConfig, ready_file: Path | None = None) -> None:
         self.config = config
         self._ready_file = ready_file
-        self.servicer = RouterServicer(config)
+        self.core = RouterCore(config)
+        self.lifecycle = WorkerLifecycle(self.core)
+        self.servicer = RouterServicer(self.core, self.lifecycle)
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self.port = 0
@@ -43,14 +47,14 @@ class RouterServer:
         health = add_health_and_reflection(server, [SERVICE_NAME])
         self.port = bind(server, self.config.host, self.config.port)
         await server.start()
-        await self.servicer.start()
+        await self.lifecycle.start()
         await set_serving(health, [SERVICE_NAME])
         self._server = server
         ready = {"grpc": self.address}
         if self.config.metrics_port is not None:
             self._metrics_http, _ = start_http_server(
                 self.config.metrics_port, addr=self.config.host,
-                registry=self.servicer.metrics.registry,
+                registry=self.core.metrics.registry,
             )
             self.metrics_port = self._metrics_http.server_port
             ready["metrics"] = f"{self.config.host}:{self.metrics_port}"
@@ -63,6 +67,6 @@ class RouterServer:
     async def stop(self) -> None:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
-        await self.servicer.stop()
+        await self.lifecycle.stop()
         if self._server is not None:
             await self._server.stop(grace=2.0)

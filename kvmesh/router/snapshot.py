@@ -45,9 +45,10 @@ def capture(exported: Exported, incarnations: dict[str, float]) -> dict[str, Wor
 def write(path: Path, snapshot: dict[str, WorkerSnapshot]) -> None:
     """Atomically write ``path`` (npz arrays + a JSON header)."""
     arrays: dict[str, Any] = {}
-    header = {"taken_at": time.time(), "workers": {}}
+    workers: dict[str, dict[str, Any]] = {}
+    header = {"taken_at": time.time(), "workers": workers}
     for i, (worker_id, snap) in enumerate(snapshot.items()):
-        header["workers"][worker_id] = {"key": i, "incarnation": snap.incarnation}
+        workers[worker_id] = {"key": i, "incarnation": snap.incarnation}
         arrays[f"e{i}"], arrays[f"r{i}"] = snap.engine_hashes, snap.router_hashes
         arrays[f"t{i}"], arrays[f"b{i}"] = snap.totals, snap.blocks
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)

@@ -59,7 +59,7 @@ async def test_router_writes_a_snapshot_on_stop(tmp_path: Path) -> None:
     path = tmp_path / "out.npz"
     router = RouterServer(RouterConfig(port=0, metrics_port=None, snapshot_path=path))
     await router.start()
-    router.servicer.index.load("w", *fake_view(3))
+    router.core.index.load("w", *fake_view(3))
     await router.stop()
     assert sorted(snapshot.read(path, 60)["w"].engine_hashes.tolist()) == [1000, 1001, 1002]
 
@@ -73,8 +73,8 @@ async def test_worker_registers_with_every_router_replica(tmp_path: Path) -> Non
     try:
         await worker.wait_registered()
         for router in routers:
-            assert [w.worker_id for w in router.servicer.registry.all()] == [info["worker_id"]]
-            assert info["worker_id"] in router.servicer.followers
+            assert [w.worker_id for w in router.core.registry.all()] == [info["worker_id"]]
+            assert info["worker_id"] in router.lifecycle.followers
     finally:
         await worker.stop()
         for router in routers:

@@ -2,8 +2,9 @@ import random
 
 import pytest
 
-from kvmesh.router.approx_prefix import ApproxPrefixPolicy, ApproxPrefixTree
-from kvmesh.router.policies import RouteContext, make_policy
+from kvmesh.router.policy.approx_prefix import ApproxPrefixPolicy, ApproxPrefixTree
+from kvmesh.router.policy.base import RouteContext
+from kvmesh.router.policy.factory import make_policy
 from kvmesh.router.registry import WorkerState
 
 pytestmark = pytest.mark.unit

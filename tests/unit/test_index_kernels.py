@@ -91,7 +91,7 @@ def test_index_grows_and_matches_past_64_workers() -> None:
         assert got[worker] == 5 and sum(got.values()) == 5
     # Pending marks for a slot past the first word, then removal of that worker.
     fresh = prompt_hashes(list(range(64 * 4)), 64, seed)
-    index.mark_pending("w129", fresh)
+    index.mark_pending("w129", fresh, ttl_s=2.0)
     assert index.match(fresh, ["w0", "w129"]) == {"w0": 0, "w129": 4}
     index.remove_worker("w129")
     assert index.match(fresh, ["w0", "w129"]) == {"w0": 0, "w129": 0}

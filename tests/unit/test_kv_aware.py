@@ -2,9 +2,11 @@ import random
 
 import pytest
 
+from kvmesh.core.config import CostParams
 from kvmesh.router.block_hash import namespace_seed, prompt_hashes
-from kvmesh.router.cost_model import CostParams, WorkerLoadInput, ttft_cost, within_bound
-from kvmesh.router.policies import KvAwarePolicy, RouteContext
+from kvmesh.router.cost_model import WorkerLoadInput, ttft_cost, within_bound
+from kvmesh.router.policy.base import RouteContext
+from kvmesh.router.policy.kv_aware import KvAwarePolicy
 from kvmesh.router.prefix_index import PrefixIndex, StoredBlocks
 from kvmesh.router.registry import WorkerLoadView, WorkerState
 
@@ -95,11 +97,11 @@ def test_cold_prefix_has_a_stable_home() -> None:
     workers = [worker(w) for w in "abcdef"]
     homes = set()
     for seed in range(5):
-        index = PrefixIndex(pending_ttl_s=0)  # no speculative blocks between calls
+        index = PrefixIndex()  # a fresh index: no speculative blocks between calls
         homes.add(policy(index, seed).choose(ctx(PROMPT), workers).worker.worker_id)
     assert len(homes) == 1
     other = [list(range(k * 1000, k * 1000 + 8 * BS)) for k in range(30)]
-    spread = {policy(PrefixIndex(pending_ttl_s=0)).choose(ctx(p), workers).worker.worker_id
+    spread = {policy(PrefixIndex()).choose(ctx(p), workers).worker.worker_id
               for p in other}
     assert len(spread) >= 4  # different prefixes partition across the fleet
 
@@ -122,7 +124,7 @@ def test_documents_after_a_shared_system_prompt_spread_over_its_holders() -> Non
     homes: dict[int, set[str]] = {}
     for repeat in range(2):
         for k, doc in enumerate(docs):
-            index = PrefixIndex(pending_ttl_s=0)
+            index = PrefixIndex()
             cache(index, "a", system)
             cache(index, "b", system)
             prompt = system + doc + [repeat + 1] * 8
@@ -153,24 +155,24 @@ def test_pending_blocks_last_until_confirmed_or_finished() -> None:
     """However long the first request of a prefix queues, the next follows it; its
     marks end when it finishes (here: never confirmed, e.g. cancelled)."""
     now = [0.0]
-    index = PrefixIndex(pending_ttl_s=2.0, clock=lambda: now[0])
+    index = PrefixIndex(clock=lambda: now[0])
     queued = worker("q", waiting_uncached=25_000)
     p = KvAwarePolicy(index, random.Random(0), CostParams(pending_ttl_s=120))
     assert p.choose(ctx(PROMPT, "first"), [queued]).worker is queued
-    now[0] = 60.0  # far past the index's own 2 s: still queued, still pending
-    assert p.cached_tokens(ctx(PROMPT), [queued])[0]["q"] == len(PROMPT)
+    now[0] = 60.0  # still queued, still pending
+    assert p.cached_tokens(ctx(PROMPT), [queued])["q"] == len(PROMPT)
     p.finished("first")
-    assert p.cached_tokens(ctx(PROMPT), [queued])[0].get("q", 0) == 0
+    assert p.cached_tokens(ctx(PROMPT), [queued]).get("q", 0) == 0
     p.choose(ctx(PROMPT, "second"), [queued])
     now[0] = 200.0  # its finish never arrived: the TTL bounds the mark
-    assert p.cached_tokens(ctx(PROMPT), [queued])[0].get("q", 0) == 0
+    assert p.cached_tokens(ctx(PROMPT), [queued]).get("q", 0) == 0
 
 
 def test_a_short_mark_does_not_cut_another_workers_long_one() -> None:
     now = [0.0]
-    index = PrefixIndex(pending_ttl_s=1.0, clock=lambda: now[0])
+    index = PrefixIndex(clock=lambda: now[0])
     hashes = prompt_hashes(PROMPT, BS, namespace_seed("m", ""))
     index.mark_pending("long", hashes, ttl_s=10.0)
-    index.mark_pending("short", hashes)
+    index.mark_pending("short", hashes, ttl_s=1.0)
     now[0] = 5.0
     assert index.match(hashes, ["long"])["long"] == len(hashes)

@@ -4,15 +4,13 @@ import random
 
 import pytest
 
+from kvmesh.core.config import CostParams
 from kvmesh.core.errors import NoWorkerAvailableError
-from kvmesh.router.cost_model import (
-    CostParams,
-    WorkerLoadInput,
-    aggregated_cost,
-    disaggregated_cost,
-)
+from kvmesh.router.cost_model import WorkerLoadInput, aggregated_cost, disaggregated_cost
 from kvmesh.router.pd import compatible, decide, least_loaded
-from kvmesh.router.policies import KvAwarePolicy, RoundRobinPolicy, RouteContext
+from kvmesh.router.policy.base import RouteContext
+from kvmesh.router.policy.kv_aware import KvAwarePolicy
+from kvmesh.router.policy.round_robin import RoundRobinPolicy
 from kvmesh.router.prefix_index import PrefixIndex, StoredBlocks
 from kvmesh.router.registry import WorkerLoadView, WorkerState
 

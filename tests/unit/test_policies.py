@@ -6,13 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvmesh.core.errors import NoWorkerAvailableError
-from kvmesh.router.policies import (
-    PowerOfTwoPolicy,
-    RoundRobinPolicy,
-    RouteContext,
-    make_policy,
-    pick,
-)
+from kvmesh.router.policy.base import RouteContext, pick
+from kvmesh.router.policy.factory import make_policy
+from kvmesh.router.policy.power_of_two import PowerOfTwoPolicy
+from kvmesh.router.policy.round_robin import RoundRobinPolicy
 from kvmesh.router.registry import WorkerLoadView, WorkerState
 
 pytestmark = pytest.mark.unit

@@ -82,14 +82,14 @@ def test_removed_cleared_and_worker_removal() -> None:
 
 def test_pending_blocks_expire_unless_confirmed() -> None:
     clock = Clock()
-    index = PrefixIndex(pending_ttl_s=2, clock=clock)
+    index = PrefixIndex(clock=clock)
     tokens = list(range(12))
     hashes = prompt_hashes(tokens, BS, SEED)
-    index.mark_pending("w0", hashes)
+    index.mark_pending("w0", hashes, ttl_s=2.0)
     assert index.match(hashes, ["w0"]) == {"w0": 3}
     clock.now = 3
     assert index.match(hashes, ["w0"]) == {"w0": 0}
-    index.mark_pending("w0", hashes)
+    index.mark_pending("w0", hashes, ttl_s=2.0)
     store(index, "w0", tokens, 50)  # confirmed by the engine: no longer pending
     clock.now = 10
     assert index.match(hashes, ["w0"]) == {"w0": 3}
@@ -142,7 +142,7 @@ def test_pending_marks_sit_at_checkpoints() -> None:
     index = PrefixIndex()
     tokens = list(range(20 * BS))
     hashes = prompt_hashes(tokens, BS, SEED)
-    index.mark_pending("w0", hashes)
+    index.mark_pending("w0", hashes, ttl_s=2.0)
     assert index.match(hashes, ["w0"]) == {"w0": 20}
     # A prompt sharing 12 of the 20 pending blocks finds the checkpoint at 8 blocks.
     shared = prompt_hashes(tokens[: 12 * BS] + [9] * (8 * BS), BS, SEED)

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.unit
 
 def test_router_imports_no_engine_stack() -> None:
     code = (
-        "import sys, kvmesh.router.server, kvmesh.router.__main__, kvmesh.router.policies\n"
+        "import sys, kvmesh.router.server, kvmesh.router.__main__, kvmesh.router.policy.factory\n"
         "heavy = [m for m in ('torch', 'vllm', 'transformers', 'ray') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )

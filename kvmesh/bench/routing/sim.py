@@ -21,9 +21,10 @@ from smg_grpc_proto.generated import common_pb2
 
 from kvmesh.bench.routing.workloads import SimRequest
 from kvmesh.bench.stats import ttft_summary
-from kvmesh.router.cost_model import CostParams
+from kvmesh.core.config import CostParams
 from kvmesh.router.kv_events import FollowerStats, apply_batch
-from kvmesh.router.policies import KvAwarePolicy, RouteContext, make_policy, pick
+from kvmesh.router.policy.base import RouteContext, pick
+from kvmesh.router.policy.factory import make_policy
 from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerRegistry, WorkerState
 
@@ -217,8 +218,7 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
 
     def finish(worker_id: str, rid: str) -> None:
         registry.finished(worker_id, rid)
-        if isinstance(policy, KvAwarePolicy):
-            policy.finished(rid)
+        policy.finished(rid)
 
     while heap:
         now, _, kind, payload = heapq.heappop(heap)

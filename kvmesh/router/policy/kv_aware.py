@@ -1,9 +1,5 @@
-"""Routing policies behind one interface.
-
-A policy sees the candidate workers for a request (already filtered by model,
-adapter and role) and picks one. The KV-aware policy plugs in here too: it gets the
-prompt's token ids through :class:`RouteContext`.
-"""
+"""`kv_aware` (the default): precise prefix affinity from the KV index, priced by the
+one cost model (``cost_model.py``), placed by rendezvous hashing among near-equals."""
 
 from __future__ import annotations
 
@@ -12,82 +8,17 @@ import hashlib
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
 
-from kvmesh.core.errors import NoWorkerAvailableError
+from kvmesh.core.config import CostParams
 from kvmesh.router.block_hash import U64Array, namespace_seed, prompt_hash_array
-from kvmesh.router.cost_model import CostParams, WorkerLoadInput, ttft_cost, within_bound
+from kvmesh.router.cost_model import load_input, ttft_cost, within_bound
+from kvmesh.router.policy.base import Choice, RouteContext
 from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerState
 
-
-@dataclass(frozen=True)
-class RouteContext:
-    """What a policy may look at besides the workers."""
-
-    request_id: str
-    model: str
-    adapter: str = ""
-    token_ids: Sequence[int] = field(default_factory=tuple)
-    max_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Choice:
-    worker: WorkerState
-    reason: str
-    expected_cached_tokens: int = 0
-
-
-class Policy(Protocol):
-    name: str
-
-    def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
-        """Pick one of ``workers`` (never empty) for the request."""
-        ...
-
-
-class RandomPolicy:
-    name = "random"
-
-    def __init__(self, rng: random.Random) -> None:
-        self._rng = rng
-
-    def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
-        return Choice(self._rng.choice(list(workers)), "random")
-
-
-class RoundRobinPolicy:
-    """Cycles through the candidates of each model in worker-id order."""
-
-    name = "round_robin"
-
-    def __init__(self) -> None:
-        self._next: dict[str, int] = {}
-
-    def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
-        key = f"{ctx.model}\x00{ctx.adapter}"
-        index = self._next.get(key, 0)
-        self._next[key] = index + 1
-        return Choice(workers[index % len(workers)], "round_robin")
-
-
-class PowerOfTwoPolicy:
-    """Samples two candidates and takes the less loaded (ties: the first sampled)."""
-
-    name = "power_of_two"
-
-    def __init__(self, rng: random.Random) -> None:
-        self._rng = rng
-
-    def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
-        if len(workers) == 1:
-            return Choice(workers[0], "power_of_two:only_candidate")
-        a, b = self._rng.sample(list(workers), 2)
-        if b.active < a.active or (b.active == a.active and b.load.kv_usage < a.load.kv_usage):
-            return Choice(b, "power_of_two:less_loaded")
-        return Choice(a, "power_of_two:less_loaded")
+PLACEMENT_BLOCKS = 4
+MAX_REMEMBERED_MARKS = 65536
+_MASK64 = (1 << 64) - 1
 
 
 class KvAwarePolicy:
@@ -122,11 +53,17 @@ class KvAwarePolicy:
             self._marks = {r: m for r, m in self._marks.items() if m[2] > now}
         self._marks[request_id] = (worker_id, hashes, now + self.params.pending_ttl_s)
 
-    def cached_tokens(
+    def cached_tokens(self, ctx: RouteContext, workers: Sequence[WorkerState]
+                      ) -> dict[str, int]:
+        """Prompt tokens each worker holds (confirmed or pending), without side
+        effects."""
+        return self._match(ctx, workers)[0]
+
+    def _match(
         self, ctx: RouteContext, workers: Sequence[WorkerState]
     ) -> tuple[dict[str, int], dict[int, U64Array]]:
-        """Prompt tokens each worker holds (confirmed or pending), without side
-        effects; also the prompt's block hashes per block size."""
+        """Prompt tokens each worker holds, and the prompt's block hashes per block
+        size (what ``choose`` marks pending on the chosen worker)."""
         seed = namespace_seed(ctx.model, ctx.adapter)
         cached: dict[str, int] = {}
         hashes_by_size: dict[int, U64Array] = {}
@@ -139,7 +76,7 @@ class KvAwarePolicy:
         return cached, hashes_by_size
 
     def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
-        cached, hashes_by_size = self.cached_tokens(ctx, workers)
+        cached, hashes_by_size = self._match(ctx, workers)
         by_id = {w.worker_id: w for w in workers}
         loads = within_bound(self.params, [load_input(w) for w in workers])
         prompt_tokens = len(ctx.token_ids)
@@ -169,19 +106,6 @@ class KvAwarePolicy:
         return Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits)
 
 
-def load_input(w: WorkerState) -> WorkerLoadInput:
-    """What the cost model needs of a worker's load (called per candidate per decision:
-    plain comparisons, positional fields)."""
-    load = w.load
-    routed, running, active = len(w.in_flight), load.num_running, w.active
-    # Routed since the last report and not yet running count as waiting.
-    unstarted = active - running
-    waiting = unstarted if unstarted > load.num_waiting else load.num_waiting
-    return WorkerLoadInput(
-        w.worker_id, active, routed if routed > running else running,
-        load.waiting_uncached_tokens + w.unreported_prefill_tokens, load.kv_usage, waiting)
-
-
 def placement_key(
     hashes_by_size: dict[int, U64Array], by_id: dict[str, WorkerState], near: list[str],
     cached: dict[str, int] | None = None,
@@ -203,13 +127,6 @@ def placement_key(
     return int(hashes[min(len(hashes), start + PLACEMENT_BLOCKS) - 1])
 
 
-PLACEMENT_BLOCKS = 4
-MAX_REMEMBERED_MARKS = 65536
-
-
-_MASK64 = (1 << 64) - 1
-
-
 def rendezvous_score(key: int, worker_id: str) -> int:
     """Highest-random-weight score of ``worker_id`` for ``key``: splitmix64's finaliser
     over the key and the worker's salt (a few integer operations per candidate)."""
@@ -222,36 +139,3 @@ def rendezvous_score(key: int, worker_id: str) -> int:
 @functools.lru_cache(maxsize=4096)
 def _worker_salt(worker_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(worker_id.encode(), digest_size=8).digest(), "little")
-
-
-POLICY_NAMES = ("random", "round_robin", "power_of_two", "approx_prefix", "kv_aware")
-
-
-def make_policy(
-    name: str, seed: int | None = None, index: PrefixIndex | None = None,
-    params: CostParams | None = None,
-) -> Policy:
-    rng = random.Random(seed)
-    if name == "random":
-        return RandomPolicy(rng)
-    if name == "round_robin":
-        return RoundRobinPolicy()
-    if name == "power_of_two":
-        return PowerOfTwoPolicy(rng)
-    if name == "approx_prefix":
-        from kvmesh.router.approx_prefix import ApproxPrefixPolicy
-
-        return ApproxPrefixPolicy(rng)
-    if name == "kv_aware":
-        return KvAwarePolicy(index if index is not None else PrefixIndex(), rng, params)
-    raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
-
-
-def pick(policy: Policy, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
-    """Apply ``policy``, with the one error every caller needs for an empty pool."""
-    if not workers:
-        raise NoWorkerAvailableError(
-            f"no live worker serves model {ctx.model!r}"
-            + (f" with adapter {ctx.adapter!r}" if ctx.adapter else "")
-        )
-    return policy.choose(ctx, workers)

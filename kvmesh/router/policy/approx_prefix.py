@@ -17,7 +17,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvmesh.router.policies import Choice, RouteContext
+from kvmesh.router.policy.base import Choice, LoadOnly, RouteContext
 from kvmesh.router.registry import WorkerState
 
 
@@ -97,7 +97,10 @@ class ApproxPrefixTree:
                 del node.parent.children[node.token]
 
 
-class ApproxPrefixPolicy:
+class ApproxPrefixPolicy(LoadOnly):
+    """Its tree is what it sent, not a cache view: it offers the P/D decision no
+    cached-token estimate (``LoadOnly``'s hooks)."""
+
     name = "approx_prefix"
 
     def __init__(self, rng: random.Random, imbalanced_threshold: float = float("inf"),

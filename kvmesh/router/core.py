@@ -1,0 +1,197 @@
+"""The router's core: who serves what, and where each request goes (no grpc here).
+
+``RouterCore`` owns the worker registry, the prefix index, the policy and the cost
+model's parameters. The gRPC servicer maps protobufs onto it; the worker lifecycle
+(probes, KV-event followers, snapshots) feeds it. ``route`` is admit → decide → book:
+
+- admit: the candidates with a free slot (``max_inflight_per_worker``), waiting here
+  while all are full, as long as the caller's deadline allows;
+- decide: the policy, or the P/D decision over it, in one traced span;
+- book: the chosen workers' in-flight requests and routed-but-unreported prefill, so
+  the next decision sees this one before any worker reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+from kvmesh.core.config import RouterConfig
+from kvmesh.core.errors import ModelNotFoundError, RateLimitedError
+from kvmesh.router.admission import Admission, AdmissionTimeout
+from kvmesh.router.metrics import RouterMetrics, WorkerSample
+from kvmesh.router.pd import PdDecision, decide
+from kvmesh.router.policy.base import RouteContext
+from kvmesh.router.policy.factory import make_policy
+from kvmesh.router.prefix_index import PrefixIndex
+from kvmesh.router.registry import WorkerRegistry, WorkerState
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+#: Seconds of the Route caller's deadline kept for answering "busy" before it expires.
+ADMISSION_DEADLINE_MARGIN_S = 0.5
+
+
+@dataclass(frozen=True)
+class RouteQuery:
+    """One Route call: the policy's context plus the workers the caller excludes."""
+
+    ctx: RouteContext
+    exclude: Sequence[str] = ()
+    #: Seconds left of the caller's deadline (None: no deadline).
+    time_remaining_s: float | None = None
+
+
+class RouterCore:
+    def __init__(self, config: RouterConfig, metrics: RouterMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or RouterMetrics()
+        self.registry = WorkerRegistry(config.lease_ttl_s)
+        self.index = PrefixIndex()
+        self.cost_params = config.cost
+        self.policy = make_policy(config.policy, config.seed, self.index, self.cost_params)
+        self._rng = random.Random(config.seed)
+        self._changed = asyncio.Condition()
+        self._admission: dict[str, Admission] = {}
+        fresh_s = 2 * max(config.heartbeat_interval_s, config.probe_interval_s)
+        self.metrics.track(
+            lambda: len(self.index),
+            lambda: [
+                WorkerSample(w.worker_id, w.role, self.registry.state_of(w, fresh_s),
+                             w.load.num_running, w.load.num_waiting, len(w.in_flight),
+                             w.load.kv_usage, w.load.cache_hit_rate,
+                             self.index.blocks(w.worker_id))
+                for w in self.registry.all()
+            ],
+        )
+
+    # ---- the worker set ----------------------------------------------------------
+    def add_worker(self, state: WorkerState) -> None:
+        """A worker (re-)registered: a restarted worker's old cache view is void."""
+        self.registry.upsert(state)
+        self.index.clear_worker(state.worker_id)
+
+    def remove_worker(self, worker_id: str) -> bool:
+        """A worker deregistered or expired: purge what it held from the index."""
+        removed = self.registry.remove(worker_id)
+        self.index.remove_worker(worker_id)
+        return removed
+
+    def expire(self) -> list[str]:
+        """Workers whose lease ran out, removed from the registry and the index."""
+        expired = self.registry.expire()
+        for worker_id in expired:
+            self.index.remove_worker(worker_id)
+        return expired
+
+    def report_load(self, worker_id: str, running: int, waiting: int, kv_usage: float,
+                    waiting_uncached_tokens: int, cache_hit_rate: float | None) -> None:
+        self.registry.report_load(worker_id, running, waiting, kv_usage,
+                                  waiting_uncached_tokens, cache_hit_rate)
+        self.wake_admission()
+
+    async def notify(self) -> None:
+        """The worker set changed: admission waiters look again, watchers are told."""
+        self.wake_admission()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def next_worker_set(self, seen_version: int) -> tuple[int, list[WorkerState]]:
+        """Wait until the worker set is newer than ``seen_version``; return it."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.registry.version != seen_version)
+            return self.registry.version, list(self.registry.all())
+
+    def workers(self, model: str = "") -> list[WorkerState]:
+        return [w for w in sorted(self.registry.all(), key=lambda w: w.worker_id)
+                if not model or w.model == model]
+
+    # ---- requests ----------------------------------------------------------------
+    async def route(self, query: RouteQuery) -> PdDecision:
+        ctx = query.ctx
+        if ctx.model not in self.registry.models():
+            raise ModelNotFoundError(f"the model `{ctx.model}` does not exist", param="model")
+        workers = await self._admit(query)
+        prefill = self.registry.candidates(ctx.model, ctx.adapter, query.exclude,
+                                           roles=("prefill",))
+        decode = [w for w in workers if w.role == "decode"]
+        choice = self._decide(ctx, workers, prefill, decode)
+        self._book(ctx, choice)
+        return choice
+
+    def finish(self, worker_id: str, request_id: str) -> None:
+        self.registry.finished(worker_id, request_id)
+        self.policy.finished(request_id)
+        self.wake_admission()
+
+    def _decide(self, ctx: RouteContext, workers: list[WorkerState],
+                prefill: list[WorkerState], decode: list[WorkerState]) -> PdDecision:
+        started = time.perf_counter()
+        with tracer.start_as_current_span("decide") as span:
+            choice = decide(self.policy, ctx, workers, prefill, decode,
+                            self.config.disaggregation, self.cost_params, self._rng)
+            span.set_attributes({
+                "kvmesh.route.policy": self.policy.name,
+                "kvmesh.route.reason": choice.reason,
+                "kvmesh.worker": choice.worker.worker_id,
+                "kvmesh.route.expected_cached_tokens": choice.expected_cached_tokens,
+                "kvmesh.route.candidates": len(workers),
+                "kvmesh.route.disaggregated": choice.prefill_worker is not None,
+            })
+        self.metrics.decision_seconds.labels(self.policy.name).observe(
+            time.perf_counter() - started)
+        self.metrics.decisions.labels(self.policy.name, choice.reason).inc()
+        self.metrics.matched_prefix_tokens.observe(choice.expected_cached_tokens)
+        return choice
+
+    def _book(self, ctx: RouteContext, choice: PdDecision) -> None:
+        uncached = max(len(ctx.token_ids) - choice.expected_cached_tokens, 0)
+        if choice.prefill_worker is not None:
+            self.registry.routed(choice.prefill_worker.worker_id, ctx.request_id, uncached)
+            self.registry.routed(choice.worker.worker_id, ctx.request_id, 0)
+        else:
+            self.registry.routed(choice.worker.worker_id, ctx.request_id, uncached)
+        log.debug("route %s -> %s%s (%s)", ctx.request_id, choice.worker.worker_id,
+                  f" after prefill on {choice.prefill_worker.worker_id}"
+                  if choice.prefill_worker else "", choice.reason)
+
+    async def _admit(self, query: RouteQuery) -> list[WorkerState]:
+        """The candidate workers with a free slot; waits at the router while every
+        one is full (``max_inflight_per_worker``), as long as the caller's deadline
+        and ``admission_max_wait_s`` allow."""
+        ctx = query.ctx
+
+        def candidates() -> list[WorkerState]:
+            return self.registry.candidates(ctx.model, ctx.adapter, query.exclude)
+
+        limit = self.config.max_inflight_per_worker
+        if limit <= 0:
+            return candidates()
+        queue = self._admission.setdefault(ctx.model, Admission(limit))
+        wait_s = self.config.admission_max_wait_s
+        if query.time_remaining_s is not None:
+            wait_s = min(wait_s, query.time_remaining_s - ADMISSION_DEADLINE_MARGIN_S)
+        started = time.monotonic()
+        self.metrics.admission_waiting.inc()
+        try:
+            # This router's own count: exact and immediate (reports lag a finish).
+            return await queue.admit(candidates, lambda w: len(w.in_flight), wait_s)
+        except AdmissionTimeout as exc:
+            raise RateLimitedError(
+                f"every worker serving `{ctx.model}` has {limit} requests in flight "
+                f"and none freed a slot in {exc.waited_s:.1f}s",
+                retry_after_s=max(1, round(exc.waited_s / 4))) from None
+        finally:
+            self.metrics.admission_waiting.dec()
+            self.metrics.admission_wait_seconds.observe(time.monotonic() - started)
+
+    def wake_admission(self) -> None:
+        for queue in self._admission.values():
+            queue.notify()

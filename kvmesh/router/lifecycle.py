@@ -1,0 +1,202 @@
+"""Workers' lives as the router sees them: registration, probes, KV-event followers,
+lease expiry and index snapshots. This is the part of the router that talks to
+workers over gRPC; what it learns goes into the ``RouterCore``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import grpc
+from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
+
+from kvmesh.core.errors import InvalidRequestError
+from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.roles import role_from_proto
+from kvmesh.router import snapshot, worker_probe
+from kvmesh.router.core import RouterCore
+from kvmesh.router.kv_events import KvEventFollower
+from kvmesh.router.prefix_index import pack_views
+from kvmesh.router.registry import WorkerState
+from kvmesh.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLifecycle:
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+        self._config = core.config
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._watchers: dict[str, list[asyncio.Task[None]]] = {}
+        self.followers: dict[str, KvEventFollower] = {}
+        self._incarnations: dict[str, float] = {}
+        self._restorable: dict[str, snapshot.WorkerSnapshot] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- start and stop ----------------------------------------------------------
+    async def start(self) -> None:
+        path = self._config.snapshot_path
+        if path is not None:
+            self._restorable = await asyncio.to_thread(
+                snapshot.read, path, self._config.snapshot_max_age_s)
+            if self._restorable:
+                log.info("snapshot %s holds views of %d worker(s); restored as they register",
+                         path, len(self._restorable))
+            self._tasks.append(asyncio.create_task(self._snapshot_loop(path)))
+        self._tasks.append(asyncio.create_task(self._expire_loop()))
+        for endpoint in self._config.static_workers:
+            self._tasks.append(asyncio.create_task(self._register_static(endpoint)))
+
+    async def stop(self) -> None:
+        if self._config.snapshot_path is not None:
+            with contextlib.suppress(OSError):
+                await self.take_snapshot(self._config.snapshot_path)
+        tasks = [*self._tasks, *(t for ts in self._watchers.values() for t in ts)]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for channel in self._channels.values():
+            await channel.close()
+
+    # ---- snapshots ---------------------------------------------------------------
+    async def take_snapshot(self, path: Path) -> None:
+        views = self.core.index.export_views()  # copies, taken on the loop; the rest off it
+        incarnations = dict(self._incarnations)
+
+        def work() -> None:
+            snapshot.write(path, snapshot.capture(pack_views(views), incarnations))
+
+        await asyncio.to_thread(work)
+
+    async def _snapshot_loop(self, path: Path) -> None:
+        while True:
+            await asyncio.sleep(self._config.snapshot_interval_s)
+            try:
+                await self.take_snapshot(path)
+            except OSError as exc:
+                log.warning("index snapshot to %s failed: %s", path, exc)
+
+    # ---- registration --------------------------------------------------------------
+    async def register(self, info: common_pb2.WorkerInfo) -> WorkerState:
+        """Describe the worker (GetModelInfo & co.), add it to the core, restore its
+        cache view from a snapshot of this very incarnation, and follow it."""
+        if not info.endpoint:
+            raise InvalidRequestError("worker.endpoint is required", param="worker.endpoint")
+        facts = await worker_probe.describe(self._channel(info.endpoint))
+        state = WorkerState(
+            worker_id=info.worker_id or info.endpoint,
+            endpoint=info.endpoint,
+            model=info.model or facts.model,
+            role=role_from_proto(info.role),
+            adapters=tuple(info.adapters),
+            block_size=info.block_size or facts.block_size,
+            max_context_length=info.max_context_length or facts.max_context_length,
+            kv_capacity_tokens=info.kv_capacity_tokens or facts.kv_capacity_tokens,
+            metrics_endpoint=info.metrics_endpoint,
+            nixl_side_channel=info.nixl_side_channel,
+            kv_connector=info.kv_connector,
+            dp_rank=info.dp_rank,
+            self_registered=info.self_registered,
+        )
+        self.core.add_worker(state)
+        self._stop_watching(state.worker_id)
+        self._incarnations[state.worker_id] = facts.incarnation
+        saved = self._restorable.pop(state.worker_id, None)
+        if saved is not None and snapshot.same_incarnation(saved.incarnation, facts.incarnation):
+            restored = snapshot.restore(self.core.index, state.worker_id, saved)
+            log.info("restored %d indexed blocks of %s from the snapshot", restored,
+                     state.worker_id)
+        self._follow(state)
+        log.info(
+            "registered worker %s at %s (model=%s role=%s block_size=%d%s)",
+            state.worker_id, state.endpoint, state.model, state.role, state.block_size,
+            f" {state.kv_connector} side channel {state.nixl_side_channel}"
+            if state.kv_connector else "",
+        )
+        await self.core.notify()
+        return state
+
+    async def deregister(self, worker_id: str) -> bool:
+        removed = self.core.remove_worker(worker_id)
+        self._stop_watching(worker_id)
+        if removed:
+            log.info("worker %s deregistered", worker_id)
+            await self.core.notify()
+        return removed
+
+    async def _register_static(self, endpoint: str) -> None:
+        """Keep trying to register a by-address worker until it answers."""
+        info = common_pb2.WorkerInfo(endpoint=endpoint, self_registered=False)
+        while True:
+            try:
+                await self.register(info)
+                return
+            except grpc.aio.AioRpcError as exc:
+                log.info("static worker %s not reachable yet: %s", endpoint, exc.code().name)
+                await asyncio.sleep(self._config.probe_interval_s)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(self._config.heartbeat_interval_s, 1.0))
+            for worker_id in self.core.expire():
+                log.warning("worker %s expired (no heartbeat or probe)", worker_id)
+                self._stop_watching(worker_id)
+                await self.core.notify()
+
+    # ---- following a worker ----------------------------------------------------------
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = self._channels[endpoint] = insecure_channel(endpoint)
+        return channel
+
+    def _stop_watching(self, worker_id: str) -> None:
+        for task in self._watchers.pop(worker_id, []):
+            task.cancel()
+        self.followers.pop(worker_id, None)
+
+    def _follow(self, state: WorkerState) -> None:
+        """Its KV events (with the load they carry) and a GetLoads probe loop."""
+        worker_id = state.worker_id
+
+        def on_load(load: smg_common_pb2.EngineLoad) -> None:
+            # Pushed with every event batch and as a heartbeat: fresher than polling.
+            # Prefill work in hand: the engine's pending prompt tokens when the
+            # servicer reports them (running prefills included), else the waiting ones.
+            pending = load.waiting_uncached_tokens
+            if load.HasField("prefill_pending_tokens"):
+                pending = max(pending, load.prefill_pending_tokens)
+            self.core.report_load(
+                worker_id, load.running_requests, load.waiting_requests, load.token_usage,
+                pending, load.cache_hit_rate if load.HasField("cache_hit_rate") else None,
+            )
+
+        follower = KvEventFollower(
+            worker_id, self._channel(state.endpoint), self.core.index, state.model,
+            state.block_size, on_load=on_load, metrics=self.core.metrics,
+        )
+        self.followers[worker_id] = follower
+        self._watchers[worker_id] = [
+            asyncio.create_task(self._probe_loop(worker_id, state.endpoint)),
+            asyncio.create_task(follower.run()),
+        ]
+
+    async def _probe_loop(self, worker_id: str, endpoint: str) -> None:
+        """Poll GetLoads: it is both the load feed and the liveness probe."""
+        channel = self._channel(endpoint)
+        while True:
+            try:
+                sample = await worker_probe.sample_load(channel)
+                self.core.report_load(
+                    worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
+                    sample.waiting_uncached_tokens, sample.cache_hit_rate,
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.debug("probe of %s failed: %s", worker_id, exc.code().name)
+            await asyncio.sleep(self._config.probe_interval_s)
