@@ -1,4 +1,4 @@
-"""Chained block hashes over token ids, compiled (``kernels.chain``; pure).
+"""Chained block hashes over token ids, compiled (``kernels.tables.chain``; pure).
 
 The router hashes prompts itself, so its index never depends on the engine's hash
 seed. A block's hash covers every token from the start of the prompt to the block's
@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from kvmesh.router import kernels
+from kvmesh.router.kernels import tables
 
 U64Array = np.ndarray[Any, np.dtype[np.uint64]]
 #: A prompt's token ids: a list, or the uint32 buffer a packed Route request carries.
@@ -49,7 +49,7 @@ def chain_arrays(
     token_ids: Any, block_size: int, seed: int, parent: ChainState = ROOT
 ) -> tuple[U64Array, U64Array]:
     """Block hashes and running sums (uint64 arrays) continuing ``parent``'s chain."""
-    hashes, sums = kernels.chain(as_tokens(token_ids), block_size, np.uint64(seed),
+    hashes, sums = tables.chain(as_tokens(token_ids), block_size, np.uint64(seed),
                                  np.uint64(parent.total), parent.blocks)
     return hashes, sums
 

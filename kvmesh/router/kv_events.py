@@ -46,11 +46,12 @@ def stored_from_proto(event: common_pb2.KvBlocksStored, model: str,
 @dataclass
 class FollowerStats:
     batches: int = 0
+    #: Last sequence number applied, per data-parallel rank of the engine.
+    cursors: dict[int, int] = field(default_factory=dict)
     stored_blocks: int = 0
     removed_blocks: int = 0
     gaps: int = 0
     resets: int = 0
-    cursors: dict[int, int] = field(default_factory=dict)
 
 
 def apply_batch(

@@ -3,8 +3,9 @@
 Keys are the router's own chained block hashes (``block_hash.py``); the engine's
 hashes from KV events are mapped per worker, so the index never depends on the
 engine's hash seed. All of it lives in flat numpy tables driven by compiled kernels
-(``kernels.py``): a *holder* table (router hash -> bitmask of worker slots, which
-makes the longest-prefix match for every worker at once one walk of the prompt) and
+(``kernels/tables.py``, ``kernels/pending.py``): a *holder* table (router hash ->
+bitmask of worker slots, which makes the longest-prefix match for every worker at
+once one walk of the prompt) and
 one *engine* table per worker (engine hash -> chain sum and length, from which the
 router hash follows). About 80 bytes per indexed block and no Python objects per
 block, so the garbage collector never pauses a routing decision.
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvmesh.router import kernels
 from kvmesh.router.block_hash import (
     ROOT,
     ChainState,
@@ -33,6 +33,7 @@ from kvmesh.router.block_hash import (
     chain_arrays,
     namespace_seed,
 )
+from kvmesh.router.kernels import pending, tables
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 # Tables grow (double) past this load factor; linear probing stays short below it.
@@ -62,7 +63,7 @@ class _EngineTable:
         if self.count + more <= len(self.keys) * MAX_LOAD:
             return
         bigger = _EngineTable(_capacity(self.count + more))
-        kernels.rehash_engine(self.keys, self.sums, self.lens,
+        tables.rehash_engine(self.keys, self.sums, self.lens,
                               bigger.keys, bigger.sums, bigger.lens)
         self.keys, self.sums, self.lens = bigger.keys, bigger.sums, bigger.lens
 
@@ -141,7 +142,7 @@ def pack_views(views: Views) -> dict[str, Arrays]:
     GIL)."""
     out = {}
     for worker_id, (keys, sums, lens) in views.items():
-        engine, router, totals, lengths = kernels.engine_items(keys, sums, lens)
+        engine, router, totals, lengths = tables.engine_items(keys, sums, lens)
         out[worker_id] = (engine.view(np.int64), router, totals, lengths)
     return out
 
@@ -187,20 +188,20 @@ class PrefixIndex:
         capacity = max(capacity, _capacity(self._count + more))
         keys = np.zeros(capacity, np.uint64)
         masks = np.zeros((capacity, max(words, old_words)), np.uint64)
-        kernels.rehash_holders(self._keys, self._masks, keys, masks)
+        tables.rehash_holders(self._keys, self._masks, keys, masks)
         self._keys, self._masks = keys, masks
 
     def _set(self, view: _WorkerView, router_hashes: np.ndarray) -> None:
         """Mark ``router_hashes`` held by ``view``'s worker."""
         self._reserve(len(router_hashes), view.word + 1)
         seen = np.empty(len(router_hashes), np.bool_)
-        self._count += kernels.holder_set(self._keys, self._masks, router_hashes,
+        self._count += tables.holder_set(self._keys, self._masks, router_hashes,
                                           view.word, view.bit, seen)
         if seen.any():
             for router_hash in router_hashes[seen].tolist():
                 view.extra[router_hash] = view.extra.get(router_hash, 0) + 1
         if self._pcount and view.word < self._pmasks.shape[1]:
-            kernels.pending_clear(self._pkeys, self._pmasks, router_hashes, view.word,
+            pending.pending_clear(self._pkeys, self._pmasks, router_hashes, view.word,
                                   view.bit)
 
     def _clear(self, view: _WorkerView, router_hashes: np.ndarray) -> None:
@@ -217,7 +218,7 @@ class PrefixIndex:
                     kept.append(router_hash)
             router_hashes = np.array(kept, dtype=np.uint64)
         if view.word < self._masks.shape[1]:
-            self._count -= kernels.holder_clear(self._keys, self._masks, router_hashes,
+            self._count -= tables.holder_clear(self._keys, self._masks, router_hashes,
                                                 view.word, view.bit)
 
     # ---- workers ---------------------------------------------------------------
@@ -234,7 +235,7 @@ class PrefixIndex:
         view = self._views.get(worker_id)
         if view is None:
             return
-        router = kernels.engine_items(*view.table.arrays)[1]
+        router = tables.engine_items(*view.table.arrays)[1]
         view.extra.clear()
         self._clear(view, router)
         view.table = _EngineTable()
@@ -244,7 +245,7 @@ class PrefixIndex:
         view = self._views.pop(worker_id, None)
         if view is not None:
             if view.word < self._pmasks.shape[1]:
-                kernels.pending_clear_slot(self._pmasks, view.word, view.bit)
+                pending.pending_clear_slot(self._pmasks, view.word, view.bit)
             self._free.append(view.slot)
 
     # ---- events ----------------------------------------------------------------
@@ -254,7 +255,7 @@ class PrefixIndex:
         table = view.table
         parent = ROOT
         if event.parent_engine_hash is not None:
-            total, length = kernels.engine_get(
+            total, length = tables.engine_get(
                 *table.arrays, _engine_keys([event.parent_engine_hash])[0])
             if length < 0:
                 # The chain's start is unknown (missed events): these blocks cannot
@@ -268,7 +269,7 @@ class PrefixIndex:
         count = min(len(hashes), len(engine))
         table.reserve(count)
         fresh = np.empty(count, np.bool_)
-        table.count += kernels.engine_put(*table.arrays, engine[:count], sums[:count],
+        table.count += tables.engine_put(*table.arrays, engine[:count], sums[:count],
                                           parent.blocks + 1, fresh)
         self._set(view, hashes[:count][fresh])
         return count
@@ -279,7 +280,7 @@ class PrefixIndex:
             return
         engine = _engine_keys(engine_hashes)
         router = np.empty(len(engine), np.uint64)
-        popped = kernels.engine_pop(*view.table.arrays, engine, router)
+        popped = tables.engine_pop(*view.table.arrays, engine, router)
         view.table.count -= popped
         self._clear(view, router[:popped])
 
@@ -294,7 +295,7 @@ class PrefixIndex:
         positions = _positions(len(hashes), True)
         self._reserve(0, view.word + 1)
         self._reserve_pending(len(positions), view.word + 1, now)
-        self._pcount += kernels.pending_mark(
+        self._pcount += pending.pending_mark(
             self._pkeys, self._pmasks, self._pexpiry, self._keys, self._masks,
             as_hash_array(hashes), positions, view.word, view.bit, now,
             now + ttl_s)
@@ -305,7 +306,7 @@ class PrefixIndex:
         if view is None or not self._pcount or view.word >= self._pmasks.shape[1]:
             return
         positions = _positions(len(hashes), True)
-        kernels.pending_clear(self._pkeys, self._pmasks, as_hash_array(hashes)[positions],
+        pending.pending_clear(self._pkeys, self._pmasks, as_hash_array(hashes)[positions],
                               view.word, view.bit)
 
     def _reserve_pending(self, more: int, words: int, now: float) -> None:
@@ -316,7 +317,7 @@ class PrefixIndex:
         capacity = _capacity(self._pcount + more)
         keys, expiry = np.zeros(capacity, np.uint64), np.zeros(capacity)
         masks = np.zeros((capacity, max(words, old_words)), np.uint64)
-        self._pcount = kernels.rehash_pending(self._pkeys, self._pmasks, self._pexpiry, now,
+        self._pcount = pending.rehash_pending(self._pkeys, self._pmasks, self._pexpiry, now,
                                               keys, masks, expiry)
         self._pkeys, self._pmasks, self._pexpiry = keys, masks, expiry
 
@@ -340,9 +341,9 @@ class PrefixIndex:
             alive_words = np.array([(alive >> (64 * w)) & 0xFFFF_FFFF_FFFF_FFFF
                                     for w in range(words)], dtype=np.uint64)
             pending_alive = alive_words.copy()
-            kernels.match(self._keys, self._masks, array, alive_words, found)
+            tables.match(self._keys, self._masks, array, alive_words, found)
             if self._pcount:
-                kernels.pending_match(
+                pending.pending_match(
                     self._pkeys, self._pmasks, self._pexpiry, self._clock(), array,
                     _positions(len(array), False), _CHECKPOINT_STRIDE, pending_alive, found)
         depth = dict.fromkeys(ids, 0)
@@ -370,7 +371,7 @@ class PrefixIndex:
         view = self._view(worker_id)
         keys = engine.view(np.uint64) if engine.dtype == np.int64 else _engine_keys(engine)
         view.table.reserve(len(keys))
-        kernels.engine_put_states(*view.table.arrays, keys, totals.astype(np.uint64),
+        tables.engine_put_states(*view.table.arrays, keys, totals.astype(np.uint64),
                                   blocks.astype(np.uint32))
         view.table.count = len(keys)
         self._set(view, router.astype(np.uint64))

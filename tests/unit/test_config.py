@@ -98,3 +98,20 @@ def test_pd_mesh_needs_both_pools() -> None:
     with pytest.raises(ValidationError, match="at least one worker"):
         MeshConfig(workers=0)
     assert len(MeshConfig(workers=0, prefill=1, decode=1).worker_roles()) == 2
+
+
+def test_router_config_reaches_the_cost_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cost model's parameters are the router's config (file, env or flags), not
+    defaults built inside the router."""
+    from kvmesh.router.core import RouterCore
+    from kvmesh.router.policy.kv_aware import KvAwarePolicy
+
+    monkeypatch.setenv("KVMESH_ROUTER_COST__BACKLOG_WEIGHT", "0.5")
+    config = RouterConfig(cost={"prefill_tokens_per_s": 9000.0}, metrics_port=None)
+    core = RouterCore(config)
+    assert core.cost_params.prefill_tokens_per_s == 9000.0
+    assert isinstance(core.policy, KvAwarePolicy)
+    assert core.policy.params is core.cost_params
+    assert RouterCore(RouterConfig(metrics_port=None)).cost_params.backlog_weight == 0.5
+    with pytest.raises(ValueError, match="prefill_tokens_per_s"):
+        RouterConfig(cost={"prefill_tokens_per_s": 0})

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmesh.router import kernels
 from kvmesh.router.block_hash import namespace_seed, prompt_hashes
+from kvmesh.router.kernels import tables
 from kvmesh.router.prefix_index import PrefixIndex, StoredBlocks
 
 pytestmark = pytest.mark.unit
@@ -26,20 +26,20 @@ def test_engine_table_matches_a_dict(steps: list[tuple[bool, int]]) -> None:
         engine = np.array([key], np.uint64)
         if insert:
             fresh = np.empty(1, np.bool_)
-            kernels.engine_put(*table, engine, np.array([step], np.uint64), step, fresh)
+            tables.engine_put(*table, engine, np.array([step], np.uint64), step, fresh)
             assert bool(fresh[0]) == (key not in model)
             model.setdefault(key, (step, step))
         else:
             out = np.empty(1, np.uint64)
-            popped = kernels.engine_pop(*table, engine, out)
+            popped = tables.engine_pop(*table, engine, out)
             assert popped == (key in model)
             if key in model:
                 total, length = model.pop(key)
-                assert int(out[0]) == int(kernels.router_hash(np.uint64(total), length))
+                assert int(out[0]) == int(tables.router_hash(np.uint64(total), length))
         for k in set(model) | {0, 1, 2}:
-            total, length = kernels.engine_get(*table, np.uint64(k))
+            total, length = tables.engine_get(*table, np.uint64(k))
             assert (int(total), int(length)) == model.get(k, (0, -1))
-    engine, _, totals, lengths = kernels.engine_items(*table)
+    engine, _, totals, lengths = tables.engine_items(*table)
     assert {int(e): (int(t), int(n)) for e, t, n in zip(engine, totals, lengths, strict=True)} \
         == model
 
@@ -56,16 +56,16 @@ def test_holder_table_matches_sets_across_many_worker_slots(
         hashes = np.array([key], np.uint64)
         if add:
             seen = np.empty(1, np.bool_)
-            kernels.holder_set(*table, hashes, word, bit, seen)
+            tables.holder_set(*table, hashes, word, bit, seen)
             assert bool(seen[0]) == (slot in model.get(key, set()))
             model.setdefault(key, set()).add(slot)
         else:
-            kernels.holder_clear(*table, hashes, word, bit)
+            tables.holder_clear(*table, hashes, word, bit)
             model.get(key, set()).discard(slot)
             if not model.get(key):
                 model.pop(key, None)
     assert int(np.count_nonzero(table[0])) == len(model)
-    rows = {0 if k == kernels.ZERO_KEY else int(k): table[1][i]
+    rows = {0 if k == tables.ZERO_KEY else int(k): table[1][i]
             for i, k in enumerate(table[0]) if k}
     for key in range(10):
         row = rows.get(key, np.zeros(words, np.uint64))
