@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -14,10 +14,19 @@ from kvmesh.core.error_map import grpc_code_for, http_error_for, http_error_of
 from kvmesh.core.errors import AuthenticationError, InvalidRequestError, KvmeshError
 from kvmesh.core.logs import request_id_var
 from kvmesh.core.tracing import current_trace_id
-from kvmesh.gateway.chat import ChatPlan, collect_chat, stream_chat
+from kvmesh.gateway.chat import collect_chat, stream_chat
 from kvmesh.gateway.core import GatewayCore, new_request_id
+from kvmesh.gateway.lifecycle import (
+    Event,
+    Observed,
+    Prepared,
+    embed,
+    generate,
+    prepare_chat,
+    prepare_completion,
+)
 from kvmesh.gateway.logprobs import TokenLogprob
-from kvmesh.gateway.pipeline import Finished, echo_texts, run_prompts
+from kvmesh.gateway.pipeline import Finished
 from kvmesh.gateway.request_log import RequestRecord
 from kvmesh.gateway.schemas import (
     ChatCompletionRequest,
@@ -27,11 +36,7 @@ from kvmesh.gateway.schemas import (
     Usage,
 )
 from kvmesh.gateway.tokenizers import ModelTokenizer
-from kvmesh.gateway.translate import (
-    GenerationSpec,
-    chat_fields_from_proto,
-    completion_fields_from_proto,
-)
+from kvmesh.gateway.translate import chat_fields_from_proto, completion_fields_from_proto
 from kvmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 M = TypeVar("M", bound=BaseModel)
@@ -44,18 +49,6 @@ def _validated(cls: type[M], fields: dict[str, object]) -> M:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first.get("loc", ()))
         raise InvalidRequestError(f"{param}: {first.get('msg')}", param=param) from exc
-
-
-@dataclass
-class Prepared:
-    """A validated, tokenized request, ready to generate."""
-
-    specs: list[GenerationSpec]
-    tokenizer: ModelTokenizer
-    stream: bool
-    plan: ChatPlan | None = None  # chat only
-    echoes: list[str] = field(default_factory=list)  # completions: echo text per prompt
-    logprobs: int | None = None  # completions: alternatives per token, when requested
 
 
 def _bearer(context: grpc.aio.ServicerContext) -> str | None:
@@ -103,19 +96,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, core: GatewayCore) -> None:
         self._core = core
 
-    async def _counted(
-        self, method: str, model: str, client_id: str, prefix: str,
-        prepare: Callable[[], Awaitable[Prepared]], context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
-        """Metrics for one RPC: requests by gRPC status, errors by type, token timings."""
+    @contextlib.asynccontextmanager
+    async def _accounted(self, method: str, model: str, record: RequestRecord | None,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[str]:
+        """Authenticate the caller (yielding its key id), then count the RPC by gRPC
+        status and its errors by type, and close its request log record."""
         metrics = self._core.metrics
-        started = time.perf_counter()
-        endpoint = f"grpc:{method}"
         status = grpc.StatusCode.OK
-        record = RequestRecord(client_id or new_request_id(prefix), started,
-                               trace_id=current_trace_id(), endpoint=endpoint, model=model)
-        request_id_var.set(record.request_id)
-        slot = None
         try:
             bearer = _bearer(context)
             try:
@@ -123,11 +110,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             except AuthenticationError:
                 metrics.auth_failure("missing_key" if bearer is None else "invalid_key")
                 raise
-            prepared = await prepare()
-            slot = self._core.admission.admit(key, prepared.stream)
-            async for item in self._generate(prepared, record.request_id, prefix, endpoint,
-                                             started, record):
-                yield item
+            yield key
         except KvmeshError as exc:
             status = grpc_code_for(exc)
             metrics.errors.labels(http_error_of(exc).openai_type).inc()
@@ -137,11 +120,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             metrics.errors.labels(http_error_for(status).openai_type).inc()
             raise
         finally:
-            if slot is not None:
-                slot.release()
-            metrics.requests.labels(metrics.model_label(model), endpoint, status.name).inc()
-            record.status = status.name
-            record.done()
+            metrics.requests.labels(
+                metrics.model_label(model), f"grpc:{method}", status.name).inc()
+            if record is not None:
+                record.status = status.name
+                record.done()
+
+    async def _counted(
+        self, method: str, model: str, client_id: str, prefix: str,
+        prepare: Callable[[], Awaitable[Prepared]], context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        """One generation RPC through the request lifecycle, accounted."""
+        started = time.perf_counter()
+        endpoint = f"grpc:{method}"
+        record = RequestRecord(client_id or new_request_id(prefix), started,
+                               trace_id=current_trace_id(), endpoint=endpoint, model=model)
+        request_id_var.set(record.request_id)
+        async with self._accounted(method, model, record, context) as key:
+            prepared = await prepare()
+            async for item in self._generate(prepared, key, record.request_id,
+                                             Observed(endpoint, started, record)):
+                yield item
 
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
@@ -163,27 +162,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def _prepare_chat(self, request: inference_pb2.ChatRequest) -> Prepared:
         req = _validated(ChatCompletionRequest, chat_fields_from_proto(request))
-        assert isinstance(req, ChatCompletionRequest)
-        spec, tokenizer, plan = await self._core.prepare_chat(req)
-        return Prepared([spec], tokenizer, req.stream, plan=plan)
+        return await prepare_chat(self._core, req)
 
     async def _prepare_completion(self, request: inference_pb2.CompletionRequest) -> Prepared:
         req = _validated(CompletionRequest, completion_fields_from_proto(request))
-        assert isinstance(req, CompletionRequest)
-        specs, tokenizer = await self._core.prepare_completion(req)
-        echoes = echo_texts(specs, tokenizer) if req.echo else [""] * len(specs)
-        return Prepared(specs, tokenizer, req.stream, echoes=echoes, logprobs=req.logprobs)
+        return await prepare_completion(self._core, req)
 
     async def _generate(
-        self, prepared: Prepared, client_id: str, prefix: str, endpoint: str, started: float,
-        record: RequestRecord,
+        self, prepared: Prepared, key: str, rid: str, observed: Observed,
+    ) -> AsyncIterator[inference_pb2.GenerationResponse]:
+        events = generate(self._core, key, prepared, rid, observed)
+        async with contextlib.aclosing(events):  # a cancelled RPC frees its slot at once
+            async for item in self._responses(prepared, events, rid):
+                yield item
+
+    async def _responses(
+        self, prepared: Prepared, events: AsyncIterator[Event], rid: str,
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
         spec, tokenizer, plan = prepared.specs[0], prepared.tokenizer, prepared.plan
-        rid = client_id or new_request_id(prefix)
         created = int(time.time())
-        events = self._core.metrics.observe_generation(
-            run_prompts(self._core.mesh, tokenizer, prepared.specs, rid), spec.model, endpoint,
-            started, record)
         top = plan.top_logprobs if plan is not None else prepared.logprobs
 
         def response(choices: list[inference_pb2.GenerationChoice],
@@ -262,29 +259,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        metrics = self._core.metrics
-        status = grpc.StatusCode.OK
-        try:
-            bearer = _bearer(context)
-            try:
-                self._core.admission.authenticate(bearer)
-            except AuthenticationError:
-                metrics.auth_failure("missing_key" if bearer is None else "invalid_key")
-                raise
-            return await self._embed(request)
-        except KvmeshError as exc:
-            status = grpc_code_for(exc)
-            metrics.errors.labels(http_error_of(exc).openai_type).inc()
-            raise
-        except grpc.aio.AioRpcError as exc:
-            status = exc.code()
-            metrics.errors.labels(http_error_for(status).openai_type).inc()
-            raise
-        finally:
-            metrics.requests.labels(
-                metrics.model_label(request.model), "grpc:Embed", status.name).inc()
+        async with self._accounted("Embed", request.model, None, context) as key:
+            return await self._embed(request, key)
 
-    async def _embed(self, request: inference_pb2.EmbedRequest) -> inference_pb2.EmbedResponse:
+    async def _embed(self, request: inference_pb2.EmbedRequest,
+                     key: str) -> inference_pb2.EmbedResponse:
         inputs: list[object] = []
         for item in request.inputs:
             which = item.WhichOneof("input")
@@ -301,9 +280,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if request.HasField("dimensions"):
             fields["dimensions"] = request.dimensions
         req = _validated(EmbeddingRequest, fields)
-        assert isinstance(req, EmbeddingRequest)
         rid = request.request_id or new_request_id("embd")
-        result = await self._core.embed(req, rid)
+        result = await embed(self._core, key, req, rid)
         return inference_pb2.EmbedResponse(
             id=rid, model=req.model, created=int(time.time()),
             data=[

@@ -17,7 +17,7 @@ from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.gateway.core import GatewayCore
 from kvmesh.gateway.grpc_api import InferenceServicer
-from kvmesh.gateway.http_app import create_app
+from kvmesh.gateway.http.app import create_app
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
 

@@ -1,0 +1,48 @@
+"""GET /v1/models and the service endpoints: /health, /metrics, /sd/prometheus."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from kvmesh.gateway.discovery import prometheus_targets
+from kvmesh.gateway.http.generation import core_of
+from kvmesh.gateway.schemas import ModelCard, ModelList
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[
+        ModelCard(id=e.name, created=e.created, max_model_len=e.max_context_length)
+        for e in core_of(request).catalog.all()
+    ])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    e = core_of(request).catalog.get(model_id)
+    return ModelCard(id=e.name, created=e.created, max_model_len=e.max_context_length)
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    ready = core_of(request).ready_models()
+    return JSONResponse({"status": "ok" if ready else "starting", "models": ready},
+                        status_code=200 if ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(core_of(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/sd/prometheus")
+async def prometheus_sd(request: Request) -> JSONResponse:
+    """Prometheus HTTP service discovery: gateway, router and every worker."""
+    core = core_of(request)
+    gateway = core.http_address or request.url.netloc
+    return JSONResponse(prometheus_targets(
+        gateway, core.catalog.router_metrics_endpoint, core.catalog.workers))
