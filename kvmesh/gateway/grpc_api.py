@@ -40,6 +40,7 @@ from kvmesh.gateway.translate import chat_fields_from_proto, completion_fields_f
 from kvmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R", inference_pb2.ChatRequest, inference_pb2.CompletionRequest)
 
 
 def _validated(cls: type[M], fields: dict[str, object]) -> M:
@@ -127,17 +128,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 record.done()
 
     async def _counted(
-        self, method: str, model: str, client_id: str, prefix: str,
-        prepare: Callable[[], Awaitable[Prepared]], context: grpc.aio.ServicerContext,
+        self, method: str, request: R, prefix: str, prepare: Callable[[R], Awaitable[Prepared]],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
         """One generation RPC through the request lifecycle, accounted."""
+        model, client_id = request.model, request.request_id
         started = time.perf_counter()
         endpoint = f"grpc:{method}"
         record = RequestRecord(client_id or new_request_id(prefix), started,
                                trace_id=current_trace_id(), endpoint=endpoint, model=model)
         request_id_var.set(record.request_id)
         async with self._accounted(method, model, record, context) as key:
-            prepared = await prepare()
+            prepared = await prepare(request)
             async for item in self._generate(prepared, key, record.request_id,
                                              Observed(endpoint, started, record)):
                 yield item
@@ -145,19 +147,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Chat(
         self, request: inference_pb2.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
-        async for item in self._counted(
-            "Chat", request.model, request.request_id, "chatcmpl",
-            lambda: self._prepare_chat(request), context,
-        ):
+        async for item in self._counted("Chat", request, "chatcmpl", self._prepare_chat, context):
             yield item
 
     async def Complete(
         self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
-        async for item in self._counted(
-            "Complete", request.model, request.request_id, "cmpl",
-            lambda: self._prepare_completion(request), context,
-        ):
+        async for item in self._counted("Complete", request, "cmpl", self._prepare_completion,
+                                        context):
             yield item
 
     async def _prepare_chat(self, request: inference_pb2.ChatRequest) -> Prepared:

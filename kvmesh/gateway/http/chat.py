@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response
 
 from kvmesh.gateway.chat import ChatChoiceEvent, ChatChoiceResult, collect_chat, stream_chat
-from kvmesh.gateway.http.generation import Renderer, core_of, respond
-from kvmesh.gateway.http.streaming import sse, with_stream_errors, without_null_usage
+from kvmesh.gateway.http.generation import Renderer, core_of, serve_generation
+from kvmesh.gateway.http.streaming import (
+    event_frames,
+    sse,
+    with_stream_errors,
+    without_null_usage,
+)
 from kvmesh.gateway.lifecycle import Event, Prepared, prepare_chat
 from kvmesh.gateway.logprobs import chat_logprobs
 from kvmesh.gateway.pipeline import Finished
@@ -25,21 +29,6 @@ from kvmesh.gateway.schemas import (
     ChatResponseMessage,
     Usage,
 )
-
-router = APIRouter()
-ENDPOINT = "/v1/chat/completions"
-
-
-@router.post(ENDPOINT, response_model=None)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request
-) -> JSONResponse | StreamingResponse | None:
-    request.state.model = body.model
-    prepared = await prepare_chat(core_of(request), body)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(request, prepared, "chatcmpl", ENDPOINT,
-                         lambda rid, created: chat_renderer(prepared, rid, created,
-                                                           include_usage, request))
 
 
 def chat_renderer(prepared: Prepared, rid: str, created: int, include_usage: bool,
@@ -56,29 +45,28 @@ def chat_renderer(prepared: Prepared, rid: str, created: int, include_usage: boo
             choice["delta"] = _without_nulls(choice["delta"])
         return sse(payload)
 
+    def frame(event: ChatChoiceEvent) -> str:
+        lp = None
+        if plan.top_logprobs is not None and event.logprobs:
+            lp = chat_logprobs(event.logprobs, plan.top_logprobs, tokenizer.token_text)
+        return chunk([ChatChunkChoice(
+            index=event.index,
+            delta=ChatDelta(
+                content=event.content or None,
+                reasoning=event.reasoning or None,
+                reasoning_content=event.reasoning or None,
+                tool_calls=event.tool_calls or None,
+            ),
+            finish_reason=event.finish_reason,
+            logprobs=lp,
+        )])
+
     async def frames(events: AsyncIterator[ChatChoiceEvent | Finished]) -> AsyncIterator[str]:
         for i in range(n):
             yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-        async with contextlib.aclosing(events):  # type: ignore[type-var]
-            async for event in events:
-                if isinstance(event, Finished):
-                    if include_usage:
-                        yield chunk([], event.usage)
-                    continue
-                lp = None
-                if plan.top_logprobs is not None and event.logprobs:
-                    lp = chat_logprobs(event.logprobs, plan.top_logprobs, tokenizer.token_text)
-                yield chunk([ChatChunkChoice(
-                    index=event.index,
-                    delta=ChatDelta(
-                        content=event.content or None,
-                        reasoning=event.reasoning or None,
-                        reasoning_content=event.reasoning or None,
-                        tool_calls=event.tool_calls or None,
-                    ),
-                    finish_reason=event.finish_reason,
-                    logprobs=lp,
-                )])
+        usage = (lambda u: chunk([], u)) if include_usage else None
+        async for text in event_frames(events, frame, usage):
+            yield text
 
     async def collect(events: AsyncIterator[Event]) -> dict[str, Any]:
         results, final = await collect_chat(events, plan, tokenizer, n)
@@ -89,6 +77,15 @@ def chat_renderer(prepared: Prepared, rid: str, created: int, include_usage: boo
         frames=lambda events: with_stream_errors(frames(events), metrics),
         collect=collect,
     )
+
+
+router = APIRouter()
+ENDPOINT = "/v1/chat/completions"
+
+
+@router.post(ENDPOINT, response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | None:
+    return await serve_generation(request, body, prepare_chat, "chatcmpl", ENDPOINT, chat_renderer)
 
 
 def _without_nulls(value: Any) -> Any:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response
 
-from kvmesh.gateway.http.generation import Renderer, core_of, respond
-from kvmesh.gateway.http.streaming import sse, with_stream_errors, without_null_usage
+from kvmesh.gateway.http.generation import Renderer, core_of, serve_generation
+from kvmesh.gateway.http.streaming import (
+    event_frames,
+    sse,
+    with_stream_errors,
+    without_null_usage,
+)
 from kvmesh.gateway.lifecycle import Event, Prepared, prepare_completion
 from kvmesh.gateway.logprobs import TokenLogprob, completion_logprobs
 from kvmesh.gateway.pipeline import ChoiceDelta, Finished
@@ -21,21 +25,6 @@ from kvmesh.gateway.schemas import (
     Usage,
 )
 from kvmesh.gateway.tokenizers import ModelTokenizer
-
-router = APIRouter()
-ENDPOINT = "/v1/completions"
-
-
-@router.post(ENDPOINT, response_model=None)
-async def completions(
-    body: CompletionRequest, request: Request
-) -> JSONResponse | StreamingResponse | None:
-    request.state.model = body.model
-    prepared = await prepare_completion(core_of(request), body)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(request, prepared, "cmpl", ENDPOINT,
-                         lambda rid, created: completion_renderer(prepared, rid, created,
-                                                                  include_usage, request))
 
 
 def completion_renderer(prepared: Prepared, rid: str, created: int, include_usage: bool,
@@ -49,31 +38,27 @@ def completion_renderer(prepared: Prepared, rid: str, created: int, include_usag
             id=rid, created=created, model=model, choices=choices, usage=usage
         ).model_dump()))
 
-    async def frames(events: AsyncIterator[Event]) -> AsyncIterator[str]:
-        echoed: set[int] = set()
-        offsets: dict[int, int] = {}
-        async with contextlib.aclosing(events):  # type: ignore[type-var]
-            async for event in events:
-                if isinstance(event, Finished):
-                    if include_usage:
-                        yield chunk([], event.usage)
-                    continue
-                text = event.text
-                prefix = prefixes[event.index // n]
-                if prefix and event.index not in echoed:
-                    echoed.add(event.index)
-                    text = prefix + text
-                lp = None
-                if logprobs is not None and (event.logprobs or event.prompt_logprobs):
-                    start = offsets.get(event.index, len(prefix))
-                    lp = _logprobs(event.prompt_logprobs, event.logprobs, logprobs,
-                                   tokenizer, start)
-                    offsets[event.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-                if text or event.finish_reason or lp:
-                    yield chunk([CompletionChoice(
-                        index=event.index, text=text, finish_reason=event.finish_reason,
-                        logprobs=lp,
-                    )])
+    echoed: set[int] = set()
+    offsets: dict[int, int] = {}
+
+    def frame(event: ChoiceDelta) -> str | None:
+        text = event.text
+        prefix = prefixes[event.index // n]
+        if prefix and event.index not in echoed:
+            echoed.add(event.index)
+            text = prefix + text
+        lp = None
+        if logprobs is not None and (event.logprobs or event.prompt_logprobs):
+            start = offsets.get(event.index, len(prefix))
+            lp = _logprobs(event.prompt_logprobs, event.logprobs, logprobs, tokenizer, start)
+            offsets[event.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+        if not (text or event.finish_reason or lp):
+            return None
+        return chunk([CompletionChoice(index=event.index, text=text,
+                                       finish_reason=event.finish_reason, logprobs=lp)])
+
+    def frames(events: AsyncIterator[Event]) -> AsyncIterator[str]:
+        return event_frames(events, frame, (lambda u: chunk([], u)) if include_usage else None)
 
     async def collect(events: AsyncIterator[Event]) -> dict[str, Any]:
         total = n * len(prepared.specs)
@@ -93,6 +78,16 @@ def completion_renderer(prepared: Prepared, rid: str, created: int, include_usag
     return Renderer(stream_events=lambda events: events,
                     frames=lambda events: with_stream_errors(frames(events), metrics),
                     collect=collect)
+
+
+router = APIRouter()
+ENDPOINT = "/v1/completions"
+
+
+@router.post(ENDPOINT, response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Response | None:
+    return await serve_generation(request, body, prepare_completion, "cmpl", ENDPOINT,
+                                  completion_renderer)
 
 
 def _logprobs(

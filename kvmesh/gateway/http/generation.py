@@ -16,6 +16,7 @@ from kvmesh.gateway.admission import ANONYMOUS
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.http.streaming import cancel_on_disconnect, primed
 from kvmesh.gateway.lifecycle import Event, Observed, Prepared, generate
+from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 E = TypeVar("E")
 
@@ -31,6 +32,25 @@ class Renderer(Generic[E]):
     stream_events: Callable[[AsyncIterator[Event]], AsyncIterator[E]]
     frames: Callable[[AsyncIterator[E]], AsyncIterator[str]]
     collect: Callable[[AsyncIterator[Event]], Awaitable[dict[str, Any]]]
+
+
+Body = TypeVar("Body", ChatCompletionRequest, CompletionRequest)
+#: An endpoint family's renderer for one request: (prepared, id, created, include_usage,
+#: the HTTP request) → how its events become the response.
+RendererFactory = Callable[[Prepared, str, int, bool, Request], Renderer[E]]
+
+
+async def serve_generation(
+    request: Request, body: Body, prepare: Callable[[GatewayCore, Body], Awaitable[Prepared]],
+    id_prefix: str, endpoint: str, renderer: RendererFactory[E],
+) -> JSONResponse | StreamingResponse | None:
+    """A chat or completion request from its parsed body to its response."""
+    request.state.model = body.model
+    prepared = await prepare(core_of(request), body)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(request, prepared, id_prefix, endpoint,
+                         lambda rid, created: renderer(prepared, rid, created, include_usage,
+                                                       request))
 
 
 def core_of(request: Request) -> GatewayCore:

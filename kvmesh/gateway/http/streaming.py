@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse
 from kvmesh.core.error_map import http_error_for, http_error_of, openai_error_body
 from kvmesh.core.errors import AuthenticationError, KvmeshError, RateLimitedError
 from kvmesh.gateway.metrics import GatewayMetrics
+from kvmesh.gateway.pipeline import Finished
+from kvmesh.gateway.schemas import Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,6 +110,24 @@ def without_null_usage(payload: dict[str, Any]) -> dict[str, Any]:
     if payload.get("usage") is None:
         payload.pop("usage", None)
     return payload
+
+
+async def event_frames(
+    events: AsyncIterator[T | Finished], frame: Callable[[T], str | None],
+    usage: Callable[[Usage], str] | None,
+) -> AsyncIterator[str]:
+    """SSE frames of a generation's events: ``frame`` renders each choice event (None:
+    nothing to send), ``usage`` the final usage chunk (None: the client did not ask for
+    it). Closing the frames closes the events, which cancels the generation."""
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        async for event in events:
+            if isinstance(event, Finished):
+                if usage is not None:
+                    yield usage(event.usage)
+                continue
+            text = frame(event)
+            if text is not None:
+                yield text
 
 
 async def with_stream_errors(
