@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import tempfile
 import uuid
 from dataclasses import dataclass, replace
@@ -42,7 +41,6 @@ from kvmesh.gateway.translate import (
 )
 from kvmesh.gateway.vision import image_bytes, multimodal_inputs, open_image
 
-log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 

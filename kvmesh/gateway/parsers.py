@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,24 +25,26 @@ from kvmesh.gateway.schemas import (
 from kvmesh.gateway.tools import template_tools, tool_call_id
 
 
+def _registered(lookup: Callable[[str], Any], name: str, what: str) -> Any:
+    """A parser class from one of vLLM's registries, or a 400 naming the bad name."""
+    try:
+        return lookup(name)
+    except KeyError as exc:
+        raise InvalidRequestError(f"unknown {what} {name!r}") from exc
+
+
 @functools.cache
 def tool_parser_class(name: str) -> Any:
     from vllm.tool_parsers import ToolParserManager
 
-    try:
-        return ToolParserManager.get_tool_parser(name)
-    except KeyError as exc:
-        raise InvalidRequestError(f"unknown tool-call parser {name!r}") from exc
+    return _registered(ToolParserManager.get_tool_parser, name, "tool-call parser")
 
 
 @functools.cache
 def reasoning_parser_class(name: str) -> Any:
     from vllm.reasoning import ReasoningParserManager
 
-    try:
-        return ReasoningParserManager.get_reasoning_parser(name)
-    except KeyError as exc:
-        raise InvalidRequestError(f"unknown reasoning parser {name!r}") from exc
+    return _registered(ReasoningParserManager.get_reasoning_parser, name, "reasoning parser")
 
 
 @functools.cache

@@ -285,7 +285,7 @@ class CompletionChoice(BaseModel):
 
 class CompletionResponse(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: Literal["text_completion"] = Field("text_completion")
     created: int
     model: str
     choices: list[CompletionChoice]

@@ -63,34 +63,27 @@ def requested_constraints(req: SamplingFields) -> list[Constraint]:
             "response_format",
         ))
     so = req.structured_outputs
-    if so is not None:
-        if so.json_ is not None:
-            found.append(Constraint(
-                "json_schema", _schema_text(so.json_, "structured_outputs.json"),
-                "structured_outputs.json"))
-        if so.regex is not None:
-            found.append(Constraint("regex", so.regex, "structured_outputs.regex"))
-        if so.choice is not None:
-            found.append(Constraint(
-                "choice", _choices(so.choice, "structured_outputs.choice"),
-                "structured_outputs.choice"))
-        if so.grammar is not None:
-            found.append(Constraint("grammar", so.grammar, "structured_outputs.grammar"))
-        if so.json_object:
-            found.append(Constraint("json_object", True, "structured_outputs.json_object"))
-        if so.structural_tag is not None:
-            found.append(Constraint(
-                "structural_tag", so.structural_tag, "structured_outputs.structural_tag"))
-    if req.guided_json is not None:
-        found.append(Constraint(
-            "json_schema", _schema_text(req.guided_json, "guided_json"), "guided_json"))
-    if req.guided_regex is not None:
-        found.append(Constraint("regex", req.guided_regex, "guided_regex"))
-    if req.guided_choice is not None:
-        found.append(Constraint(
-            "choice", _choices(req.guided_choice, "guided_choice"), "guided_choice"))
-    if req.guided_grammar is not None:
-        found.append(Constraint("grammar", req.guided_grammar, "guided_grammar"))
+    asked: list[tuple[str, Any, str]] = [] if so is None else [
+        ("json_schema", so.json_, "structured_outputs.json"),
+        ("regex", so.regex, "structured_outputs.regex"),
+        ("choice", so.choice, "structured_outputs.choice"),
+        ("grammar", so.grammar, "structured_outputs.grammar"),
+        ("json_object", True if so.json_object else None, "structured_outputs.json_object"),
+        ("structural_tag", so.structural_tag, "structured_outputs.structural_tag"),
+    ]
+    # vLLM's older per-field extras.
+    asked += [("json_schema", req.guided_json, "guided_json"),
+              ("regex", req.guided_regex, "guided_regex"),
+              ("choice", req.guided_choice, "guided_choice"),
+              ("grammar", req.guided_grammar, "guided_grammar")]
+    for kind, value, param in asked:
+        if value is None:
+            continue
+        if kind == "json_schema":
+            value = _schema_text(value, param)
+        elif kind == "choice":
+            value = _choices(value, param)
+        found.append(Constraint(kind, value, param))
     return found
 
 

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 from tests.prom import Scrape
+from tests.router_client import list_workers
 
 from .conftest import MODEL, UpProcess
 
@@ -23,16 +24,6 @@ SYSTEM = (
     "You are the support assistant of the Lighthouse Museum. "
     + " ".join(f"Rule {i}: answer politely and mention exhibit number {i}." for i in range(60))
 )
-
-
-def _workers(router: str) -> list[router_pb2.WorkerStatus]:
-    async def run() -> list[router_pb2.WorkerStatus]:
-        async with grpc.aio.insecure_channel(router) as channel:
-            reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
-                router_pb2.ListWorkersRequest(), timeout=5)
-            return list(reply.workers)
-
-    return asyncio.run(run())
 
 
 def _route(router: str, token_ids: list[int]) -> router_pb2.RouteDecision:
@@ -54,7 +45,7 @@ def test_shared_prefix_goes_to_the_worker_that_cached_it(
 ) -> None:
     router = kvmesh_up.state["router"]
     client = openai.OpenAI(base_url=kvmesh_up.state["http"], api_key="x", max_retries=0)
-    before = {s.worker.worker_id: s.indexed_blocks for s in _workers(router)}
+    before = {s.worker.worker_id: s.indexed_blocks for s in list_workers(router)}
 
     def ask(question: str) -> openai.types.chat.ChatCompletion:
         return client.chat.completions.create(
@@ -68,11 +59,11 @@ def test_shared_prefix_goes_to_the_worker_that_cached_it(
     deadline = time.monotonic() + 20
     holder = None
     while time.monotonic() < deadline and holder is None:
-        for s in _workers(router):
+        for s in list_workers(router):
             if s.indexed_blocks - before.get(s.worker.worker_id, 0) >= 600 // 32:
                 holder = s.worker.worker_id
         time.sleep(0.1)
-    assert holder is not None, _workers(router)
+    assert holder is not None, list_workers(router)
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     follow_up = [{"role": "system", "content": SYSTEM},

@@ -12,6 +12,7 @@ import pytest
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.launch.procs import pid_alive
+from tests.waiting import eventually
 
 from .conftest import MODEL, UpProcess
 
@@ -137,10 +138,7 @@ def test_disconnect_mid_stream_frees_engine_slot(kvmesh_up: UpProcess) -> None:
         assert len(data) >= 4
         assert _running(kvmesh_up) == 1
     # 2000 tokens would take ~30 s here; an aborted request is gone at once.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _running(kvmesh_up) != 0:
-        time.sleep(0.1)
-    assert _running(kvmesh_up) == 0
+    assert eventually(lambda: _running(kvmesh_up), 0, timeout_s=10, interval_s=0.1) == 0
 
 
 def test_ctrl_c_stops_every_process(kvmesh_up: UpProcess) -> None:

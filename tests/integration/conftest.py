@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
 import pytest
 
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
@@ -91,6 +92,12 @@ def running_mesh(prefix: str = "kvm-") -> Iterator[Mesh]:
         finally:
             for proc in mesh.procs.values():
                 terminate(proc)
+
+
+@pytest.fixture(scope="module")
+def client(fake_mesh: Mesh) -> openai.OpenAI:
+    """The openai SDK against the module's fake mesh (no retries: errors show as they are)."""
+    return openai.OpenAI(base_url=fake_mesh.http, api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")

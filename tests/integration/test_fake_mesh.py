@@ -15,17 +15,13 @@ from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 from transformers import AutoTokenizer
 
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
+from tests.waiting import eventually
 
 from .conftest import Mesh, start_router
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Tell me about the mesh."}]
-
-
-@pytest.fixture(scope="module")
-def client(fake_mesh: Mesh) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fake_mesh.http, api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -252,10 +248,7 @@ def test_disconnect_mid_stream_cancels_the_worker_request(fake_mesh: Mesh) -> No
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
         assert _total_running(fake_mesh) == 1
-    deadline = time.monotonic() + 4
-    while time.monotonic() < deadline and _total_running(fake_mesh) != 0:
-        time.sleep(0.05)
-    assert _total_running(fake_mesh) == 0
+    assert eventually(lambda: _total_running(fake_mesh), 0, timeout_s=4) == 0
 
 
 def _total_running(mesh: Mesh) -> int:

@@ -23,11 +23,6 @@ MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Count the tokens."}]
 
 
-@pytest.fixture(scope="module")
-def client(fake_mesh: Mesh) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fake_mesh.http, api_key="unused", max_retries=0)
-
-
 def _gateway(mesh: Mesh) -> str:
     return mesh.http.removeprefix("http://").removesuffix("/v1")
 

@@ -11,12 +11,12 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import httpx
 import openai
 import pytest
 
-from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from kvmesh.v1 import common_pb2
+from tests.router_client import list_workers
 
 from .conftest import Mesh, running_mesh, start_router
 
@@ -37,18 +37,6 @@ def pd_mesh(model_dir: Path) -> Iterator[Mesh]:
         yield mesh
 
 
-def _list_workers(router: str) -> list[router_pb2.WorkerStatus]:
-    import asyncio
-
-    async def run() -> list[router_pb2.WorkerStatus]:
-        async with grpc.aio.insecure_channel(router) as channel:
-            reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
-                router_pb2.ListWorkersRequest(), timeout=5)
-            return list(reply.workers)
-
-    return asyncio.run(run())
-
-
 def _metric(mesh: Mesh, name: str) -> float:
     text = httpx.get(mesh.http.removesuffix("/v1") + "/metrics", timeout=5).text
     for line in text.splitlines():
@@ -58,7 +46,7 @@ def _metric(mesh: Mesh, name: str) -> float:
 
 
 def test_workers_register_role_connector_and_side_channel(pd_mesh: Mesh) -> None:
-    workers = {s.worker.worker_id: s.worker for s in _list_workers(pd_mesh.router)}
+    workers = {s.worker.worker_id: s.worker for s in list_workers(pd_mesh.router)}
     p, d = workers["p0"], workers["d0"]
     assert p.role == common_pb2.WORKER_ROLE_PREFILL
     assert d.role == common_pb2.WORKER_ROLE_DECODE

@@ -20,6 +20,13 @@ class Pool:
         return self.in_flight[worker]
 
 
+async def waiting(gate: Admission, pool: Pool) -> asyncio.Task[list[str]]:
+    """A request that has started waiting at ``gate`` for a slot in ``pool``."""
+    task = asyncio.create_task(gate.admit(pool.candidates, pool.count, 5.0))
+    await asyncio.sleep(0.01)
+    return task
+
+
 def test_no_limit_admits_everything() -> None:
     pool = Pool(a=100, b=7)
     assert asyncio.run(Admission(0).admit(pool.candidates, pool.count, 1.0)) == ["a", "b"]
@@ -74,31 +81,20 @@ def test_waiters_are_admitted_in_arrival_order() -> None:
     asyncio.run(main())
 
 
-def test_a_newcomer_queues_behind_earlier_waiters() -> None:
-    async def main() -> None:
-        pool = Pool(a=1)
-        gate = Admission(1)
-        first = asyncio.create_task(gate.admit(pool.candidates, pool.count, 5.0))
-        await asyncio.sleep(0.01)
-        pool.in_flight["a"] = 0  # a slot frees, nobody has been told yet
-        late = asyncio.create_task(gate.admit(pool.candidates, pool.count, 5.0))
-        await asyncio.sleep(0.01)
-        assert not late.done()  # the earlier waiter has the first claim
-        gate.notify()
-        assert await first == ["a"]
-        assert await late == ["a"]  # woken when the first left (slot still free here)
-
-    asyncio.run(main())
+async def test_a_newcomer_queues_behind_earlier_waiters() -> None:
+    pool, gate = Pool(a=1), Admission(1)
+    first = await waiting(gate, pool)
+    pool.in_flight["a"] = 0  # a slot frees, nobody has been told yet
+    late = await waiting(gate, pool)
+    assert not late.done()  # the earlier waiter has the first claim
+    gate.notify()
+    assert await first == ["a"]
+    assert await late == ["a"]  # woken when the first left (slot still free here)
 
 
-def test_a_vanished_pool_returns_empty_instead_of_waiting() -> None:
-    async def main() -> None:
-        pool = Pool(a=1)
-        gate = Admission(1)
-        waiter = asyncio.create_task(gate.admit(pool.candidates, pool.count, 5.0))
-        await asyncio.sleep(0.01)
-        pool.in_flight.clear()  # the worker died
-        gate.notify()
-        assert await waiter == []
-
-    asyncio.run(main())
+async def test_a_vanished_pool_returns_empty_instead_of_waiting() -> None:
+    pool, gate = Pool(a=1), Admission(1)
+    waiter = await waiting(gate, pool)
+    pool.in_flight.clear()  # the worker died
+    gate.notify()
+    assert await waiter == []
