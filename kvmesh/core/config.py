@@ -1,62 +1,34 @@
-"""Typed configuration: one pydantic settings model per process.
+"""Typed configuration: one pydantic settings model per process (router, worker,
+gateway, and ``MeshConfig`` for ``kvmesh up``), every field with a description.
 
 Precedence, highest first: command-line flags, environment (``KVMESH_<SERVICE>_...``,
-nested with ``__``), the YAML/JSON config file, defaults.
+nested with ``__``), the YAML/JSON config file, defaults (``kvmesh.core.settings``).
 """
 
 from __future__ import annotations
 
-import contextvars
-import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, Field, model_validator
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from kvmesh.core.engine_config import EngineConfig, KvTransferConfig, role_engine
 from kvmesh.core.roles import WorkerRole
-
-# (settings class being loaded, its file's data): nested settings models must not
-# read their parent's file as their own.
-_FILE_DATA: contextvars.ContextVar[tuple[type, dict[str, Any]] | None] = contextvars.ContextVar(
-    "kvmesh_config_file_data", default=None
+from kvmesh.core.settings import (
+    DEFAULT_HOST,
+    ServiceSettings,
+    dump_settings,
+    load_settings,
+    read_config_file,
 )
 
+__all__ = [  # the engine's and the loader's names, importable from here as before
+    "EngineConfig", "KvTransferConfig", "role_engine", "dump_settings", "load_settings",
+    "read_config_file",
+]
+
 PolicyName = Literal["kv_aware", "approx_prefix", "round_robin", "power_of_two", "random"]
-DEFAULT_HOST = "127.0.0.1"
-
-
-class _FileSource(PydanticBaseSettingsSource):
-    """Settings from the config file given to :func:`load_settings`."""
-
-    def _data(self) -> dict[str, Any]:
-        current = _FILE_DATA.get()
-        if current is None or current[0] is not self.settings_cls:
-            return {}
-        return current[1]
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._data().get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self._data())
-
-
-class _Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="forbid")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _FileSource(settings_cls))
 
 
 class TracingConfig(BaseModel):
@@ -126,7 +98,7 @@ class CostParams(BaseModel):
         "running sequence, as a fraction of the prefill time (what disaggregation avoids).")
 
 
-class RouterConfig(_Settings):
+class RouterConfig(ServiceSettings):
     """The router service."""
 
     model_config = SettingsConfigDict(env_prefix="KVMESH_ROUTER_", env_nested_delimiter="__")
@@ -191,100 +163,7 @@ class RouterConfig(_Settings):
         return self
 
 
-class EngineConfig(BaseModel):
-    """How a worker runs vLLM. Fields map 1:1 to vLLM engine arguments."""
-
-    model_config = {"extra": "forbid"}
-
-    model: str = Field(
-        "embedded",
-        description="Local model folder, 'embedded' for the packaged SmolLM2-135M-Instruct, "
-        "hf://org/name[@revision] (or org/name), s3://bucket/prefix or gs://bucket/prefix; "
-        "remote models are fetched once per node into $KVMESH_MODEL_CACHE (docs/models.md).",
-    )
-    served_model_name: str | None = Field(
-        None, description="Name clients use; defaults to the embedded name, the hub repo id, "
-        "the last part of a bucket prefix, or the folder name."
-    )
-    max_model_len: int = Field(4096, gt=0, description="Context length (prompt + output).")
-    block_size: int | None = Field(
-        None,
-        description="KV block size in tokens; None keeps the engine default "
-        "(128 on CPU; CPU needs a multiple of 32).",
-    )
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks across requests.")
-    enforce_eager: bool = Field(
-        False, description="Skip torch.compile (faster start, ~15-20% slower decode)."
-    )
-    dtype: str = Field("auto", description="Model dtype (auto, bfloat16, float16, float32).")
-    max_num_seqs: int | None = Field(None, gt=0, description="Max concurrently running sequences.")
-    kv_cache_space_gib: float = Field(
-        1.0, gt=0, description="CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
-    )
-    num_kv_blocks: int | None = Field(
-        None, gt=0,
-        description="Cap the KV cache at this many blocks (vLLM num_gpu_blocks_override); "
-        "benchmarks use it to give workers a known, small capacity.")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="Fraction of GPU memory for the engine (GPU only)."
-    )
-    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel degree.")
-    seed: int = Field(0, description="Engine seed.")
-    runner: Literal["auto", "generate", "pooling"] = Field(
-        "auto",
-        description="vLLM runner: 'generate' for chat/completion models, 'pooling' for "
-        "embedding models (served through VllmEngine.Embed); 'auto' lets vLLM decide.",
-    )
-    load_format: str = Field(
-        "auto", description="vLLM load format; 'dummy' gives random weights (plumbing tests)."
-    )
-
-
-KvConnectorName = Literal["nixl", "lmcache"]
-
-
-class KvTransferConfig(BaseModel):
-    """How prefill and decode workers hand KV caches over (vLLM KV connectors).
-
-    Only ``prefill`` and ``decode`` workers get a connector; ``both`` workers serve
-    aggregated requests and carry none.
-    """
-
-    model_config = {"extra": "forbid"}
-
-    connector: KvConnectorName = Field(
-        "nixl",
-        description="'nixl' (vLLM NixlConnector; works on CPU) or 'lmcache' "
-        "(LMCacheConnectorV1; GPU only, needs the kvmesh[lmcache] extra).",
-    )
-    side_channel_host: str = Field(
-        DEFAULT_HOST,
-        description="Address of this worker's NIXL side channel (the handshake socket "
-        "decode workers connect to); registered with the router.",
-    )
-    side_channel_port: int = Field(
-        0, ge=0, le=65535,
-        description="NIXL side-channel port; 0 picks a free one at start. Every engine "
-        "on a host needs its own.",
-    )
-    buffer_device: Literal["cpu", "cuda", "xpu"] = Field(
-        "cpu", description="Where the connector stages KV for transfer (cpu on CPU hosts).")
-    load_failure_policy: Literal["recompute", "fail"] = Field(
-        "recompute",
-        description="Decode side, when the KV transfer fails or times out: 'recompute' "
-        "prefills locally instead (the request still succeeds), 'fail' errors it.",
-    )
-    kv_lease_s: int = Field(
-        30, gt=0,
-        description="Prefill side: how long finished prefills keep their KV blocks for a "
-        "decode worker that has not read them yet (decode workers renew the lease "
-        "while they wait).",
-    )
-    lmcache_config_file: Path | None = Field(
-        None, description="LMCache only: its YAML config (LMCACHE_CONFIG_FILE).")
-
-
-class WorkerConfig(_Settings):
+class WorkerConfig(ServiceSettings):
     """A worker: one engine serving VllmEngine, registered with the router."""
 
     model_config = SettingsConfigDict(env_prefix="KVMESH_WORKER_", env_nested_delimiter="__")
@@ -342,7 +221,7 @@ class ModelParsers(BaseModel):
     )
 
 
-class GatewayConfig(_Settings):
+class GatewayConfig(ServiceSettings):
     """The gateway: OpenAI HTTP API + kvmesh.v1.Inference gRPC API."""
 
     model_config = SettingsConfigDict(env_prefix="KVMESH_GATEWAY_", env_nested_delimiter="__")
@@ -409,14 +288,6 @@ class GatewayConfig(_Settings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
 
-def role_engine(base: EngineConfig, override: EngineConfig | None) -> EngineConfig:
-    """``base`` with the fields ``override`` sets explicitly."""
-    if override is None:
-        return base
-    return base.model_copy(
-        update={name: getattr(override, name) for name in override.model_fields_set})
-
-
 class EmbeddingsConfig(BaseModel):
     """The embedding model `kvmesh up` serves next to the chat model."""
 
@@ -440,7 +311,7 @@ class EmbeddingsConfig(BaseModel):
     )
 
 
-class MeshConfig(_Settings):
+class MeshConfig(ServiceSettings):
     """`kvmesh up`: a whole local mesh."""
 
     model_config = SettingsConfigDict(env_prefix="KVMESH_", env_nested_delimiter="__")
@@ -499,32 +370,3 @@ class MeshConfig(_Settings):
         )
 
 
-S = TypeVar("S", bound=BaseSettings)
-
-
-def read_config_file(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    text = Path(path).read_text()
-    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping")
-    return data
-
-
-def load_settings(cls: type[S], config_file: Path | None = None, **flags: Any) -> S:
-    """Build ``cls`` from flags (None means unset) > environment > file > defaults."""
-    token = _FILE_DATA.set((cls, read_config_file(config_file)))
-    try:
-        return cls(**{k: v for k, v in flags.items() if v is not None})
-    finally:
-        _FILE_DATA.reset(token)
-
-
-def dump_settings(settings: BaseModel, path: Path) -> Path:
-    """Write a resolved config for a child process (read back with load_settings)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings.model_dump(mode="json"), indent=2))
-    return path

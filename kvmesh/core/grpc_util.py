@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvmesh.core import tracing
+import kvmesh.core.tracing as tracing
 from kvmesh.core.error_map import grpc_code_for, rich_status
 from kvmesh.core.errors import KvmeshError
 

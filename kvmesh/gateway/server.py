@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import grpc
 import uvicorn
 
-from kvmesh.core import tracing
+import kvmesh.core.tracing as tracing
 from kvmesh.core.config import GatewayConfig
 from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.core.service_main import write_ready_file
