@@ -16,6 +16,16 @@ def ray_env() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+class _LauncherOwnsSigterm(logging.Filter):
+    """``kvmesh up`` starts Ray from a worker thread and stops everything itself on
+    SIGTERM/SIGINT (in order), so Ray not installing its own handler (which would
+    ``sys.exit`` mid-shutdown) is intended: its warning about it is not the user's
+    business."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
 def init_ray(
     address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True
 ) -> None:
@@ -25,6 +35,7 @@ def init_ray(
 
     if ray.is_initialized():
         return
+    logging.getLogger("ray._private.worker").addFilter(_LauncherOwnsSigterm())
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:

@@ -31,6 +31,16 @@ def test_models_and_two_workers(kvmesh_up: UpProcess, client: openai.OpenAI) -> 
     assert len(workers) == 2 and len({w["endpoint"] for w in workers}) == 2
 
 
+def test_up_prints_no_library_warning(kvmesh_up: UpProcess) -> None:
+    """What `kvmesh up` printed while starting two real workers: its own lines only —
+    no pydantic serializer warning, no Ray or vLLM warning meant for developers."""
+    printed = kvmesh_up.log.read_text().splitlines()
+    assert any("kvmesh is up" in line for line in printed)
+    foreign = [line for line in printed
+               if ("WARNING" in line or "Warning" in line) and " kvmesh " not in line]
+    assert foreign == []
+
+
 def test_chat_non_streaming_real_model(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=MODEL, messages=QUESTION, max_tokens=30, temperature=0
