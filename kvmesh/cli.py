@@ -1,4 +1,4 @@
-"""The `kvmesh` command: up, model, status."""
+"""The `kvmesh` command: up, status, down, model, bench."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from kvmesh.core.config import MeshConfig, PolicyName, load_settings
 from kvmesh.core.errors import ModelNotFoundError
 from kvmesh.core.logs import setup_logging
 from kvmesh.core.service_main import add_observability_flags, observability_settings
+from kvmesh.launch.state import NoMeshError
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -133,9 +134,28 @@ def _model_prepare(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from kvmesh.launch.state import read_state
     from kvmesh.launch.status import print_status
 
-    return asyncio.run(print_status(args.router))
+    if args.router:
+        return asyncio.run(print_status(args.router, as_json=args.json))
+    mesh = read_state(args.state_file)
+    return asyncio.run(print_status(mesh["router"], as_json=args.json, mesh=mesh))
+
+
+def _down(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmesh.launch.state import stop_mesh
+
+    result = stop_mesh(args.state_file, args.timeout)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"kvmesh stopped (pids {', '.join(map(str, result['stopped']))})"
+              + (f"; forced: {result['forced']}" if result["forced"] else "")
+              + (f"; still alive: {result['alive']}" if result["alive"] else ""))
+    return 1 if result["alive"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve no embedding model (default: all-MiniLM-L6-v2 next to the "
                     "chat model)")
     up.add_argument("--state-file", type=Path, default=None,
-                    help="write addresses and PIDs here as JSON once up")
+                    help="write addresses and PIDs here as JSON once up (default: "
+                    "$KVMESH_STATE_FILE, $XDG_RUNTIME_DIR/kvmesh/up.json or "
+                    "~/.cache/kvmesh/up.json; `kvmesh status`/`down` read it)")
     up.add_argument("--verbose", action="store_true", help="show worker logs")
     add_observability_flags(up)
     up.add_argument("--api-key", action="append", default=None,
@@ -252,8 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_model_prepare)
 
     status = sub.add_parser("status", help="workers, models and load, from the router")
-    status.add_argument("--router", default="127.0.0.1:50051", help="router host:port")
+    status.add_argument("--router", default=None,
+                        help="router host:port (default: the running kvmesh up's)")
+    status.add_argument("--state-file", type=Path, default=None,
+                        help="kvmesh up's state (default: $KVMESH_STATE_FILE, "
+                        "$XDG_RUNTIME_DIR/kvmesh/up.json or ~/.cache/kvmesh/up.json)")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     status.set_defaults(func=_status)
+
+    down = sub.add_parser("down", help="stop the running kvmesh up (by its recorded PIDs)")
+    down.add_argument("--state-file", type=Path, default=None,
+                      help="kvmesh up's state (default: as for status)")
+    down.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds for an ordered stop before the processes are killed")
+    down.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    down.set_defaults(func=_down)
     return parser
 
 
@@ -266,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelNotFoundError as exc:  # says what is missing; a traceback would not
         print(f"kvmesh: {exc.message}", file=sys.stderr)
         return 2
+    except NoMeshError as exc:
+        print(f"kvmesh: {exc}", file=sys.stderr)
+        return 1
     return result
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import grpc
+from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
@@ -48,7 +52,10 @@ def model_table(reply: router_pb2.ListWorkersResponse) -> Table:
     return table
 
 
-async def print_status(router: str, console: Console | None = None) -> int:
+async def print_status(router: str, console: Console | None = None,
+                       as_json: bool = False, mesh: dict[str, Any] | None = None) -> int:
+    """The router's view as tables, or (``as_json``) one JSON object for scripts: the
+    router's ListWorkers answer plus the `kvmesh up` state it was found through."""
     console = console or Console()
     async with insecure_channel(router) as channel:
         try:
@@ -58,6 +65,13 @@ async def print_status(router: str, console: Console | None = None) -> int:
         except grpc.aio.AioRpcError as exc:
             console.print(f"[red]router {router} unreachable:[/] {exc.details()}")
             return 1
+    if as_json:
+        body = {"router": router, **json_format.MessageToDict(
+            reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)}
+        if mesh is not None:
+            body["mesh"] = mesh
+        print(json.dumps(body, indent=2))
+        return 0
     console.print(worker_table(reply))
     console.print(model_table(reply))
     return 0

@@ -17,6 +17,7 @@ from kvmesh.core.config import EngineConfig, MeshConfig, WorkerConfig, dump_sett
 from kvmesh.core.roles import WorkerRole
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
+from kvmesh.launch.state import claim, default_state_file, release
 from kvmesh.models.source import resolve_model
 
 log = logging.getLogger(__name__)
@@ -214,11 +215,16 @@ class LocalMesh:
 
 
 async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> None:
-    """Start the mesh, print where to send requests, run until Ctrl-C / SIGTERM."""
+    """Start the mesh, print where to send requests, run until Ctrl-C / SIGTERM.
+
+    Its state (addresses, PIDs) goes to ``state_file`` or the default place
+    (``kvmesh.launch.state``), where `kvmesh status` and `kvmesh down` find it."""
     import signal
 
     from rich.console import Console
 
+    state_file = state_file or default_state_file()
+    claim(state_file)
     console = Console(stderr=False)
     mesh = LocalMesh(config, verbose=verbose)
     stop = asyncio.Event()
@@ -232,7 +238,7 @@ async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> N
         if not start.done():
             start.cancel()
             return
-        state = start.result()
+        state = {**start.result(), "pid": os.getpid()}
         stopper.cancel()
         write_ready_file(state_file, state)
         console.print(
@@ -246,10 +252,12 @@ async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> N
             f"  gRPC Inference: {state['grpc']}\n"
             f"  router:         {state['router']}\n"
             f"  logs:           {state['run_dir']}\n"
+            f"  state:          {state_file} (`kvmesh status`, `kvmesh down`)\n"
             "Press Ctrl-C to stop."
         )
         await stop.wait()
         console.print("stopping kvmesh ...")
     finally:
         await mesh.stop()
+        release(state_file)
     console.print("kvmesh stopped.")
