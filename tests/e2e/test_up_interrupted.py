@@ -40,7 +40,8 @@ def test_interrupt_during_engine_start_ends_every_process(model_dir: Path) -> No
     with tempfile.TemporaryDirectory(prefix="kvm-upint-") as d:
         log = Path(d) / "up.log"
         up = spawn_module("kvmesh.cli", ["up", "--workers", "1", "--no-embeddings",
-                                         "--port", "0", *ENGINE_FLAGS], log)
+                                         "--port", "0", "--state-file", str(Path(d) / "up.json"),
+                                         *ENGINE_FLAGS], log)
         seen: set[int] = set()
         engine = None
         try:
