@@ -14,6 +14,7 @@ from kvmesh.core.config import MeshConfig, PolicyName, load_settings
 from kvmesh.core.errors import ModelNotFoundError
 from kvmesh.core.logs import setup_logging
 from kvmesh.core.service_main import add_observability_flags, observability_settings
+from kvmesh.launch.placement import PlacementError
 from kvmesh.launch.state import NoMeshError
 
 
@@ -35,6 +36,8 @@ def _up(args: argparse.Namespace) -> int:
         worker=_set(engine=engine, engine_kind=args.engine_kind),
         **observability_settings(args),
         embeddings={"workers": 0} if args.no_embeddings else None,
+        ray_address=getattr(args, "address", None),
+        placement=args.placement,
     )
     # Flags merge into the file's sections key by key (pydantic-settings deep-merges).
     config = load_settings(MeshConfig, args.config, **(overrides or {}))
@@ -158,47 +161,64 @@ def _down(args: argparse.Namespace) -> int:
     return 1 if result["alive"] else 0
 
 
+def _add_mesh_arguments(p: argparse.ArgumentParser) -> None:
+    """What `kvmesh up` and `kvmesh deploy ray` share: the mesh's shape and settings."""
+    p.add_argument("--workers", type=int, default=None, help="number of workers (default 1)")
+    p.add_argument("--prefill", type=int, default=None,
+                   help="prefill workers (P pool; with --decode; no both-workers unless "
+                   "--workers is given)")
+    p.add_argument("--decode", type=int, default=None, help="decode workers (D pool)")
+    p.add_argument("--disaggregation", default=None, choices=["auto", "always", "never"],
+                   help="when the router splits prefill and decode (default auto)")
+    p.add_argument("--port", type=int, default=None, help="OpenAI HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=None, help="Inference gRPC port")
+    p.add_argument("--policy", default=None,
+                   choices=get_args(PolicyName),
+                   help="routing policy (default kv_aware)")
+    p.add_argument("--max-inflight-per-worker", type=int, default=None,
+                   help="router admission: requests in flight per worker before new ones "
+                   "wait at the router for a slot (default 0: no limit)")
+    p.add_argument("--config", type=Path, default=None, help="YAML/JSON MeshConfig file")
+    p.add_argument("--model", default=None,
+                   help="model folder, 'embedded', hf://org/name[@rev], s3://bucket/prefix "
+                   "or gs://bucket/prefix (docs/models.md)")
+    p.add_argument("--enforce-eager", action="store_true", help="skip torch.compile")
+    p.add_argument("--block-size", type=int, default=None, help="KV block size (CPU: 32k)")
+    p.add_argument("--engine-kind", default=None, choices=["vllm", "fake"],
+                   help="'fake' for plumbing tests only")
+    p.add_argument("--no-embeddings", action="store_true",
+                   help="serve no embedding model (default: all-MiniLM-L6-v2 next to the "
+                   "chat model)")
+    p.add_argument("--state-file", type=Path, default=None,
+                   help="write addresses and PIDs here as JSON once up (default: "
+                   "$KVMESH_STATE_FILE, $XDG_RUNTIME_DIR/kvmesh/up.json or "
+                   "~/.cache/kvmesh/up.json; `kvmesh status`/`down` read it)")
+    p.add_argument("--verbose", action="store_true", help="show worker logs")
+    add_observability_flags(p)
+    p.add_argument("--api-key", action="append", default=None,
+                   help="accepted API key (repeat for several); none = no auth")
+    p.add_argument("--placement", default=None,
+                   choices=["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                   help="reserve all workers as one Ray placement group first (default none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmesh", description=__doc__)
     parser.add_argument("--log-level", default=None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run router + workers + gateway on this machine")
-    up.add_argument("--workers", type=int, default=None, help="number of workers (default 1)")
-    up.add_argument("--prefill", type=int, default=None,
-                    help="prefill workers (P pool; with --decode; no both-workers unless "
-                    "--workers is given)")
-    up.add_argument("--decode", type=int, default=None, help="decode workers (D pool)")
-    up.add_argument("--disaggregation", default=None, choices=["auto", "always", "never"],
-                    help="when the router splits prefill and decode (default auto)")
-    up.add_argument("--port", type=int, default=None, help="OpenAI HTTP port (default 8000)")
-    up.add_argument("--grpc-port", type=int, default=None, help="Inference gRPC port")
-    up.add_argument("--policy", default=None,
-                    choices=get_args(PolicyName),
-                    help="routing policy (default kv_aware)")
-    up.add_argument("--max-inflight-per-worker", type=int, default=None,
-                    help="router admission: requests in flight per worker before new ones "
-                    "wait at the router for a slot (default 0: no limit)")
-    up.add_argument("--config", type=Path, default=None, help="YAML/JSON MeshConfig file")
-    up.add_argument("--model", default=None,
-                    help="model folder, 'embedded', hf://org/name[@rev], s3://bucket/prefix "
-                    "or gs://bucket/prefix (docs/models.md)")
-    up.add_argument("--enforce-eager", action="store_true", help="skip torch.compile")
-    up.add_argument("--block-size", type=int, default=None, help="KV block size (CPU: 32k)")
-    up.add_argument("--engine-kind", default=None, choices=["vllm", "fake"],
-                    help="'fake' for plumbing tests only")
-    up.add_argument("--no-embeddings", action="store_true",
-                    help="serve no embedding model (default: all-MiniLM-L6-v2 next to the "
-                    "chat model)")
-    up.add_argument("--state-file", type=Path, default=None,
-                    help="write addresses and PIDs here as JSON once up (default: "
-                    "$KVMESH_STATE_FILE, $XDG_RUNTIME_DIR/kvmesh/up.json or "
-                    "~/.cache/kvmesh/up.json; `kvmesh status`/`down` read it)")
-    up.add_argument("--verbose", action="store_true", help="show worker logs")
-    add_observability_flags(up)
-    up.add_argument("--api-key", action="append", default=None,
-                    help="accepted API key (repeat for several); none = no auth")
+    _add_mesh_arguments(up)
     up.set_defaults(func=_up)
+
+    deploy = sub.add_parser("deploy", help="run kvmesh on a cluster you already operate")
+    on_ray = deploy.add_subparsers(dest="target", required=True).add_parser("ray", help=(
+        "workers as actors on an existing Ray cluster (placed by their resources and "
+        "--placement); router and gateway on this host"))
+    on_ray.add_argument("--address", required=True,
+                        help="the Ray cluster to join (host:port of its head)")
+    _add_mesh_arguments(on_ray)
+    on_ray.set_defaults(func=_up)
 
     bench = sub.add_parser("bench", help="benchmarks (print ratios measured in one run)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -301,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelNotFoundError as exc:  # says what is missing; a traceback would not
         print(f"kvmesh: {exc.message}", file=sys.stderr)
         return 2
-    except NoMeshError as exc:
+    except (NoMeshError, PlacementError) as exc:
         print(f"kvmesh: {exc}", file=sys.stderr)
         return 1
     return result

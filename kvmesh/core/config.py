@@ -196,6 +196,10 @@ class WorkerConfig(ServiceSettings):
     )
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs the worker actor reserves.")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs the worker actor reserves.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources the worker actor reserves, e.g. {'gpu_pool': 1}: "
+        "it runs only on nodes that offer them (`ray start --resources`).")
     fake_token_delay_s: float = Field(
         0.005, ge=0, description="Fake engine only: seconds per generated token."
     )
@@ -342,6 +346,11 @@ class MeshConfig(ServiceSettings):
     ray_address: str | None = Field(
         None, description="Existing Ray cluster to join; None starts a local one."
     )
+    placement: Literal["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "none",
+        description="Reserve every chat and embedding worker as one Ray placement group "
+        "before any starts (a gang: all or none; PACK/STRICT_PACK on as few nodes as "
+        "possible, SPREAD/STRICT_SPREAD over nodes); 'none' places each actor on its own.")
     startup_timeout_s: float = Field(
         600.0, gt=0, description="How long to wait for every service to come up."
     )

@@ -16,6 +16,7 @@ import httpx
 from kvmesh.core.config import EngineConfig, MeshConfig, WorkerConfig, dump_settings
 from kvmesh.core.roles import WorkerRole
 from kvmesh.core.service_main import write_ready_file
+from kvmesh.launch import placement
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
 from kvmesh.launch.state import claim, default_state_file, release
 from kvmesh.models.source import resolve_model
@@ -103,6 +104,7 @@ class LocalMesh:
         self._router: subprocess.Popen[bytes] | None = None
         self._gateway: subprocess.Popen[bytes] | None = None
         self._actors: list[Any] = []
+        self._group: Any = None  # the workers' placement group (MeshConfig.placement)
         self.state: dict[str, Any] = {}
 
     async def start(self) -> dict[str, Any]:
@@ -136,7 +138,11 @@ class LocalMesh:
         await asyncio.to_thread(init_ray, cfg.ray_address, None, self.verbose)
         configs = worker_configs(cfg, router, self.run_dir)
         embedding_configs = embedding_worker_configs(cfg, router, self.run_dir)
-        self._actors = [spawn_worker_actor(c) for c in configs + embedding_configs]
+        everyone = configs + embedding_configs
+        self._group = await asyncio.to_thread(
+            placement.reserve, everyone, cfg.placement, cfg.startup_timeout_s)
+        self._actors = [spawn_worker_actor(c, placement=placement.scheduling(self._group, i))
+                        for i, c in enumerate(everyone)]
         log.info("starting %d worker(s) and %d embedding worker(s) (first start compiles; "
                  "see %s)", len(configs), len(embedding_configs), self.run_dir)
         started_workers = await asyncio.wait_for(
@@ -205,6 +211,8 @@ class LocalMesh:
                     log.warning("worker stop failed: %s", exc)
                 ray.kill(actor)
             self._actors = []
+        placement.release(self._group)
+        self._group = None
         if self.config.ray_address is None:
             import ray
 

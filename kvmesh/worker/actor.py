@@ -77,14 +77,18 @@ class WorkerActor:
         return True
 
 
-def spawn_worker_actor(config: WorkerConfig, name: str | None = None) -> Any:
-    """Create (not start) a worker actor; call ``.start.remote()`` on the handle."""
+def spawn_worker_actor(config: WorkerConfig, name: str | None = None,
+                       placement: dict[str, Any] | None = None) -> Any:
+    """Create (not start) a worker actor; call ``.start.remote()`` on the handle.
+    ``placement``: its placement-group scheduling options, if the mesh has a group."""
     import ray
 
     cls = ray.remote(WorkerActor)
     options: dict[str, Any] = {
         "num_cpus": config.num_cpus,
         "num_gpus": config.num_gpus,
+        "resources": dict(config.resources),
+        **(placement or {}),
         "max_concurrency": 1000,
         # Offline unless the caller says otherwise: a hub model is fetched by whoever
         # starts the actor (`kvmesh up`), or by the actor when HF_HUB_OFFLINE=0 is set.
