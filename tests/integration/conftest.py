@@ -40,19 +40,21 @@ class Mesh:
         return info
 
     def start_gateway(self, *extra: str, env: dict[str, str] | None = None,
-                      timeout_s: float = 60) -> None:
-        """The gateway in front of ``self.router``; waits until it answers /health."""
-        ready = self.dir / "gateway.ready"
+                      timeout_s: float = 60, name: str = "gateway") -> dict:
+        """A gateway in front of ``self.router``; waits until it answers /health. The
+        mesh's ``http``/``grpc`` point at the latest one started."""
+        ready = self.dir / f"{name}.ready"
         proc = spawn_module(
             "kvmesh.gateway",
             ["--router", self.router, "--port", "0", "--grpc-port", "0",
              "--ready-file", str(ready), *extra],
-            self.dir / "gateway.log", env=env,
+            self.dir / f"{name}.log", env=env,
         )
-        self.procs["gateway"] = proc
-        gateway = wait_ready_file(ready, timeout_s, proc, "gateway")
+        self.procs[name] = proc
+        gateway = wait_ready_file(ready, timeout_s, proc, name)
         self.http, self.grpc = gateway["http"], gateway["grpc"]
         _wait_healthy(self.http)
+        return dict(gateway)
 
     def logs(self) -> str:
         return "\n".join(

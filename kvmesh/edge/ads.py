@@ -1,0 +1,146 @@
+"""A state-of-the-world ADS server: versioned snapshots of the edge's resources,
+pushed to every connected Envoy, with ACK/NACK tracking per resource type.
+
+``SnapshotStore.publish`` replaces the whole resource set under a new version (so a
+stream never sees a cluster from one version and its endpoints from another); each
+ADS stream sends, per type, the newest version it has not sent yet. Envoy answers every
+response: an ACK names the version it applied; a NACK carries the error and Envoy keeps
+its last good version — the store keeps it too (``acked``), and logs Envoy's error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2, message
+
+from kvmesh.edge.resources import ORDER
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Snapshot:
+    version: int
+    resources: dict[str, list[message.Message]]
+
+
+@dataclass
+class StreamStats:
+    """What one Envoy did with what it was sent: per type URL."""
+
+    acked: dict[str, str] = field(default_factory=dict)  # last version applied
+    nacks: dict[str, list[str]] = field(default_factory=dict)  # Envoy's errors
+
+
+class SnapshotStore:
+    def __init__(self) -> None:
+        self.snapshot = Snapshot(0, {})
+        self._changed = asyncio.Condition()
+        self.streams: dict[str, StreamStats] = {}  # by Envoy node id
+
+    async def publish(self, resources: dict[str, list[message.Message]]) -> int:
+        """A new consistent version of every resource; returns its version."""
+        async with self._changed:
+            self.snapshot = Snapshot(self.snapshot.version + 1, resources)
+            self._changed.notify_all()
+            return self.snapshot.version
+
+    async def newer_than(self, version: int) -> Snapshot:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.snapshot.version > version)
+            return self.snapshot
+
+
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, store: SnapshotStore) -> None:
+        self._store = store
+
+    async def StreamAggregatedResources(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+
+        async def read() -> None:
+            async for request in request_iterator:
+                await requests.put(request)
+            await requests.put(None)
+
+        reader = asyncio.create_task(read())
+        subscribed: list[str] = []
+        sent: dict[str, tuple[int, str]] = {}  # type URL -> (version, nonce)
+        stats = StreamStats()
+        nonce = 0
+        snapshot = self._store.snapshot
+        try:
+            while True:
+                for type_url in sorted(subscribed, key=_order):
+                    if snapshot.version and sent.get(type_url, (0, ""))[0] != snapshot.version:
+                        nonce += 1
+                        sent[type_url] = (snapshot.version, str(nonce))
+                        yield _response(type_url, snapshot, str(nonce))
+                request = await _next(requests, self._store, snapshot.version)
+                if isinstance(request, Snapshot):
+                    snapshot = request
+                    continue
+                if request is None:
+                    return
+                self._store.streams[request.node.id or "envoy"] = stats
+                type_url = request.type_url
+                if type_url not in subscribed:
+                    subscribed.append(type_url)
+                if request.response_nonce and request.response_nonce != sent.get(
+                        type_url, (0, ""))[1]:
+                    continue  # an answer to a response superseded since
+                if request.HasField("error_detail"):
+                    error = request.error_detail.message
+                    stats.nacks.setdefault(type_url, []).append(error)
+                    log.error("Envoy %s rejected %s version %s (keeps version %s): %s",
+                              request.node.id, type_url.rsplit(".", 1)[-1],
+                              sent[type_url][0], request.version_info or "none", error)
+                elif request.response_nonce:
+                    stats.acked[type_url] = request.version_info
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+async def _next(requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None],
+                store: SnapshotStore, version: int
+                ) -> discovery_pb2.DiscoveryRequest | None | Snapshot:
+    """The next request from Envoy, or a newer snapshot, whichever comes first."""
+    get = asyncio.ensure_future(requests.get())
+    newer = asyncio.ensure_future(store.newer_than(version))
+    done, _ = await asyncio.wait({get, newer}, return_when=asyncio.FIRST_COMPLETED)
+    if get in done:
+        newer.cancel()
+        return get.result()
+    get.cancel()
+    return newer.result()
+
+
+def _order(type_url: str) -> int:
+    return ORDER.index(type_url) if type_url in ORDER else len(ORDER)
+
+
+def _response(type_url: str, snapshot: Snapshot, nonce: str) -> discovery_pb2.DiscoveryResponse:
+    packed: list[any_pb2.Any] = []
+    for resource in snapshot.resources.get(type_url, ()):
+        holder = any_pb2.Any()
+        holder.Pack(resource)
+        packed.append(holder)
+    return discovery_pb2.DiscoveryResponse(
+        version_info=str(snapshot.version), type_url=type_url, resources=packed, nonce=nonce)
+
+
+def names(resources: Sequence[message.Message]) -> list[str]:
+    """Resource names, for logs and tests."""
+    return [getattr(r, "name", "") or getattr(r, "cluster_name", "") for r in resources]

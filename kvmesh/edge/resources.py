@@ -1,0 +1,183 @@
+"""The xDS resources of kvmesh's edge, built from the set of gateways (pure).
+
+One listener on the edge address takes HTTP/1.1, HTTP/2 and gRPC (codec AUTO); one route
+table sends gRPC (``content-type: application/grpc``) to the gateways' Inference port
+and everything else to their HTTP port; two EDS clusters hold those endpoints. Routes
+never time out (generations stream for minutes; a stream idle timeout still ends dead
+ones), retries happen only before a request reached a gateway (connect failure, refused
+stream, reset before request), outlier detection ejects a gateway that keeps failing,
+and health checks ask each gateway itself (gRPC health on the Inference port, GET
+/health on the HTTP port). The access log carries ``x-request-id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    health_check_pb2,
+    protocol_pb2,
+    substitution_format_string_pb2,
+)
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+#: The order Envoy wants them in over one ADS stream (clusters before their endpoints,
+#: listeners before their routes), so no update points at a missing resource.
+ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+
+HTTP_CLUSTER = "kvmesh_gateways_http"
+GRPC_CLUSTER = "kvmesh_gateways_grpc"
+ROUTE_NAME = "kvmesh"
+ACCESS_LOG = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL%\" %RESPONSE_CODE% "
+              "%RESPONSE_FLAGS% %DURATION%ms x-request-id=%REQ(X-REQUEST-ID)% "
+              "upstream=%UPSTREAM_HOST%\n")
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """One gateway replica: its HTTP and Inference gRPC addresses (host:port)."""
+
+    http: str
+    grpc: str
+
+
+def _seconds(s: float) -> duration_pb2.Duration:
+    whole = int(s)
+    return duration_pb2.Duration(seconds=whole, nanos=int((s - whole) * 1e9))
+
+
+def _packed(msg: message.Message) -> any_pb2.Any:
+    holder = any_pb2.Any()
+    holder.Pack(msg)
+    return holder
+
+
+def _address(hostport: str) -> address_pb2.Address:
+    host, _, port = hostport.rpartition(":")
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(
+        address=host, port_value=int(port)))
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.ApiVersion.V3)
+
+
+def listener(address: str) -> listener_pb2.Listener:
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix="kvmesh_edge",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_NAME),
+        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router",
+                                         typed_config=_packed(router_pb2.Router()))],
+        access_log=[accesslog_pb2.AccessLog(
+            name="envoy.access_loggers.stdout",
+            typed_config=_packed(stream_pb2.StdoutAccessLog(
+                log_format=substitution_format_string_pb2.SubstitutionFormatString(
+                    text_format_source=base_pb2.DataSource(inline_string=ACCESS_LOG)))))],
+        # Streams may last minutes; one silent for 5 minutes is dead.
+        stream_idle_timeout=_seconds(300),
+        request_timeout=_seconds(0),
+        # Keep a client's x-request-id (the gateway echoes and logs it); make one if absent.
+        preserve_external_request_id=True,
+    )
+    return listener_pb2.Listener(
+        name="kvmesh_edge", address=_address(address),
+        filter_chains=[listener_components_pb2.FilterChain(filters=[
+            listener_components_pb2.Filter(
+                name="envoy.filters.network.http_connection_manager",
+                typed_config=_packed(manager))])])
+
+
+def routes() -> route_pb2.RouteConfiguration:
+    retry = route_components_pb2.RetryPolicy(
+        retry_on="connect-failure,refused-stream,reset-before-request",
+        num_retries=wrappers_pb2.UInt32Value(value=2))
+
+    def to(cluster: str) -> route_components_pb2.RouteAction:
+        return route_components_pb2.RouteAction(cluster=cluster, timeout=_seconds(0),
+                                                retry_policy=retry)
+
+    return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=[
+        route_components_pb2.VirtualHost(name="kvmesh", domains=["*"], routes=[
+            route_components_pb2.Route(
+                match=route_components_pb2.RouteMatch(
+                    prefix="/", grpc=route_components_pb2.RouteMatch.GrpcRouteMatchOptions()),
+                route=to(GRPC_CLUSTER)),
+            route_components_pb2.Route(match=route_components_pb2.RouteMatch(prefix="/"),
+                                       route=to(HTTP_CLUSTER)),
+        ])])
+
+
+def clusters() -> list[cluster_pb2.Cluster]:
+    def cluster(name: str, check: health_check_pb2.HealthCheck, http2: bool) -> cluster_pb2.Cluster:
+        c = cluster_pb2.Cluster(
+            name=name, type=cluster_pb2.Cluster.EDS,
+            eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+            connect_timeout=_seconds(1), lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+            health_checks=[check],
+            # A gateway taken out of the set leaves at once (its open streams finish),
+            # not when it first fails a health check.
+            ignore_health_on_host_removal=True,
+            outlier_detection=outlier_detection_pb2.OutlierDetection(
+                consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
+                consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
+                base_ejection_time=_seconds(10)),
+        )
+        if http2:
+            c.typed_extension_protocol_options[
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Pack(
+                http_protocol_options_pb2.HttpProtocolOptions(
+                    explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions
+                    .ExplicitHttpConfig(http2_protocol_options=protocol_pb2.Http2ProtocolOptions())))
+        return c
+
+    def health(**kind: object) -> health_check_pb2.HealthCheck:
+        return health_check_pb2.HealthCheck(
+            timeout=_seconds(2), interval=_seconds(2),
+            unhealthy_threshold=wrappers_pb2.UInt32Value(value=2),
+            healthy_threshold=wrappers_pb2.UInt32Value(value=1), **kind)
+
+    return [
+        cluster(HTTP_CLUSTER, health(http_health_check=health_check_pb2.HealthCheck
+                                     .HttpHealthCheck(path="/health")), http2=False),
+        cluster(GRPC_CLUSTER, health(grpc_health_check=health_check_pb2.HealthCheck
+                                     .GrpcHealthCheck()), http2=True),
+    ]
+
+
+def endpoints(gateways: Sequence[Gateway]) -> list[endpoint_pb2.ClusterLoadAssignment]:
+    def assignment(name: str, addresses: list[str]) -> endpoint_pb2.ClusterLoadAssignment:
+        return endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[
+                endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
+                    address=_address(a))) for a in addresses])])
+
+    return [assignment(HTTP_CLUSTER, [g.http for g in gateways]),
+            assignment(GRPC_CLUSTER, [g.grpc for g in gateways])]
+
+
+def resources(edge_address: str, gateways: Sequence[Gateway]) -> dict[str, list[message.Message]]:
+    """Every resource of the edge, by type URL."""
+    return {CLUSTER: list(clusters()), ENDPOINT: list(endpoints(gateways)),
+            LISTENER: [listener(edge_address)], ROUTE: [routes()]}
