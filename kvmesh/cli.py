@@ -38,6 +38,8 @@ def _up(args: argparse.Namespace) -> int:
         embeddings={"workers": 0} if args.no_embeddings else None,
         ray_address=getattr(args, "address", None),
         placement=args.placement,
+        gateways=args.gateways,
+        edge={"enabled": True} if args.edge else None,
     )
     # Flags merge into the file's sections key by key (pydantic-settings deep-merges).
     config = load_settings(MeshConfig, args.config, **(overrides or {}))
@@ -197,6 +199,10 @@ def _add_mesh_arguments(p: argparse.ArgumentParser) -> None:
     add_observability_flags(p)
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted API key (repeat for several); none = no auth")
+    p.add_argument("--gateways", type=int, default=None, help="gateway replicas (default 1)")
+    p.add_argument("--edge", action="store_true",
+                   help="Envoy in front of the gateways, configured live over xDS; the API "
+                   "address printed is Envoy's")
     p.add_argument("--placement", default=None,
                    choices=["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="reserve all workers as one Ray placement group first (default none)")

@@ -315,6 +315,19 @@ class EmbeddingsConfig(BaseModel):
     )
 
 
+class EdgeConfig(BaseModel):
+    """Envoy in front of the gateway replicas, configured over xDS by kvmesh's control
+    plane (deploy/README.md)."""
+
+    enabled: bool = Field(
+        False, description="Start Envoy and the xDS control plane: the OpenAI and gRPC APIs "
+        "are then Envoy's address (gateway.host:gateway.port), the gateways take free ports.")
+    admin_port: int = Field(0, ge=0, le=65535,
+                            description="Envoy's admin port on 127.0.0.1 (0: a free one).")
+    control_plane_port: int = Field(0, ge=0, le=65535,
+                                    description="The ADS server's port (0: a free one).")
+
+
 class MeshConfig(ServiceSettings):
     """`kvmesh up`: a whole local mesh."""
 
@@ -343,6 +356,9 @@ class MeshConfig(ServiceSettings):
         description="Embedding workers; they take the worker template with the embedding "
         "model and the pooling runner.",
     )
+    gateways: int = Field(1, ge=1, le=16, description="Gateway replicas (behind the edge "
+                          "when it is on; otherwise the first one takes gateway.port).")
+    edge: EdgeConfig = Field(default_factory=EdgeConfig, description="Envoy at the edge.")
     ray_address: str | None = Field(
         None, description="Existing Ray cluster to join; None starts a local one."
     )

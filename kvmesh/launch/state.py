@@ -74,8 +74,9 @@ def release(path: Path) -> None:
 def mesh_pids(state: dict[str, Any]) -> list[int]:
     """`kvmesh up` first, then every process it started."""
     pids = state.get("pids", {})
-    return [int(state.get("pid", -1)), int(pids.get("router", -1)), int(pids.get("gateway", -1)),
-            *(int(p) for p in pids.get("workers", []))]
+    gateways = pids.get("gateways") or [pids.get("gateway", -1)]
+    return [int(state.get("pid", -1)), int(pids.get("router", -1)), int(pids.get("edge", -1)),
+            *(int(p) for p in gateways), *(int(p) for p in pids.get("workers", []))]
 
 
 def stop_mesh(path: Path | None = None, timeout_s: float = 60.0) -> dict[str, Any]:

@@ -102,7 +102,8 @@ class LocalMesh:
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="kvmesh-up-"))
         self.verbose = verbose
         self._router: subprocess.Popen[bytes] | None = None
-        self._gateway: subprocess.Popen[bytes] | None = None
+        self._gateways: list[subprocess.Popen[bytes]] = []
+        self._edge: Any = None  # kvmesh.launch.edge.RunningEdge with MeshConfig.edge
         self._actors: list[Any] = []
         self._group: Any = None  # the workers' placement group (MeshConfig.placement)
         self.state: dict[str, Any] = {}
@@ -152,37 +153,62 @@ class LocalMesh:
         workers = started_workers[: len(configs)]
         embedding_workers = started_workers[len(configs):]
 
-        gateway_cfg = cfg.gateway
-        if "grpc_port" not in gateway_cfg.model_fields_set:
-            gateway_cfg = gateway_cfg.model_copy(update={"grpc_port": 0})
-        gateway_cfg = gateway_cfg.model_copy(
-            update={"router": router, "ready_file": self.run_dir / "gateway.ready"}
-        )
-        self._gateway = spawn_module(
-            "kvmesh.gateway",
-            ["--config", str(dump_settings(gateway_cfg, self.run_dir / "gateway.json"))],
-            self.run_dir / "gateway.log",
-        )
-        gateway = await asyncio.to_thread(
-            wait_ready_file, self.run_dir / "gateway.ready", 120, self._gateway, "gateway"
-        )
-        await self._wait_models(gateway["http"], {w["model"] for w in started_workers})
+        gateways = await self._start_gateways(router)
+        gateway = gateways[0]
+        for replica in gateways:
+            await self._wait_models(replica["http"], {w["model"] for w in started_workers})
+        if cfg.edge.enabled:
+            from kvmesh.edge.resources import Gateway
+            from kvmesh.launch.edge import start_edge
+
+            self._edge = await start_edge(
+                cfg.edge, cfg.gateway.host, cfg.gateway.port,
+                [Gateway(g["http"].removeprefix("http://").removesuffix("/v1"), g["grpc"])
+                 for g in gateways], self.run_dir)
+        edge = self._edge
         self.state = {
-            "http": gateway["http"],
-            "grpc": gateway["grpc"],
+            "http": f"http://{edge.address}/v1" if edge else gateway["http"],
+            "grpc": edge.address if edge else gateway["grpc"],
+            "gateways": gateways,
+            "edge": {"address": edge.address, "admin": edge.admin,
+                     "control_plane": edge.control_plane.address} if edge else None,
             "router": router,
             "router_metrics": router_ready.get("metrics", ""),
             "workers": workers,
             "embedding_workers": embedding_workers,
             "pids": {
                 "router": self._router.pid,
-                "gateway": self._gateway.pid,
+                "gateway": self._gateways[0].pid,
+                "gateways": [p.pid for p in self._gateways],
+                **({"edge": edge.envoy.pid} if edge else {}),
                 "workers": [w["pid"] for w in started_workers],
             },
             "run_dir": str(self.run_dir),
             "startup_s": round(time.monotonic() - started, 1),
         }
         return self.state
+
+    async def _start_gateways(self, router: str) -> list[dict[str, Any]]:
+        """``gateways`` replicas; behind the edge (or past the first) on free ports."""
+        cfg = self.config
+        started = []
+        for i in range(cfg.gateways):
+            gateway_cfg = cfg.gateway
+            own_ports = i == 0 and not cfg.edge.enabled
+            if not own_ports or "grpc_port" not in gateway_cfg.model_fields_set:
+                gateway_cfg = gateway_cfg.model_copy(update={"grpc_port": 0})
+            if not own_ports:
+                gateway_cfg = gateway_cfg.model_copy(update={"port": 0})
+            ready = self.run_dir / f"gateway-{i}.ready"
+            gateway_cfg = gateway_cfg.model_copy(update={"router": router, "ready_file": ready})
+            proc = spawn_module(
+                "kvmesh.gateway",
+                ["--config", str(dump_settings(gateway_cfg, self.run_dir / f"gateway-{i}.json"))],
+                self.run_dir / f"gateway-{i}.log",
+            )
+            self._gateways.append(proc)
+            started.append(await asyncio.to_thread(wait_ready_file, ready, 120, proc, "gateway"))
+        return started
 
     async def _wait_models(self, base_url: str, models: set[str]) -> None:
         """Ready means the gateway can tokenize for every model (GET /health)."""
@@ -199,8 +225,12 @@ class LocalMesh:
         raise TimeoutError(f"gateway never served {sorted(models)}")
 
     async def stop(self) -> None:
-        if self._gateway is not None:
-            await asyncio.to_thread(terminate, self._gateway)
+        if self._edge is not None:
+            await self._edge.stop()
+            self._edge = None
+        for proc in self._gateways:
+            await asyncio.to_thread(terminate, proc)
+        self._gateways = []
         if self._actors:
             import ray
 
@@ -259,7 +289,10 @@ async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> N
             f"  OpenAI API:     [bold]{state['http']}[/]\n"
             f"  gRPC Inference: {state['grpc']}\n"
             f"  router:         {state['router']}\n"
-            f"  logs:           {state['run_dir']}\n"
+            + (f"  Envoy (xDS):    admin http://{state['edge']['admin']}, control plane "
+               f"{state['edge']['control_plane']}, {len(state['gateways'])} gateway(s)\n"
+               if state["edge"] else "")
+            + f"  logs:           {state['run_dir']}\n"
             f"  state:          {state_file} (`kvmesh status`, `kvmesh down`)\n"
             "Press Ctrl-C to stop."
         )

@@ -39,7 +39,10 @@ def init_ray(
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
+        # "local": always a fresh instance of our own, never a cluster that `ray start`
+        # left registered on this machine (ray.init() alone would attach to it).
         ray.init(
+            address="local",
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
             num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),

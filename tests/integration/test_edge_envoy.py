@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +24,8 @@ from google.protobuf import duration_pb2
 
 from kvmesh.edge.control_plane import EdgeControlPlane, start_envoy
 from kvmesh.edge.resources import CLUSTER, HTTP_CLUSTER, Gateway, resources
-from kvmesh.launch.procs import terminate
+from kvmesh.launch.procs import pid_alive, spawn_module, terminate, wait_ready_file
+from kvmesh.launch.state import mesh_pids
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
 from .conftest import Mesh, running_mesh, start_router
@@ -186,3 +190,31 @@ async def test_a_rejected_version_keeps_the_last_good_one(
     while stats.acked.get(CLUSTER) != str(good):
         assert time.monotonic() < deadline, stats
         await asyncio.sleep(0.05)
+
+
+def test_kvmesh_up_behind_envoy(tmp_path: Path, model_dir: Path) -> None:
+    """One flag: `kvmesh up --edge --gateways 2` serves through Envoy, fed by xDS."""
+    env = {k: v for k, v in os.environ.items() if k != "KVMESH_STATE_FILE"}
+    state_file = tmp_path / "up.json"
+    up = spawn_module("kvmesh.cli", [
+        "up", "--engine-kind", "fake", "--workers", "1", "--no-embeddings", "--edge",
+        "--gateways", "2", "--port", "0", "--state-file", str(state_file)],
+        tmp_path / "up.log", env=env)
+    try:
+        state = wait_ready_file(state_file, 180, up, "kvmesh up --edge")
+        edge = state["edge"]
+        assert state["http"] == f"http://{edge['address']}/v1" and len(state["gateways"]) == 2
+        reply = chat(state["http"].removesuffix("/v1"))
+        assert reply.status_code == 200, reply.text
+        clusters = httpx.get(f"http://{edge['admin']}/clusters", timeout=5).text
+        for gateway in state["gateways"]:
+            assert gateway["http"].removeprefix("http://").removesuffix("/v1") in clusters
+        down = subprocess.run([sys.executable, "-m", "kvmesh.cli", "down", "--state-file",
+                               str(state_file)], capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert up.wait(timeout=30) == 0
+        assert not any(pid_alive(p) for p in mesh_pids(state) if p > 0)
+        assert state["pids"]["edge"] in mesh_pids(state)
+    finally:
+        terminate(up, 30)
+        print((tmp_path / "up.log").read_text()[-3000:])

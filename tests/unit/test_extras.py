@@ -41,8 +41,9 @@ def _declared() -> dict[str, set[str]]:
         "gateway": core | names["gateway"] | names["parsers"],
         "worker": core | names["worker"] | ENGINE,
         "models": core | names["worker"] | ENGINE,
-        "launch": everything,
-        "bench": everything | names["dev"],
+        "edge": core | names["edge"],
+        "launch": everything | names["edge"],
+        "bench": everything | names["edge"] | names["dev"],
     }
 
 
@@ -58,8 +59,8 @@ def _third_party_imports(part: str) -> set[str]:
             if m not in sys.stdlib_module_names and m not in ("kvmesh", "__future__")}
 
 
-@pytest.mark.parametrize("part", ["core", "router", "gateway", "worker", "models", "launch",
-                                  "bench"])
+@pytest.mark.parametrize("part", ["core", "router", "gateway", "worker", "models", "edge",
+                                  "launch", "bench"])
 def test_every_import_is_declared(part: str) -> None:
     providers = md.packages_distributions()
     declared = _declared()[part]

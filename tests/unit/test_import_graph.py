@@ -30,8 +30,9 @@ ALLOWED: dict[str, set[str]] = {
     "router": {"core", "v1"},
     "gateway": {"core", "v1"},
     "worker": {"core", "v1", "models"},
-    "launch": {"core", "v1", "models", "worker"},
-    "bench": {"core", "v1", "models", "router", "launch", "worker"},
+    "edge": {"core", "v1"},
+    "launch": {"core", "v1", "models", "worker", "edge"},
+    "bench": {"core", "v1", "models", "router", "launch", "worker", "edge"},
     "cli": {"core", "v1", "models", "launch", "bench"},
 }
 
