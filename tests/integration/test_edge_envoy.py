@@ -117,6 +117,13 @@ async def test_http_and_grpc_through_envoy(edge: Edge) -> None:
     assert not snapshot.nacks
 
 
+def test_http2_with_prior_knowledge(edge: Edge) -> None:
+    with httpx.Client(http1=False, http2=True, timeout=30) as client:
+        reply = client.post(edge.url + "/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.http_version == "HTTP/2" and reply.status_code == 200, reply.text
+
+
 def first_token_s(base: str) -> float:
     body = {"model": MODEL, "prompt": "one two three four five", "max_tokens": 3,
             "stream": True}

