@@ -49,6 +49,18 @@ class RouteQuery:
     time_remaining_s: float | None = None
 
 
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker as ListWorkers shows it: its state, how fresh that is, and how much
+    of its cache the index knows."""
+
+    worker: WorkerState
+    #: Seconds since the worker's last load report (-1: it has not reported yet).
+    load_age_s: float
+    last_seen_age_s: float
+    indexed_blocks: int
+
+
 class RouterCore:
     def __init__(self, config: RouterConfig, metrics: RouterMetrics | None = None) -> None:
         self.config = config
@@ -91,6 +103,11 @@ class RouterCore:
             self.index.remove_worker(worker_id)
         return expired
 
+    def heartbeat(self, worker_id: str) -> bool:
+        """A self-registered worker is alive; False when it is unknown here (expired
+        or never registered), which tells it to register again."""
+        return self.registry.touch(worker_id)
+
     def report_load(self, worker_id: str, running: int, waiting: int, kv_usage: float,
                     waiting_uncached_tokens: int, cache_hit_rate: float | None) -> None:
         self.registry.report_load(worker_id, running, waiting, kv_usage,
@@ -112,6 +129,16 @@ class RouterCore:
     def workers(self, model: str = "") -> list[WorkerState]:
         return [w for w in sorted(self.registry.all(), key=lambda w: w.worker_id)
                 if not model or w.model == model]
+
+    def statuses(self, model: str = "") -> list[WorkerStatus]:
+        """The workers serving ``model`` (all when empty), by id, as ListWorkers
+        reports them."""
+        now = time.monotonic()
+        return [
+            WorkerStatus(w, now - w.load.reported_at if w.load.reported_at else -1.0,
+                         now - w.last_seen, self.index.blocks(w.worker_id))
+            for w in self.workers(model)
+        ]
 
     # ---- requests ----------------------------------------------------------------
     async def route(self, query: RouteQuery) -> PdDecision:

@@ -5,14 +5,16 @@ hashes from KV events are mapped per worker, so the index never depends on the
 engine's hash seed. All of it lives in flat numpy tables driven by compiled kernels
 (``kernels/tables.py``, ``kernels/pending.py``): a *holder* table (router hash ->
 bitmask of worker slots, which makes the longest-prefix match for every worker at
-once one walk of the prompt) and
-one *engine* table per worker (engine hash -> chain sum and length, from which the
-router hash follows). About 80 bytes per indexed block and no Python objects per
-block, so the garbage collector never pauses a routing decision.
+once one walk of the prompt) and one *engine* table per worker (engine hash -> chain
+sum and length, from which the router hash follows). About 80 bytes per indexed block
+and no Python objects per block, so the garbage collector never pauses a routing
+decision.
 
 Speculative insert: a routed prompt's blocks count as *pending* on the chosen
-worker for a short TTL, until the engine's events confirm them — so a burst of
-requests sharing a new prefix lands together instead of spraying. Marks sit at
+worker until the engine's events confirm them or the request ends (the policy clears
+them), for at most the TTL the caller gives (``RouterConfig.cost.pending_ttl_s``; the
+index has none of its own) — so a burst of requests sharing a new prefix lands
+together instead of spraying, however long the first one queues. Marks sit at
 checkpoints and on the prompt's tail (``mark_positions``), which chained hashes make
 enough.
 """
@@ -289,7 +291,8 @@ class PrefixIndex:
                      ttl_s: float) -> None:
         """Count the prompt's blocks (at ``mark_positions``) as cached on the worker
         until ``ttl_s`` passes or its events confirm them (the policy also clears them
-        when the request finishes: ``CostParams.pending_ttl_s`` bounds lost finishes)."""
+        when the request finishes; ``RouterConfig.cost.pending_ttl_s`` bounds lost
+        finishes)."""
         view = self._view(worker_id)
         now = self._clock()
         positions = _positions(len(hashes), True)

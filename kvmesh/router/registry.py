@@ -1,6 +1,6 @@
 """The worker registry: who serves what, whether they are alive, how loaded.
 
-Pure bookkeeping (no grpc): the servicer feeds it registrations, heartbeats, probe
+Pure bookkeeping (no grpc): the router core feeds it registrations, heartbeats, probe
 results and routed/finished requests; policies read :class:`WorkerState` from it.
 """
 

@@ -7,7 +7,6 @@ errors, mapped to gRPC status by the shared interceptor.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -16,7 +15,7 @@ import numpy as np
 from kvmesh.core.errors import InvalidRequestError
 from kvmesh.core.logs import request_id_var
 from kvmesh.core.roles import role_to_proto
-from kvmesh.router.core import RouteQuery, RouterCore
+from kvmesh.router.core import RouteQuery, RouterCore, WorkerStatus
 from kvmesh.router.lifecycle import WorkerLifecycle
 from kvmesh.router.policy.base import RouteContext
 from kvmesh.router.registry import WorkerState
@@ -50,6 +49,23 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
     )
 
 
+def status_to_proto(status: WorkerStatus) -> router_pb2.WorkerStatus:
+    w = status.worker
+    return router_pb2.WorkerStatus(
+        worker=worker_to_proto(w),
+        load=common_pb2.WorkerLoad(
+            num_running=w.load.num_running,
+            num_waiting=w.load.num_waiting,
+            kv_usage=w.load.kv_usage,
+            in_flight=len(w.in_flight),
+            age_s=status.load_age_s,
+            cache_hit_rate=w.load.cache_hit_rate or 0.0,
+        ),
+        last_seen_age_s=status.last_seen_age_s,
+        indexed_blocks=status.indexed_blocks,
+    )
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, core: RouterCore, lifecycle: WorkerLifecycle) -> None:
         self.core = core
@@ -77,7 +93,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Heartbeat(
         self, request: router_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.HeartbeatResponse:
-        return router_pb2.HeartbeatResponse(known=self.core.registry.touch(request.worker_id))
+        return router_pb2.HeartbeatResponse(known=self.core.heartbeat(request.worker_id))
 
     async def DeregisterWorker(
         self, request: router_pb2.DeregisterWorkerRequest, context: grpc.aio.ServicerContext
@@ -118,23 +134,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def ListWorkers(
         self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListWorkersResponse:
-        now = time.monotonic()
-        statuses = [
-            router_pb2.WorkerStatus(
-                worker=worker_to_proto(w),
-                load=common_pb2.WorkerLoad(
-                    num_running=w.load.num_running,
-                    num_waiting=w.load.num_waiting,
-                    kv_usage=w.load.kv_usage,
-                    in_flight=len(w.in_flight),
-                    age_s=now - w.load.reported_at if w.load.reported_at else -1.0,
-                    cache_hit_rate=w.load.cache_hit_rate or 0.0,
-                ),
-                last_seen_age_s=now - w.last_seen,
-                indexed_blocks=self.core.index.blocks(w.worker_id),
-            )
-            for w in self.core.workers(request.model)
-        ]
+        statuses = [status_to_proto(s) for s in self.core.statuses(request.model)]
         return router_pb2.ListWorkersResponse(workers=statuses, policy=self.core.policy.name)
 
     async def WatchWorkers(  # type: ignore[override]

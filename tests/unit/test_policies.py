@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from kvmesh.core.errors import NoWorkerAvailableError
 from kvmesh.router.policy.base import RouteContext, pick
-from kvmesh.router.policy.factory import make_policy
+from kvmesh.router.policy.factory import POLICY_NAMES, make_policy
 from kvmesh.router.policy.power_of_two import PowerOfTwoPolicy
 from kvmesh.router.policy.round_robin import RoundRobinPolicy
 from kvmesh.router.registry import WorkerLoadView, WorkerState
@@ -83,3 +83,16 @@ def test_single_candidate_and_empty_pool() -> None:
 def test_unknown_policy_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("nope")
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_every_configured_name_builds_that_policy_with_every_hook(name: str) -> None:
+    """The config's PolicyName is the one list of names: each builds a policy that
+    answers to it and carries the hooks callers use instead of testing its type."""
+    policy = make_policy(name, seed=0)
+    assert policy.name == name
+    workers = [worker(0), worker(1)]
+    ctx = RouteContext(request_id="r", model="m", token_ids=tuple(range(64)))
+    assert isinstance(policy.cached_tokens(ctx, workers), dict)  # no side effects: empty
+    assert pick(policy, ctx, workers).worker in workers
+    policy.finished("r")

@@ -1,6 +1,8 @@
 import pytest
 
+from kvmesh.core.config import RouterConfig
 from kvmesh.core.errors import WorkerNotFoundError
+from kvmesh.router.core import RouterCore
 from kvmesh.router.registry import WorkerRegistry, WorkerState
 
 pytestmark = pytest.mark.unit
@@ -67,3 +69,20 @@ def test_in_flight_survives_reregistration_and_version_bumps() -> None:
     assert reg.remove("a") and not reg.remove("a")
     with pytest.raises(WorkerNotFoundError):
         reg.get("a")
+
+
+def test_core_heartbeats_and_lists_workers_with_their_ages() -> None:
+    """What Heartbeat and ListWorkers answer comes from the core, not the servicer."""
+    core = RouterCore(RouterConfig(metrics_port=None, seed=0))
+    core.add_worker(state("b", model="m"))
+    core.add_worker(state("a", model="m"))
+    core.add_worker(state("c", model="other"))
+    assert core.heartbeat("a") and not core.heartbeat("gone")
+    core.report_load("b", 1, 0, 0.5, 0, None)
+    rows = core.statuses("m")
+    assert [r.worker.worker_id for r in rows] == ["a", "b"]
+    a, b = rows
+    assert a.load_age_s == -1.0  # never reported
+    assert 0 <= b.load_age_s < 5 and 0 <= a.last_seen_age_s < 5
+    assert a.indexed_blocks == b.indexed_blocks == 0
+    assert [r.worker.worker_id for r in core.statuses()] == ["a", "b", "c"]
