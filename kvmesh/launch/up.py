@@ -153,7 +153,7 @@ class LocalMesh:
         workers = started_workers[: len(configs)]
         embedding_workers = started_workers[len(configs):]
 
-        gateways = await self._start_gateways(router)
+        gateways = await self._start_gateways(cfg, router)
         gateway = gateways[0]
         for replica in gateways:
             await self._wait_models(replica["http"], {w["model"] for w in started_workers})
@@ -188,9 +188,9 @@ class LocalMesh:
         }
         return self.state
 
-    async def _start_gateways(self, router: str) -> list[dict[str, Any]]:
-        """``gateways`` replicas; behind the edge (or past the first) on free ports."""
-        cfg = self.config
+    async def _start_gateways(self, cfg: MeshConfig, router: str) -> list[dict[str, Any]]:
+        """``gateways`` replicas; behind the edge (or past the first) on free ports.
+        ``cfg`` is the mesh config with the mesh-wide tracing/logging copied in."""
         started = []
         for i in range(cfg.gateways):
             gateway_cfg = cfg.gateway
@@ -204,7 +204,7 @@ class LocalMesh:
             proc = spawn_module(
                 "kvmesh.gateway",
                 ["--config", str(dump_settings(gateway_cfg, self.run_dir / f"gateway-{i}.json"))],
-                self.run_dir / f"gateway-{i}.log",
+                self.run_dir / ("gateway.log" if i == 0 else f"gateway-{i}.log"),
             )
             self._gateways.append(proc)
             started.append(await asyncio.to_thread(wait_ready_file, ready, 120, proc, "gateway"))
