@@ -25,7 +25,6 @@ def create_app(core: GatewayCore) -> FastAPI:
     app = FastAPI(title="kvmesh gateway", version="0.1.0")
     app.add_middleware(ChunkedBodyLimit, max_body_bytes=core.config.max_body_bytes)
     app.state.core = core
-    app.state.metrics = core.metrics
     _guard_requests(app, core)
     _map_errors(app, core.metrics)
     for family in (chat, completions, embeddings, models):
