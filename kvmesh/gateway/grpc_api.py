@@ -11,15 +11,15 @@ import grpc
 from pydantic import BaseModel, ValidationError
 
 from kvmesh.core.error_map import grpc_code_for, http_error_for, http_error_of
-from kvmesh.core.errors import AuthenticationError, InvalidRequestError, KvmeshError
-from kvmesh.core.logs import request_id_var
-from kvmesh.core.tracing import current_trace_id
+from kvmesh.core.errors import InvalidRequestError, KvmeshError
 from kvmesh.gateway.chat import collect_chat, stream_chat
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.lifecycle import (
     Event,
-    Observed,
     Prepared,
+    answered,
+    arrived,
+    authenticate,
     embed,
     generate,
     prepare_chat,
@@ -105,13 +105,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         metrics = self._core.metrics
         status = grpc.StatusCode.OK
         try:
-            bearer = _bearer(context)
-            try:
-                key = self._core.admission.authenticate(bearer)
-            except AuthenticationError:
-                metrics.auth_failure("missing_key" if bearer is None else "invalid_key")
-                raise
-            yield key
+            yield authenticate(self._core, _bearer(context))
         except KvmeshError as exc:
             status = grpc_code_for(exc)
             metrics.errors.labels(http_error_of(exc).openai_type).inc()
@@ -121,27 +115,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             metrics.errors.labels(http_error_for(status).openai_type).inc()
             raise
         finally:
-            metrics.requests.labels(
-                metrics.model_label(model), f"grpc:{method}", status.name).inc()
-            if record is not None:
-                record.status = status.name
-                record.done()
+            answered(self._core, f"grpc:{method}", model, status.name, record)
 
     async def _counted(
         self, method: str, request: R, prefix: str, prepare: Callable[[R], Awaitable[Prepared]],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
         """One generation RPC through the request lifecycle, accounted."""
-        model, client_id = request.model, request.request_id
-        started = time.perf_counter()
-        endpoint = f"grpc:{method}"
-        record = RequestRecord(client_id or new_request_id(prefix), started,
-                               trace_id=current_trace_id(), endpoint=endpoint, model=model)
-        request_id_var.set(record.request_id)
-        async with self._accounted(method, model, record, context) as key:
+        record = arrived(request.request_id or new_request_id(prefix), f"grpc:{method}",
+                         request.model)
+        async with self._accounted(method, request.model, record, context) as key:
             prepared = await prepare(request)
-            async for item in self._generate(prepared, key, record.request_id,
-                                             Observed(endpoint, started, record)):
+            async for item in self._generate(prepared, key, record):
                 yield item
 
     async def Chat(
@@ -166,9 +151,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return await prepare_completion(self._core, req)
 
     async def _generate(
-        self, prepared: Prepared, key: str, rid: str, observed: Observed,
+        self, prepared: Prepared, key: str, record: RequestRecord,
     ) -> AsyncIterator[inference_pb2.GenerationResponse]:
-        events = generate(self._core, key, prepared, rid, observed)
+        rid = record.request_id
+        events = generate(self._core, key, prepared, rid, record)
         async with contextlib.aclosing(events):  # a cancelled RPC frees its slot at once
             async for item in self._responses(prepared, events, rid):
                 yield item

@@ -1,22 +1,30 @@
 """One request's life in the gateway, the same behind the HTTP and the gRPC door:
 
-    prepare (validate, chat template, tokenize) → admit (a slot under the gateway's
-    limits) → run (route + generate on the mesh, or embed) → observe (token timings,
-    usage, the request log) → release (the slot, however the request ends)
+    arrive (request id, trace id, log record: ``arrived``) → authenticate (the key,
+    refusals counted: ``authenticate``) → prepare (validate, chat template, tokenize) →
+    admit (a slot under the gateway's limits) → run (route + generate on the mesh, or
+    embed) → observe (token timings, usage, the request log) → answer (the request
+    counted by status, its log record closed: ``answered``) → release (the slot, however
+    the request ends)
 
 The doors only translate: they parse their wire format into the OpenAI request models,
 call ``prepare_chat``/``prepare_completion`` then ``generate`` (or ``embed``), and
-render the events. Cancellation is the doors' too, because only they can see a client
-leave: HTTP watches for the disconnect, gRPC cancels the handler; either way the event
-stream below is closed, which cancels the worker RPC (vLLM aborts) and releases the
-slot.
+render the events; they say when a request arrived and how it was answered, in their
+own status words (an HTTP status code, a gRPC status name). Cancellation is the doors'
+too, because only they can see a client leave: HTTP watches for the disconnect, gRPC
+cancels the handler; either way the event stream below is closed, which cancels the
+worker RPC (vLLM aborts) and releases the slot.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from kvmesh.core.errors import AuthenticationError
+from kvmesh.core.logs import request_id_var
+from kvmesh.core.tracing import current_trace_id
 from kvmesh.gateway.admission import Slot
 from kvmesh.gateway.chat import ChatPlan
 from kvmesh.gateway.core import EmbeddingResult, GatewayCore
@@ -59,23 +67,44 @@ async def prepare_completion(core: GatewayCore, req: CompletionRequest) -> Prepa
                     logprobs=req.logprobs)
 
 
-@dataclass
-class Observed:
-    """Where a request is accounted: its endpoint label, arrival time and log record."""
+def arrived(request_id: str, endpoint: str = "", model: str = "") -> RequestRecord:
+    """A request has arrived: its log record (timed from now, with the trace it belongs
+    to), and its id on every log line written while it is served."""
+    request_id_var.set(request_id)
+    return RequestRecord(request_id, time.perf_counter(), trace_id=current_trace_id(),
+                         endpoint=endpoint, model=model)
 
-    endpoint: str
-    started: float
-    record: RequestRecord
+
+def authenticate(core: GatewayCore, bearer: str | None) -> str:
+    """The caller's key id (``bearer``: the ``authorization`` header or metadata); a
+    refused one is counted by why (no credential, or a wrong one) before it is raised."""
+    try:
+        return core.admission.authenticate(bearer)
+    except AuthenticationError:
+        core.metrics.auth_failure("missing_key" if bearer is None else "invalid_key")
+        raise
+
+
+def answered(core: GatewayCore, endpoint: str, model: str, status: int | str,
+             record: RequestRecord | None) -> None:
+    """The door has answered: count the request by model, endpoint and ``status``, and
+    close its log record (whose line still waits for a streaming generation to end)."""
+    metrics = core.metrics
+    metrics.requests.labels(metrics.model_label(model), endpoint, str(status)).inc()
+    if record is not None:
+        record.endpoint, record.model, record.status = endpoint, model, status
+        record.done()
 
 
 def generate(core: GatewayCore, key: str, prepared: Prepared, request_id: str,
-             observed: Observed) -> Releasing:
+             record: RequestRecord) -> Releasing:
     """Admit the request (or raise the 429 of the gateway's limits) and stream its
-    events; the slot is released when the events end, fail or are closed."""
+    events, observed into the metrics and ``record`` (timed from its arrival, labelled
+    by its endpoint); the slot is released when the events end, fail or are closed."""
     slot = core.admission.admit(key, prepared.stream)
     events = core.metrics.observe_generation(
         run_prompts(core.mesh, prepared.tokenizer, prepared.specs, request_id),
-        prepared.model, observed.endpoint, observed.started, observed.record)
+        prepared.model, record.endpoint, record.started, record)
     return Releasing(slot, events)
 
 

@@ -3,7 +3,6 @@ metrics for every API request, the error handlers, and the endpoint families' ro
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import grpc
@@ -13,12 +12,11 @@ from fastapi.responses import JSONResponse
 
 from kvmesh.core.error_map import openai_error_body
 from kvmesh.core.errors import AuthenticationError, KvmeshError
-from kvmesh.core.logs import request_id_var
-from kvmesh.core.tracing import current_trace_id
 from kvmesh.gateway.body_limit import ChunkedBodyLimit
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.http import chat, completions, embeddings, models
 from kvmesh.gateway.http.streaming import REQUEST_ID_HEADER, error_response
+from kvmesh.gateway.lifecycle import answered, arrived, authenticate
 from kvmesh.gateway.metrics import OTHER, GatewayMetrics
 from kvmesh.gateway.request_log import RequestRecord
 
@@ -27,7 +25,6 @@ def create_app(core: GatewayCore) -> FastAPI:
     app = FastAPI(title="kvmesh gateway", version="0.1.0")
     app.add_middleware(ChunkedBodyLimit, max_body_bytes=core.config.max_body_bytes)
     app.state.core = core
-    app.state.metrics = core.metrics
     _guard_requests(app, core)
     _map_errors(app, core.metrics)
     for family in (chat, completions, embeddings, models):
@@ -35,9 +32,12 @@ def create_app(core: GatewayCore) -> FastAPI:
     return app
 
 
-def _done(request: Request, endpoint: str, status: int, model: str | None = None) -> None:
+def _refused(request: Request, status: int) -> None:
+    """Close the log record of a request refused before routing; it is not counted in
+    the requests metric, whose endpoint label takes route templates only (a raw path is
+    the client's to choose)."""
     record: RequestRecord = request.state.record
-    record.endpoint, record.model, record.status = endpoint, model or "", status
+    record.endpoint, record.status = request.url.path, status
     record.done()
 
 
@@ -48,20 +48,14 @@ def _guard_requests(app: FastAPI, core: GatewayCore) -> None:
 
     @app.middleware("http")
     async def request_id_auth_and_limits(request: Request, call_next: Any) -> Any:
-        request.state.started = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("req")
         request.state.request_id = request_id
-        request_id_var.set(request_id)
-        request.state.record = RequestRecord(request_id, request.state.started,
-                                             trace_id=current_trace_id())
+        request.state.record = arrived(request_id)
         if request.url.path.startswith("/v1/"):
             try:
-                request.state.key = core.admission.authenticate(
-                    request.headers.get("authorization"))
+                request.state.key = authenticate(core, request.headers.get("authorization"))
             except AuthenticationError as exc:
-                metrics.auth_failure(
-                    "missing_key" if "authorization" not in request.headers else "invalid_key")
-                _done(request, request.url.path, 401)
+                _refused(request, 401)
                 return error_response(exc, request_id, metrics)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > core.config.max_body_bytes:
@@ -70,22 +64,21 @@ def _guard_requests(app: FastAPI, core: GatewayCore) -> None:
                 f"{core.config.max_body_bytes}", "invalid_request_error", code=413,
             )
             metrics.errors.labels("invalid_request_error").inc()
-            _done(request, request.url.path, 413)
+            _refused(request, 413)
             return JSONResponse(body, status_code=413, headers={REQUEST_ID_HEADER: request_id})
         response = await call_next(request)
         response.headers[REQUEST_ID_HEADER] = request_id
-        _count(request, response.status_code, metrics)
+        _count(request, response.status_code, core)
         return response
 
 
-def _count(request: Request, status: int, metrics: GatewayMetrics) -> None:
+def _count(request: Request, status: int, core: GatewayCore) -> None:
     """Metrics and the access-log line of an API request (not /metrics, /health)."""
     route = request.scope.get("route")
     endpoint = getattr(route, "path", OTHER)
     if endpoint.startswith("/v1/"):
-        model = getattr(request.state, "model", None)
-        metrics.requests.labels(metrics.model_label(model), endpoint, str(status)).inc()
-        _done(request, endpoint, status, model)
+        model = getattr(request.state, "model", None) or ""
+        answered(core, endpoint, model, status, request.state.record)
 
 
 def _map_errors(app: FastAPI, metrics: GatewayMetrics) -> None:

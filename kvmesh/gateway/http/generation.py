@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kvmesh.gateway.admission import ANONYMOUS
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.http.streaming import cancel_on_disconnect, primed
-from kvmesh.gateway.lifecycle import Event, Observed, Prepared, generate
+from kvmesh.gateway.lifecycle import Event, Prepared, generate
+from kvmesh.gateway.request_log import RequestRecord
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 E = TypeVar("E")
@@ -65,9 +66,10 @@ async def respond(request: Request, prepared: Prepared, id_prefix: str, endpoint
     core = core_of(request)
     request_id = new_request_id(id_prefix)
     render = renderer(request_id, int(time.time()))
-    events = generate(
-        core, getattr(request.state, "key", ANONYMOUS), prepared, request_id,
-        Observed(endpoint, request.state.started, request.state.record))
+    record: RequestRecord = request.state.record
+    record.endpoint = endpoint  # the route's, as the answer is counted under
+    events = generate(core, getattr(request.state, "key", ANONYMOUS), prepared, request_id,
+                      record)
     if prepared.stream:
         # Until the first token, nothing is written that would notice a client gone
         # mid-prefill: watch for the disconnect meanwhile.
