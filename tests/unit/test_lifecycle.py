@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from kvmesh.core.errors import AuthenticationError, RateLimitedError
+from kvmesh.core.logs import request_id_var
 from kvmesh.gateway import lifecycle
 from kvmesh.gateway.admission import Admission
 from kvmesh.gateway.metrics import GatewayMetrics
@@ -46,6 +47,15 @@ def request(text: str = "a b c") -> EmbeddingRequest:
 
 def value(core: Any, name: str, **labels: str) -> float:
     return core.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(autouse=True)
+def _no_request_id_after() -> Iterator[None]:
+    """``arrived`` sets the log context's request id, as it does for a real request
+    task; here the tests share one context, so each puts it back."""
+    token = request_id_var.set(None)
+    yield
+    request_id_var.reset(token)
 
 
 def test_embeddings_are_refused_429_while_the_gateway_is_full() -> None:
