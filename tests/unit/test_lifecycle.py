@@ -53,7 +53,7 @@ def value(core: Any, name: str, **labels: str) -> float:
 def _no_request_id_after() -> Iterator[None]:
     """``arrived`` sets the log context's request id, as it does for a real request
     task; here the tests share one context, so each puts it back."""
-    token = request_id_var.set(None)
+    token = request_id_var.set("")
     yield
     request_id_var.reset(token)
 
