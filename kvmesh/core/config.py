@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from kvmesh.core.edge_config import EdgeConfig, EdgeServiceConfig, GatewayAddress
 from kvmesh.core.engine_config import EngineConfig, KvTransferConfig, role_engine
 from kvmesh.core.roles import WorkerRole
 from kvmesh.core.settings import (
@@ -22,40 +23,15 @@ from kvmesh.core.settings import (
     load_settings,
     read_config_file,
 )
+from kvmesh.core.telemetry_config import LoggingConfig, TracingConfig
 
 __all__ = [  # the engine's and the loader's names, importable from here as before
     "EngineConfig", "KvTransferConfig", "role_engine", "dump_settings", "load_settings",
-    "read_config_file",
+    "read_config_file", "TracingConfig", "LoggingConfig", "EdgeConfig", "EdgeServiceConfig",
+    "GatewayAddress",
 ]
 
 PolicyName = Literal["kv_aware", "approx_prefix", "round_robin", "power_of_two", "random"]
-
-
-class TracingConfig(BaseModel):
-    """OpenTelemetry tracing (every service has one; `kvmesh up --trace` sets all)."""
-
-    model_config = {"extra": "forbid"}
-
-    exporter: Literal["none", "otlp", "console"] = Field(
-        "none", description="Where spans go: none (tracing off), otlp (OTLP/gRPC to "
-        "otlp_endpoint) or console (stdout, for debugging).")
-    otlp_endpoint: str = Field(
-        "http://127.0.0.1:4317", description="OTLP/gRPC collector (e.g. the OpenTelemetry "
-        "Collector, Jaeger, Tempo).")
-    otlp_insecure: bool = Field(True, description="Plaintext gRPC to the collector.")
-    sample_ratio: float = Field(
-        1.0, ge=0, le=1, description="Fraction of new traces sampled; a request arriving "
-        "with a sampled traceparent is always traced.")
-
-
-class LoggingConfig(BaseModel):
-    """Log format of a service."""
-
-    model_config = {"extra": "forbid"}
-
-    json_format: bool = Field(
-        False, description="One JSON object per line (with request_id and trace_id) "
-        "instead of plain text.")
 
 
 class CostParams(BaseModel):
@@ -234,6 +210,12 @@ class GatewayConfig(ServiceSettings):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
     grpc_port: int = Field(50052, ge=0, le=65535, description="Inference gRPC port; 0 = free.")
     router: str = Field("127.0.0.1:50051", description="host:port of the router.")
+    register_with_router: bool = Field(
+        True, description="Register with the router as a gateway replica (heartbeats, "
+        "deregistered on stop), so the edge's control plane finds it in WatchWorkers.")
+    drain_s: float = Field(
+        0.5, ge=0, le=30, description="On stop, seconds between deregistering and closing "
+        "the listeners: a proxy in front (the edge) stops sending new requests here first.")
     request_timeout_s: float = Field(
         600.0, gt=0, description="Deadline for one generation, end to end."
     )
@@ -313,19 +295,6 @@ class EmbeddingsConfig(BaseModel):
         description="Longest input in tokens (all-MiniLM-L6-v2 was trained on 256; BERT "
         "models accept at most 512).",
     )
-
-
-class EdgeConfig(BaseModel):
-    """Envoy in front of the gateway replicas, configured over xDS by kvmesh's control
-    plane (deploy/README.md)."""
-
-    enabled: bool = Field(
-        False, description="Start Envoy and the xDS control plane: the OpenAI and gRPC APIs "
-        "are then Envoy's address (gateway.host:gateway.port), the gateways take free ports.")
-    admin_port: int = Field(0, ge=0, le=65535,
-                            description="Envoy's admin port on 127.0.0.1 (0: a free one).")
-    control_plane_port: int = Field(0, ge=0, le=65535,
-                                    description="The ADS server's port (0: a free one).")
 
 
 class MeshConfig(ServiceSettings):

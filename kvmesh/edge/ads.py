@@ -5,7 +5,9 @@ pushed to every connected Envoy, with ACK/NACK tracking per resource type.
 stream never sees a cluster from one version and its endpoints from another); each
 ADS stream sends, per type, the newest version it has not sent yet. Envoy answers every
 response: an ACK names the version it applied; a NACK carries the error and Envoy keeps
-its last good version — the store keeps it too (``acked``), and logs Envoy's error.
+its last good version — the stream's ``StreamState`` (``edge/acks.py``) books both, and
+a NACK is logged with Envoy's error. Nothing is re-sent after a NACK: the next published
+version supersedes the rejected one.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, message
 
+from kvmesh.edge.acks import Answer, StreamState
 from kvmesh.edge.resources import ORDER
 
 log = logging.getLogger(__name__)
@@ -31,19 +34,12 @@ class Snapshot:
     resources: dict[str, list[message.Message]]
 
 
-@dataclass
-class StreamStats:
-    """What one Envoy did with what it was sent: per type URL."""
-
-    acked: dict[str, str] = field(default_factory=dict)  # last version applied
-    nacks: dict[str, list[str]] = field(default_factory=dict)  # Envoy's errors
-
-
 class SnapshotStore:
     def __init__(self) -> None:
         self.snapshot = Snapshot(0, {})
         self._changed = asyncio.Condition()
-        self.streams: dict[str, StreamStats] = {}  # by Envoy node id
+        #: Each Envoy's stream (by node id): what it was sent, ACKed and NACKed.
+        self.streams: dict[str, StreamState] = {}
 
     async def publish(self, resources: dict[str, list[message.Message]]) -> int:
         """A new consistent version of every resource; returns its version."""
@@ -74,39 +70,32 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             await requests.put(None)
 
         reader = asyncio.create_task(read())
-        subscribed: list[str] = []
-        sent: dict[str, tuple[int, str]] = {}  # type URL -> (version, nonce)
-        stats = StreamStats()
-        nonce = 0
+        state = StreamState(ORDER)
         snapshot = self._store.snapshot
         try:
             while True:
-                for type_url in sorted(subscribed, key=_order):
-                    if snapshot.version and sent.get(type_url, (0, ""))[0] != snapshot.version:
-                        nonce += 1
-                        sent[type_url] = (snapshot.version, str(nonce))
-                        yield _response(type_url, snapshot, str(nonce))
+                for type_url, nonce in state.due(snapshot.version):
+                    yield _response(type_url, snapshot, nonce)
                 request = await _next(requests, self._store, snapshot.version)
                 if isinstance(request, Snapshot):
                     snapshot = request
                     continue
                 if request is None:
                     return
-                self._store.streams[request.node.id or "envoy"] = stats
-                type_url = request.type_url
-                if type_url not in subscribed:
-                    subscribed.append(type_url)
-                if request.response_nonce and request.response_nonce != sent.get(
-                        type_url, (0, ""))[1]:
-                    continue  # an answer to a response superseded since
-                if request.HasField("error_detail"):
-                    error = request.error_detail.message
-                    stats.nacks.setdefault(type_url, []).append(error)
+                if request.node.id and request.node.id != state.node_id:
+                    state.node_id = request.node.id
+                    self._store.streams[state.node_id] = state
+                error = request.error_detail.message if request.HasField("error_detail") else None
+                answer = state.answer(request.type_url, request.version_info,
+                                      request.response_nonce, error)
+                if answer is Answer.NACK:
                     log.error("Envoy %s rejected %s version %s (keeps version %s): %s",
-                              request.node.id, type_url.rsplit(".", 1)[-1],
-                              sent[type_url][0], request.version_info or "none", error)
-                elif request.response_nonce:
-                    stats.acked[type_url] = request.version_info
+                              state.node_id, request.type_url.rsplit(".", 1)[-1],
+                              state.sent[request.type_url].version,
+                              request.version_info or "none", error)
+                elif answer is Answer.ACK:
+                    log.debug("Envoy %s applied %s version %s", state.node_id,
+                              request.type_url.rsplit(".", 1)[-1], request.version_info)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -125,10 +114,6 @@ async def _next(requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None],
         return get.result()
     get.cancel()
     return newer.result()
-
-
-def _order(type_url: str) -> int:
-    return ORDER.index(type_url) if type_url in ORDER else len(ORDER)
 
 
 def _response(type_url: str, snapshot: Snapshot, nonce: str) -> discovery_pb2.DiscoveryResponse:

@@ -5,9 +5,9 @@ table sends gRPC (``content-type: application/grpc``) to the gateways' Inference
 and everything else to their HTTP port; two EDS clusters hold those endpoints. Routes
 never time out (generations stream for minutes; a stream idle timeout still ends dead
 ones), retries happen only before a request reached a gateway (connect failure, refused
-stream, reset before request), outlier detection ejects a gateway that keeps failing,
-and health checks ask each gateway itself (gRPC health on the Inference port, GET
-/health on the HTTP port). The access log carries ``x-request-id``.
+stream, reset before request) and go to another gateway, outlier detection ejects a
+gateway that keeps failing, and health checks ask each gateway itself (gRPC health on
+the Inference port, GET /health on the HTTP port). The access log carries ``x-request-id``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
@@ -110,9 +111,15 @@ def listener(address: str) -> listener_pb2.Listener:
 
 
 def routes() -> route_pb2.RouteConfiguration:
+    # Only failures before a gateway saw the request are retried (a generation is not
+    # idempotent), each on another gateway than the ones that failed it.
     retry = route_components_pb2.RetryPolicy(
         retry_on="connect-failure,refused-stream,reset-before-request",
-        num_retries=wrappers_pb2.UInt32Value(value=2))
+        num_retries=wrappers_pb2.UInt32Value(value=2),
+        retry_host_predicate=[route_components_pb2.RetryPolicy.RetryHostPredicate(
+            name="envoy.retry_host_predicates.previous_hosts",
+            typed_config=_packed(previous_hosts_pb2.PreviousHostsPredicate()))],
+        host_selection_retry_max_attempts=3)
 
     def to(cluster: str) -> route_components_pb2.RouteAction:
         return route_components_pb2.RouteAction(cluster=cluster, timeout=_seconds(0),

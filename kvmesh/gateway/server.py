@@ -14,11 +14,13 @@ import uvicorn
 import kvmesh.core.tracing as tracing
 from kvmesh.core.config import GatewayConfig
 from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.core.registration import Registration
+from kvmesh.core.roles import GATEWAY, role_to_proto
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.gateway.core import GatewayCore
 from kvmesh.gateway.grpc_api import InferenceServicer
 from kvmesh.gateway.http.app import create_app
-from kvmesh.v1 import inference_pb2, inference_pb2_grpc
+from kvmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -40,6 +42,7 @@ class GatewayServer:
         self._grpc: grpc.aio.Server | None = None
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self._registration: Registration | None = None
         self.http_port = 0
         self.grpc_port = 0
 
@@ -75,11 +78,21 @@ class GatewayServer:
                 self._http_task.result()
             await asyncio.sleep(0.01)
         info = {"http": self.base_url, "grpc": f"{self.config.host}:{self.grpc_port}"}
+        if self.config.register_with_router:
+            self._registration = Registration(self.config.router, common_pb2.WorkerInfo(
+                worker_id=f"gateway-{self.core.http_address}", role=role_to_proto(GATEWAY),
+                endpoint=info["grpc"], http_endpoint=self.core.http_address,
+                self_registered=True))
+            self._registration.start()
         write_ready_file(self.config.ready_file, info)
         log.info("gateway serving OpenAI at %s, Inference gRPC at %s", info["http"], info["grpc"])
         return info
 
     async def stop(self) -> None:
+        if self._registration is not None:
+            # Out of the edge's endpoint set before the listeners close.
+            await self._registration.stop()
+            await asyncio.sleep(self.config.drain_s)
         if self._http is not None:
             self._http.should_exit = True
         if self._http_task is not None:

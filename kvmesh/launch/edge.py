@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 
 from kvmesh.core.config import EdgeConfig
-from kvmesh.edge.control_plane import EdgeControlPlane, start_envoy
+from kvmesh.edge.control_plane import EdgeControlPlane
+from kvmesh.edge.envoy import start_envoy, wait_envoy_live
 from kvmesh.edge.resources import Gateway
 from kvmesh.launch.procs import terminate
 
@@ -44,10 +45,14 @@ async def start_edge(config: EdgeConfig, host: str, port: int, gateways: list[Ga
     control_plane = EdgeControlPlane(address, port=config.control_plane_port)
     await control_plane.start()
     await control_plane.set_gateways(gateways)
-    admin = f"127.0.0.1:{config.admin_port or _free_port('127.0.0.1')}"
-    envoy = start_envoy(control_plane.address, int(admin.rpartition(":")[2]), run_dir)
-    edge = RunningEdge(control_plane, envoy, address, admin)
+    envoy = start_envoy(control_plane.address, config.admin_port, run_dir)
+    edge = RunningEdge(control_plane, envoy, address, "")
     deadline = time.monotonic() + timeout_s
+    try:
+        edge.admin = await wait_envoy_live(envoy, run_dir, timeout_s)
+    except RuntimeError:
+        await edge.stop()
+        raise
     async with httpx.AsyncClient(timeout=2) as client:
         while True:
             try:

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-_PR_SET_PDEATHSIG = 1
+from kvmesh.core.processes import die_with_parent, terminate
 
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies (Linux)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+__all__ = ["die_with_parent", "terminate", "spawn_module", "wait_ready_file", "pid_alive"]
 
 
 def spawn_module(
@@ -36,7 +27,7 @@ def spawn_module(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env=env,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
 
 
@@ -52,18 +43,6 @@ def wait_ready_file(
             raise RuntimeError(f"{what or 'service'} exited with code {proc.returncode}")
         time.sleep(0.1)
     raise TimeoutError(f"{what or 'service'} not ready after {timeout_s:.0f}s")
-
-
-def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int | None:
-    """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
-    if proc.poll() is not None:
-        return proc.returncode
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(timeout=5)
 
 
 def pid_alive(pid: int) -> bool:

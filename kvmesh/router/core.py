@@ -24,6 +24,7 @@ from opentelemetry import trace
 
 from kvmesh.core.config import RouterConfig
 from kvmesh.core.errors import ModelNotFoundError, RateLimitedError
+from kvmesh.core.roles import GATEWAY
 from kvmesh.router.admission import Admission, AdmissionTimeout
 from kvmesh.router.metrics import RouterMetrics, WorkerSample
 from kvmesh.router.pd import PdDecision, decide
@@ -80,7 +81,7 @@ class RouterCore:
                              w.load.num_running, w.load.num_waiting, len(w.in_flight),
                              w.load.kv_usage, w.load.cache_hit_rate,
                              self.index.blocks(w.worker_id))
-                for w in self.registry.all()
+                for w in self.workers()
             ],
         )
 
@@ -127,8 +128,9 @@ class RouterCore:
             return self.registry.version, list(self.registry.all())
 
     def workers(self, model: str = "") -> list[WorkerState]:
+        """The workers (not the gateway replicas) serving ``model`` (all when empty)."""
         return [w for w in sorted(self.registry.all(), key=lambda w: w.worker_id)
-                if not model or w.model == model]
+                if w.role != GATEWAY and (not model or w.model == model)]
 
     def statuses(self, model: str = "") -> list[WorkerStatus]:
         """The workers serving ``model`` (all when empty), by id, as ListWorkers

@@ -15,7 +15,7 @@ from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
 from kvmesh.core.errors import InvalidRequestError
 from kvmesh.core.grpc_util import insecure_channel
-from kvmesh.core.roles import role_from_proto
+from kvmesh.core.roles import GATEWAY, is_gateway, role_from_proto
 from kvmesh.router import snapshot, worker_probe
 from kvmesh.router.core import RouterCore
 from kvmesh.router.kv_events import KvEventFollower
@@ -88,6 +88,8 @@ class WorkerLifecycle:
         cache view from a snapshot of this very incarnation, and follow it."""
         if not info.endpoint:
             raise InvalidRequestError("worker.endpoint is required", param="worker.endpoint")
+        if is_gateway(info.role):
+            return await self._register_gateway(info)
         facts = await worker_probe.describe(self._channel(info.endpoint))
         state = WorkerState(
             worker_id=info.worker_id or info.endpoint,
@@ -119,6 +121,21 @@ class WorkerLifecycle:
             f" {state.kv_connector} side channel {state.nixl_side_channel}"
             if state.kv_connector else "",
         )
+        await self.core.notify()
+        return state
+
+    async def _register_gateway(self, info: common_pb2.WorkerInfo) -> WorkerState:
+        """A gateway replica: kept (lease, heartbeats) for WatchWorkers' ``gateways``
+        only; it serves no VllmEngine, so nothing is probed or followed."""
+        if not info.http_endpoint:
+            raise InvalidRequestError("a gateway registers its http_endpoint",
+                                      param="worker.http_endpoint")
+        state = WorkerState(worker_id=info.worker_id or info.endpoint, endpoint=info.endpoint,
+                            model="", role=GATEWAY, http_endpoint=info.http_endpoint,
+                            self_registered=info.self_registered)
+        self.core.add_worker(state)
+        log.info("registered gateway %s (HTTP %s, gRPC %s)", state.worker_id,
+                 state.http_endpoint, state.endpoint)
         await self.core.notify()
         return state
 

@@ -2,6 +2,8 @@
 
 Pure bookkeeping (no grpc): the router core feeds it registrations, heartbeats, probe
 results and routed/finished requests; policies read :class:`WorkerState` from it.
+Gateway replicas live here too (role ``gateway``: leases, heartbeats and expiry as for
+workers); no role filter a policy uses selects them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from kvmesh.core.errors import WorkerNotFoundError
+from kvmesh.core.roles import GATEWAY
 
 
 @dataclass
@@ -39,6 +42,9 @@ class WorkerState:
     metrics_endpoint: str = ""
     nixl_side_channel: str = ""
     kv_connector: str = ""
+    #: A gateway replica's OpenAI HTTP address (role ``gateway`` only; ``endpoint``
+    #: is then its Inference gRPC address).
+    http_endpoint: str = ""
     dp_rank: int = -1
     self_registered: bool = True
     last_seen: float = 0.0
@@ -161,4 +167,4 @@ class WorkerRegistry:
         )
 
     def models(self) -> list[str]:
-        return sorted({w.model for w in self._workers.values()})
+        return sorted({w.model for w in self._workers.values() if w.role != GATEWAY})

@@ -14,7 +14,7 @@ import numpy as np
 
 from kvmesh.core.errors import InvalidRequestError
 from kvmesh.core.logs import request_id_var
-from kvmesh.core.roles import role_to_proto
+from kvmesh.core.roles import GATEWAY, role_to_proto
 from kvmesh.router.core import RouteQuery, RouterCore, WorkerStatus
 from kvmesh.router.lifecycle import WorkerLifecycle
 from kvmesh.router.policy.base import RouteContext
@@ -43,6 +43,7 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
         dp_rank=w.dp_rank,
         metrics_endpoint=w.metrics_endpoint,
         kv_connector=w.kv_connector,
+        http_endpoint=w.http_endpoint,
         max_context_length=w.max_context_length,
         kv_capacity_tokens=w.kv_capacity_tokens,
         self_registered=w.self_registered,
@@ -142,7 +143,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[router_pb2.WorkerSet]:
         sent = -1
         while True:
-            sent, workers = await self.core.next_worker_set(sent)
-            yield router_pb2.WorkerSet(workers=[worker_to_proto(w) for w in workers],
-                                       version=sent,
-                                       router_metrics_endpoint=self.metrics_endpoint)
+            sent, registered = await self.core.next_worker_set(sent)
+            yield router_pb2.WorkerSet(
+                workers=[worker_to_proto(w) for w in registered if w.role != GATEWAY],
+                gateways=[worker_to_proto(w) for w in registered if w.role == GATEWAY],
+                version=sent, router_metrics_endpoint=self.metrics_endpoint)

@@ -133,11 +133,13 @@ class WatchWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerSet(_message.Message):
-    __slots__ = ("workers", "version", "router_metrics_endpoint")
+    __slots__ = ("workers", "version", "router_metrics_endpoint", "gateways")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUTER_METRICS_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkerInfo]
     version: int
     router_metrics_endpoint: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ..., router_metrics_endpoint: _Optional[str] = ...) -> None: ...
+    gateways: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkerInfo]
+    def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ..., router_metrics_endpoint: _Optional[str] = ..., gateways: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ...) -> None: ...

@@ -77,6 +77,9 @@ class RouterServicer:
     def RegisterWorker(self, request, context):
         """A worker announces itself (or an operator registers one by address, with
         only `endpoint` set: the router asks the worker's GetModelInfo for the rest).
+        A gateway replica registers (and heartbeats) the same way with role
+        WORKER_ROLE_GATEWAY: it is never routed to and not in ListWorkers; WatchWorkers
+        lists it in `gateways` (the edge's control plane follows them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

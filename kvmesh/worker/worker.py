@@ -19,6 +19,7 @@ from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 from kvmesh.core.config import WorkerConfig
 from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.core.metrics_http import MetricsEndpoint
+from kvmesh.core.registration import Registration
 from kvmesh.core.roles import WorkerRole, role_to_proto
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.models.source import resolve_model
@@ -30,7 +31,6 @@ from kvmesh.worker.engine_args import (
     kv_transfer_config,
     nixl_side_channel,
 )
-from kvmesh.worker.registration import Registration
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = vllm_engine_pb2.DESCRIPTOR.services_by_name["VllmEngine"].full_name

@@ -22,7 +22,8 @@ import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import duration_pb2
 
-from kvmesh.edge.control_plane import EdgeControlPlane, start_envoy
+from kvmesh.edge.control_plane import EdgeControlPlane
+from kvmesh.edge.envoy import start_envoy
 from kvmesh.edge.resources import CLUSTER, HTTP_CLUSTER, Gateway, resources
 from kvmesh.launch.procs import pid_alive, spawn_module, terminate, wait_ready_file
 from kvmesh.launch.state import mesh_pids

@@ -1,4 +1,7 @@
-"""Keeps a worker registered with the router: register, heartbeat, re-register."""
+"""Keeps a worker — or a gateway replica — registered with the router: register,
+heartbeat, re-register when the router forgot it, deregister on stop. Gateways register
+the same way (role GATEWAY) so that the edge's control plane finds them in WatchWorkers.
+"""
 
 from __future__ import annotations
 

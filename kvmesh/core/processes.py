@@ -1,0 +1,32 @@
+"""Child processes that die with their parent and are stopped by their own handle
+(SIGTERM, then SIGKILL), never by name: other people's processes share the machine."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child (``preexec_fn``): get SIGTERM when the parent dies (Linux), so a
+    crashed launcher leaves nothing behind."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit code."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=5)
