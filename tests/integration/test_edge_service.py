@@ -20,6 +20,7 @@ import pytest
 
 from kvmesh.launch.procs import spawn_module, wait_ready_file
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
+from tests.router_client import list_workers
 
 from .conftest import Mesh, running_mesh, start_router
 
@@ -139,6 +140,8 @@ def test_gateways_registered_with_the_router_are_envoys_endpoints_live(
     mesh, edge = edge_mesh
     g1 = http_address(wait_ready_file(mesh.dir / "g1.ready", 5))
     assert set(edge.hosts()) == {g1}
+    # A registered gateway is an endpoint of the edge, never a worker of the router.
+    assert [w.worker.worker_id for w in list_workers(mesh.router)] == ["w0"]
     with Traffic(edge.listen) as traffic:
         traffic.served_more(5)
         g2 = http_address(mesh.start_gateway(name="g2"))  # returns once it is healthy
