@@ -77,6 +77,18 @@ async def run_until_signalled(factory: Callable[[], Service]) -> None:
         shutdown_tracing()  # flush the last spans
 
 
+def run_service(name: str, log_level: str | None, config: Any,
+                factory: Callable[[], Service]) -> None:
+    """A service's whole life from its ``__main__``: its logging and tracing from
+    ``config`` (its ``logging``/``tracing`` sections), then run until signalled."""
+    from kvmesh.core.logs import setup_logging
+    from kvmesh.core.tracing import setup_tracing
+
+    setup_logging(name, log_level, config.logging.json_format)
+    setup_tracing(config.tracing, name)
+    asyncio.run(run_until_signalled(factory))
+
+
 def write_ready_file(path: Path | None, payload: dict[str, Any]) -> None:
     """Atomically publish a service's bound addresses for whoever started it."""
     if path is None:

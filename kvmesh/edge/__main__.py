@@ -3,15 +3,12 @@ Envoy it configures)."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
 from kvmesh.core.edge_config import EdgeServiceConfig
-from kvmesh.core.logs import setup_logging
-from kvmesh.core.service_main import base_parser, observability_settings, run_until_signalled
+from kvmesh.core.service_main import base_parser, observability_settings, run_service
 from kvmesh.core.settings import load_settings
-from kvmesh.core.tracing import setup_tracing
 from kvmesh.edge.service import EdgeService
 
 
@@ -45,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         router=args.router, gateways=args.gateways, envoy=args.envoy,
         admin_port=args.admin_port, run_dir=args.run_dir, ready_file=args.ready_file,
         **observability_settings(args))
-    setup_logging("edge", args.log_level, config.logging.json_format)
-    setup_tracing(config.tracing, "edge")
-    asyncio.run(run_until_signalled(lambda: EdgeService(config)))
+    run_service("edge", args.log_level, config, lambda: EdgeService(config))
     return 0
 
 

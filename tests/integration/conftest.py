@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -60,6 +61,14 @@ class Mesh:
         return "\n".join(
             f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.dir.glob("*.log"))
         )
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (for addresses a process must be told in advance,
+    like Envoy's listener, which comes from the control plane's resources)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def start_router(mesh: Mesh, name: str = "router", *extra: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,16 +28,10 @@ from kvmesh.launch.procs import pid_alive, spawn_module, terminate, wait_ready_f
 from kvmesh.launch.state import mesh_pids
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 
-from .conftest import Mesh, running_mesh, start_router
+from .conftest import Mesh, free_port, running_mesh, start_router
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,16 +21,10 @@ from kvmesh.launch.procs import spawn_module, wait_ready_file
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 from tests.router_client import list_workers
 
-from .conftest import Mesh, running_mesh, start_router
+from .conftest import Mesh, free_port, running_mesh, start_router
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
