@@ -39,7 +39,8 @@ def _up(args: argparse.Namespace) -> int:
         ray_address=getattr(args, "address", None),
         placement=args.placement,
         gateways=args.gateways,
-        edge={"enabled": True} if args.edge else None,
+        edge=({"enabled": True, **({"picker": True} if args.picker else {})}
+              if args.edge or args.picker else None),
     )
     # Flags merge into the file's sections key by key (pydantic-settings deep-merges).
     config = load_settings(MeshConfig, args.config, **(overrides or {}))
@@ -203,6 +204,9 @@ def _add_mesh_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge", action="store_true",
                    help="Envoy in front of the gateways, configured live over xDS; the API "
                    "address printed is Envoy's")
+    p.add_argument("--picker", action="store_true",
+                   help="with the edge: Envoy asks the endpoint picker (ext_proc, the "
+                   "router's kv_aware choice) which gateway each generation goes to")
     p.add_argument("--placement", default=None,
                    choices=["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="reserve all workers as one Ray placement group first (default none)")

@@ -263,6 +263,12 @@ class GatewayConfig(ServiceSettings):
 
     def parsers_for(self, model: str) -> ModelParsers:
         return self.model_parsers.get(model, self.parsers)
+    endpoint_picker: bool = Field(
+        False,
+        description="Serve the edge's endpoint picker on the gRPC port: Envoy's ext_proc "
+        "asks it where a generation goes (the router's kv_aware choice, answered as "
+        "x-gateway-destination-endpoint: the gateway fronting the chosen worker). "
+        "`kvmesh up --edge --picker` turns it on; needs xds-protos (extra kvmesh[edge]).")
     ready_file: Path | None = Field(
         None, description="Write {'http': url, 'grpc': addr} here once serving."
     )

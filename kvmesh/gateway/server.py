@@ -55,10 +55,17 @@ class GatewayServer:
         await self.core.start()
         server = create_server()
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core), server)
-        health = add_health_and_reflection(server, [SERVICE_NAME])
+        services = [SERVICE_NAME]
+        if self.config.endpoint_picker:
+            from kvmesh.gateway.picker import SERVICE_NAME as PICKER
+            from kvmesh.gateway.picker import add_endpoint_picker
+
+            add_endpoint_picker(server, self.core)
+            services.append(PICKER)
+        health = add_health_and_reflection(server, services)
         self.grpc_port = bind(server, self.config.host, self.config.grpc_port)
         await server.start()
-        await set_serving(health, [SERVICE_NAME])
+        await set_serving(health, services)
         self._grpc = server
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -201,6 +201,9 @@ class LocalMesh:
                 gateway_cfg = gateway_cfg.model_copy(update={"port": 0})
             ready = self.run_dir / f"gateway-{i}.ready"
             gateway_cfg = gateway_cfg.model_copy(update={"router": router, "ready_file": ready})
+            if cfg.edge.picker:  # every gateway answers Envoy's ext_proc and is listed
+                gateway_cfg = gateway_cfg.model_copy(
+                    update={"endpoint_picker": True, "register_with_router": True})
             proc = spawn_module(
                 "kvmesh.gateway",
                 ["--config", str(dump_settings(gateway_cfg, self.run_dir / f"gateway-{i}.json"))],

@@ -48,6 +48,10 @@ class RouteQuery:
     exclude: Sequence[str] = ()
     #: Seconds left of the caller's deadline (None: no deadline).
     time_remaining_s: float | None = None
+    #: Decide only: no admission wait, nothing booked (the endpoint picker's question).
+    preview: bool = False
+    #: A worker chosen by an earlier preview: kept when it is still a candidate.
+    prefer: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,12 +151,19 @@ class RouterCore:
         ctx = query.ctx
         if ctx.model not in self.registry.models():
             raise ModelNotFoundError(f"the model `{ctx.model}` does not exist", param="model")
-        workers = await self._admit(query)
+        if query.preview:
+            workers = self.registry.candidates(ctx.model, ctx.adapter, query.exclude)
+        else:
+            workers = await self._admit(query)
+        pinned = [w for w in workers if w.worker_id == query.prefer] if query.prefer else []
+        if pinned and pinned[0].role != "decode":
+            workers = pinned
         prefill = self.registry.candidates(ctx.model, ctx.adapter, query.exclude,
                                            roles=("prefill",))
         decode = [w for w in workers if w.role == "decode"]
         choice = self._decide(ctx, workers, prefill, decode)
-        self._book(ctx, choice)
+        if not query.preview:
+            self._book(ctx, choice)
         return choice
 
     def finish(self, worker_id: str, request_id: str) -> None:

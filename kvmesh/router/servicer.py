@@ -114,7 +114,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             max_tokens=request.max_tokens,
         )
         choice = await self.core.route(RouteQuery(
-            ctx, request.exclude_worker_ids, context.time_remaining()))
+            ctx, request.exclude_worker_ids, context.time_remaining(),
+            preview=request.preview, prefer=request.prefer_worker_id))
         return router_pb2.RouteDecision(
             mode=router_pb2.RouteDecision.MODE_DISAGGREGATED if choice.disaggregated
             else router_pb2.RouteDecision.MODE_AGGREGATED,

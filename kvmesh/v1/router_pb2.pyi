@@ -49,7 +49,7 @@ class DeregisterWorkerResponse(_message.Message):
     def __init__(self, removed: _Optional[bool] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "model", "adapter", "token_ids", "max_tokens", "exclude_worker_ids", "packed_token_ids")
+    __slots__ = ("request_id", "model", "adapter", "token_ids", "max_tokens", "exclude_worker_ids", "packed_token_ids", "preview", "prefer_worker_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,8 @@ class RouteRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
     PACKED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    PREFER_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     adapter: str
@@ -64,7 +66,9 @@ class RouteRequest(_message.Message):
     max_tokens: int
     exclude_worker_ids: _containers.RepeatedScalarFieldContainer[str]
     packed_token_ids: bytes
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., exclude_worker_ids: _Optional[_Iterable[str]] = ..., packed_token_ids: _Optional[bytes] = ...) -> None: ...
+    preview: bool
+    prefer_worker_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., exclude_worker_ids: _Optional[_Iterable[str]] = ..., packed_token_ids: _Optional[bytes] = ..., preview: _Optional[bool] = ..., prefer_worker_id: _Optional[str] = ...) -> None: ...
 
 class RouteDecision(_message.Message):
     __slots__ = ("mode", "worker", "prefill_worker", "expected_cached_tokens", "reason", "policy")
