@@ -24,5 +24,5 @@ lint:
 DOCKER ?= docker
 images:
 	$(DOCKER) build -f deploy/docker/wheel.Dockerfile -t kvmesh/wheel:0.1.0 .
-	for s in router gateway worker-cpu worker-cuda; do \
+	for s in router gateway edge worker-cpu worker-cuda; do \
 	  $(DOCKER) build -f deploy/docker/$$s.Dockerfile -t kvmesh/$$s:0.1.0 . || exit 1; done
