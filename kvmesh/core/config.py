@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from kvmesh.core.autoscale_config import AutoscaleConfig
 from kvmesh.core.edge_config import EdgeConfig, EdgeServiceConfig, GatewayAddress
 from kvmesh.core.engine_config import EngineConfig, KvTransferConfig, role_engine
 from kvmesh.core.roles import WorkerRole
@@ -117,6 +118,9 @@ class RouterConfig(ServiceSettings):
         description="Longest a request waits for a worker slot before it is refused with "
         "429 + Retry-After (also bounded by the caller's deadline).")
     seed: int | None = Field(None, description="Seed for random tie-breaks (tests).")
+    autoscale: AutoscaleConfig = Field(
+        default_factory=AutoscaleConfig,
+        description="Desired worker counts per pool from the load (docs/autoscaling.md).")
     cost: CostParams = Field(
         default_factory=CostParams,
         description="The cost model's rates and weights (kv_aware and the P/D decision).")

@@ -26,6 +26,7 @@ from kvmesh.core.config import RouterConfig
 from kvmesh.core.errors import ModelNotFoundError, RateLimitedError
 from kvmesh.core.roles import GATEWAY
 from kvmesh.router.admission import Admission, AdmissionTimeout
+from kvmesh.router.autoscale import PoolLoad, PoolScaler
 from kvmesh.router.metrics import RouterMetrics, WorkerSample
 from kvmesh.router.pd import PdDecision, decide
 from kvmesh.router.policy.base import RouteContext
@@ -77,6 +78,8 @@ class RouterCore:
         self._rng = random.Random(config.seed)
         self._changed = asyncio.Condition()
         self._admission: dict[str, Admission] = {}
+        #: Per pool (model, role): its autoscaler (RouterConfig.autoscale).
+        self.scalers: dict[tuple[str, str], PoolScaler] = {}
         fresh_s = 2 * max(config.heartbeat_interval_s, config.probe_interval_s)
         self.metrics.track(
             lambda: len(self.index),
@@ -136,6 +139,10 @@ class RouterCore:
         return [w for w in sorted(self.registry.all(), key=lambda w: w.worker_id)
                 if w.role != GATEWAY and (not model or w.model == model)]
 
+    def workers_in(self, model: str, role: str) -> list[WorkerState]:
+        """One pool's workers."""
+        return [w for w in self.workers(model) if w.role == role]
+
     def statuses(self, model: str = "") -> list[WorkerStatus]:
         """The workers serving ``model`` (all when empty), by id, as ListWorkers
         reports them."""
@@ -145,6 +152,27 @@ class RouterCore:
                          now - w.last_seen, self.index.blocks(w.worker_id))
             for w in self.workers(model)
         ]
+
+    def autoscale(self, now: float) -> list[PoolScaler]:
+        """Show every pool's load to its autoscaler (a pool stays known after its last
+        worker left, so the scaler brings it back to its minimum); the scalers."""
+        pools: dict[tuple[str, str], list[WorkerState]] = {key: [] for key in self.scalers}
+        for w in self.workers():
+            pools.setdefault((w.model, w.role), []).append(w)
+        for (model, role), members in pools.items():
+            scaler = self.scalers.get((model, role))
+            if scaler is None:
+                scaler = self.scalers[model, role] = PoolScaler(self.config.autoscale,
+                                                                model, role)
+            desired = scaler.observe(PoolLoad(
+                workers=len(members),
+                requests=sum(w.active for w in members),
+                queued_prefill_tokens=sum(w.load.waiting_uncached_tokens
+                                          + w.unreported_prefill_tokens for w in members),
+                kv_usage=sum(w.load.kv_usage for w in members)), now)
+            self.metrics.desired_workers.labels(model, role).set(desired)
+            self.metrics.pool_need.labels(model, role).set(scaler.need)
+        return list(self.scalers.values())
 
     # ---- requests ----------------------------------------------------------------
     async def route(self, query: RouteQuery) -> PdDecision:

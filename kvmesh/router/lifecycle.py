@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import grpc
@@ -165,6 +166,8 @@ class WorkerLifecycle:
                 log.warning("worker %s expired (no heartbeat or probe)", worker_id)
                 self._stop_watching(worker_id)
                 await self.core.notify()
+            if self._config.autoscale.enabled:
+                self.core.autoscale(time.monotonic())
 
     # ---- following a worker ----------------------------------------------------------
     def _channel(self, endpoint: str) -> grpc.aio.Channel:

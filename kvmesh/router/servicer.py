@@ -137,7 +137,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListWorkersResponse:
         statuses = [status_to_proto(s) for s in self.core.statuses(request.model)]
-        return router_pb2.ListWorkersResponse(workers=statuses, policy=self.core.policy.name)
+        pools = [router_pb2.PoolStatus(model=p.model, role=p.role,
+                                       workers=len(self.core.workers_in(p.model, p.role)),
+                                       desired=p.desired or 0, need=p.need)
+                 for p in self.core.scalers.values()
+                 if not request.model or p.model == request.model]
+        return router_pb2.ListWorkersResponse(workers=statuses, policy=self.core.policy.name,
+                                              pools=pools)
 
     async def WatchWorkers(  # type: ignore[override]
         self, request: router_pb2.WatchWorkersRequest, context: grpc.aio.ServicerContext

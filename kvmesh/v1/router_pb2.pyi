@@ -124,13 +124,29 @@ class WorkerStatus(_message.Message):
     indexed_blocks: int
     def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., last_seen_age_s: _Optional[float] = ..., indexed_blocks: _Optional[int] = ...) -> None: ...
 
+class PoolStatus(_message.Message):
+    __slots__ = ("model", "role", "workers", "desired", "need")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_FIELD_NUMBER: _ClassVar[int]
+    NEED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    role: str
+    workers: int
+    desired: int
+    need: float
+    def __init__(self, model: _Optional[str] = ..., role: _Optional[str] = ..., workers: _Optional[int] = ..., desired: _Optional[int] = ..., need: _Optional[float] = ...) -> None: ...
+
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "policy")
+    __slots__ = ("workers", "policy", "pools")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     policy: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., policy: _Optional[str] = ...) -> None: ...
+    pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., policy: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ...) -> None: ...
 
 class WatchWorkersRequest(_message.Message):
     __slots__ = ()
