@@ -71,11 +71,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_router(mesh: Mesh, name: str = "router", *extra: str) -> str:
+def start_router(mesh: Mesh, name: str = "router", *extra: str, yaml: str = "") -> str:
+    """A router on a free port; ``yaml``: more of its config file."""
     config = mesh.dir / f"{name}.yaml"
     config.write_text(
         "policy: round_robin\nheartbeat_interval_s: 0.5\nlease_ttl_s: 3\nprobe_interval_s: 0.2\n"
-        "metrics_port: 0\n"
+        "metrics_port: 0\n" + yaml
     )
     ready = mesh.dir / f"{name}.ready"
     proc = spawn_module(
