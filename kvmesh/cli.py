@@ -31,7 +31,9 @@ def _up(args: argparse.Namespace) -> int:
         prefill=args.prefill,
         decode=args.decode,
         router=_set(policy=args.policy, disaggregation=args.disaggregation,
-                    max_inflight_per_worker=args.max_inflight_per_worker),
+                    max_inflight_per_worker=args.max_inflight_per_worker,
+                    autoscale={"enabled": True, "max_workers": args.autoscale}
+                    if getattr(args, "autoscale", None) else None),
         gateway=_set(port=args.port, grpc_port=args.grpc_port, api_keys=args.api_key),
         worker=_set(engine=engine, engine_kind=args.engine_kind),
         **observability_settings(args),
@@ -204,6 +206,10 @@ def _add_mesh_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge", action="store_true",
                    help="Envoy in front of the gateways, configured live over xDS; the API "
                    "address printed is Envoy's")
+    p.add_argument("--autoscale", type=int, default=None, metavar="MAX",
+                   help="let the router size each worker pool from its load, up to MAX "
+                   "workers (router.autoscale in a config file sets the rest; "
+                   "docs/autoscaling.md)")
     p.add_argument("--picker", action="store_true",
                    help="with the edge: Envoy asks the endpoint picker (ext_proc, the "
                    "router's kv_aware choice) which gateway each generation goes to")

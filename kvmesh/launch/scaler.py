@@ -19,7 +19,7 @@ import logging
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -103,7 +103,9 @@ class Scaler:
             await asyncio.sleep(self.interval_s)
 
     async def close(self) -> None:
+        """Stop: changes under way are cancelled (a worker half started is removed)."""
         for task in self._busy.values():
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._channel.close()
@@ -154,3 +156,79 @@ class ProcessPool:
         for proc in self.procs.values():
             await asyncio.to_thread(terminate, proc, self.drain_timeout_s)
         self.procs.clear()
+
+
+class RayPool:
+    """A pool of worker actors on the Ray cluster (``kvmesh up``): ``make_config(i)``
+    gives the i-th worker's settings; ``adopt`` takes the actors already started."""
+
+    def __init__(self, make_config: Callable[[int], WorkerConfig], model: str, role: str,
+                 drain_timeout_s: float = 60.0) -> None:
+        self.make_config, self.model, self.role = make_config, model, role
+        self.drain_timeout_s = drain_timeout_s
+        self.actors: list[Any] = []
+        self._next = itertools.count()
+        self._starting = 0
+
+    def adopt(self, actors: list[Any]) -> None:
+        self.actors.extend(actors)
+        self._next = itertools.count(len(self.actors))
+
+    def size(self) -> int:
+        return len(self.actors) + self._starting
+
+    async def grow(self) -> None:
+        from kvmesh.worker.actor import spawn_worker_actor
+
+        actor = spawn_worker_actor(self.make_config(next(self._next)))
+        self._starting += 1
+        try:
+            await actor.start.remote()
+            self.actors.append(actor)
+        except BaseException:
+            _kill(actor)
+            raise
+        finally:
+            self._starting -= 1
+
+    async def shrink(self) -> None:
+        """The newest worker: it leaves the router, finishes its streams, stops."""
+        if self.actors:
+            await self._stop(self.actors.pop())
+
+    async def _stop(self, actor: Any) -> None:
+        try:
+            await asyncio.wait_for(actor.stop.remote(), self.drain_timeout_s)
+        except Exception as exc:  # a dead actor must not block the others
+            log.warning("worker stop failed: %s", exc)
+        _kill(actor)
+
+    async def close(self) -> None:
+        actors, self.actors = self.actors, []
+        await asyncio.gather(*[self._stop(a) for a in actors])
+
+
+def _kill(actor: Any) -> None:
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.kill(actor)
+
+
+class Scaling:
+    """A Scaler running in the background with the pools it drives (``kvmesh up``)."""
+
+    def __init__(self, scaler: Scaler, pools: list[RayPool]) -> None:
+        self.scaler, self.pools = scaler, pools
+        self._task = asyncio.create_task(scaler.run())
+
+    @classmethod
+    def start(cls, router: str, pools: list[RayPool]) -> Scaling:
+        return cls(Scaler(router, list(pools)), pools)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.scaler.close()
+        await asyncio.gather(*[p.close() for p in self.pools])

@@ -91,8 +91,14 @@ def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path
 
 def _cpu_share(config: MeshConfig, ncpus: int) -> float:
     """Ray CPUs per worker actor: fractional when workers outnumber cores, so every
-    actor (chat and embedding) can be scheduled."""
-    return ncpus / (len(config.worker_roles()) + config.embeddings.workers)
+    actor (chat and embedding) can be scheduled — with the router's autoscale on, every
+    pool at its largest."""
+    workers = len(config.worker_roles())
+    scale = config.router.autoscale
+    if scale.enabled:
+        workers = sum(max(n, scale.max_workers) for n in
+                      (config.workers, config.prefill, config.decode) if n)
+    return ncpus / (workers + config.embeddings.workers)
 
 
 class LocalMesh:
@@ -106,6 +112,7 @@ class LocalMesh:
         self._edge: Any = None  # kvmesh.launch.edge.RunningEdge with MeshConfig.edge
         self._actors: list[Any] = []
         self._group: Any = None  # the workers' placement group (MeshConfig.placement)
+        self._scaling: Any = None  # kvmesh.launch.scaler.Scaling with router.autoscale
         self.state: dict[str, Any] = {}
 
     async def start(self) -> dict[str, Any]:
@@ -153,6 +160,8 @@ class LocalMesh:
         workers = started_workers[: len(configs)]
         embedding_workers = started_workers[len(configs):]
 
+        if cfg.router.autoscale.enabled:
+            self._scaling = self._start_scaler(cfg, router, workers)
         gateways = await self._start_gateways(cfg, router)
         gateway = gateways[0]
         for replica in gateways:
@@ -227,7 +236,35 @@ class LocalMesh:
                 await asyncio.sleep(0.2)
         raise TimeoutError(f"gateway never served {sorted(models)}")
 
+    def _start_scaler(self, cfg: MeshConfig, router: str,
+                      started: list[dict[str, Any]]) -> Any:
+        """The router's autoscale on: each chat pool (role) becomes a RayPool owning its
+        actors, and a Scaler follows the router's desired sizes."""
+        from kvmesh.launch.scaler import RayPool, Scaling
+
+        roles = cfg.worker_roles()
+        pools = []
+        for role in dict.fromkeys(r for r, _ in roles):
+            members = [i for i, (r, _) in enumerate(roles) if r == role]
+            engine = roles[members[0]][1]
+            most = cfg.router.autoscale.bounds(started[members[0]]["model"], role.value)[1]
+
+            def make(i: int, role: WorkerRole = role, engine: EngineConfig = engine,
+                     most: int = most) -> WorkerConfig:
+                return _worker_config(cfg, router, self.run_dir, f"{role.value}-{i}", role,
+                                      engine, (i % most, most))
+
+            pool = RayPool(make, started[members[0]]["model"], role.value)
+            pool.adopt([self._actors[i] for i in members])
+            pools.append(pool)
+        owned = {id(a) for p in pools for a in p.actors}
+        self._actors = [a for a in self._actors if id(a) not in owned]
+        return Scaling.start(router, pools)
+
     async def stop(self) -> None:
+        if self._scaling is not None:
+            await self._scaling.stop()
+            self._scaling = None
         if self._edge is not None:
             await self._edge.stop()
             self._edge = None
