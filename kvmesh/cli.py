@@ -278,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="KV capacity per worker in blocks (sim: the simulated cache; "
                          "real: caps each vLLM worker's cache and enables the oracle)")
     routing.add_argument("--workload", default="shared_prefix,multi_turn,low_reuse,bursty",
-                         help="comma-separated: " + ", ".join(WORKLOADS))
+                         help="comma-separated: " + ", ".join(WORKLOADS)
+                         + ", or prefix_repetition:PREFIXES:PREFIX_LEN:SUFFIX_LEN:OUTPUT_LEN "
+                         "(vLLM's dataset, sized as its flags)")
     routing.add_argument("--policies",
                          default="random,round_robin,power_of_two,approx_prefix,kv_aware",
                          help="comma-separated; real mode also takes smg:POLICY (the smg "
