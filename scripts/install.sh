@@ -70,6 +70,18 @@ fi
 
 "$VENV/bin/python" -c "import vllm, nixl, kvmesh.router, kvmesh.gateway, kvmesh.worker, kvmesh.edge.ads; from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter" \
   2>/dev/null || { echo "import check failed; remove $STAMP_FILE and retry" >&2; exit 1; }
+# Container builds without a daemon (scripts/images.sh, tests/integration/test_images.py):
+# buildah and debootstrap from Debian's packages.
+if ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> installing buildah and debootstrap (Debian packages)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q buildah debootstrap >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q buildah debootstrap >/dev/null; }
+  else
+    echo "note: buildah/debootstrap missing (not root): the image tests will fail" >&2
+  fi
+fi
 # checkov (deploy/ checks) in a venv of its own: it pins packaging and boto3 below what
 # vLLM and the model sources need beside it.
 CHECKOV="$VENV/tools/checkov"
