@@ -6,6 +6,11 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, model_validator
 
 
+def _ordered(low: int, high: int) -> None:
+    if low > high:
+        raise ValueError(f"min_workers ({low}) exceeds max_workers ({high})")
+
+
 class PoolBounds(BaseModel):
     """Worker-count bounds of one pool, overriding the autoscaler's defaults."""
 
@@ -15,10 +20,8 @@ class PoolBounds(BaseModel):
     max_workers: int = Field(ge=1, description="Most workers the pool may have.")
 
     @model_validator(mode="after")
-    def _ordered(self) -> PoolBounds:
-        if self.min_workers > self.max_workers:
-            raise ValueError(f"min_workers ({self.min_workers}) exceeds max_workers "
-                             f"({self.max_workers})")
+    def _bounds(self) -> PoolBounds:
+        _ordered(self.min_workers, self.max_workers)
         return self
 
 
@@ -61,10 +64,8 @@ class AutoscaleConfig(BaseModel):
         30.0, ge=0, description="Seconds after any change before scaling down again.")
 
     @model_validator(mode="after")
-    def _ordered(self) -> AutoscaleConfig:
-        if self.min_workers > self.max_workers:
-            raise ValueError(f"min_workers ({self.min_workers}) exceeds max_workers "
-                             f"({self.max_workers})")
+    def _bounds(self) -> AutoscaleConfig:
+        _ordered(self.min_workers, self.max_workers)
         return self
 
     def bounds(self, model: str, role: str) -> tuple[int, int]:
