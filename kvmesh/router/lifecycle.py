@@ -194,9 +194,12 @@ class WorkerLifecycle:
                 pending, load.cache_hit_rate if load.HasField("cache_hit_rate") else None,
             )
 
+        channel = self._channel(state.endpoint)
         follower = KvEventFollower(
-            worker_id, self._channel(state.endpoint), self.core.index, state.model,
+            worker_id, channel, self.core.index, state.model,
             state.block_size, on_load=on_load, metrics=self.core.metrics,
+            incarnation=self._incarnations.get(worker_id, 0.0),
+            probe_incarnation=lambda: worker_probe.incarnation(channel),
         )
         self.followers[worker_id] = follower
         self._watchers[worker_id] = [

@@ -44,8 +44,20 @@ async def describe(channel: grpc.aio.Channel) -> WorkerFacts:
         block_size=server.block_size,
         max_context_length=info.max_context_length,
         kv_capacity_tokens=load.kv_capacity_tokens,
-        incarnation=time.time() - server.uptime_seconds if server.uptime_seconds else 0.0,
+        incarnation=_started_at(server),
     )
+
+
+def _started_at(server: vllm_engine_pb2.GetServerInfoResponse) -> float:
+    return time.time() - server.uptime_seconds if server.uptime_seconds else 0.0
+
+
+async def incarnation(channel: grpc.aio.Channel) -> float:
+    """When the worker's server started (0: it does not say): a restart changes it."""
+    stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+    server = await stub.GetServerInfo(
+        vllm_engine_pb2.GetServerInfoRequest(), timeout=PROBE_TIMEOUT_S)
+    return _started_at(server)
 
 
 async def sample_load(channel: grpc.aio.Channel) -> LoadSample:
