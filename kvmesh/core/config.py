@@ -129,6 +129,10 @@ class RouterConfig(ServiceSettings):
     metrics_port: int | None = Field(
         9400, ge=0, le=65535,
         description="Prometheus /metrics port (0 picks a free one; None turns it off).")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: gRPC health turns NOT_SERVING at once, then "
+        "Route calls in flight (those waiting for a worker slot too) may finish for up to "
+        "this many seconds before the router stops (0: stop at once).")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
@@ -183,6 +187,10 @@ class WorkerConfig(ServiceSettings):
         0, ge=0, le=65535,
         description="Prometheus /metrics port serving vLLM's own `vllm:*` metrics (0 picks "
         "a free one; None turns it off). Registered with the router for discovery.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: gRPC health turns NOT_SERVING and the router "
+        "routes nothing new here (DrainWorker) at once, then generations in flight may "
+        "finish for up to this many seconds before the worker deregisters and stops.")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
@@ -216,6 +224,10 @@ class GatewayConfig(ServiceSettings):
     drain_s: float = Field(
         0.5, ge=0, le=30, description="On stop, seconds between deregistering and closing "
         "the listeners: a proxy in front (the edge) stops sending new requests here first.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: gRPC health turns NOT_SERVING and /health "
+        "answers 503 at once, the gateway leaves the router's gateway set, then requests "
+        "in flight may finish for up to this many seconds before the listeners close.")
     request_timeout_s: float = Field(
         600.0, gt=0, description="Deadline for one generation, end to end."
     )

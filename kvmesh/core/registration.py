@@ -62,6 +62,20 @@ class Registration:
                 known = False
             await asyncio.sleep(interval)
 
+    async def drain(self) -> None:
+        """Ask the router to route nothing new here; heartbeats go on (the lease must
+        outlive the drain) and a re-registration says ``draining`` too."""
+        self._info.draining = True
+        try:
+            reply = await self._stub.DrainWorker(
+                router_pb2.DrainWorkerRequest(worker_id=self._info.worker_id),
+                timeout=RPC_TIMEOUT_S)
+            log.info("draining at router %s (%d routed requests in flight)", self._router,
+                     reply.in_flight)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("router %s did not take the drain (%s); health says NOT_SERVING",
+                        self._router, exc.code().name)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -105,6 +105,7 @@ class WorkerLifecycle:
             kv_connector=info.kv_connector,
             dp_rank=info.dp_rank,
             self_registered=info.self_registered,
+            draining=info.draining,
         )
         self.core.add_worker(state)
         self._stop_watching(state.worker_id)
