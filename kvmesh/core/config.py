@@ -95,6 +95,13 @@ class RouterConfig(ServiceSettings):
     probe_interval_s: float = Field(
         1.0, gt=0, description="How often the router polls each worker's GetLoads."
     )
+    probe_timeout_s: float = Field(
+        5.0, gt=0, description="Deadline of each call the router makes to a worker "
+        "(GetModelInfo, GetServerInfo, GetLoads).")
+    kv_event_idle_timeout_s: float = Field(
+        15.0, gt=0, description="A worker's SubscribeKvEvents stream that brings nothing "
+        "(not even the servicer's heartbeat, every 1-5 s) for this long is dropped and "
+        "resumed: a stalled stream cannot keep stale cache claims longer.")
     static_workers: list[str] = Field(
         default_factory=list,
         description="host:port of VllmEngine workers to register by address at start "
@@ -159,6 +166,9 @@ class WorkerConfig(ServiceSettings):
         "several router replicas); None runs unregistered."
     )
     role: WorkerRole = Field(WorkerRole.both, description="both, prefill or decode.")
+    registration_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of each call to the router's registry "
+        "(RegisterWorker, Heartbeat, DrainWorker, DeregisterWorker).")
     engine_kind: Literal["vllm", "fake"] = Field(
         "vllm", description="'vllm' (real engine) or 'fake' (tests and simulation only)."
     )
@@ -221,6 +231,9 @@ class GatewayConfig(ServiceSettings):
     register_with_router: bool = Field(
         True, description="Register with the router as a gateway replica (heartbeats, "
         "deregistered on stop), so the edge's control plane finds it in WatchWorkers.")
+    registration_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of each call to the router's registry "
+        "(RegisterWorker, Heartbeat, DrainWorker, DeregisterWorker).")
     drain_s: float = Field(
         0.5, ge=0, le=30, description="On stop, seconds between deregistering and closing "
         "the listeners: a proxy in front (the edge) stops sending new requests here first.")

@@ -87,7 +87,7 @@ class GatewayServer:
             self._registration = Registration(self.config.router, common_pb2.WorkerInfo(
                 worker_id=f"gateway-{self.core.http_address}", role=role_to_proto(GATEWAY),
                 endpoint=info["grpc"], http_endpoint=self.core.http_address,
-                self_registered=True))
+                self_registered=True), self.config.registration_timeout_s)
             self._registering = asyncio.create_task(self._register_when_serving())
         write_ready_file(self.config.ready_file, info)
         log.info("gateway serving OpenAI at %s, Inference gRPC at %s", info["http"], info["grpc"])

@@ -162,6 +162,7 @@ class KvEventFollower:
         retry_s: float = 0.5, metrics: RouterMetrics | None = None,
         incarnation: float = 0.0,
         probe_incarnation: Callable[[], Awaitable[float]] | None = None,
+        idle_timeout_s: float = 15.0,
     ) -> None:
         self.worker_id = worker_id
         self._stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
@@ -170,6 +171,7 @@ class KvEventFollower:
         self._on_load = on_load
         self._retry_s = retry_s
         self._probe_incarnation = probe_incarnation
+        self._idle_timeout_s = idle_timeout_s
         self.supported = True
 
     @property
@@ -181,19 +183,34 @@ class KvEventFollower:
             return self.tracker.sequence.resume_from()
         return self.tracker.resubscribing(await self._probe_incarnation())
 
+    async def _follow(self, start: int) -> None:
+        """One subscription, until it ends, fails, or brings nothing (not even a
+        heartbeat) for ``idle_timeout_s``: a stalled stream is dropped and resumed."""
+        call = self._stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(
+            start_sequence_number=start, load_records_before_first_batch=True))
+        try:
+            while True:
+                try:
+                    batch = await asyncio.wait_for(call.read(), self._idle_timeout_s)
+                except TimeoutError:
+                    log.warning("KV event stream of %s silent for %.0f s; resubscribing",
+                                self.worker_id, self._idle_timeout_s)
+                    return
+                if batch is grpc.aio.EOF:
+                    return
+                if batch.HasField("load") and self._on_load is not None:
+                    self._on_load(batch.load)
+                self.tracker.handle(batch)
+        finally:
+            call.cancel()
+
     async def run(self) -> None:
         first = True
         while True:
             try:
                 start = await self._start(first)
                 first = False
-                async for batch in self._stub.SubscribeKvEvents(
-                    common_pb2.SubscribeKvEventsRequest(
-                        start_sequence_number=start, load_records_before_first_batch=True)
-                ):
-                    if batch.HasField("load") and self._on_load is not None:
-                        self._on_load(batch.load)
-                    self.tracker.handle(batch)
+                await self._follow(start)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNIMPLEMENTED:

@@ -135,6 +135,7 @@ class WorkerServer:
                     if config.role != WorkerRole.both else "",
                     metrics_endpoint=self.metrics_endpoint,
                 ),
+                config.registration_timeout_s,
             )
             registration.start()
             self._registrations.append(registration)

@@ -22,7 +22,8 @@ from kvmesh.router.prefix_index import PrefixIndex
 
 pytestmark = pytest.mark.integration
 BS = 4
-HEARTBEAT_S = 1.0  # vLLM's servicer: smg_grpc_servicer.load_record.HEARTBEAT_INTERVAL
+HEARTBEAT_S = 1.0
+IDLE_S = 2.0  # vLLM's servicer: smg_grpc_servicer.load_record.HEARTBEAT_INTERVAL
 
 
 def stored(seq: int, base: int) -> common_pb2.KvEventBatch:
@@ -86,7 +87,7 @@ async def publisher() -> AsyncIterator[tuple[ScriptedPublisher, KvEventFollower,
     channel = insecure_channel(f"127.0.0.1:{port}")
     index = PrefixIndex()
     follower = KvEventFollower(
-        "w0", channel, index, "m", BS, retry_s=0.1,
+        "w0", channel, index, "m", BS, retry_s=0.1, idle_timeout_s=IDLE_S,
         incarnation=await worker_probe.incarnation(channel),
         probe_incarnation=lambda: worker_probe.incarnation(channel))
     task = asyncio.create_task(follower.run())
@@ -153,3 +154,14 @@ async def test_refused_resume_drops_the_view(
     await _until(lambda: index.blocks("w0") == 0, 5)
     await _until(lambda: scripted.starts[-2:] == [1, 0], 5)
     assert follower.stats.resets == 1
+
+
+async def test_a_silent_stream_is_dropped_and_resumed(
+        publisher: tuple[ScriptedPublisher, KvEventFollower, PrefixIndex]) -> None:
+    scripted, follower, index = publisher
+    await scripted.script.put(stored(0, 100))
+    await _until(lambda: index.blocks("w0") == 1, 5)
+    # No batch, no heartbeat: the subscription is given up after IDLE_S and resumed.
+    waited = await _until(lambda: scripted.starts == [0, 1], IDLE_S + 3)
+    print(f"\nsilent stream resubscribed after {waited:.2f} s (idle timeout {IDLE_S} s)")
+    assert waited >= IDLE_S - 0.5 and index.blocks("w0") == 1
