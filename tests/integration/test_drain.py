@@ -108,6 +108,10 @@ def test_worker_drains_streams_goes_out_of_routing_and_deregisters(model_dir: Pa
             return any(w.worker.worker_id == "w0" and w.worker.draining for w in listed)
 
         wait_for(draining, 5)
+        watch = router.WatchWorkers(router_pb2.WatchWorkersRequest(), timeout=5)
+        watched = next(iter(watch))
+        watch.cancel()
+        assert {w.worker_id: w.draining for w in watched.workers} == {"w0": True, "w1": False}
         # New work goes elsewhere: every Route now picks w1.
         picks = set()
         for i in range(6):
