@@ -17,7 +17,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvmesh.v1 import router_pb2, router_pb2_grpc
+from kvmesh.v1 import inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
 
 from .conftest import Mesh, running_mesh, start_router
 
@@ -59,6 +59,37 @@ class Stream:
                         elif '"finish_reason":"' in line.replace(" ", ""):
                             self.finish = line.split('"finish_reason":')[1].split('"')[1]
         except httpx.HTTPError as exc:
+            self.error = repr(exc)
+        finally:
+            self.done.set()
+
+
+@dataclass
+class GrpcStream:
+    """The same over the gateway's Inference gRPC door."""
+
+    target: str
+    chunks: int = 0
+    finish: str | None = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> GrpcStream:
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            with grpc.insecure_channel(self.target) as channel:
+                for reply in inference_pb2_grpc.InferenceStub(channel).Complete(
+                        inference_pb2.CompletionRequest(
+                            model=MODEL, text=PROMPT, stream=True,
+                            sampling=inference_pb2.SamplingOptions(max_tokens=TOKENS)),
+                        timeout=60):
+                    self.chunks += 1
+                    self.finish = next((c.finish_reason for c in reply.choices
+                                        if c.finish_reason), self.finish)
+        except grpc.RpcError as exc:
             self.error = repr(exc)
         finally:
             self.done.set()
@@ -169,7 +200,8 @@ def test_gateway_drains_streams_and_leaves_the_gateway_set(model_dir: Path) -> N
 
         wait_for(lambda: gateways() == {a["grpc"], b["grpc"]}, 10)
         streams = [Stream(a["http"]).start() for _ in range(3)]
-        wait_for(lambda: streaming(streams), 30)
+        over_grpc = GrpcStream(a["grpc"]).start()
+        wait_for(lambda: streaming(streams) and over_grpc.chunks >= 3, 30)
         sent = time.monotonic()
         mesh.procs["gw-a"].send_signal(signal.SIGTERM)
         to_not_serving = wait_for(lambda: health(a["grpc"]) == "NOT_SERVING", 5)
@@ -182,10 +214,12 @@ def test_gateway_drains_streams_and_leaves_the_gateway_set(model_dir: Path) -> N
         code = mesh.procs["gw-a"].wait(timeout=40)
         drained = time.monotonic() - sent
         print(f"\ngateway drain: NOT_SERVING after {to_not_serving:.2f} s, exit {code} after "
-              f"{drained:.2f} s; streams finished {[s.finish for s in streams]}")
+              f"{drained:.2f} s; streams finished {[s.finish for s in streams]} (HTTP), "
+              f"{over_grpc.finish} (gRPC)")
         assert code == 0
         assert all(s.done.wait(5) and s.finish == "length" and s.error is None
                    for s in streams)
+        assert over_grpc.done.wait(5) and over_grpc.finish == "length", over_grpc.error
         assert other.done.wait(30) and other.finish == "length"
 
 
