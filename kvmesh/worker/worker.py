@@ -110,7 +110,7 @@ class WorkerServer:
         await server.start()
         if health is not None:
             await set_serving(health, [SERVICE_NAME])
-        self._health = health
+        self._health = health if health is not None else self._vllm_health
         self._server = server
         if config.metrics_port is not None:
             self._start_metrics(config.metrics_port)
@@ -200,7 +200,7 @@ class WorkerServer:
         """NOT_SERVING, out of every router's routing set, generations in flight
         finish (up to ``drain_timeout_s``). The worker stays registered (and
         heartbeating) until ``stop`` deregisters it."""
-        await not_serving(self._health if self._health is not None else self._vllm_health)
+        await not_serving(self._health)
         await asyncio.gather(*(r.drain() for r in self._registrations))
         await wait_idle(lambda: self.inflight.count, self.config.drain_timeout_s,
                         f"worker {self.worker_id}")
