@@ -1,7 +1,8 @@
 """Overload and backpressure on real processes (fake engines producing as fast as they
-can): slow readers cannot make the gateway buffer without bound, and 500 concurrent
-streams end in 200s and the configured 429s only, with the gateway's open fds and RSS
-back to where they were. Both print their figures."""
+can): slow readers cannot make the gateway buffer without bound (a slow reader holds
+the worker's generation back), and 500 concurrent streams end in 200s and the
+configured 429s only, with the gateway's open fds and RSS back where they were. Each
+prints its figures."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
+
+from tests.waiting import eventually
 
 from .conftest import running_mesh, start_router
 
@@ -36,6 +41,15 @@ def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_running(endpoint: str) -> int:
+    """Generations the (fake) worker has not finished: with backpressure, its streams
+    stall mid-way while their readers are slow; without, it would be done long ago."""
+    with grpc.insecure_channel(endpoint) as channel:
+        reply = vllm_engine_pb2_grpc.VllmEngineStub(channel).GetLoads(
+            vllm_engine_pb2.GetLoadsRequest(), timeout=5)
+    return sum(load.num_running_reqs for load in reply.loads)
 
 
 def open_fds(pid: int) -> int:
@@ -65,7 +79,7 @@ def slow_reader(host: str, port: int, body: dict, seconds: float, got: list[int]
 def test_slow_readers_do_not_make_the_gateway_buffer(model_dir: Path) -> None:
     with running_mesh() as mesh:
         mesh.router = start_router(mesh)
-        mesh.start_worker("w0", token_delay_s=0.0)
+        worker = mesh.start_worker("w0", token_delay_s=0.0)
         mesh.start_gateway()
         pid = mesh.procs["gateway"].pid
         host, port = mesh.http.removeprefix("http://").removesuffix("/v1").split(":")
@@ -92,6 +106,7 @@ def test_slow_readers_do_not_make_the_gateway_buffer(model_dir: Path) -> None:
         # Still connected, still reading: what the gateway holds for them now (the
         # peak is the requests' set-up, tokenizing 200 long prompts, freed after).
         held = rss(pid) - baseline
+        running = worker_running(worker["endpoint"])
         cpu = cpu_s(pid) - cpu0
         for t in threads:
             t.join(10)
@@ -99,7 +114,8 @@ def test_slow_readers_do_not_make_the_gateway_buffer(model_dir: Path) -> None:
         print(f"\n{clients} clients reading 1 byte/s for {seconds:.0f} s (batches of 4 "
               f"prompts, up to 7600 events each): gateway RSS {baseline / MIB:.0f} MiB, "
               f"peak +{(peak - baseline) / MIB:.1f} MiB (set-up), +{held / MIB:.1f} MiB held "
-              f"after {seconds - 1:.0f} s; gateway CPU {cpu:.1f} s; clients read {read} bytes")
+              f"after {seconds - 1:.0f} s; gateway CPU {cpu:.1f} s; clients read {read} bytes; "
+              f"worker generations still held back: {running} of {clients * 4}")
         assert read >= clients * 10  # they were really reading, slowly
         # What is held is bounded by gRPC's flow-control window per worker stream (200
         # here), not by the output: buffering it (~95 MB of SSE) would blow this.
@@ -153,3 +169,39 @@ def test_500_concurrent_streams_no_5xx_and_resources_come_back(model_dir: Path) 
             assert statuses[200] >= 400
         assert fds <= base_fds + 2
         assert (after - base_rss) / MIB < 30
+
+
+def test_a_slow_reader_holds_the_worker_back(model_dir: Path) -> None:
+    """Past every bounded buffer (the kernel's socket buffer, 4 MiB at most here;
+    uvicorn's transport; gRPC's stream window) the worker's stream itself stops: a
+    generation of ~8 MB of SSE that a fast reader takes in T seconds is still running on
+    the worker after 2T + 5 s when its reader is slow."""
+    with running_mesh() as mesh:
+        mesh.router = start_router(mesh)
+        worker = mesh.start_worker("w0", "--max-model-len", "200000", token_delay_s=0.0)
+        mesh.start_gateway()
+        host, port = mesh.http.removeprefix("http://").removesuffix("/v1").split(":")
+        body = {"model": MODEL, "prompt": "mesh " * 80000, "max_tokens": 80000,
+                "stream": True}
+        started = time.monotonic()
+        with httpx.stream("POST", mesh.http + "/completions", json=body,
+                          timeout=120) as reply:
+            fast_bytes = sum(len(chunk) for chunk in reply.iter_bytes())
+        fast_s = time.monotonic() - started
+        clients, seconds = 3, 2 * fast_s + 5
+        counters = [[0] for _ in range(clients)]
+        threads = [threading.Thread(target=slow_reader, daemon=True,
+                                    args=(host, int(port), body, seconds, counters[i]))
+                   for i in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(seconds - 1)
+        running = worker_running(worker["endpoint"])
+        for t in threads:
+            t.join(10)
+        print(f"\na fast reader takes the {fast_bytes / MIB:.1f} MiB stream in {fast_s:.1f} s; "
+              f"{clients} readers at 1 byte/s: after {seconds - 1:.0f} s the worker still "
+              f"runs {running} of {clients} generations")
+        assert fast_bytes > 6 * MIB
+        assert running == clients
+        assert eventually(lambda: worker_running(worker["endpoint"]), 0, 10) == 0
