@@ -145,7 +145,10 @@ def test_32_streams_on_real_vllm_no_5xx_and_resources_come_back(mesh: RealMesh) 
     # Real vLLM's numbered KV events under load read as in order: no false gap, no reset.
     metrics = httpx.get(f"http://{mesh.info['router']['metrics']}/metrics", timeout=5).text
     samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
-               if line.startswith("kvmesh_router_kv_event")}
+               if line.startswith(("kvmesh_router_kv_event_blocks_total",
+                                   "kvmesh_router_kv_event_gaps_total",
+                                   "kvmesh_router_kv_event_resets_total",
+                                   "kvmesh_router_kv_event_lag_seconds_count"))}
     print(f"  router KV events: {samples}")
     assert samples['kvmesh_router_kv_event_blocks_total{kind="stored"}'] > 0
     assert samples["kvmesh_router_kv_event_gaps_total"] == 0
