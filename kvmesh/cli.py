@@ -323,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop the running kvmesh up (by its recorded PIDs)")
     down.add_argument("--state-file", type=Path, default=None,
                       help="kvmesh up's state (default: as for status)")
-    down.add_argument("--timeout", type=float, default=60.0,
-                      help="seconds for an ordered stop before the processes are killed")
+    down.add_argument("--timeout", type=float, default=90.0,
+                      help="seconds for an ordered stop before the processes are killed "
+                      "(gateways, then workers, each drain up to drain_timeout_s, 30 s)")
     down.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     down.set_defaults(func=_down)
     return parser

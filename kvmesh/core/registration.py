@@ -19,8 +19,10 @@ RPC_TIMEOUT_S = 10.0
 
 
 class Registration:
-    def __init__(self, router: str, info: common_pb2.WorkerInfo) -> None:
+    def __init__(self, router: str, info: common_pb2.WorkerInfo,
+                 rpc_timeout_s: float = RPC_TIMEOUT_S) -> None:
         self._router = router
+        self._timeout_s = rpc_timeout_s
         self._info = info
         self._channel = insecure_channel(router)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
@@ -32,7 +34,7 @@ class Registration:
 
     async def _register(self) -> float:
         reply = await self._stub.RegisterWorker(
-            router_pb2.RegisterWorkerRequest(worker=self._info), timeout=RPC_TIMEOUT_S
+            router_pb2.RegisterWorkerRequest(worker=self._info), timeout=self._timeout_s
         )
         log.info("registered with router %s as %s", self._router, reply.worker.worker_id)
         self.registered.set()
@@ -49,7 +51,7 @@ class Registration:
                 else:
                     reply = await self._stub.Heartbeat(
                         router_pb2.HeartbeatRequest(worker_id=self._info.worker_id),
-                        timeout=RPC_TIMEOUT_S,
+                        timeout=self._timeout_s,
                     )
                     if not reply.known:
                         log.warning("router %s forgot this worker; registering again",
@@ -62,6 +64,20 @@ class Registration:
                 known = False
             await asyncio.sleep(interval)
 
+    async def drain(self) -> None:
+        """Ask the router to route nothing new here; heartbeats go on (the lease must
+        outlive the drain) and a re-registration says ``draining`` too."""
+        self._info.draining = True
+        try:
+            reply = await self._stub.DrainWorker(
+                router_pb2.DrainWorkerRequest(worker_id=self._info.worker_id),
+                timeout=self._timeout_s)
+            log.info("draining at router %s (%d routed requests in flight)", self._router,
+                     reply.in_flight)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("router %s did not take the drain (%s); health says NOT_SERVING",
+                        self._router, exc.code().name)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -69,6 +85,7 @@ class Registration:
                 await self._task
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self._stub.DeregisterWorker(
-                router_pb2.DeregisterWorkerRequest(worker_id=self._info.worker_id), timeout=2.0
+                router_pb2.DeregisterWorkerRequest(worker_id=self._info.worker_id),
+                timeout=min(self._timeout_s, 2.0)
             )
         await self._channel.close()

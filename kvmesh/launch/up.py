@@ -268,18 +268,24 @@ class LocalMesh:
         if self._edge is not None:
             await self._edge.stop()
             self._edge = None
-        for proc in self._gateways:
-            await asyncio.to_thread(terminate, proc)
+        # Each drains (streams in flight finish, up to its drain_timeout_s): together.
+        cfg = self.config
+        await asyncio.gather(*(
+            asyncio.to_thread(terminate, proc, cfg.gateway.drain_timeout_s + 10)
+            for proc in self._gateways))
         self._gateways = []
         if self._actors:
             import ray
 
-            for actor in self._actors:
+            async def stop_actor(actor: Any) -> None:
                 try:
-                    await asyncio.wait_for(actor.stop.remote(), timeout=30)
+                    await asyncio.wait_for(actor.stop.remote(),
+                                           timeout=cfg.worker.drain_timeout_s + 15)
                 except Exception as exc:  # a dead actor must not block shutdown
                     log.warning("worker stop failed: %s", exc)
                 ray.kill(actor)
+
+            await asyncio.gather(*(stop_actor(a) for a in self._actors))
             self._actors = []
         placement.release(self._group)
         self._group = None
@@ -289,7 +295,7 @@ class LocalMesh:
             if ray.is_initialized():
                 ray.shutdown()
         if self._router is not None:
-            await asyncio.to_thread(terminate, self._router)
+            await asyncio.to_thread(terminate, self._router, cfg.router.drain_timeout_s + 10)
 
 
 async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> None:

@@ -104,6 +104,15 @@ class RouterCore:
         self.index.remove_worker(worker_id)
         return removed
 
+    async def drain_worker(self, worker_id: str) -> tuple[bool, int]:
+        """Route nothing new to the worker (it finishes what it has); whether the
+        worker is known and how many routed requests it still has."""
+        worker = self.registry.drain(worker_id)
+        if worker is None:
+            return False, 0
+        await self.notify()
+        return True, len(worker.in_flight)
+
     def expire(self) -> list[str]:
         """Workers whose lease ran out, removed from the registry and the index."""
         expired = self.registry.expire()

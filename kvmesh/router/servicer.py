@@ -7,6 +7,7 @@ errors, mapped to gRPC status by the shared interceptor.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -20,6 +21,8 @@ from kvmesh.router.lifecycle import WorkerLifecycle
 from kvmesh.router.policy.base import RouteContext
 from kvmesh.router.registry import WorkerState
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 def unpack_tokens(packed: bytes, listed: Sequence[int]) -> np.ndarray:
@@ -47,6 +50,7 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
         max_context_length=w.max_context_length,
         kv_capacity_tokens=w.kv_capacity_tokens,
         self_registered=w.self_registered,
+        draining=w.draining,
     )
 
 
@@ -101,6 +105,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.DeregisterWorkerResponse:
         removed = await self.lifecycle.deregister(request.worker_id)
         return router_pb2.DeregisterWorkerResponse(removed=removed)
+
+    async def DrainWorker(
+        self, request: router_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.DrainWorkerResponse:
+        known, in_flight = await self.core.drain_worker(request.worker_id)
+        if known:
+            log.info("worker %s draining (%d routed requests in flight)", request.worker_id,
+                     in_flight)
+        return router_pb2.DrainWorkerResponse(known=known, in_flight=in_flight)
 
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext

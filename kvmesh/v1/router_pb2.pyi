@@ -48,6 +48,20 @@ class DeregisterWorkerResponse(_message.Message):
     removed: bool
     def __init__(self, removed: _Optional[bool] = ...) -> None: ...
 
+class DrainWorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class DrainWorkerResponse(_message.Message):
+    __slots__ = ("known", "in_flight")
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    in_flight: int
+    def __init__(self, known: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
+
 class RouteRequest(_message.Message):
     __slots__ = ("request_id", "model", "adapter", "token_ids", "max_tokens", "exclude_worker_ids", "packed_token_ids", "preview", "prefer_worker_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
