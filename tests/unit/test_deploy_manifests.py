@@ -21,7 +21,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from kvmesh.core.config import GatewayConfig, MeshConfig, RouterConfig, WorkerConfig
+from kvmesh.core.config import GatewayConfig, RouterConfig, WorkerConfig
+from kvmesh.core.mesh_config import MeshConfig
 
 pytestmark = pytest.mark.unit
 
