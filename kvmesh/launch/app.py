@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -27,7 +28,7 @@ from kvmesh.core.model_config import ModelConfig
 from kvmesh.launch import placement
 from kvmesh.launch.loop_thread import LoopThread
 from kvmesh.launch.pool_runner import RunningPool, start_actors, stop_pool
-from kvmesh.launch.pools import plan_added_pool, plan_pools
+from kvmesh.launch.pools import check_cpus, plan_added_pool, plan_pools
 from kvmesh.launch.services import MeshServices, wait_registered
 from kvmesh.models.source import resolve_model, served_name
 
@@ -93,6 +94,9 @@ class MeshApp:
         if duplicates:
             raise ModelExistsError(f"two models would be served as {', '.join(duplicates)}; "
                                    "give them distinct model_id", param="model_id")
+        if cfg.ray_address is None:  # a Ray of our own: its CPUs are this machine's
+            check_cpus([w for p in plan_pools(cfg, "", self.run_dir) for w in p.workers],
+                       os.cpu_count() or 1, "this machine")
         try:
             router = await self.services.start_router()
             await asyncio.to_thread(self.services.init_ray, self.verbose)
@@ -166,6 +170,8 @@ class MeshApp:
             free = await asyncio.to_thread(self.services.free_cpus)
             bound = sum(len(p.workers) for p in self._pools.values() if not p.pooling)
             plan = plan_added_pool(cfg, model, self.services.router, self.run_dir, free, bound)
+            if cfg.ray_address is None:
+                check_cpus(plan.workers, free, "the mesh's Ray (free now)")
             group = await asyncio.to_thread(placement.reserve, plan.workers, cfg.placement,
                                             cfg.startup_timeout_s, f"kvmesh-model-{model_id}")
             try:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.core.config import EngineConfig, WorkerConfig
+from kvmesh.core.errors import InvalidRequestError
 from kvmesh.core.mesh_config import MeshConfig
 from kvmesh.core.model_config import ModelConfig
 from kvmesh.core.roles import WorkerRole
@@ -71,12 +72,15 @@ def plan_pools(config: MeshConfig, router: str, run_dir: Path,
     """The pools the mesh starts with, model by model (``MeshConfig.model_configs``).
 
     A worker without ``resources.num_cpus`` reserves the template's num_cpus capped at an
-    equal share of this machine's CPUs, so every actor fits when workers outnumber
-    cores."""
+    equal share of the CPUs the models that give ``num_cpus`` leave, so every actor fits
+    when workers outnumber cores."""
     ncpus = ncpus or (os.cpu_count() or 1)
     models = config.model_configs()
     generative = sum(m.workers.total() for m in models if not m.pooling)
-    share = min(config.worker.num_cpus, ncpus / sum(m.workers.total() for m in models))
+    sized = [m for m in models if m.resources.num_cpus is not None]
+    left = ncpus - sum(m.workers.total() * (m.resources.num_cpus or 0.0) for m in sized)
+    unsized = sum(m.workers.total() for m in models) - sum(m.workers.total() for m in sized)
+    share = min(config.worker.num_cpus, max(left, 0.0) / max(unsized, 1))
     pools, index = [], 0
     for k, model in enumerate(models):
         workers = []
@@ -107,3 +111,14 @@ def plan_added_pool(config: MeshConfig, model: ModelConfig, router: str, run_dir
         workers.append(_worker(config.worker, model, router, run_dir,
                                f"{model.model_id or 'added'}-{i}", role, engine, share, cores))
     return Pool(model, workers)
+
+
+def check_cpus(workers: list[WorkerConfig], available: float, where: str) -> None:
+    """Fail at once when the workers ask for more Ray CPUs than ``available`` (instead
+    of waiting for the start timeout on actors Ray can never schedule)."""
+    asked = sum(w.num_cpus for w in workers)
+    if asked > available + 1e-9:
+        raise InvalidRequestError(
+            f"the workers ask for {asked:g} Ray CPUs (resources.num_cpus), {where} has "
+            f"{available:g}", param="resources.num_cpus")
+
