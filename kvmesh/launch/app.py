@@ -161,6 +161,8 @@ class MeshApp:
     async def add_model(self, model: ModelConfig) -> RunningPool:
         """Start ``model``'s pool; returns once its workers serve and the router lists
         them (gateways then learn it from WatchWorkers)."""
+        if not self.services.router:
+            raise RuntimeError("the app is not running: start it before adding models")
         async with self._one_change():
             model_id = await asyncio.to_thread(model_id_of, model)
             if model_id in self._pools:
