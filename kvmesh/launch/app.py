@@ -48,11 +48,12 @@ class MeshAddresses:
 
 def build_app(config: MeshConfig | dict[str, Any], run_dir: Path | None = None,
               verbose: bool = False) -> MeshApp:
-    """The application for ``config`` (a MeshConfig or its mapping, validated here:
-    a bad key fails now, before anything starts). Start it with ``await app.start()``,
-    ``async with app``, or ``with app`` from synchronous code."""
+    """The application for ``config`` (a MeshConfig, or its mapping: validated here, so
+    a bad key fails now, before anything starts; ``KVMESH_*`` environment variables fill
+    what the mapping leaves out, as for `kvmesh up`). Start it with ``await
+    app.start()``, ``async with app``, or ``with app`` from synchronous code."""
     if not isinstance(config, MeshConfig):
-        config = MeshConfig.model_validate(config)
+        config = MeshConfig(**config)
     return MeshApp(config, run_dir, verbose)
 
 
