@@ -4,6 +4,7 @@ deploy ray`), started as ``kvmesh.build_app(config)`` and run until Ctrl-C / SIG
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -36,6 +37,9 @@ async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> N
         await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not start.done():
             start.cancel()
+            # Its own clean-up (actors half started, Ray) ends before the stop below.
+            with contextlib.suppress(asyncio.CancelledError):
+                await start
             return
         state = {**start.result(), "pid": os.getpid()}
         stopper.cancel()

@@ -167,25 +167,45 @@ def test_models_are_added_and_removed_while_the_mesh_runs(tmp_path: Path,
         print((tmp_path / "up.log").read_text()[-4000:])
 
 
+def pd_requests(http: str, mode: str) -> float:
+    text = httpx.get(http.removesuffix("/v1") + "/metrics", timeout=5).text
+    name = f'kvmesh_gateway_pd_requests_total{{mode="{mode}"}} '
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith(name)), 0.0)
+
+
 def test_build_app_fractional_cpus_reach_ray(tmp_path: Path, model_dir: Path) -> None:
-    """Two small models share one CPU: each actor holds 0.5 of it in Ray's own
-    accounting, and a model added through the app takes exactly what it asks."""
+    """Two small models share one CPU: each actor holds its fraction of it in Ray's own
+    accounting (x one worker at 0.5, y a prefill and a decode worker at 0.25), each
+    model's requests take its own path (y disaggregated over its P/D pair, x whole on
+    its worker), and a model added through the app takes exactly what it asks."""
     import ray
 
     import kvmesh
 
     config: dict[str, Any] = {
-        "worker": {"engine_kind": "fake"}, "embeddings": {"workers": 0},
-        "gateway": {"port": 0, "grpc_port": 0}, "router": {"metrics_port": 0},
-        "models": [{"model_id": m, "resources": {"num_cpus": 0.5}} for m in ("x", "y")],
+        "worker": {"engine_kind": "fake", "engine": {"block_size": 32}},
+        "embeddings": {"workers": 0}, "gateway": {"port": 0, "grpc_port": 0},
+        "router": {"metrics_port": 0, "disaggregation": "always"},
+        "models": [{"model_id": "x", "resources": {"num_cpus": 0.5}},
+                   {"model_id": "y", "resources": {"num_cpus": 0.25},
+                    "workers": {"both": 0, "prefill": 1, "decode": 1}}],
     }
     cpus = float(os.cpu_count() or 1)
     with kvmesh.build_app(config, run_dir=tmp_path) as app:
-        assert [p.workers[0]["resources"] for p in app.models()] == [{"CPU": 0.5}] * 2
+        x, y = app.models()
+        assert [w["resources"] for w in x.workers + y.workers] == [
+            {"CPU": 0.5}, {"CPU": 0.25}, {"CPU": 0.25}]
+        assert [w["role"] for w in y.workers] == ["prefill", "decode"]
         assert wait_free_cpus(cpus - 1.0) == pytest.approx(cpus - 1.0)
-        with httpx.Client(timeout=5) as client:
-            listed = client.get(app.addresses.http + "/models").json()["data"]
-        assert sorted(m["id"] for m in listed) == ["x", "y"]
+        client = openai.OpenAI(base_url=app.addresses.http, api_key="x", max_retries=0)
+        assert sorted(m.id for m in client.models.list().data) == ["x", "y"]
+        split = pd_requests(app.addresses.http, "disaggregated")
+        assert chat(client, "y") == "y"
+        assert pd_requests(app.addresses.http, "disaggregated") == split + 1
+        whole = pd_requests(app.addresses.http, "aggregated")
+        assert chat(client, "x") == "x"
+        assert pd_requests(app.addresses.http, "aggregated") == whole + 1
 
         pool = app.call(app.add_model(kvmesh.ModelConfig(
             model_id="z", resources={"num_cpus": 0.25})))
@@ -194,4 +214,5 @@ def test_build_app_fractional_cpus_reach_ray(tmp_path: Path, model_dir: Path) ->
         app.call(app.remove_model("x"))
         assert wait_free_cpus(cpus - 0.75) == pytest.approx(cpus - 0.75)
         assert [p.model_id for p in app.models()] == ["y", "z"]
+        assert chat(client, "z") == "z" and chat(client, "y") == "y"
     assert not ray.is_initialized()  # the app's own Ray went down with it
