@@ -1,4 +1,4 @@
-"""The `kvmesh` command: up, status, down, model, bench."""
+"""The `kvmesh` command: up, deploy, status, down, models, bench."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
+import grpc
+from pydantic import ValidationError
+
 from kvmesh.bench.routing.workloads import WORKLOADS
-from kvmesh.core.config import MeshConfig, PolicyName, load_settings
-from kvmesh.core.errors import ModelNotFoundError
+from kvmesh.core.config import PolicyName, load_settings
+from kvmesh.core.errors import KvmeshError
 from kvmesh.core.logs import setup_logging
+from kvmesh.core.mesh_config import MeshConfig
 from kvmesh.core.service_main import add_observability_flags, observability_settings
+from kvmesh.core.validation import describe
 from kvmesh.launch.placement import PlacementError
 from kvmesh.launch.state import NoMeshError
 
@@ -139,6 +144,17 @@ def _model_prepare(args: argparse.Namespace) -> int:
 
     print(resolve_model(args.model))
     return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from kvmesh.launch import models_cmd
+
+    if args.model_command == "add":
+        return asyncio.run(models_cmd.add(args.config, args.state_file, args.admin, args.json))
+    if args.model_command == "remove":
+        return asyncio.run(models_cmd.remove(args.model_id, args.state_file, args.admin,
+                                             args.json))
+    return asyncio.run(models_cmd.show(args.state_file, args.admin, args.json))
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -303,13 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
     micro.add_argument("--out", type=Path, default=None)
     micro.set_defaults(func=_bench_router)
 
-    model = sub.add_parser("model", help="model files")
+    model = sub.add_parser("models", aliases=["model"], help="model files; a running "
+                           "mesh's models (add/remove a model's worker pool, list them)")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     prepare = model_sub.add_parser(
         "prepare", help="prepare or fetch a model into this node's cache; print its folder "
         "(default: embedded)")
     prepare.add_argument("model", nargs="?", default="embedded")
     prepare.set_defaults(func=_model_prepare)
+    add = model_sub.add_parser("add", help="start a model's worker pool in the running mesh")
+    add.add_argument("--config", type=Path, required=True,
+                     help="YAML/JSON of one model (model_id, source, engine, workers, "
+                     "resources, policy: docs/models.md)")
+    remove = model_sub.add_parser("remove", help="stop a model's worker pool")
+    remove.add_argument("model_id")
+    listing = model_sub.add_parser("list", help="the running mesh's models and workers")
+    for p in (add, remove, listing):
+        p.add_argument("--state-file", type=Path, default=None,
+                       help="kvmesh up's state (default: as for status)")
+        p.add_argument("--admin", default=None,
+                       help="host:port of the mesh's admin service (default: from the state)")
+        p.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+        p.set_defaults(func=_models)
 
     status = sub.add_parser("status", help="workers, models and load, from the router")
     status.add_argument("--router", default=None,
@@ -337,9 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         result: int = args.func(args)
-    except ModelNotFoundError as exc:  # says what is missing; a traceback would not
+    except ValidationError as exc:  # a bad config: every faulty key, one line each
+        print(f"kvmesh: {describe(exc)}", file=sys.stderr)
+        return 2
+    except KvmeshError as exc:  # says what is wrong (a missing model, a bad key, ...)
         print(f"kvmesh: {exc.message}", file=sys.stderr)
         return 2
+    except grpc.aio.AioRpcError as exc:  # the mesh's admin service refused or is gone
+        print(f"kvmesh: {exc.details()} ({exc.code().name})", file=sys.stderr)
+        return 1
     except (NoMeshError, PlacementError) as exc:
         print(f"kvmesh: {exc}", file=sys.stderr)
         return 1

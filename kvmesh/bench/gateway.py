@@ -22,7 +22,7 @@ import httpx
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.bench.stats import percentile
-from kvmesh.core.config import MeshConfig
+from kvmesh.core.mesh_config import MeshConfig
 
 PROMPTS = [
     "Explain how a bicycle works.",
@@ -102,10 +102,10 @@ async def gateway_overhead(
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from kvmesh.launch.up import LocalMesh
+    from kvmesh.launch.app import build_app
     from kvmesh.models.source import resolve_model
 
-    mesh = LocalMesh(config)
+    mesh = build_app(config)
     try:
         state = await mesh.start()
         model = state["workers"][0]["model"]

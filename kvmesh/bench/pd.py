@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from kvmesh.bench.sse import chunk_text, completion_chunks
 from kvmesh.bench.stats import percentile
-from kvmesh.core.config import MeshConfig
+from kvmesh.core.mesh_config import MeshConfig
 
 
 class Workload(BaseModel):
@@ -147,9 +147,9 @@ def memcpy_gb_s(nbytes: int, repeats: int = 5) -> float:
 
 async def _deployment(label: str, config: MeshConfig, workload: Workload, seed: int
                       ) -> dict[str, Any]:
-    from kvmesh.launch.up import LocalMesh
+    from kvmesh.launch.app import build_app
 
-    mesh = LocalMesh(config)
+    mesh = build_app(config)
     try:
         state = await mesh.start()
         model = state["workers"][0]["model"]

@@ -1,5 +1,6 @@
 """Typed configuration: one pydantic settings model per process (router, worker,
-gateway, and ``MeshConfig`` for ``kvmesh up``), every field with a description.
+gateway; ``MeshConfig`` for ``kvmesh up`` is in ``mesh_config``, one model's pool in
+``model_config``), every field with a description.
 
 Precedence, highest first: command-line flags, environment (``KVMESH_<SERVICE>_...``,
 nested with ``__``), the YAML/JSON config file, defaults (``kvmesh.core.settings``).
@@ -155,6 +156,9 @@ class WorkerConfig(ServiceSettings):
         default_factory=dict,
         description="Custom Ray resources the worker actor reserves, e.g. {'gpu_pool': 1}: "
         "it runs only on nodes that offer them (`ray start --resources`).")
+    routing_policy: PolicyName | None = Field(
+        None, description="Routing policy the router uses for this worker's model, sent "
+        "with its registration (a model's `policy`); None: the router's own policy.")
     fake_token_delay_s: float = Field(
         0.005, ge=0, description="Fake engine only: seconds per generated token."
     )
@@ -268,95 +272,3 @@ class GatewayConfig(ServiceSettings):
     )
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
-
-
-class EmbeddingsConfig(BaseModel):
-    """The embedding model `kvmesh up` serves next to the chat model."""
-
-    model_config = {"extra": "forbid"}
-
-    workers: int = Field(
-        1, ge=0, le=16,
-        description="Workers running the embedding model (vLLM pooling runner); 0 turns "
-        "embeddings off.",
-    )
-    model: str = Field(
-        "embedded-embedding",
-        description="Local folder of an embedding model, 'embedded-embedding' for the "
-        "packaged all-MiniLM-L6-v2, or a remote reference as for the chat model (hf://, "
-        "s3://, gs://).",
-    )
-    max_model_len: int = Field(
-        256, gt=0,
-        description="Longest input in tokens (all-MiniLM-L6-v2 was trained on 256; BERT "
-        "models accept at most 512).",
-    )
-
-
-class MeshConfig(ServiceSettings):
-    """`kvmesh up`: a whole local mesh."""
-
-    model_config = SettingsConfigDict(env_prefix="KVMESH_", env_nested_delimiter="__")
-
-    workers: int = Field(1, ge=0, le=64, description="Number of aggregated (both) workers.")
-    prefill: int = Field(0, ge=0, le=64, description="Number of prefill workers (P pool).")
-    decode: int = Field(0, ge=0, le=64, description="Number of decode workers (D pool).")
-    router: RouterConfig = Field(default_factory=RouterConfig, description="Router settings.")
-    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Gateway settings.")
-    worker: WorkerConfig = Field(
-        default_factory=WorkerConfig, description="Template for every worker."
-    )
-    prefill_engine: EngineConfig | None = Field(
-        None,
-        description="Engine settings of prefill workers; the fields given override "
-        "worker.engine (e.g. a larger kv_cache_space_gib), the rest inherit it.",
-    )
-    decode_engine: EngineConfig | None = Field(
-        None,
-        description="Engine settings of decode workers; the fields given override "
-        "worker.engine (e.g. more max_num_seqs), the rest inherit it.",
-    )
-    embeddings: EmbeddingsConfig = Field(
-        default_factory=EmbeddingsConfig,
-        description="Embedding workers; they take the worker template with the embedding "
-        "model and the pooling runner.",
-    )
-    gateways: int = Field(1, ge=1, le=16, description="Gateway replicas (behind the edge "
-                          "when it is on; otherwise the first one takes gateway.port).")
-    edge: EdgeConfig = Field(default_factory=EdgeConfig, description="Envoy at the edge.")
-    ray_address: str | None = Field(
-        None, description="Existing Ray cluster to join; None starts a local one."
-    )
-    placement: Literal["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "none",
-        description="Reserve every chat and embedding worker as one Ray placement group "
-        "before any starts (a gang: all or none; PACK/STRICT_PACK on as few nodes as "
-        "possible, SPREAD/STRICT_SPREAD over nodes); 'none' places each actor on its own.")
-    startup_timeout_s: float = Field(
-        600.0, gt=0, description="How long to wait for every service to come up."
-    )
-    tracing: TracingConfig | None = Field(
-        None, description="When set, every service (router, workers, gateway) traces with "
-        "these settings, overriding their own.")
-    logging: LoggingConfig | None = Field(
-        None, description="When set, every service logs with these settings.")
-
-    @model_validator(mode="after")
-    def _some_worker(self) -> MeshConfig:
-        if self.workers + self.prefill + self.decode < 1:
-            raise ValueError("the mesh needs at least one worker")
-        if (self.prefill == 0) != (self.decode == 0):
-            raise ValueError("prefill and decode workers come together (both or neither)")
-        return self
-
-    def worker_roles(self) -> list[tuple[WorkerRole, EngineConfig]]:
-        """Every worker's role and engine settings, both-workers first."""
-        return (
-            [(WorkerRole.both, self.worker.engine)] * self.workers
-            + [(WorkerRole.prefill, role_engine(self.worker.engine, self.prefill_engine))]
-            * self.prefill
-            + [(WorkerRole.decode, role_engine(self.worker.engine, self.decode_engine))]
-            * self.decode
-        )
-
-

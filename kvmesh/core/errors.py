@@ -15,6 +15,7 @@ class ErrorKind(enum.Enum):
 
     INVALID_ARGUMENT = "invalid_argument"
     NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
     UNAVAILABLE = "unavailable"
     UNAUTHENTICATED = "unauthenticated"
     RATE_LIMITED = "rate_limited"
@@ -60,3 +61,9 @@ class RateLimitedError(KvmeshError):
 
 class WorkerNotFoundError(KvmeshError):
     kind = ErrorKind.NOT_FOUND
+
+
+class ModelExistsError(KvmeshError):
+    """A model id the mesh already serves was added again."""
+
+    kind = ErrorKind.ALREADY_EXISTS

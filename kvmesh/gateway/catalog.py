@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -33,9 +34,12 @@ class ModelCatalog:
         self.router_metrics_endpoint = ""
         self.version = -1
         self.changed = asyncio.Event()
+        #: Models the last snapshot no longer serves.
+        self.gone: list[str] = []
 
     def apply(self, worker_set: router_pb2.WorkerSet) -> list[str]:
-        """Replace the view with a router snapshot; return newly seen models."""
+        """Replace the view with a router snapshot; return newly seen models (the ones
+        no longer served are in :attr:`gone`)."""
         fresh: dict[str, ModelEntry] = {}
         for w in worker_set.workers:
             entry = fresh.get(w.model)
@@ -52,6 +56,7 @@ class ModelCatalog:
                     entry.max_context_length or w.max_context_length, w.max_context_length
                 )
         new = [m for m in fresh if m not in self._models]
+        self.gone = [m for m in self._models if m not in fresh]
         self._models = fresh
         self.workers = list(worker_set.workers)
         self.gateways = list(worker_set.gateways)
@@ -75,9 +80,12 @@ class ModelCatalog:
 
 
 async def watch_router(
-    stub: router_pb2_grpc.RouterStub, catalog: ModelCatalog, on_new_model: object
+    stub: router_pb2_grpc.RouterStub, catalog: ModelCatalog,
+    on_new_model: Callable[[ModelEntry], None] | None = None,
+    on_gone_model: Callable[[str], None] | None = None,
 ) -> None:
-    """Follow WatchWorkers forever, reconnecting with backoff."""
+    """Follow WatchWorkers forever, reconnecting with backoff. A model whose last
+    worker left is forgotten (its pool may come back with other weights)."""
     backoff = 0.2
     while True:
         try:
@@ -85,8 +93,12 @@ async def watch_router(
                 backoff = 0.2
                 for model in catalog.apply(worker_set):
                     log.info("model %s is now served", model)
-                    if callable(on_new_model):
+                    if on_new_model is not None:
                         on_new_model(catalog.get(model))
+                for model in catalog.gone:
+                    log.info("model %s is no longer served", model)
+                    if on_gone_model is not None:
+                        on_gone_model(model)
         except grpc.aio.AioRpcError as exc:
             log.warning("router watch broken (%s); reconnecting", exc.code().name)
         await asyncio.sleep(backoff)

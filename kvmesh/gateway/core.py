@@ -82,7 +82,8 @@ class GatewayCore:
 
     async def start(self) -> None:
         self._watch = asyncio.create_task(
-            watch_router(self.mesh.router, self.catalog, self._on_new_model)
+            watch_router(self.mesh.router, self.catalog, self._on_new_model,
+                         self.tokenizers.forget)
         )
 
     def _on_new_model(self, entry: ModelEntry) -> None:

@@ -182,6 +182,11 @@ class TokenizerStore:
         self.prefetch(model, endpoints)
         return await asyncio.shield(self._loads[model])
 
+    def forget(self, model: str) -> None:
+        """The model is no longer served: a pool added later under its name may run
+        other weights, so its tokenizer is fetched again then."""
+        self._loads.pop(model, None)  # a load in flight still answers who awaits it
+
     def ready(self, model: str) -> bool:
         task = self._loads.get(model)
         return task is not None and task.done() and task.exception() is None

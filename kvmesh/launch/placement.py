@@ -24,14 +24,15 @@ def bundle(config: WorkerConfig) -> dict[str, float]:
     return {name: amount for name, amount in wanted.items() if amount > 0}
 
 
-def reserve(configs: Sequence[WorkerConfig], strategy: str, timeout_s: float) -> Any:
+def reserve(configs: Sequence[WorkerConfig], strategy: str, timeout_s: float,
+            name: str = "kvmesh-workers") -> Any:
     """A ready placement group with one bundle per worker (None for ``none``)."""
     if strategy == "none" or not configs:
         return None
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundles = [bundle(c) for c in configs]
-    group = placement_group(bundles, strategy=strategy, name="kvmesh-workers")
+    group = placement_group(bundles, strategy=strategy, name=name)
     import ray
 
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)

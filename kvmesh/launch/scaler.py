@@ -19,13 +19,14 @@ import logging
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 
 from kvmesh.core.config import WorkerConfig
 from kvmesh.core.processes import terminate
 from kvmesh.core.settings import dump_settings
+from kvmesh.launch.pool_runner import RunningPool
 from kvmesh.launch.procs import spawn_module, wait_ready_file
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
@@ -59,7 +60,7 @@ class Scaler:
         self._router = router_pb2_grpc.RouterStub(self._channel)
         self.pools = {(p.model, p.role): p for p in pools}
         self.interval_s = interval_s
-        self._busy: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.busy: dict[tuple[str, str], asyncio.Task[None]] = {}
         #: (model, role, "grow" | "shrink") of every change made, in order (tests, logs).
         self.changes: list[tuple[str, str, str]] = []
 
@@ -73,7 +74,7 @@ class Scaler:
         for status in reply.pools:
             key = (status.model, status.role)
             pool = self.pools.get(key)
-            busy = self._busy.get(key)
+            busy = self.busy.get(key)
             if pool is None or (busy is not None and not busy.done()):
                 continue
             if status.desired > pool.size():
@@ -92,7 +93,7 @@ class Scaler:
             except Exception:
                 log.exception("autoscale %s/%s: %s failed", key[0], key[1], change)
 
-        self._busy[key] = asyncio.create_task(run())
+        self.busy[key] = asyncio.create_task(run())
 
     async def run(self) -> None:
         while True:
@@ -104,7 +105,7 @@ class Scaler:
 
     async def close(self) -> None:
         """Stop: changes under way are cancelled (a worker half started is removed)."""
-        for task in self._busy.values():
+        for task in self.busy.values():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -159,76 +160,76 @@ class ProcessPool:
 
 
 class RayPool:
-    """A pool of worker actors on the Ray cluster (``kvmesh up``): ``make_config(i)``
-    gives the i-th worker's settings; ``adopt`` takes the actors already started."""
+    """One role of a running model's pool of Ray actors (``kvmesh up``, ``build_app``):
+    it grows and shrinks the ``RunningPool``'s actors of that role in place, so the
+    mesh's state and its stop see every worker. ``make_config(i)`` is the i-th added
+    worker's settings; ``on_change`` runs after each change (the state file)."""
 
-    def __init__(self, make_config: Callable[[int], WorkerConfig], model: str, role: str,
-                 drain_timeout_s: float = 60.0) -> None:
-        self.make_config, self.model, self.role = make_config, model, role
-        self.drain_timeout_s = drain_timeout_s
-        self.actors: list[Any] = []
+    def __init__(self, running: RunningPool, role: str,
+                 make_config: Callable[[int], WorkerConfig],
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.running, self.role = running, role
+        self.model = running.model_id
+        self.make_config, self.on_change = make_config, on_change
         self._next = itertools.count()
         self._starting = 0
 
-    def adopt(self, actors: list[Any]) -> None:
-        self.actors.extend(actors)
-        self._next = itertools.count(len(self.actors))
+    def _mine(self) -> list[int]:
+        return [i for i, w in enumerate(self.running.workers) if w.get("role") == self.role]
 
     def size(self) -> int:
-        return len(self.actors) + self._starting
+        return len(self._mine()) + self._starting
 
     async def grow(self) -> None:
-        from kvmesh.worker.actor import spawn_worker_actor
+        from kvmesh.launch.pool_runner import start_actors
 
-        actor = spawn_worker_actor(self.make_config(next(self._next)))
         self._starting += 1
         try:
-            await actor.start.remote()
-            self.actors.append(actor)
-        except BaseException:
-            _kill(actor)
-            raise
+            actors, infos = await start_actors([self.make_config(next(self._next))], None, 0,
+                                               600.0)
         finally:
             self._starting -= 1
+        self.running.actors.extend(actors)
+        self.running.workers.extend(infos)
+        self.on_change()
 
     async def shrink(self) -> None:
-        """The newest worker: it leaves the router, finishes its streams, stops."""
-        if self.actors:
-            await self._stop(self.actors.pop())
+        """The newest worker of the role: it leaves the router, finishes its streams,
+        stops (``stop_actors``)."""
+        from kvmesh.launch.pool_runner import stop_actors
 
-    async def _stop(self, actor: Any) -> None:
-        try:
-            await asyncio.wait_for(actor.stop.remote(), self.drain_timeout_s)
-        except Exception as exc:  # a dead actor must not block the others
-            log.warning("worker stop failed: %s", exc)
-        _kill(actor)
-
-    async def close(self) -> None:
-        actors, self.actors = self.actors, []
-        await asyncio.gather(*[self._stop(a) for a in actors])
-
-
-def _kill(actor: Any) -> None:
-    import ray
-
-    with contextlib.suppress(Exception):
-        ray.kill(actor)
+        mine = self._mine()
+        if not mine:
+            return
+        actor = self.running.actors.pop(mine[-1])
+        self.running.workers.pop(mine[-1])
+        self.on_change()
+        await stop_actors([actor])
 
 
 class Scaling:
-    """A Scaler running in the background with the pools it drives (``kvmesh up``)."""
+    """A Scaler running in the background (``kvmesh up``, ``build_app``); the mesh
+    tracks each model's pools as they come and go."""
 
-    def __init__(self, scaler: Scaler, pools: list[RayPool]) -> None:
-        self.scaler, self.pools = scaler, pools
-        self._task = asyncio.create_task(scaler.run())
+    def __init__(self, router: str, interval_s: float = 1.0) -> None:
+        self.scaler = Scaler(router, [], interval_s)
+        self._task = asyncio.create_task(self.scaler.run())
 
-    @classmethod
-    def start(cls, router: str, pools: list[RayPool]) -> Scaling:
-        return cls(Scaler(router, list(pools)), pools)
+    def track(self, pool: WorkerPool) -> None:
+        self.scaler.pools[pool.model, pool.role] = pool
+
+    async def untrack(self, model: str) -> None:
+        """Forget ``model``'s pools, a change under way cancelled (it is being removed)."""
+        for key in [k for k in self.scaler.pools if k[0] == model]:
+            del self.scaler.pools[key]
+            busy = self.scaler.busy.pop(key, None)
+            if busy is not None:
+                busy.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await busy
 
     async def stop(self) -> None:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         await self.scaler.close()
-        await asyncio.gather(*[p.close() for p in self.pools])

@@ -32,10 +32,11 @@ def worker_table(reply: router_pb2.ListWorkersResponse) -> Table:
 
 
 def model_table(reply: router_pb2.ListWorkersResponse) -> Table:
-    """Per model: workers, adapters across them, summed load, mean cache hit rate."""
+    """Per model: its routing policy, workers, adapters across them, summed load, mean
+    cache hit rate."""
     table = Table(title="models")
-    for column in ("model", "workers", "adapters", "running", "waiting", "in flight",
-                   "cache hit rate"):
+    for column in ("model", "policy", "workers", "adapters", "running", "waiting",
+                   "in flight", "cache hit rate"):
         table.add_column(column)
     by_model: dict[str, list[router_pb2.WorkerStatus]] = {}
     for s in reply.workers:
@@ -43,8 +44,10 @@ def model_table(reply: router_pb2.ListWorkersResponse) -> Table:
     for model, statuses in sorted(by_model.items()):
         adapters = sorted({a for s in statuses for a in s.worker.adapters})
         hit_rate = sum(s.load.cache_hit_rate for s in statuses) / len(statuses)
+        policy = next((s.worker.routing_policy for s in statuses if s.worker.routing_policy),
+                      reply.policy)
         table.add_row(
-            model, str(len(statuses)), ", ".join(adapters) or "-",
+            model, policy, str(len(statuses)), ", ".join(adapters) or "-",
             str(sum(s.load.num_running for s in statuses)),
             str(sum(s.load.num_waiting for s in statuses)),
             str(sum(s.load.in_flight for s in statuses)), f"{hit_rate:.1%}",

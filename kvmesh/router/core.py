@@ -29,7 +29,7 @@ from kvmesh.router.admission import Admission, AdmissionTimeout
 from kvmesh.router.autoscale import PoolLoad, PoolScaler
 from kvmesh.router.metrics import RouterMetrics, WorkerSample
 from kvmesh.router.pd import PdDecision, decide
-from kvmesh.router.policy.base import RouteContext
+from kvmesh.router.policy.base import Policy, RouteContext
 from kvmesh.router.policy.factory import make_policy
 from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerRegistry, WorkerState
@@ -74,7 +74,12 @@ class RouterCore:
         self.registry = WorkerRegistry(config.lease_ttl_s)
         self.index = PrefixIndex()
         self.cost_params = config.cost
+        #: The router's own policy; a model whose workers registered with another one
+        #: gets an instance of that (``policy_for``).
         self.policy = make_policy(config.policy, config.seed, self.index, self.cost_params)
+        self._model_policies: dict[str, Policy] = {}
+        self._policy_names: dict[str, str] = {}
+        self._policy_names_version = -1
         self._rng = random.Random(config.seed)
         self._changed = asyncio.Condition()
         self._admission: dict[str, Admission] = {}
@@ -183,6 +188,26 @@ class RouterCore:
             self.metrics.pool_need.labels(model, role).set(scaler.need)
         return list(self.scalers.values())
 
+    def policy_for(self, model: str) -> Policy:
+        """The policy routing ``model``: the one its workers registered with (a model's
+        ``policy`` in kvmesh's ModelConfig; the lowest worker id naming one wins), else
+        the router's own. Each model with a policy of its own gets its instance (a
+        round-robin turn, a random stream per model); all share the prefix index."""
+        if self._policy_names_version != self.registry.version:
+            names: dict[str, str] = {}
+            for w in sorted(self.registry.all(), key=lambda w: w.worker_id):
+                if w.policy and w.role != GATEWAY:
+                    names.setdefault(w.model, w.policy)
+            self._policy_names, self._policy_names_version = names, self.registry.version
+        wanted = self._policy_names.get(model, "")
+        if not wanted or wanted == self.policy.name:
+            return self.policy
+        policy = self._model_policies.get(model)
+        if policy is None or policy.name != wanted:
+            policy = self._model_policies[model] = make_policy(
+                wanted, self.config.seed, self.index, self.cost_params)
+        return policy
+
     # ---- requests ----------------------------------------------------------------
     async def route(self, query: RouteQuery) -> PdDecision:
         ctx = query.ctx
@@ -205,26 +230,28 @@ class RouterCore:
 
     def finish(self, worker_id: str, request_id: str) -> None:
         self.registry.finished(worker_id, request_id)
-        self.policy.finished(request_id)
+        for policy in (self.policy, *self._model_policies.values()):
+            policy.finished(request_id)
         self.wake_admission()
 
     def _decide(self, ctx: RouteContext, workers: list[WorkerState],
                 prefill: list[WorkerState], decode: list[WorkerState]) -> PdDecision:
         started = time.perf_counter()
+        policy = self.policy_for(ctx.model)
         with tracer.start_as_current_span("decide") as span:
-            choice = decide(self.policy, ctx, workers, prefill, decode,
+            choice = decide(policy, ctx, workers, prefill, decode,
                             self.config.disaggregation, self.cost_params, self._rng)
             span.set_attributes({
-                "kvmesh.route.policy": self.policy.name,
+                "kvmesh.route.policy": policy.name,
                 "kvmesh.route.reason": choice.reason,
                 "kvmesh.worker": choice.worker.worker_id,
                 "kvmesh.route.expected_cached_tokens": choice.expected_cached_tokens,
                 "kvmesh.route.candidates": len(workers),
                 "kvmesh.route.disaggregated": choice.prefill_worker is not None,
             })
-        self.metrics.decision_seconds.labels(self.policy.name).observe(
+        self.metrics.decision_seconds.labels(policy.name).observe(
             time.perf_counter() - started)
-        self.metrics.decisions.labels(self.policy.name, choice.reason).inc()
+        self.metrics.decisions.labels(policy.name, choice.reason).inc()
         self.metrics.matched_prefix_tokens.observe(choice.expected_cached_tokens)
         return choice
 

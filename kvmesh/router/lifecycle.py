@@ -20,6 +20,7 @@ from kvmesh.core.roles import GATEWAY, is_gateway, role_from_proto
 from kvmesh.router import snapshot, worker_probe
 from kvmesh.router.core import RouterCore
 from kvmesh.router.kv_events import KvEventFollower
+from kvmesh.router.policy.factory import POLICY_NAMES
 from kvmesh.router.prefix_index import pack_views
 from kvmesh.router.registry import WorkerState
 from kvmesh.v1 import common_pb2
@@ -91,6 +92,10 @@ class WorkerLifecycle:
             raise InvalidRequestError("worker.endpoint is required", param="worker.endpoint")
         if is_gateway(info.role):
             return await self._register_gateway(info)
+        if info.routing_policy and info.routing_policy not in POLICY_NAMES:
+            raise InvalidRequestError(
+                f"unknown routing policy {info.routing_policy!r}; choose one of "
+                f"{', '.join(POLICY_NAMES)}", param="worker.routing_policy")
         facts = await worker_probe.describe(self._channel(info.endpoint),
                                             self._config.probe_timeout_s)
         state = WorkerState(
@@ -106,6 +111,7 @@ class WorkerLifecycle:
             nixl_side_channel=info.nixl_side_channel,
             kv_connector=info.kv_connector,
             dp_rank=info.dp_rank,
+            policy=info.routing_policy,
             self_registered=info.self_registered,
             draining=info.draining,
         )

@@ -46,6 +46,8 @@ class WorkerState:
     #: is then its Inference gRPC address).
     http_endpoint: str = ""
     dp_rank: int = -1
+    #: Routing policy the worker's model asked for ('' : the router's own).
+    policy: str = ""
     self_registered: bool = True
     #: Finishing what it has, taking nothing new (shutdown, scale-down): no policy
     #: sees it (``candidates``), WatchWorkers shows it.

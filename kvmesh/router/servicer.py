@@ -51,6 +51,7 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
         kv_capacity_tokens=w.kv_capacity_tokens,
         self_registered=w.self_registered,
         draining=w.draining,
+        routing_policy=w.policy,
     )
 
 
@@ -137,7 +138,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if choice.prefill_worker else None,
             expected_cached_tokens=choice.expected_cached_tokens,
             reason=choice.reason,
-            policy=self.core.policy.name,
+            policy=self.core.policy_for(request.model).name,
         )
 
     async def RequestFinished(

@@ -68,6 +68,10 @@ class WorkerActor:
         self._worker = WorkerServer(self._config)
         info = await self._worker.start()
         info["pid"] = os.getpid()
+        # What Ray granted this actor (CPU, GPU, custom resources; fractions kept).
+        import ray
+
+        info["resources"] = ray.get_runtime_context().get_assigned_resources()
         return info
 
     async def stop(self) -> bool:

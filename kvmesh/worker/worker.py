@@ -134,6 +134,7 @@ class WorkerServer:
                     kv_connector=config.kv_transfer.connector
                     if config.role != WorkerRole.both else "",
                     metrics_endpoint=self.metrics_endpoint,
+                    routing_policy=config.routing_policy or "",
                 ),
                 config.registration_timeout_s,
             )

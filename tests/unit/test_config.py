@@ -6,12 +6,12 @@ from pydantic import BaseModel, ValidationError
 
 from kvmesh.core.config import (
     GatewayConfig,
-    MeshConfig,
     RouterConfig,
     WorkerConfig,
     dump_settings,
     load_settings,
 )
+from kvmesh.core.mesh_config import MeshConfig
 
 pytestmark = pytest.mark.unit
 
@@ -72,7 +72,7 @@ def test_every_field_is_described(cls: type[BaseModel]) -> None:
 
 
 def test_pd_mesh_roles_and_per_role_engines(tmp_path: Path) -> None:
-    from kvmesh.launch.up import worker_configs
+    from kvmesh.launch.pools import plan_pools
 
     f = tmp_path / "pd.yaml"
     f.write_text(
@@ -82,7 +82,9 @@ def test_pd_mesh_roles_and_per_role_engines(tmp_path: Path) -> None:
         "decode_engine:\n  max_model_len: 2048\n"
     )
     config = load_settings(MeshConfig, f)
-    configs = worker_configs(config, "127.0.0.1:1", tmp_path)
+    (pool,) = plan_pools(config.model_copy(update={"embeddings": config.embeddings.model_copy(
+        update={"workers": 0})}), "127.0.0.1:1", tmp_path)
+    configs = pool.workers
     assert [c.role.value for c in configs] == ["both", "prefill", "prefill", "decode"]
     both, p1, _, d = configs
     assert (both.engine.max_num_seqs, both.engine.block_size) == (16, 32)

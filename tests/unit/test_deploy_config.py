@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.core.config import MeshConfig, load_settings
+from kvmesh.core.config import load_settings
+from kvmesh.core.mesh_config import MeshConfig
 
 pytestmark = pytest.mark.unit
 

@@ -21,8 +21,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from kvmesh.core.config import GatewayConfig, MeshConfig, RouterConfig, WorkerConfig
+from kvmesh.core.config import GatewayConfig, RouterConfig, WorkerConfig
 from kvmesh.core.edge_config import EdgeServiceConfig
+from kvmesh.core.mesh_config import MeshConfig
 
 pytestmark = pytest.mark.unit
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvmesh.core.config import EngineConfig, MeshConfig, WorkerConfig
+from kvmesh.core.config import EngineConfig, WorkerConfig
 from kvmesh.core.errors import InvalidRequestError
+from kvmesh.core.mesh_config import MeshConfig
 from kvmesh.gateway.embeddings import (
     MAX_INPUTS,
     EmbeddingModelInfo,
@@ -21,10 +22,21 @@ from kvmesh.gateway.embeddings import (
     split_inputs,
 )
 from kvmesh.gateway.schemas import EmbeddingRequest
-from kvmesh.launch.up import embedding_worker_configs, worker_configs
+from kvmesh.launch.pools import plan_pools
 from kvmesh.worker.engine_args import engine_kwargs
 
 pytestmark = pytest.mark.unit
+
+
+def worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[WorkerConfig]:
+    return [w for p in plan_pools(config, router, run_dir) if not p.model.pooling
+            for w in p.workers]
+
+
+def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path
+                             ) -> list[WorkerConfig]:
+    return [w for p in plan_pools(config, router, run_dir) if p.model.pooling
+            for w in p.workers]
 
 MINILM_CONFIG = {"architectures": ["BertModel"], "hidden_size": 384, "model_type": "bert"}
 MATRYOSHKA = {"hidden_size": 8, "matryoshka_dimensions": [2, 4, 8]}

@@ -34,6 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "launch": {"core", "v1", "models", "worker", "edge"},
     "bench": {"core", "v1", "models", "router", "launch", "worker", "edge"},
     "cli": {"core", "v1", "models", "launch", "bench"},
+    # the package itself: the builder API, exported lazily (``kvmesh.build_app``)
+    "kvmesh": {"core", "launch"},
 }
 
 
@@ -186,3 +188,18 @@ def test_pure_cores_import_no_grpc(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", f"{module} pulls in {out.stdout.strip()}"
+
+
+def test_import_kvmesh_is_light() -> None:
+    """``import kvmesh`` loads none of kvmesh's parts (nor pydantic, grpc, ray): the
+    builder API comes in on first use of ``kvmesh.build_app``."""
+    code = ("import sys, kvmesh; print(sorted(m for m in sys.modules if m.startswith("
+            "('kvmesh.', 'pydantic', 'grpc', 'ray'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+    code = "import kvmesh; print(kvmesh.build_app.__module__, kvmesh.ModelConfig.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.split() == ["kvmesh.launch.app", "ModelConfig"]
+

@@ -8,10 +8,11 @@ import logging
 import pytest
 
 from kvmesh.cli import build_parser
-from kvmesh.core.config import MeshConfig, TracingConfig
+from kvmesh.core.config import TracingConfig
 from kvmesh.core.logs import ContextFilter, JsonFormatter, TextFormatter, request_id_var
+from kvmesh.core.mesh_config import MeshConfig
 from kvmesh.core.service_main import observability_settings
-from kvmesh.launch.up import with_mesh_observability
+from kvmesh.launch.services import with_mesh_observability
 
 pytestmark = pytest.mark.unit
 
