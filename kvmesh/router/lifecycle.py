@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
-from kvmesh.core.errors import InvalidRequestError
+from kvmesh.core.errors import InvalidRequestError, KvmeshError
 from kvmesh.core.grpc_util import insecure_channel
 from kvmesh.core.roles import GATEWAY, is_gateway, role_from_proto
 from kvmesh.router import snapshot, worker_probe
@@ -206,14 +206,39 @@ class WorkerLifecycle:
 
     async def _probe_loop(self, worker_id: str, endpoint: str) -> None:
         """Poll GetLoads: it is both the load feed and the liveness probe."""
-        channel = self._channel(endpoint)
         while True:
-            try:
-                sample = await worker_probe.sample_load(channel)
-                self.core.report_load(
-                    worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
-                    sample.waiting_uncached_tokens, sample.cache_hit_rate,
-                )
-            except grpc.aio.AioRpcError as exc:
-                log.debug("probe of %s failed: %s", worker_id, exc.code().name)
+            await self.probe(worker_id, endpoint)
             await asyncio.sleep(self._config.probe_interval_s)
+
+    async def probe(self, worker_id: str, endpoint: str) -> bool:
+        """One GetLoads: its load into the core, and the worker into the routing set
+        if it answered, out of it if it could not be reached (refused or reset: a dead
+        process). A slow answer (deadline) says nothing about liveness. True when the
+        worker answered."""
+        try:
+            sample = await worker_probe.sample_load(self._channel(endpoint))
+        except grpc.aio.AioRpcError as exc:
+            log.debug("probe of %s failed: %s", worker_id, exc.code().name)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and \
+                    self.core.set_reachable(worker_id, False):
+                await self.core.notify()
+            return False
+        self.core.report_load(
+            worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
+            sample.waiting_uncached_tokens, sample.cache_hit_rate,
+        )
+        if self.core.set_reachable(worker_id, True):
+            await self.core.notify()
+        return True
+
+    async def suspect(self, worker_id: str) -> None:
+        """A gateway lost its connection to the worker mid-request: probe it now
+        rather than at the next interval, so a dead worker leaves the routing set at
+        once (a live one stays: one gateway's broken connection is not proof)."""
+        try:
+            worker = self.core.registry.get(worker_id)
+        except KvmeshError:
+            return
+        if worker.role != GATEWAY and not await self.probe(worker_id, worker.endpoint):
+            log.warning("worker %s reported lost by a gateway and did not answer a probe",
+                        worker_id)

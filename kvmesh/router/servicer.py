@@ -64,6 +64,7 @@ def status_to_proto(status: WorkerStatus) -> router_pb2.WorkerStatus:
         ),
         last_seen_age_s=status.last_seen_age_s,
         indexed_blocks=status.indexed_blocks,
+        unreachable=w.unreachable,
     )
 
 
@@ -130,6 +131,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.RequestFinishedRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RequestFinishedResponse:
         self.core.finish(request.worker_id, request.request_id)
+        if request.worker_failed:
+            await self.lifecycle.suspect(request.worker_id)
         return router_pb2.RequestFinishedResponse()
 
     async def ListWorkers(
@@ -147,4 +150,5 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             yield router_pb2.WorkerSet(
                 workers=[worker_to_proto(w) for w in registered if w.role != GATEWAY],
                 gateways=[worker_to_proto(w) for w in registered if w.role == GATEWAY],
-                version=sent, router_metrics_endpoint=self.metrics_endpoint)
+                version=sent, router_metrics_endpoint=self.metrics_endpoint,
+                unreachable_worker_ids=[w.worker_id for w in registered if w.unreachable])
