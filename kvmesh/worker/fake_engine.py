@@ -5,7 +5,8 @@ at a time with a fixed delay (or, with ``output="chain"``, makes each token a fi
 function of the one before it: a greedy model in miniature, whose continuation of a
 prompt plus its own first tokens is exactly the rest of the uninterrupted output), so
 the whole mesh can be exercised in milliseconds (routing, streaming, cancellation,
-load reporting) with the same protobufs real workers use. It is never the thing that "works" — real vLLM is.
+load reporting) with the same protobufs real workers use. It is never the thing that
+"works" — real vLLM is.
 """
 
 from __future__ import annotations
