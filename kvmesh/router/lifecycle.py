@@ -239,6 +239,5 @@ class WorkerLifecycle:
             worker = self.core.registry.get(worker_id)
         except KvmeshError:
             return
-        if worker.role != GATEWAY and not await self.probe(worker_id, worker.endpoint):
-            log.warning("worker %s reported lost by a gateway and did not answer a probe",
-                        worker_id)
+        if worker.role != GATEWAY and not worker.unreachable:
+            await self.probe(worker_id, worker.endpoint)

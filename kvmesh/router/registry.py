@@ -110,7 +110,7 @@ class WorkerRegistry:
         """Take a worker out of (or back into) the routing set; True when that changed
         the set (watchers are then told)."""
         worker = self._workers.get(worker_id)
-        if worker is None or worker.unreachable != (not reachable):
+        if worker is None or worker.unreachable == (not reachable):
             return False
         worker.unreachable = not reachable
         self.version += 1
