@@ -51,6 +51,13 @@ def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Stream number {i % 4} please."}]
 
 
+def chat_request(i: int) -> inference_pb2.ChatRequest:
+    return inference_pb2.ChatRequest(
+        model=MODEL, stream=True,
+        messages=[inference_pb2.ChatMessage(role="user", content=messages(i)[0]["content"])],
+        sampling=inference_pb2.SamplingOptions(max_tokens=MAX_TOKENS))
+
+
 def reference(mesh: Mesh, i: int, **extra: object) -> dict:
     """The uninterrupted answer (non-streamed) for stream ``i``'s prompt."""
     reply = httpx.post(f"{mesh.http}/chat/completions", timeout=30, json={
@@ -121,12 +128,7 @@ def test_grpc_streams_resume_token_for_token(mesh: Mesh) -> None:
     async def run() -> list[StreamResult]:
         async with grpc.aio.insecure_channel(mesh.grpc) as channel:
             def stream(i: int):  # type: ignore[no-untyped-def]
-                request = inference_pb2.ChatRequest(
-                    model=MODEL, stream=True,
-                    messages=[inference_pb2.ChatMessage(role="user",
-                                                        content=messages(i)[0]["content"])],
-                    sampling=inference_pb2.SamplingOptions(max_tokens=MAX_TOKENS))
-                return lambda result: grpc_chat_stream(channel, request, result)
+                return lambda result: grpc_chat_stream(channel, chat_request(i), result)
 
             results, _ = await kill_during_streams(
                 [stream(i) for i in range(32)], lambda: kill(mesh, "w1"), min_pieces=5,
@@ -136,11 +138,7 @@ def test_grpc_streams_resume_token_for_token(mesh: Mesh) -> None:
     async def uninterrupted(i: int) -> list[int]:
         async with grpc.aio.insecure_channel(mesh.grpc) as channel:
             result = StreamResult()
-            request = inference_pb2.ChatRequest(
-                model=MODEL, stream=True,
-                messages=[inference_pb2.ChatMessage(role="user", content=messages(i)[0]["content"])],
-                sampling=inference_pb2.SamplingOptions(max_tokens=MAX_TOKENS))
-            await grpc_chat_stream(channel, request, result)
+            await grpc_chat_stream(channel, chat_request(i), result)
             assert result.completed
             return result.token_ids
 

@@ -9,7 +9,6 @@ from smg_grpc_proto import vllm_engine_pb2
 
 from kvmesh.bench.pd import Result, _summary, memcpy_gb_s
 from kvmesh.gateway.mesh import MeshClient
-from kvmesh.gateway.router_client import RouterClient
 from kvmesh.gateway.pd import (
     PdMetrics,
     generate_request,
@@ -17,6 +16,7 @@ from kvmesh.gateway.pd import (
     pd_fallback_reason,
     prefill_request,
 )
+from kvmesh.gateway.router_client import RouterClient
 from kvmesh.v1 import common_pb2
 
 pytestmark = pytest.mark.unit
