@@ -177,3 +177,41 @@ def _counter(metrics: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_pd_decode_worker_killed_mid_stream(model_dir: Path) -> None:
+    """Disaggregated: the decode worker dies; each stream resumes on the other decode
+    worker (its continuation prefilled on the prefill worker and handed over)."""
+    with running_mesh() as pd:
+        pd.router = start_router(pd, "router", "--disaggregation", "always", env=SLOW_PROBES)
+        block = ["--block-size", "32"]
+        pd.start_worker("p0", "--role", "prefill", *block, env=CHAIN)
+        pd.start_worker("d0", "--role", "decode", *block, env=CHAIN)
+        pd.start_worker("d1", "--role", "decode", *block, env=CHAIN)
+        pd.start_gateway()
+        refs = [reference(pd, i) for i in range(4)]
+
+        async def run() -> list[StreamResult]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                def stream(i: int):  # type: ignore[no-untyped-def]
+                    body = {"model": MODEL, "messages": messages(i), "max_tokens": MAX_TOKENS}
+                    return lambda result: http_chat_stream(client, pd.http, body, result)
+
+                results, _ = await kill_during_streams(
+                    [stream(i) for i in range(32)], lambda: kill(pd, "d0"), min_pieces=5,
+                    timeout_s=30)
+                return results
+
+        results = asyncio.run(run())
+        metrics = httpx.get(pd.http.removesuffix("/v1") + "/metrics").text
+        resumed = _counter(metrics, 'kvmesh_gateway_failovers_total{outcome="resumed"}')
+        disaggregated = _counter(metrics, 'kvmesh_gateway_pd_requests_total{mode="disaggregated"}')
+        stats = figures(results)
+        print(f"\nP/D, 32 streams, decode worker d0 SIGKILLed: {stats}; {resumed:.0f} resumed "
+              f"on d1; {disaggregated:.0f} disaggregated legs")
+        assert stats["hung"] == 0 and stats["completed"] == 32
+        assert resumed >= 8
+        assert disaggregated >= 32 + 4 + resumed  # the continuations went through P/D too
+        for i, r in enumerate(results):
+            assert r.text[0] == refs[i % 4]["choices"][0]["message"]["content"], i
+            assert r.usage is not None and r.usage["completion_tokens"] == MAX_TOKENS
