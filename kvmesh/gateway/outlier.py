@@ -4,8 +4,9 @@ Every call the gateway makes to a worker ends as a success or a failure (the cal
 decides which status codes are the worker's fault). ``consecutive_failures`` failures
 in a row eject the worker for ``base_ejection_s`` × the number of times it has been
 ejected, capped at ``max_ejection_s``; while ejected, routing avoids it. When the
-ejection ends the worker is routable again and its next call is the trial: one more
-failure ejects it again (for longer), a success forgets its failures. A worker's
+ejection ends the worker is routable again and its next call is a trial (a circuit
+breaker's half-open state; Envoy instead waits for another run of failures): a failure
+ejects it again at once, for longer; a success closes the circuit. A worker's
 ejection count decays by one for each ejection period it stays healthy, so a worker
 that failed once last week does not start at the maximum.
 
@@ -28,6 +29,7 @@ class _Host:
     ejections: int = 0  # how many times ejected (decays while healthy)
     ejected_until: float = 0.0
     healthy_since: float = 0.0
+    on_trial: bool = False  # back from an ejection, no success yet
 
 
 class OutlierDetector:
@@ -44,6 +46,7 @@ class OutlierDetector:
         if host is None:
             return
         host.failures = 0
+        host.on_trial = False
         now = self._clock()
         # Healthy for a whole (base) ejection period since the last one: one less.
         if host.ejections and now - host.healthy_since >= self._config.base_ejection_s:
@@ -60,12 +63,13 @@ class OutlierDetector:
         host = self._hosts.setdefault(worker_id, _Host())
         host.failures += 1
         now = self._clock()
-        if host.failures < threshold or now < host.ejected_until:
+        if now < host.ejected_until or (host.failures < threshold and not host.on_trial):
             return False
         if not self._may_eject(known_workers, now):
             return False
         host.ejections += 1
         host.failures = 0
+        host.on_trial = True
         length = min(self._config.base_ejection_s * host.ejections,
                      self._config.max_ejection_s)
         host.ejected_until = now + length

@@ -81,3 +81,16 @@ def test_never_more_than_the_share_of_workers_ejected() -> None:
 def test_zero_turns_ejection_off() -> None:
     d, _ = detector(consecutive_failures=0)
     assert not any(d.failure("w", 2) for _ in range(10)) and d.ejected() == []
+
+
+def test_a_failed_trial_after_an_ejection_ejects_again_at_once() -> None:
+    d, clock = detector()
+    for _ in range(3):
+        d.failure("w", 4)
+    clock.now += 5
+    assert d.ejected() == []
+    assert d.failure("w", 4)  # the trial call failed: half-open → open, for 2 × base
+    assert d.ejection_s("w") == 10.0
+    clock.now += 10
+    d.success("w")  # the trial succeeded: closed; it takes a run of failures again
+    assert [d.failure("w", 4) for _ in range(3)] == [False, False, True]
