@@ -39,6 +39,7 @@ def _up(args: argparse.Namespace) -> int:
         ray_address=getattr(args, "address", None),
         placement=args.placement,
         gateways=args.gateways,
+        routers=args.routers,
         edge={"enabled": True} if args.edge else None,
     )
     # Flags merge into the file's sections key by key (pydantic-settings deep-merges).
@@ -200,6 +201,8 @@ def _add_mesh_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted API key (repeat for several); none = no auth")
     p.add_argument("--gateways", type=int, default=None, help="gateway replicas (default 1)")
+    p.add_argument("--routers", type=int, default=None,
+                   help="router replicas, each fed every worker (default 1)")
     p.add_argument("--edge", action="store_true",
                    help="Envoy in front of the gateways, configured live over xDS; the API "
                    "address printed is Envoy's")

@@ -13,7 +13,13 @@ from typing import Any
 
 import httpx
 
-from kvmesh.core.config import EngineConfig, MeshConfig, WorkerConfig, dump_settings
+from kvmesh.core.config import (
+    EngineConfig,
+    MeshConfig,
+    RouterConfig,
+    WorkerConfig,
+    dump_settings,
+)
 from kvmesh.core.roles import WorkerRole
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.launch import placement
@@ -89,6 +95,22 @@ def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path
             for i in range(emb.workers)]
 
 
+def router_configs(config: MeshConfig, run_dir: Path) -> list[RouterConfig]:
+    """Each router replica's settings: free ports unless set (the first replica keeps
+    a set port), and a snapshot file of its own, in the run dir unless one is set."""
+    configs = []
+    for i in range(config.routers):
+        router = config.router
+        for port_field in ("port", "metrics_port"):
+            if i > 0 or port_field not in router.model_fields_set:
+                router = router.model_copy(update={port_field: 0})
+        path = router.snapshot_path or run_dir / "router-snapshot.npz"
+        if config.routers > 1:
+            path = path.with_name(f"{path.stem}-{i}{path.suffix}")
+        configs.append(router.model_copy(update={"snapshot_path": path}))
+    return configs
+
+
 def _cpu_share(config: MeshConfig, ncpus: int) -> float:
     """Ray CPUs per worker actor: fractional when workers outnumber cores, so every
     actor (chat and embedding) can be scheduled."""
@@ -101,7 +123,7 @@ class LocalMesh:
         self.config = config
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="kvmesh-up-"))
         self.verbose = verbose
-        self._router: subprocess.Popen[bytes] | None = None
+        self._routers: list[subprocess.Popen[bytes]] = []
         self._gateways: list[subprocess.Popen[bytes]] = []
         self._edge: Any = None  # kvmesh.launch.edge.RunningEdge with MeshConfig.edge
         self._actors: list[Any] = []
@@ -119,20 +141,9 @@ class LocalMesh:
             embedding_path = await asyncio.to_thread(resolve_model, cfg.embeddings.model)
             log.info("embedding model ready at %s", embedding_path)
 
-        router_cfg = cfg.router
-        for port_field in ("port", "metrics_port"):
-            if port_field not in router_cfg.model_fields_set:
-                router_cfg = router_cfg.model_copy(update={port_field: 0})
-        ready = self.run_dir / "router.ready"
-        self._router = spawn_module(
-            "kvmesh.router",
-            ["--config", str(dump_settings(router_cfg, self.run_dir / "router.json")),
-             "--ready-file", str(ready)],
-            self.run_dir / "router.log",
-        )
-        router_ready = await asyncio.to_thread(wait_ready_file, ready, 60, self._router, "router")
-        router = router_ready["grpc"]
-        log.info("router up at %s", router)
+        routers = await self._start_routers(cfg)
+        router = ",".join(r["grpc"] for r in routers)
+        log.info("router(s) up at %s", router)
 
         from kvmesh.worker.actor import init_ray, spawn_worker_actor
 
@@ -172,12 +183,14 @@ class LocalMesh:
             "gateways": gateways,
             "edge": {"address": edge.address, "admin": edge.admin,
                      "control_plane": edge.control_plane.address} if edge else None,
-            "router": router,
-            "router_metrics": router_ready.get("metrics", ""),
+            "router": routers[0]["grpc"],
+            "routers": [r["grpc"] for r in routers],
+            "router_metrics": routers[0].get("metrics", ""),
             "workers": workers,
             "embedding_workers": embedding_workers,
             "pids": {
-                "router": self._router.pid,
+                "router": self._routers[0].pid,
+                "routers": [p.pid for p in self._routers],
                 "gateway": self._gateways[0].pid,
                 "gateways": [p.pid for p in self._gateways],
                 **({"edge": edge.envoy.pid} if edge else {}),
@@ -187,6 +200,23 @@ class LocalMesh:
             "startup_s": round(time.monotonic() - started, 1),
         }
         return self.state
+
+    async def _start_routers(self, cfg: MeshConfig) -> list[dict[str, Any]]:
+        """``routers`` replicas on free ports (the first on router.port when set), each
+        snapshotting its index to its own file (the run dir's unless set)."""
+        started = []
+        for i, router_cfg in enumerate(router_configs(cfg, self.run_dir)):
+            name = "router" if i == 0 else f"router-{i}"
+            ready = self.run_dir / f"{name}.ready"
+            proc = spawn_module(
+                "kvmesh.router",
+                ["--config", str(dump_settings(router_cfg, self.run_dir / f"{name}.json")),
+                 "--ready-file", str(ready)],
+                self.run_dir / f"{name}.log",
+            )
+            self._routers.append(proc)
+            started.append(await asyncio.to_thread(wait_ready_file, ready, 60, proc, name))
+        return started
 
     async def _start_gateways(self, cfg: MeshConfig, router: str) -> list[dict[str, Any]]:
         """``gateways`` replicas; behind the edge (or past the first) on free ports.
@@ -200,7 +230,8 @@ class LocalMesh:
             if not own_ports:
                 gateway_cfg = gateway_cfg.model_copy(update={"port": 0})
             ready = self.run_dir / f"gateway-{i}.ready"
-            gateway_cfg = gateway_cfg.model_copy(update={"router": router, "ready_file": ready})
+            gateway_cfg = gateway_cfg.model_copy(update={
+                "router": router, "routers": router.split(","), "ready_file": ready})
             proc = spawn_module(
                 "kvmesh.gateway",
                 ["--config", str(dump_settings(gateway_cfg, self.run_dir / f"gateway-{i}.json"))],
@@ -248,8 +279,9 @@ class LocalMesh:
 
             if ray.is_initialized():
                 ray.shutdown()
-        if self._router is not None:
-            await asyncio.to_thread(terminate, self._router)
+        for proc in self._routers:
+            await asyncio.to_thread(terminate, proc)
+        self._routers = []
 
 
 async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> None:
@@ -288,7 +320,7 @@ async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> N
             + "\n"
             f"  OpenAI API:     [bold]{state['http']}[/]\n"
             f"  gRPC Inference: {state['grpc']}\n"
-            f"  router:         {state['router']}\n"
+            f"  router(s):      {', '.join(state['routers'])}\n"
             + (f"  Envoy (xDS):    admin http://{state['edge']['admin']}, control plane "
                f"{state['edge']['control_plane']}, {len(state['gateways'])} gateway(s)\n"
                if state["edge"] else "")
