@@ -21,6 +21,7 @@ from kvmesh.router.core import RouterCore
 from kvmesh.router.kv_events import KvEventFollower
 from kvmesh.router.prefix_index import pack_views
 from kvmesh.router.registry import WorkerState
+from kvmesh.router.warmup import Warmup
 from kvmesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class WorkerLifecycle:
         self._incarnations: dict[str, float] = {}
         self._restorable: dict[str, snapshot.WorkerSnapshot] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Every worker heartbeats (and so re-registers) within one interval, plus its
+        # registration's probes.
+        self.warmup = Warmup(2 * self._config.heartbeat_interval_s + 1.0)
 
     # ---- start and stop ----------------------------------------------------------
     async def start(self) -> None:
@@ -46,6 +50,7 @@ class WorkerLifecycle:
             if self._restorable:
                 log.info("snapshot %s holds views of %d worker(s); restored as they register",
                          path, len(self._restorable))
+                self.warmup.expect(self._restorable)
             self._tasks.append(asyncio.create_task(self._snapshot_loop(path)))
         self._tasks.append(asyncio.create_task(self._expire_loop()))
         for endpoint in self._config.static_workers:
@@ -64,13 +69,22 @@ class WorkerLifecycle:
         for channel in self._channels.values():
             await channel.close()
 
+    def warming(self) -> list[str]:
+        """Workers of the snapshot not registered again yet (empty: ready to route)."""
+        return self.warmup.missing(w.worker_id for w in self.core.registry.all())
+
     # ---- snapshots ---------------------------------------------------------------
     async def take_snapshot(self, path: Path) -> None:
         views = self.core.index.export_views()  # copies, taken on the loop; the rest off it
-        incarnations = dict(self._incarnations)
+        registered = {w.worker_id for w in self.core.workers()}
+        incarnations = {w: i for w, i in self._incarnations.items() if w in registered}
 
         def work() -> None:
-            snapshot.write(path, snapshot.capture(pack_views(views), incarnations))
+            packed = pack_views(views)
+            # Workers with nothing cached are listed too: a restart waits for them.
+            for worker_id in incarnations.keys() - packed.keys():
+                packed[worker_id] = snapshot.empty_view()
+            snapshot.write(path, snapshot.capture(packed, incarnations))
 
         await asyncio.to_thread(work)
 

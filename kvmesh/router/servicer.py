@@ -7,6 +7,7 @@ errors, mapped to gRPC status by the shared interceptor.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -107,6 +108,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteDecision:
         request_id_var.set(request.request_id)  # this RPC's task: its log lines carry it
+        missing = self.lifecycle.warming()
+        if missing:
+            # Not a kvmesh error (no details): the gateway asks another replica.
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"router restarted; waiting for {len(missing)} worker(s) to register again")
         ctx = RouteContext(
             request_id=request.request_id,
             model=request.model,
@@ -144,6 +151,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def WatchWorkers(  # type: ignore[override]
         self, request: router_pb2.WatchWorkersRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.WorkerSet]:
+        while self.lifecycle.warming():  # a partial set would drop models from gateways
+            await asyncio.sleep(0.05)
         sent = -1
         while True:
             sent, registered = await self.core.next_worker_set(sent)
