@@ -38,7 +38,7 @@ from tests.failover_streams import (
     kill_during_streams,
     seconds_until_unreachable,
 )
-from tests.integration.conftest import Mesh, running_mesh, start_router
+from tests.integration.conftest import Mesh, router_ready, running_mesh, spawn_router, start_router
 
 pytestmark = pytest.mark.e2e
 MODEL = "SmolLM2-135M-Instruct"
@@ -124,20 +124,22 @@ class PrefixLoad:
 
 def test_router_replicas_killed_and_restarted(mesh: Mesh) -> None:
     load = PrefixLoad(mesh.http)
-    r0_port = mesh.router.split(",")[0].rsplit(":", 1)[1]
+    r0 = mesh.router.split(",")[0]
+    r0_port = r0.rsplit(":", 1)[1]
     found: dict[str, object] = {}
 
     async def run() -> None:
         await load.burst("warm-up", 16)
         await load.burst("baseline", 16)
         await asyncio.sleep(1.5)  # a snapshot of the warm index
+        found["indexed_blocks_before"] = before = await indexed_blocks(r0)
         kill(mesh, "r0")
         await load.burst("one replica killed", 16)
         kill(mesh, "r1")
         await load.burst("no router", 16)
         spawned = time.monotonic()
-        await asyncio.to_thread(start_router, mesh, "r0-again", "--port", r0_port,
-                                env=router_env(mesh, "r0"))
+        spawn_router(mesh, "r0-again", "--port", r0_port, env=router_env(mesh, "r0"))
+        await asyncio.to_thread(router_ready, mesh, "r0-again")
         ready = time.monotonic()
         baseline = load.phase("baseline")["hit_rate"]
         while time.monotonic() - ready < 60:
@@ -147,7 +149,13 @@ def test_router_replicas_killed_and_restarted(mesh: Mesh) -> None:
                 break
         found["recovered_after_ready_s"] = round(time.monotonic() - ready, 2)
         found["router_start_s"] = round(ready - spawned, 2)
-        found["indexed_blocks_after"] = await restored_blocks(mesh)
+        while await indexed_blocks(r0) < 0.9 * before and time.monotonic() - ready < 30:
+            await asyncio.sleep(0.1)
+        found["index_back_after_ready_s"] = round(time.monotonic() - ready, 2)
+        found["indexed_blocks_after"] = await indexed_blocks(r0)
+        found["restore_log"] = [line.split(" router ", 1)[-1] for line in
+                                (mesh.dir / "r0-again.log").read_text().splitlines()
+                                if "restored" in line or "snapshot" in line]
 
     asyncio.run(run())
     phases = {p: load.phase(p) for p in ("baseline", "one replica killed", "no router",
@@ -158,9 +166,8 @@ def test_router_replicas_killed_and_restarted(mesh: Mesh) -> None:
     assert float(found["recovered_after_ready_s"]) < 60  # type: ignore[arg-type]
 
 
-async def restored_blocks(mesh: Mesh) -> int:
-    """Blocks the restarted router's index holds (its snapshot, plus events since)."""
-    address = json.loads((mesh.dir / "r0-again.ready").read_text())["grpc"]
+async def indexed_blocks(address: str) -> int:
+    """Blocks the router's prefix index holds, over every worker."""
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
             router_pb2.ListWorkersRequest(), timeout=5)

@@ -72,23 +72,35 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_router(mesh: Mesh, name: str = "router", *extra: str,
-                 env: dict[str, str] | None = None) -> str:
+def spawn_router(mesh: Mesh, name: str = "router", *extra: str,
+                 env: dict[str, str] | None = None) -> Path:
+    """Start a router process (from the calling thread: a child dies with the thread
+    that forked it) and return its ready file, to wait on with ``router_ready``."""
     config = mesh.dir / f"{name}.yaml"
     config.write_text(
         "policy: round_robin\nheartbeat_interval_s: 0.5\nlease_ttl_s: 3\nprobe_interval_s: 0.2\n"
         "metrics_port: 0\n"
     )
     ready = mesh.dir / f"{name}.ready"
-    proc = spawn_module(
+    ready.unlink(missing_ok=True)
+    mesh.procs[name] = spawn_module(
         "kvmesh.router",
         ["--config", str(config), "--port", "0", "--ready-file", str(ready), *extra],
         mesh.dir / f"{name}.log", env={**os.environ, **(env or {})},
     )
-    mesh.procs[name] = proc
-    info = wait_ready_file(ready, 30, proc, name)
+    return ready
+
+
+def router_ready(mesh: Mesh, name: str) -> str:
+    info = wait_ready_file(mesh.dir / f"{name}.ready", 30, mesh.procs[name], name)
     mesh.router_metrics = mesh.router_metrics or info["metrics"]
     return str(info["grpc"])
+
+
+def start_router(mesh: Mesh, name: str = "router", *extra: str,
+                 env: dict[str, str] | None = None) -> str:
+    spawn_router(mesh, name, *extra, env=env)
+    return router_ready(mesh, name)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import pytest
 
 from tests.prom import Scrape
 
-from .conftest import Mesh, running_mesh, start_router
+from .conftest import Mesh, router_ready, running_mesh, spawn_router, start_router
 
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
@@ -107,8 +107,8 @@ def test_replica_killed_then_none_then_one_back(mesh: Mesh) -> None:
         figures["local_routes"] = _gateway_metric(mesh, "kvmesh_gateway_local_routes_total")
         load.phase = "router back"
         restarted = time.monotonic()
-        await asyncio.to_thread(start_router, mesh, "r0-again", "--port", r0_port,
-                                env=snapshots(mesh, "r0"))
+        spawn_router(mesh, "r0-again", "--port", r0_port, env=snapshots(mesh, "r0"))
+        await asyncio.to_thread(router_ready, mesh, "r0-again")
         ready = time.monotonic()
         # Back to the router: it routes again (its decisions count up), and the gateway's
         # own routing stops.
