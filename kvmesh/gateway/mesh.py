@@ -31,7 +31,7 @@ from kvmesh.gateway.resume import (
     length_complete,
     resume_refusal,
 )
-from kvmesh.gateway.router_client import Routed, RouterClient
+from kvmesh.gateway.router_client import Routed, RouterClient, replica_failed
 from kvmesh.v1 import common_pb2, router_pb2
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,20 @@ class MeshClient:
                     max_tokens: int, exclude: Sequence[str] = ()) -> Routed:
         """A decision from a router replica (or the gateway's own), avoiding ``exclude``
         and the workers the outlier detection ejected."""
-        avoid = [*exclude, *(w for w in self.outliers.ejected() if w not in exclude)]
-        return await self.routers.route(request_id, model, token_ids, max_tokens, avoid)
+        ejected = [w for w in self.outliers.ejected() if w not in exclude]
+        if not ejected:
+            return await self.routers.route(request_id, model, token_ids, max_tokens, exclude)
+        try:
+            return await self.routers.route(request_id, model, token_ids, max_tokens,
+                                            [*exclude, *ejected])
+        except (grpc.aio.AioRpcError, NoWorkerAvailableError) as exc:
+            if isinstance(exc, grpc.aio.AioRpcError) and (
+                    exc.code() != grpc.StatusCode.UNAVAILABLE or replica_failed(exc)):
+                raise
+            # Only ejected workers are left (Envoy's panic mode): better them than none.
+            log.warning("%s: every worker left is ejected; routing to them anyway",
+                        request_id)
+            return await self.routers.route(request_id, model, token_ids, max_tokens, exclude)
 
     def _release(self, request_id: str, worker_id: str, router: str | None = None,
                  lost: bool = False) -> None:

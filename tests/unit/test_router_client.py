@@ -95,3 +95,31 @@ def test_unreachable_worker_leaves_and_rejoins_the_routing_set() -> None:
     assert registry.set_reachable("a", True)
     assert [w.worker_id for w in registry.candidates("m")] == ["a", "b"]
     assert not registry.set_reachable("a", True) and not registry.set_reachable("zz", False)
+
+
+def test_only_ejected_workers_left_are_routed_to_anyway() -> None:
+    """Envoy's panic mode: when ejection would leave no worker, route to the ejected."""
+    import asyncio
+
+    from kvmesh.core.resilience_config import OutlierConfig
+    from kvmesh.gateway.mesh import MeshClient
+    from kvmesh.gateway.router_client import RouterClient
+
+    workers = [worker("a"), worker("b")]
+    routers = RouterClient(["127.0.0.1:1"], 1, 60, lambda: (workers, set()))
+    routers.replicas.failed("127.0.0.1:1")  # no router: the gateway routes on its own
+    mesh = MeshClient(routers, 5, outlier=OutlierConfig(consecutive_failures=1,
+                                                        max_ejection_percent=100))
+    mesh.outliers.failure("a", 2)
+    mesh.outliers.failure("b", 2)
+    assert mesh.outliers.ejected() == ["a", "b"]
+
+    async def run() -> set[str]:
+        chosen = {(await mesh.route("r", "m", [1], 4)).decision.worker.worker_id
+                  for _ in range(10)}
+        with pytest.raises(NoWorkerAvailableError):  # excluded by the caller: no panic
+            await mesh.route("r", "m", [1], 4, ["a", "b"])
+        await routers.close()
+        return chosen
+
+    assert asyncio.run(run()) == {"a", "b"}
