@@ -58,11 +58,14 @@ def router_env(mesh: Mesh, name: str) -> dict[str, str]:
 
 def start_vllm_worker(mesh: Mesh, name: str, core: int) -> dict:
     ready = mesh.dir / f"{name}.ready"
+    # float32: greedy decoding then does not flip a near-tie token between a prefix read
+    # from the cache and one computed afresh (bf16 on CPU does, with or without failover).
+    env = {**os.environ, "KVMESH_WORKER_ENGINE__DTYPE": "float32"}
     mesh.procs[name] = spawn_module("kvmesh.worker", [
         "--no-ray", "--port", "0", "--worker-id", name, "--ready-file", str(ready),
         "--run-dir", str(mesh.dir), "--router", mesh.router, "--enforce-eager",
         "--block-size", "32", "--cpu-bind", str(core), "--metrics-port", "0"],
-        mesh.dir / f"{name}.log")
+        mesh.dir / f"{name}.log", env=env)
     return wait_ready_file(ready, 600, mesh.procs[name], name)
 
 
@@ -199,13 +202,14 @@ async def wait_routable(router: str, worker_id: str, timeout_s: float = 60) -> N
     raise TimeoutError(f"{worker_id} never became routable")
 
 
+LONG = 128
 STORY = [f"Tell a long story about lighthouse keeper number {k}." for k in range(4)]
 TOKENS = 48
 
 
 def story(k: int, **extra: object) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": STORY[k]}],
-            "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True, **extra}
+            "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True} | extra
 
 
 def story_grpc(k: int, n: int = 1) -> inference_pb2.ChatRequest:
@@ -222,22 +226,27 @@ def test_worker_killed_mid_stream(mesh: Mesh) -> None:
             ["choices"][0]["message"]["content"] for k in range(4)]
 
     # A greedy stream whose worker dies mid-way equals the uninterrupted answer.
-    async def single() -> tuple[StreamResult, str]:
+    async def single() -> tuple[StreamResult, str, int]:
         result = StreamResult()
         async with httpx.AsyncClient(timeout=120) as client:
-            task = asyncio.create_task(http_chat_stream(client, mesh.http, story(0), result))
-            victim = await in_flight_worker(router)
+            task = asyncio.create_task(http_chat_stream(
+                client, mesh.http, story(0, max_tokens=LONG), result))
             while result.pieces < 10 and not task.done():
                 await asyncio.sleep(0.005)
+            victim = await asyncio.wait_for(in_flight_worker(router), 10)
+            at = result.pieces
             kill(mesh, victim)
             await asyncio.wait_for(task, 120)
-        return result, victim
+        return result, victim, at
 
-    result, victim = asyncio.run(single())
-    print(f"\ngreedy stream, {victim} SIGKILLed after {result.pieces} pieces: equal to the "
-          f"uninterrupted answer: {result.text.get(0) == refs[0]}")
-    assert result.completed and result.text[0] == refs[0]
-    assert result.usage is not None and result.usage["completion_tokens"] == TOKENS
+    long_ref = httpx.post(f"{mesh.http}/chat/completions", json=story(0, max_tokens=LONG),
+                          timeout=120).json()["choices"][0]["message"]["content"]
+    result, victim, at = asyncio.run(single())
+    print(f"\ngreedy stream, {victim} SIGKILLed after {at} of {LONG} pieces: equal to the "
+          f"uninterrupted answer: {result.text.get(0) == long_ref}")
+    assert at < LONG - 5  # killed mid-stream
+    assert result.completed and result.text[0] == long_ref
+    assert result.usage is not None and result.usage["completion_tokens"] == LONG
     core = int(victim[1:])
     mesh.workers[core] = start_vllm_worker(mesh, victim, core)
     asyncio.run(wait_routable(router, victim))
