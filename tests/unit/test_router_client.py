@@ -106,15 +106,15 @@ def test_only_ejected_workers_left_are_routed_to_anyway() -> None:
     from kvmesh.gateway.router_client import RouterClient
 
     workers = [worker("a"), worker("b")]
-    routers = RouterClient(["127.0.0.1:1"], 1, 60, lambda: (workers, set()))
-    routers.replicas.failed("127.0.0.1:1")  # no router: the gateway routes on its own
-    mesh = MeshClient(routers, 5, outlier=OutlierConfig(consecutive_failures=1,
-                                                        max_ejection_percent=100))
-    mesh.outliers.failure("a", 2)
-    mesh.outliers.failure("b", 2)
-    assert mesh.outliers.ejected() == ["a", "b"]
 
     async def run() -> set[str]:
+        routers = RouterClient(["127.0.0.1:1"], 1, 60, lambda: (workers, set()))
+        routers.replicas.failed("127.0.0.1:1")  # no router: the gateway routes on its own
+        mesh = MeshClient(routers, 5, outlier=OutlierConfig(consecutive_failures=1,
+                                                            max_ejection_percent=100))
+        mesh.outliers.failure("a", 2)
+        mesh.outliers.failure("b", 2)
+        assert mesh.outliers.ejected() == ["a", "b"]
         chosen = {(await mesh.route("r", "m", [1], 4)).decision.worker.worker_id
                   for _ in range(10)}
         with pytest.raises(NoWorkerAvailableError):  # excluded by the caller: no panic
