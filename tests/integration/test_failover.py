@@ -145,8 +145,11 @@ def test_grpc_streams_resume_token_for_token(mesh: Mesh) -> None:
     refs = [asyncio.run(uninterrupted(i)) for i in range(4)]
     results = asyncio.run(run())
     stats = figures(results)
-    print(f"\ngRPC, 32 streams, w1 SIGKILLed: {stats}")
+    metrics = httpx.get(mesh.http.removesuffix("/v1") + "/metrics").text
+    resumed = _counter(metrics, 'kvmesh_gateway_failovers_total{outcome="resumed"}')
+    print(f"\ngRPC, 32 streams, w1 SIGKILLed: {stats}; {resumed:.0f} resumed")
     assert stats["hung"] == 0 and stats["completed"] == 32
+    assert resumed >= 12
     for i, r in enumerate(results):
         assert r.token_ids == refs[i % 4], i  # exactly the uninterrupted token ids
         assert r.usage == {"prompt_tokens": r.usage["prompt_tokens"],
