@@ -264,6 +264,7 @@ class MeshClient:
         )
         reason = "no_handoff"
         handover: str | None = None
+        failure: grpc.aio.AioRpcError | None = None
         try:
             # Read to the end of the stream (the hand-over rides on the last message):
             # leaving mid-stream would leave the RPC, and its client span, to the GC.
@@ -272,6 +273,7 @@ class MeshClient:
             if handover is not None:
                 return handover
         except grpc.aio.AioRpcError as exc:
+            failure = exc
             reason = (
                 "prefill_timeout" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 else "prefill_failed"
@@ -282,7 +284,10 @@ class MeshClient:
             # Cancelled mid-prefill (client gone): the prefill worker aborts the request
             # and frees its blocks. After a finished stream this is a no-op.
             call.cancel()
-            self._release(request_id, prefill.worker_id, router)
+            lost = failure is not None and failure.code() in _WORKER_LOST
+            self._release(request_id, prefill.worker_id, router, lost)
+            if failure is not None or handover is not None:
+                self._outcome(prefill.worker_id, failure)
             self.pd_metrics.prefill_seconds.inc(time.monotonic() - started)
         self.pd_metrics.fallbacks.labels(reason).inc()
         if reason == "no_handoff":
