@@ -23,7 +23,7 @@ class StreamResult:
     """What one client received."""
 
     text: dict[int, str] = field(default_factory=dict)  # per choice
-    token_ids: list[int] = field(default_factory=list)  # gRPC: choice 0's token ids
+    token_ids: list[int] = field(default_factory=list)  # gRPC Complete: choice 0's ids
     pieces: int = 0  # content deltas received
     finish: dict[int, str] = field(default_factory=dict)
     usage: dict[str, int] | None = None
@@ -64,12 +64,17 @@ async def http_chat_stream(client: httpx.AsyncClient, base_url: str, body: dict,
                     result.finish[choice["index"]] = choice["finish_reason"]
 
 
-async def grpc_chat_stream(channel: grpc.aio.Channel, request: inference_pb2.ChatRequest,
-                           result: StreamResult) -> None:
-    """One streamed Chat over the Inference gRPC API, into ``result``."""
+async def grpc_stream(channel: grpc.aio.Channel,
+                      request: inference_pb2.ChatRequest | inference_pb2.CompletionRequest,
+                      result: StreamResult) -> None:
+    """One streamed Chat or Complete over the Inference gRPC API, into ``result``
+    (a Complete's messages carry the token ids, choice 0's are collected)."""
     result.n = request.sampling.n if request.sampling.HasField("n") else 1
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    call = stub.Chat(request) if isinstance(request, inference_pb2.ChatRequest) \
+        else stub.Complete(request)
     try:
-        async for reply in inference_pb2_grpc.InferenceStub(channel).Chat(request):
+        async for reply in call:
             if reply.HasField("usage"):
                 result.usage = {"prompt_tokens": reply.usage.prompt_tokens,
                                 "completion_tokens": reply.usage.completion_tokens}

@@ -21,7 +21,7 @@ from kvmesh.v1 import inference_pb2
 from tests.failover_streams import (
     StreamResult,
     figures,
-    grpc_chat_stream,
+    grpc_stream,
     http_chat_stream,
     kill_during_streams,
     seconds_until_unreachable,
@@ -51,10 +51,10 @@ def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Stream number {i % 4} please."}]
 
 
-def chat_request(i: int) -> inference_pb2.ChatRequest:
-    return inference_pb2.ChatRequest(
-        model=MODEL, stream=True,
-        messages=[inference_pb2.ChatMessage(role="user", content=messages(i)[0]["content"])],
+def completion_request(i: int) -> inference_pb2.CompletionRequest:
+    """Completions over gRPC: their messages carry the token ids."""
+    return inference_pb2.CompletionRequest(
+        model=MODEL, stream=True, text=messages(i)[0]["content"],
         sampling=inference_pb2.SamplingOptions(max_tokens=MAX_TOKENS))
 
 
@@ -128,7 +128,7 @@ def test_grpc_streams_resume_token_for_token(mesh: Mesh) -> None:
     async def run() -> list[StreamResult]:
         async with grpc.aio.insecure_channel(mesh.grpc) as channel:
             def stream(i: int):  # type: ignore[no-untyped-def]
-                return lambda result: grpc_chat_stream(channel, chat_request(i), result)
+                return lambda result: grpc_stream(channel, completion_request(i), result)
 
             results, _ = await kill_during_streams(
                 [stream(i) for i in range(32)], lambda: kill(mesh, "w1"), min_pieces=5,
@@ -138,8 +138,8 @@ def test_grpc_streams_resume_token_for_token(mesh: Mesh) -> None:
     async def uninterrupted(i: int) -> list[int]:
         async with grpc.aio.insecure_channel(mesh.grpc) as channel:
             result = StreamResult()
-            await grpc_chat_stream(channel, chat_request(i), result)
-            assert result.completed
+            await grpc_stream(channel, completion_request(i), result)
+            assert result.completed and len(result.token_ids) == MAX_TOKENS
             return result.token_ids
 
     refs = [asyncio.run(uninterrupted(i)) for i in range(4)]
