@@ -46,6 +46,7 @@ def _up(args: argparse.Namespace) -> int:
         ray_address=getattr(args, "address", None),
         placement=args.placement,
         gateways=args.gateways,
+        routers=args.routers,
         edge=({"enabled": True, **({"picker": True} if args.picker else {})}
               if args.edge or args.picker else None),
     )
@@ -219,6 +220,8 @@ def _add_mesh_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted API key (repeat for several); none = no auth")
     p.add_argument("--gateways", type=int, default=None, help="gateway replicas (default 1)")
+    p.add_argument("--routers", type=int, default=None,
+                   help="router replicas, each fed every worker (default 1)")
     p.add_argument("--edge", action="store_true",
                    help="Envoy in front of the gateways, configured live over xDS; the API "
                    "address printed is Envoy's")

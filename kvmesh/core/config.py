@@ -18,6 +18,7 @@ from kvmesh.core.autoscale_config import AutoscaleConfig
 from kvmesh.core.cost_config import CostParams
 from kvmesh.core.edge_config import EdgeConfig, EdgeServiceConfig, GatewayAddress
 from kvmesh.core.engine_config import EngineConfig, KvTransferConfig, role_engine
+from kvmesh.core.resilience_config import FailoverConfig, OutlierConfig
 from kvmesh.core.roles import WorkerRole
 from kvmesh.core.settings import (
     DEFAULT_HOST,
@@ -31,7 +32,7 @@ from kvmesh.core.telemetry_config import LoggingConfig, TracingConfig
 __all__ = [  # the engine's and the loader's names, importable from here as before
     "EngineConfig", "KvTransferConfig", "role_engine", "dump_settings", "load_settings",
     "read_config_file", "TracingConfig", "LoggingConfig", "EdgeConfig", "EdgeServiceConfig",
-    "GatewayAddress", "CostParams", "AutoscaleConfig",
+    "GatewayAddress", "CostParams", "AutoscaleConfig", "FailoverConfig", "OutlierConfig",
 ]
 
 PolicyName = Literal["kv_aware", "approx_prefix", "round_robin", "power_of_two", "random"]
@@ -162,6 +163,9 @@ class WorkerConfig(ServiceSettings):
     fake_token_delay_s: float = Field(
         0.005, ge=0, description="Fake engine only: seconds per generated token."
     )
+    fake_output: Literal["echo", "chain"] = Field(
+        "echo", description="Fake engine only: echo the prompt, or 'chain' (each token a "
+        "fixed function of the previous one: resumable like a greedy model).")
     metrics_port: int | None = Field(
         0, ge=0, le=65535,
         description="Prometheus /metrics port serving vLLM's own `vllm:*` metrics (0 picks "
@@ -196,7 +200,20 @@ class GatewayConfig(ServiceSettings):
     host: str = Field(DEFAULT_HOST, description="Address the HTTP and gRPC servers bind.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
     grpc_port: int = Field(50052, ge=0, le=65535, description="Inference gRPC port; 0 = free.")
-    router: str = Field("127.0.0.1:50051", description="host:port of the router.")
+    router: str = Field(
+        "127.0.0.1:50051", description="host:port of the router (comma-separated for "
+        "several replicas; `routers` takes them as a list).")
+    routers: list[str] = Field(
+        default_factory=list,
+        description="host:port of every router replica, in order of preference; the "
+        "gateway fails over between them, and with none reachable routes on its own over "
+        "the last worker set (empty: `router`).")
+    failover: FailoverConfig = Field(
+        default_factory=FailoverConfig,
+        description="Worker loss mid-request (retry, mid-stream resume) and router loss.")
+    outlier: OutlierConfig = Field(
+        default_factory=OutlierConfig,
+        description="Per-worker circuit breaking (consecutive failures eject a worker).")
     register_with_router: bool = Field(
         True, description="Register with the router as a gateway replica (heartbeats, "
         "deregistered on stop), so the edge's control plane finds it in WatchWorkers.")
@@ -263,6 +280,11 @@ class GatewayConfig(ServiceSettings):
         "asks it where a generation goes (the router's kv_aware choice, answered as "
         "x-gateway-destination-endpoint: the gateway fronting the chosen worker). "
         "`kvmesh up --edge --picker` turns it on; needs xds-protos (extra kvmesh[edge]).")
+
+    def router_addresses(self) -> list[str]:
+        """Every router replica, in order of preference."""
+        listed = self.routers or self.router.split(",")
+        return [a.strip() for a in listed if a.strip()]
     ready_file: Path | None = Field(
         None, description="Write {'http': url, 'grpc': addr} here once serving."
     )

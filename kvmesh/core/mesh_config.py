@@ -75,7 +75,10 @@ class MeshConfig(ServiceSettings):
                          "workers (P pool).")
     decode: int = Field(0, ge=0, le=64, description="Single-model shorthand: decode "
                         "workers (D pool).")
-    router: RouterConfig = Field(default_factory=RouterConfig, description="Router settings.")
+    routers: int = Field(1, ge=1, le=5, description="Router replicas; every worker and "
+                         "gateway is given all of them (docs/reliability.md).")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Router settings "
+                                 "(every replica's; snapshot_path defaults to the run dir).")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Gateway settings.")
     worker: WorkerConfig = Field(
         default_factory=WorkerConfig, description="Template for every worker (engine "

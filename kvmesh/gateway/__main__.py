@@ -16,7 +16,8 @@ from kvmesh.gateway.server import GatewayServer
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("kvmesh gateway: OpenAI HTTP + kvmesh.v1.Inference gRPC")
     parser.add_argument("--grpc-port", type=int, default=None, help="Inference gRPC port")
-    parser.add_argument("--router", default=None, help="router host:port")
+    parser.add_argument("--router", default=None,
+                        help="router host:port (comma-separated for several replicas)")
     parser.add_argument("--ready-file", type=Path, default=None)
     parser.add_argument("--api-key", action="append", default=None,
                         help="accepted API key (repeat for several); none = no auth")

@@ -1,4 +1,5 @@
-"""The models the mesh serves, kept current from the router's WatchWorkers stream."""
+"""The models the mesh serves, kept current from the router's WatchWorkers stream (the
+last worker set stays when no router answers: the gateway then routes on its own)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
-
 from kvmesh.core.errors import ModelNotFoundError
-from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from kvmesh.v1 import common_pb2, router_pb2
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +30,8 @@ class ModelCatalog:
         self.workers: list[common_pb2.WorkerInfo] = []
         #: The gateway replicas registered with the router (the endpoint picker's set).
         self.gateways: list[common_pb2.WorkerInfo] = []
+        #: Workers of that set the router took out of routing (their probe failed).
+        self.unreachable: set[str] = set()
         self.router_metrics_endpoint = ""
         self.version = -1
         self.changed = asyncio.Event()
@@ -60,6 +61,7 @@ class ModelCatalog:
         self._models = fresh
         self.workers = list(worker_set.workers)
         self.gateways = list(worker_set.gateways)
+        self.unreachable = set(worker_set.unreachable_worker_ids)
         self.router_metrics_endpoint = worker_set.router_metrics_endpoint
         self.version = worker_set.version
         self.changed.set()
@@ -79,27 +81,19 @@ class ModelCatalog:
         return sorted(self._models.values(), key=lambda e: e.name)
 
 
-async def watch_router(
-    stub: router_pb2_grpc.RouterStub, catalog: ModelCatalog,
-    on_new_model: Callable[[ModelEntry], None] | None = None,
-    on_gone_model: Callable[[str], None] | None = None,
-) -> None:
-    """Follow WatchWorkers forever, reconnecting with backoff. A model whose last
-    worker left is forgotten (its pool may come back with other weights)."""
-    backoff = 0.2
-    while True:
-        try:
-            async for worker_set in stub.WatchWorkers(router_pb2.WatchWorkersRequest()):
-                backoff = 0.2
-                for model in catalog.apply(worker_set):
-                    log.info("model %s is now served", model)
-                    if on_new_model is not None:
-                        on_new_model(catalog.get(model))
-                for model in catalog.gone:
-                    log.info("model %s is no longer served", model)
-                    if on_gone_model is not None:
-                        on_gone_model(model)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("router watch broken (%s); reconnecting", exc.code().name)
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 5.0)
+def follow(catalog: ModelCatalog, on_new_model: Callable[[ModelEntry], None],
+           on_gone_model: Callable[[str], None] | None = None,
+           ) -> Callable[[router_pb2.WorkerSet], None]:
+    """What to do with each worker set the router sends: apply it, announce new models,
+    forget a model whose last worker left (its pool may come back with other weights)."""
+
+    def on_set(worker_set: router_pb2.WorkerSet) -> None:
+        for model in catalog.apply(worker_set):
+            log.info("model %s is now served", model)
+            on_new_model(catalog.get(model))
+        for model in catalog.gone:
+            log.info("model %s is no longer served", model)
+            if on_gone_model is not None:
+                on_gone_model(model)
+
+    return on_set

@@ -16,7 +16,7 @@ from opentelemetry import trace
 from kvmesh.core.config import GatewayConfig
 from kvmesh.core.errors import InvalidRequestError
 from kvmesh.gateway.admission import Admission
-from kvmesh.gateway.catalog import ModelCatalog, ModelEntry, watch_router
+from kvmesh.gateway.catalog import ModelCatalog, ModelEntry, follow
 from kvmesh.gateway.chat import ChatPlan
 from kvmesh.gateway.embeddings import (
     EmbeddingModelInfo,
@@ -29,6 +29,7 @@ from kvmesh.gateway.embeddings import (
 from kvmesh.gateway.mesh import MeshClient
 from kvmesh.gateway.metrics import GatewayMetrics, activate
 from kvmesh.gateway.parsers import load_parsers
+from kvmesh.gateway.router_client import RouterClient
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from kvmesh.gateway.structured import Constraint, single_constraint
 from kvmesh.gateway.tokenizers import ModelTokenizer, TokenizerStore
@@ -61,11 +62,15 @@ class GatewayCore:
         self.config = config
         # A Route call may wait at the router for a worker slot (router admission).
         route_s = config.route_timeout_s + config.route_queue_timeout_s
-        self.mesh = MeshClient(config.router, route_s, config.request_timeout_s,
-                               config.prefill_timeout_s)
         self.catalog = ModelCatalog()
+        routers = RouterClient(config.router_addresses(), route_s,
+                               config.failover.router_retry_s,
+                               lambda: (self.catalog.workers, self.catalog.unreachable))
+        self.mesh = MeshClient(routers, config.request_timeout_s, config.prefill_timeout_s,
+                               failover=config.failover, outlier=config.outlier)
         self.metrics = GatewayMetrics(known_models=self.catalog.names)
         self.metrics.serve_also(self.mesh.pd_metrics.registry)
+        self.metrics.serve_also(self.mesh.metrics.registry)
         activate(self.metrics)
         self.tokenizers = TokenizerStore(
             cache_dir or Path(tempfile.gettempdir()) / "kvmesh-tokenizers"
@@ -82,9 +87,8 @@ class GatewayCore:
 
     async def start(self) -> None:
         self._watch = asyncio.create_task(
-            watch_router(self.mesh.router, self.catalog, self._on_new_model,
-                         self.tokenizers.forget)
-        )
+            self.mesh.routers.watch(follow(self.catalog, self._on_new_model,
+                                           self.tokenizers.forget)))
 
     def _on_new_model(self, entry: ModelEntry) -> None:
         self.tokenizers.prefetch(entry.name, entry.endpoints)

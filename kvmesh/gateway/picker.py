@@ -39,7 +39,7 @@ from pydantic import ValidationError
 from kvmesh.core.errors import KvmeshError
 from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.lifecycle import Prepared, prepare_chat, prepare_completion
-from kvmesh.gateway.mesh import PREFERRED_WORKER_HEADER
+from kvmesh.gateway.router_client import PREFERRED_WORKER_HEADER
 from kvmesh.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from kvmesh.v1 import common_pb2
 
@@ -129,9 +129,9 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             prepared = await self._prepare(headers.get(":path", ""), body)
             if prepared is not None:
                 spec = prepared.specs[0]
-                decision = await self.core.mesh.route(
+                routed = await self.core.mesh.route(
                     request_id, spec.model, spec.prompt_ids, spec.max_tokens, preview=True)
-                worker = decision.worker
+                worker = routed.decision.worker
         except (ValueError, ValidationError, KvmeshError, grpc.aio.AioRpcError) as exc:
             # The gateway it lands on gives the client the proper error.
             log.debug("no pick for %s: %s", request_id, exc)

@@ -45,7 +45,7 @@ class GatewayServer:
         self._health: Any = None
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
-        self._registration: Registration | None = None
+        self._registrations: list[Registration] = []
         self._registering: asyncio.Task[None] | None = None
         self.http_port = 0
         self.grpc_port = 0
@@ -91,10 +91,12 @@ class GatewayServer:
             await asyncio.sleep(0.01)
         info = {"http": self.base_url, "grpc": f"{self.config.host}:{self.grpc_port}"}
         if self.config.register_with_router:
-            self._registration = Registration(self.config.router, common_pb2.WorkerInfo(
+            # With every router replica: the edge may follow any of them.
+            self._registrations = [Registration(router, common_pb2.WorkerInfo(
                 worker_id=f"gateway-{self.core.http_address}", role=role_to_proto(GATEWAY),
                 endpoint=info["grpc"], http_endpoint=self.core.http_address,
                 self_registered=True), self.config.registration_timeout_s)
+                for router in self.config.router_addresses()]
             self._registering = asyncio.create_task(self._register_when_serving())
         write_ready_file(self.config.ready_file, info)
         log.info("gateway serving OpenAI at %s, Inference gRPC at %s", info["http"], info["grpc"])
@@ -106,8 +108,8 @@ class GatewayServer:
         failed and waits to ask again."""
         while not self.core.ready_models():
             await asyncio.sleep(0.05)
-        assert self._registration is not None
-        self._registration.start()
+        for registration in self._registrations:
+            registration.start()
 
     async def drain(self) -> None:
         """NOT_SERVING on gRPC health, 503 on /health, out of the router's gateway set
@@ -117,9 +119,9 @@ class GatewayServer:
         await not_serving(self._health)
         if self._registering is not None:
             self._registering.cancel()
-        if self._registration is not None:
+        if self._registrations:
             # Out of the edge's endpoint set before the listeners close.
-            await self._registration.stop()
+            await asyncio.gather(*(r.stop() for r in self._registrations))
             await asyncio.sleep(self.config.drain_s)
         await wait_idle(lambda: self.core.admission.in_flight, self.config.drain_timeout_s,
                         f"gateway {self.core.http_address}")

@@ -122,10 +122,10 @@ class MeshApp:
             await self.services.start_gateways(set(self._pools))
             await self.services.start_admin(self)
             self._router = router
-            if cfg.router.autoscale.enabled:
+            if cfg.router.autoscale.enabled:  # every replica decides alike; ask the first
                 from kvmesh.launch.scaler import Scaling
 
-                self._scaling = Scaling(router)
+                self._scaling = Scaling(self.services.router)
                 for pool in self._pools.values():
                     self._autoscale(pool)
         except BaseException:

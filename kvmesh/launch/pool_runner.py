@@ -19,8 +19,9 @@ from kvmesh.launch import placement
 
 log = logging.getLogger(__name__)
 
-#: Seconds a worker gets to deregister and shut its engine down before it is killed.
-STOP_TIMEOUT_S = 30.0
+#: Seconds a worker gets to drain (its drain_timeout_s, 30 by default), deregister and
+#: shut its engine down before it is killed.
+STOP_TIMEOUT_S = 45.0
 
 
 @dataclass

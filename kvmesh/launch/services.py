@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import httpx
 
-from kvmesh.core.config import dump_settings
+from kvmesh.core.config import RouterConfig, dump_settings
 from kvmesh.core.grpc_util import insecure_channel
 from kvmesh.core.mesh_config import MeshConfig
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
@@ -81,6 +81,22 @@ async def wait_models(base_url: str, models: set[str], timeout_s: float = 120) -
     raise TimeoutError(f"gateway never served {sorted(models)}")
 
 
+def router_configs(config: MeshConfig, run_dir: Path) -> list[RouterConfig]:
+    """Each router replica's settings: free ports unless set (the first replica keeps
+    a set port), and a snapshot file of its own, in the run dir unless one is set."""
+    configs = []
+    for i in range(config.routers):
+        router = config.router
+        for port_field in ("port", "metrics_port"):
+            if i > 0 or port_field not in router.model_fields_set:
+                router = router.model_copy(update={port_field: 0})
+        path = router.snapshot_path or run_dir / "router-snapshot.npz"
+        if config.routers > 1:
+            path = path.with_name(f"{path.stem}-{i}{path.suffix}")
+        configs.append(router.model_copy(update={"snapshot_path": path}))
+    return configs
+
+
 class MeshServices:
     def __init__(self, config: MeshConfig, run_dir: Path) -> None:
         self.config = with_mesh_observability(config)
@@ -89,7 +105,9 @@ class MeshServices:
         self.http = ""
         self.grpc = ""
         self.admin: str | None = None
-        self._router: subprocess.Popen[bytes] | None = None
+        #: Every router replica's address (``MeshConfig.routers``); ``router`` is the first.
+        self.routers: list[str] = []
+        self._routers: list[subprocess.Popen[bytes]] = []
         self._router_ready: dict[str, Any] = {}
         self._gateways: list[subprocess.Popen[bytes]] = []
         self._gateway_infos: list[dict[str, Any]] = []
@@ -98,22 +116,25 @@ class MeshServices:
         self._ray = False
 
     async def start_router(self) -> str:
-        router_cfg = self.config.router
-        for port_field in ("port", "metrics_port"):
-            if port_field not in router_cfg.model_fields_set:
-                router_cfg = router_cfg.model_copy(update={port_field: 0})
-        ready = self.run_dir / "router.ready"
-        self._router = spawn_module(
-            "kvmesh.router",
-            ["--config", str(dump_settings(router_cfg, self.run_dir / "router.json")),
-             "--ready-file", str(ready)],
-            self.run_dir / "router.log",
-        )
-        self._router_ready = await asyncio.to_thread(
-            wait_ready_file, ready, 60, self._router, "router")
-        self.router = str(self._router_ready["grpc"])
-        log.info("router up at %s", self.router)
-        return self.router
+        """``routers`` replicas (the first on router.port when set, the rest on free
+        ports), each snapshotting its index to a file of its own; returns what a worker
+        is given: every replica's address, comma-separated."""
+        for i, router_cfg in enumerate(router_configs(self.config, self.run_dir)):
+            name = "router" if i == 0 else f"router-{i}"
+            ready = self.run_dir / f"{name}.ready"
+            proc = spawn_module(
+                "kvmesh.router",
+                ["--config", str(dump_settings(router_cfg, self.run_dir / f"{name}.json")),
+                 "--ready-file", str(ready)],
+                self.run_dir / f"{name}.log",
+            )
+            self._routers.append(proc)
+            info = await asyncio.to_thread(wait_ready_file, ready, 60, proc, name)
+            self._router_ready = self._router_ready or info
+            self.routers.append(str(info["grpc"]))
+        self.router = self.routers[0]
+        log.info("router(s) up at %s", ", ".join(self.routers))
+        return ",".join(self.routers)
 
     def init_ray(self, verbose: bool) -> None:
         from kvmesh.worker.actor import init_ray
@@ -139,8 +160,8 @@ class MeshServices:
             if not own_ports:
                 gateway_cfg = gateway_cfg.model_copy(update={"port": 0})
             ready = self.run_dir / f"gateway-{i}.ready"
-            gateway_cfg = gateway_cfg.model_copy(update={"router": self.router,
-                                                         "ready_file": ready})
+            gateway_cfg = gateway_cfg.model_copy(update={
+                "router": self.router, "routers": self.routers, "ready_file": ready})
             if cfg.edge.picker:  # every gateway answers Envoy's ext_proc and is listed
                 gateway_cfg = gateway_cfg.model_copy(
                     update={"endpoint_picker": True, "register_with_router": True})
@@ -181,13 +202,15 @@ class MeshServices:
             "edge": {"address": edge.address, "admin": edge.admin,
                      "control_plane": edge.control_plane.address} if edge else None,
             "router": self.router,
+            "routers": self.routers,
             "router_metrics": self._router_ready.get("metrics", ""),
             "admin": self.admin,
         }
 
     def pids(self) -> dict[str, Any]:
         return {
-            "router": self._router.pid if self._router else -1,
+            "router": self._routers[0].pid if self._routers else -1,
+            "routers": [p.pid for p in self._routers],
             "gateway": self._gateways[0].pid if self._gateways else -1,
             "gateways": [p.pid for p in self._gateways],
             **({"edge": self._edge.envoy.pid} if self._edge else {}),
@@ -201,8 +224,10 @@ class MeshServices:
         if self._admin is not None:
             await self._admin.stop(grace=1.0)
             self._admin = None
-        for proc in self._gateways:
-            await asyncio.to_thread(terminate, proc)
+        # Each drains (streams in flight finish, up to its drain_timeout_s): together.
+        drain_s = self.config.gateway.drain_timeout_s + 10
+        await asyncio.gather(*(asyncio.to_thread(terminate, proc, drain_s)
+                               for proc in self._gateways))
         self._gateways = []
 
     async def stop_back(self) -> None:
@@ -213,6 +238,7 @@ class MeshServices:
             if ray.is_initialized():
                 ray.shutdown()
         self._ray = False
-        if self._router is not None:
-            await asyncio.to_thread(terminate, self._router)
-            self._router = None
+        drain_s = self.config.router.drain_timeout_s + 10
+        await asyncio.gather(*(asyncio.to_thread(terminate, proc, drain_s)
+                               for proc in self._routers))
+        self._routers = []

@@ -75,7 +75,8 @@ def mesh_pids(state: dict[str, Any]) -> list[int]:
     """`kvmesh up` first, then every process it started."""
     pids = state.get("pids", {})
     gateways = pids.get("gateways") or [pids.get("gateway", -1)]
-    return [int(state.get("pid", -1)), int(pids.get("router", -1)), int(pids.get("edge", -1)),
+    routers = pids.get("routers") or [pids.get("router", -1)]
+    return [int(state.get("pid", -1)), *(int(p) for p in routers), int(pids.get("edge", -1)),
             *(int(p) for p in gateways), *(int(p) for p in pids.get("workers", []))]
 
 

@@ -55,7 +55,7 @@ async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> N
             + "\n"
             f"  OpenAI API:     [bold]{state['http']}[/]\n"
             f"  gRPC Inference: {state['grpc']}\n"
-            f"  router:         {state['router']}\n"
+            f"  router(s):      {', '.join(state.get('routers') or [state['router']])}\n"
             + (f"  admin:          {state['admin']} (`kvmesh models add/remove/list`)\n"
                if state["admin"] else "")
             + (f"  Envoy (xDS):    admin http://{state['edge']['admin']}, control plane "

@@ -130,6 +130,16 @@ class RouterCore:
         or never registered), which tells it to register again."""
         return self.registry.touch(worker_id)
 
+    def set_reachable(self, worker_id: str, reachable: bool) -> bool:
+        """A probe failed to connect (out of the routing set) or answered again (back
+        in); True when the set changed. The worker keeps its index view and its lease:
+        a blip costs one probe interval, not its cache."""
+        changed = self.registry.set_reachable(worker_id, reachable)
+        if changed:
+            log.warning("worker %s is %s", worker_id,
+                        "reachable again" if reachable else "unreachable: not routed to")
+        return changed
+
     def report_load(self, worker_id: str, running: int, waiting: int, kv_usage: float,
                     waiting_uncached_tokens: int, cache_hit_rate: float | None) -> None:
         self.registry.report_load(worker_id, running, waiting, kv_usage,

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
-from kvmesh.core.errors import InvalidRequestError
+from kvmesh.core.errors import InvalidRequestError, KvmeshError
 from kvmesh.core.grpc_util import insecure_channel
 from kvmesh.core.roles import GATEWAY, is_gateway, role_from_proto
 from kvmesh.router import snapshot, worker_probe
@@ -23,6 +23,7 @@ from kvmesh.router.kv_events import KvEventFollower
 from kvmesh.router.policy.factory import POLICY_NAMES
 from kvmesh.router.prefix_index import pack_views
 from kvmesh.router.registry import WorkerState
+from kvmesh.router.warmup import Warmup
 from kvmesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class WorkerLifecycle:
         self._incarnations: dict[str, float] = {}
         self._restorable: dict[str, snapshot.WorkerSnapshot] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Every worker heartbeats (and so re-registers) within one interval, plus its
+        # registration's probes.
+        self.warmup = Warmup(2 * self._config.heartbeat_interval_s + 1.0)
 
     # ---- start and stop ----------------------------------------------------------
     async def start(self) -> None:
@@ -48,6 +52,7 @@ class WorkerLifecycle:
             if self._restorable:
                 log.info("snapshot %s holds views of %d worker(s); restored as they register",
                          path, len(self._restorable))
+                self.warmup.expect(self._restorable)
             self._tasks.append(asyncio.create_task(self._snapshot_loop(path)))
         self._tasks.append(asyncio.create_task(self._expire_loop()))
         for endpoint in self._config.static_workers:
@@ -66,13 +71,22 @@ class WorkerLifecycle:
         for channel in self._channels.values():
             await channel.close()
 
+    def warming(self) -> list[str]:
+        """Workers of the snapshot not registered again yet (empty: ready to route)."""
+        return self.warmup.missing(w.worker_id for w in self.core.registry.all())
+
     # ---- snapshots ---------------------------------------------------------------
     async def take_snapshot(self, path: Path) -> None:
         views = self.core.index.export_views()  # copies, taken on the loop; the rest off it
-        incarnations = dict(self._incarnations)
+        registered = {w.worker_id for w in self.core.workers()}
+        incarnations = {w: i for w, i in self._incarnations.items() if w in registered}
 
         def work() -> None:
-            snapshot.write(path, snapshot.capture(pack_views(views), incarnations))
+            packed = pack_views(views)
+            # Workers with nothing cached are listed too: a restart waits for them.
+            for worker_id in incarnations.keys() - packed.keys():
+                packed[worker_id] = snapshot.empty_view()
+            snapshot.write(path, snapshot.capture(packed, incarnations))
 
         await asyncio.to_thread(work)
 
@@ -222,14 +236,39 @@ class WorkerLifecycle:
 
     async def _probe_loop(self, worker_id: str, endpoint: str) -> None:
         """Poll GetLoads: it is both the load feed and the liveness probe."""
-        channel = self._channel(endpoint)
         while True:
-            try:
-                sample = await worker_probe.sample_load(channel, self._config.probe_timeout_s)
-                self.core.report_load(
-                    worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
-                    sample.waiting_uncached_tokens, sample.cache_hit_rate,
-                )
-            except grpc.aio.AioRpcError as exc:
-                log.debug("probe of %s failed: %s", worker_id, exc.code().name)
+            await self.probe(worker_id, endpoint)
             await asyncio.sleep(self._config.probe_interval_s)
+
+    async def probe(self, worker_id: str, endpoint: str) -> bool:
+        """One GetLoads: its load into the core, and the worker into the routing set
+        if it answered, out of it if it could not be reached (refused or reset: a dead
+        process). A slow answer (deadline) says nothing about liveness. True when the
+        worker answered."""
+        try:
+            sample = await worker_probe.sample_load(self._channel(endpoint),
+                                                    self._config.probe_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("probe of %s failed: %s", worker_id, exc.code().name)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and \
+                    self.core.set_reachable(worker_id, False):
+                await self.core.notify()
+            return False
+        self.core.report_load(
+            worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
+            sample.waiting_uncached_tokens, sample.cache_hit_rate,
+        )
+        if self.core.set_reachable(worker_id, True):
+            await self.core.notify()
+        return True
+
+    async def suspect(self, worker_id: str) -> None:
+        """A gateway lost its connection to the worker mid-request: probe it now
+        rather than at the next interval, so a dead worker leaves the routing set at
+        once (a live one stays: one gateway's broken connection is not proof)."""
+        try:
+            worker = self.core.registry.get(worker_id)
+        except KvmeshError:
+            return
+        if worker.role != GATEWAY and not worker.unreachable:
+            await self.probe(worker_id, worker.endpoint)

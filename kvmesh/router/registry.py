@@ -57,6 +57,9 @@ class WorkerState:
     in_flight: set[str] = field(default_factory=set)
     # Prompt tokens the router sent since the worker's last load report (not in it yet).
     unreported_prefill_tokens: int = 0
+    #: Its last probe failed to connect (or a gateway lost it and the probe that
+    #: followed failed): out of the routing set until a probe succeeds again.
+    unreachable: bool = False
 
     @property
     def active(self) -> int:
@@ -115,6 +118,16 @@ class WorkerRegistry:
         if worker is None:
             return False
         worker.last_seen = self._clock()
+        return True
+
+    def set_reachable(self, worker_id: str, reachable: bool) -> bool:
+        """Take a worker out of (or back into) the routing set; True when that changed
+        the set (watchers are then told)."""
+        worker = self._workers.get(worker_id)
+        if worker is None or worker.unreachable == (not reachable):
+            return False
+        worker.unreachable = not reachable
+        self.version += 1
         return True
 
     def report_load(
@@ -177,6 +190,7 @@ class WorkerRegistry:
                 and (not adapter or adapter in w.adapters)
                 and w.worker_id not in excluded
                 and not w.draining
+                and not w.unreachable
             ),
             key=lambda w: w.worker_id,
         )

@@ -7,6 +7,7 @@ errors, mapped to gRPC status by the shared interceptor.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 
@@ -69,6 +70,7 @@ def status_to_proto(status: WorkerStatus) -> router_pb2.WorkerStatus:
         ),
         last_seen_age_s=status.last_seen_age_s,
         indexed_blocks=status.indexed_blocks,
+        unreachable=w.unreachable,
     )
 
 
@@ -120,6 +122,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteDecision:
         request_id_var.set(request.request_id)  # this RPC's task: its log lines carry it
+        missing = self.lifecycle.warming()
+        if missing:
+            # Not a kvmesh error (no details): the gateway asks another replica.
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"router restarted; waiting for {len(missing)} worker(s) to register again")
         ctx = RouteContext(
             request_id=request.request_id,
             model=request.model,
@@ -145,6 +153,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.RequestFinishedRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RequestFinishedResponse:
         self.core.finish(request.worker_id, request.request_id)
+        if request.worker_failed:
+            await self.lifecycle.suspect(request.worker_id)
         return router_pb2.RequestFinishedResponse()
 
     async def ListWorkers(
@@ -162,10 +172,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def WatchWorkers(  # type: ignore[override]
         self, request: router_pb2.WatchWorkersRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.WorkerSet]:
+        while self.lifecycle.warming():  # a partial set would drop models from gateways
+            await asyncio.sleep(0.05)
         sent = -1
         while True:
             sent, registered = await self.core.next_worker_set(sent)
             yield router_pb2.WorkerSet(
                 workers=[worker_to_proto(w) for w in registered if w.role != GATEWAY],
                 gateways=[worker_to_proto(w) for w in registered if w.role == GATEWAY],
-                version=sent, router_metrics_endpoint=self.metrics_endpoint)
+                version=sent, router_metrics_endpoint=self.metrics_endpoint,
+                unreachable_worker_ids=[w.worker_id for w in registered if w.unreachable])

@@ -59,6 +59,12 @@ def write(path: Path, snapshot: dict[str, WorkerSnapshot]) -> None:
     tmp.replace(path)
 
 
+def empty_view() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The exported arrays of a worker with nothing cached."""
+    return (np.zeros(0, np.int64), np.zeros(0, _U64), np.zeros(0, _U64),
+            np.zeros(0, np.uint32))
+
+
 def read(path: Path, max_age_s: float) -> dict[str, WorkerSnapshot]:
     """The snapshot at ``path``, or nothing when it is missing, unreadable or too old."""
     try:

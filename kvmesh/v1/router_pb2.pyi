@@ -109,12 +109,14 @@ class RouteDecision(_message.Message):
     def __init__(self, mode: _Optional[_Union[RouteDecision.Mode, str]] = ..., worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., prefill_worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., expected_cached_tokens: _Optional[int] = ..., reason: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class RequestFinishedRequest(_message.Message):
-    __slots__ = ("request_id", "worker_id")
+    __slots__ = ("request_id", "worker_id", "worker_failed")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FAILED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     worker_id: str
-    def __init__(self, request_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    worker_failed: bool
+    def __init__(self, request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_failed: _Optional[bool] = ...) -> None: ...
 
 class RequestFinishedResponse(_message.Message):
     __slots__ = ()
@@ -127,16 +129,18 @@ class ListWorkersRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker", "load", "last_seen_age_s", "indexed_blocks")
+    __slots__ = ("worker", "load", "last_seen_age_s", "indexed_blocks", "unreachable")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_AGE_S_FIELD_NUMBER: _ClassVar[int]
     INDEXED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     worker: _common_pb2.WorkerInfo
     load: _common_pb2.WorkerLoad
     last_seen_age_s: float
     indexed_blocks: int
-    def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., last_seen_age_s: _Optional[float] = ..., indexed_blocks: _Optional[int] = ...) -> None: ...
+    unreachable: bool
+    def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., last_seen_age_s: _Optional[float] = ..., indexed_blocks: _Optional[int] = ..., unreachable: _Optional[bool] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("model", "role", "workers", "desired", "need")
@@ -167,13 +171,15 @@ class WatchWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerSet(_message.Message):
-    __slots__ = ("workers", "version", "router_metrics_endpoint", "gateways")
+    __slots__ = ("workers", "version", "router_metrics_endpoint", "gateways", "unreachable_worker_ids")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUTER_METRICS_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkerInfo]
     version: int
     router_metrics_endpoint: str
     gateways: _containers.RepeatedCompositeFieldContainer[_common_pb2.WorkerInfo]
-    def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ..., router_metrics_endpoint: _Optional[str] = ..., gateways: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ...) -> None: ...
+    unreachable_worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, workers: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ..., version: _Optional[int] = ..., router_metrics_endpoint: _Optional[str] = ..., gateways: _Optional[_Iterable[_Union[_common_pb2.WorkerInfo, _Mapping]]] = ..., unreachable_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,9 +1,12 @@
 """A fast fake engine that speaks the real VllmEngine contract.
 
 For integration tests and simulations only: it echoes the prompt's tokens back one
-at a time with a fixed delay, so the whole mesh can be exercised in milliseconds
-(routing, streaming, cancellation, load reporting) with the same protobufs real
-workers use. It is never the thing that "works" — real vLLM is.
+at a time with a fixed delay (or, with ``output="chain"``, makes each token a fixed
+function of the one before it: a greedy model in miniature, whose continuation of a
+prompt plus its own first tokens is exactly the rest of the uninterrupted output), so
+the whole mesh can be exercised in milliseconds (routing, streaming, cancellation,
+load reporting) with the same protobufs real workers use. It is never the thing that
+"works" — real vLLM is.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ def fake_output_logprobs(tokens: list[int], top_n: int) -> vllm_engine_pb2.Outpu
         top_logprobs=[_fake_top(t, -1.0, top_n) for t in tokens] if top_n else [])
 
 
+def chain_token(previous: int) -> int:
+    """The "chain" output's next token: a fixed function of the previous one, kept in
+    ordinary (non-special) vocabulary."""
+    return 200 + (previous * 7919 + 13) % 20000
+
+
 class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     def __init__(
         self,
@@ -65,6 +74,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         block_size: int = 32,
         kv_capacity_tokens: int = 65536,
         side_channel: str = "",
+        output: str = "echo",
     ) -> None:
         self._name = served_model_name
         self._tokenizer_dir = tokenizer_dir
@@ -76,6 +86,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         self._aborted: set[str] = set()
         self._start = time.time()
         self._side_channel = side_channel
+        self._chain = output == "chain"
         self.generated_requests = 0
 
     def _handoff(self, rid: str, prompt: list[int]) -> str:
@@ -123,11 +134,11 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                 if rid in self._aborted:
                     finish = "abort"
                     break
-                if i >= len(prompt):
+                if i >= len(prompt) and not self._chain:
                     finish = "stop"
                     break
                 await asyncio.sleep(self._delay)
-                token = prompt[i]
+                token = chain_token((output or prompt)[-1]) if self._chain else prompt[i]
                 output.append(token)
                 if request.stream:
                     # Every one of the n choices echoes the same tokens (index per choice).

@@ -1,4 +1,8 @@
-"""vLLM's own VllmEngine servicer (smg-grpc-servicer), with one correction.
+"""vLLM's own VllmEngine servicer (smg-grpc-servicer), with two corrections.
+
+``GetServerInfo`` reports no uptime; the router dates a worker's incarnation by it
+(a router restarted from a snapshot restores only the same incarnation's cache view),
+so it is added here from the servicer's start time.
 
 The library reads running/waiting counts from the engine's last ``SchedulerStats``.
 An engine that goes idle never publishes another one, so after its last request
@@ -10,6 +14,10 @@ snapshot said.
 
 from __future__ import annotations
 
+import time
+
+import grpc
+from smg_grpc_proto import vllm_engine_pb2
 from smg_grpc_servicer.vllm.servicer import VllmEngineServicer
 
 
@@ -21,3 +29,11 @@ class KvmeshVllmEngineServicer(VllmEngineServicer):
         if self.engine.output_processor.get_num_unfinished_requests() == 0:
             return (0, 0, counts[2])
         return counts
+
+    async def GetServerInfo(
+        self, request: vllm_engine_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> vllm_engine_pb2.GetServerInfoResponse:
+        info = await super().GetServerInfo(request, context)
+        if not info.uptime_seconds:
+            info.uptime_seconds = time.time() - self.start_time
+        return info

@@ -102,6 +102,7 @@ class WorkerServer:
                 max_context_length=config.engine.max_model_len,
                 block_size=config.engine.block_size or 32,
                 side_channel=nixl_side_channel(config),
+                output=config.fake_output,
             )
             health = add_health_and_reflection(server, [SERVICE_NAME])
         else:

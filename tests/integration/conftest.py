@@ -28,13 +28,14 @@ class Mesh:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start_worker(self, name: str, *extra: str, register: bool = True,
-                     token_delay_s: float = 0.02) -> dict:
+                     token_delay_s: float = 0.02, env: dict[str, str] | None = None) -> dict:
         ready = self.dir / f"{name}.ready"
         args = ["--no-ray", "--engine-kind", "fake", "--port", "0", "--worker-id", name,
                 "--ready-file", str(ready), "--run-dir", str(self.dir), *extra]
         if register:
             args += ["--router", self.router]
-        env = {**os.environ, "KVMESH_WORKER_FAKE_TOKEN_DELAY_S": str(token_delay_s)}
+        env = {**os.environ, "KVMESH_WORKER_FAKE_TOKEN_DELAY_S": str(token_delay_s),
+               **(env or {})}
         proc = spawn_module("kvmesh.worker", args, self.dir / f"{name}.log", env=env)
         self.procs[name] = proc
         info = wait_ready_file(ready, 60, proc, name)
@@ -72,23 +73,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_router(mesh: Mesh, name: str = "router", *extra: str, yaml: str = "") -> str:
-    """A router on a free port; ``yaml``: more of its config file."""
+def spawn_router(mesh: Mesh, name: str = "router", *extra: str,
+                 env: dict[str, str] | None = None, yaml: str = "") -> Path:
+    """Start a router process (from the calling thread: a child dies with the thread
+    that forked it) and return its ready file, to wait on with ``router_ready``;
+    ``yaml``: more of its config file."""
     config = mesh.dir / f"{name}.yaml"
     config.write_text(
         "policy: round_robin\nheartbeat_interval_s: 0.5\nlease_ttl_s: 3\nprobe_interval_s: 0.2\n"
         "metrics_port: 0\n" + yaml
     )
     ready = mesh.dir / f"{name}.ready"
-    proc = spawn_module(
+    ready.unlink(missing_ok=True)
+    mesh.procs[name] = spawn_module(
         "kvmesh.router",
         ["--config", str(config), "--port", "0", "--ready-file", str(ready), *extra],
-        mesh.dir / f"{name}.log",
+        mesh.dir / f"{name}.log", env={**os.environ, **(env or {})},
     )
-    mesh.procs[name] = proc
-    info = wait_ready_file(ready, 30, proc, name)
+    return ready
+
+
+def router_ready(mesh: Mesh, name: str) -> str:
+    info = wait_ready_file(mesh.dir / f"{name}.ready", 30, mesh.procs[name], name)
     mesh.router_metrics = mesh.router_metrics or info["metrics"]
     return str(info["grpc"])
+
+
+def start_router(mesh: Mesh, name: str = "router", *extra: str,
+                 env: dict[str, str] | None = None, yaml: str = "") -> str:
+    spawn_router(mesh, name, *extra, env=env, yaml=yaml)
+    return router_ready(mesh, name)
 
 
 @contextlib.contextmanager

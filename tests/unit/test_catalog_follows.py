@@ -4,13 +4,11 @@ one leaves, so a pool re-added under the same id with other weights is loaded an
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from kvmesh.gateway.catalog import ModelCatalog, ModelEntry, watch_router
+from kvmesh.gateway.catalog import ModelCatalog, ModelEntry, follow
 from kvmesh.gateway.tokenizers import TokenizerStore
 from kvmesh.v1 import common_pb2, router_pb2
 
@@ -23,38 +21,19 @@ def worker_set(version: int, *models: str) -> router_pb2.WorkerSet:
                               max_context_length=1024) for i, m in enumerate(models)])
 
 
-class ScriptedRouter:
-    """WatchWorkers as a router would stream it: one snapshot per change."""
-
-    def __init__(self, *sets: router_pb2.WorkerSet) -> None:
-        self.sets = sets
-
-    def WatchWorkers(self, request: router_pb2.WatchWorkersRequest
-                     ) -> AsyncIterator[router_pb2.WorkerSet]:
-        async def stream() -> AsyncIterator[router_pb2.WorkerSet]:
-            for s in self.sets:
-                yield s
-            await asyncio.Event().wait()  # the stream stays open
-
-        return stream()
-
-
-async def test_models_come_and_go_with_their_workers() -> None:
+def test_models_come_and_go_with_their_workers() -> None:
     catalog = ModelCatalog()
     seen: list[tuple[str, str]] = []
-    router = ScriptedRouter(worker_set(1, "a"), worker_set(2, "a", "b"),
-                            worker_set(3, "b"), worker_set(4, "a", "b"))
 
     def new(entry: ModelEntry) -> None:
         seen.append(("new", entry.name))
 
-    task = asyncio.create_task(watch_router(router, catalog, new,  # type: ignore[arg-type]
-                                            lambda m: seen.append(("gone", m))))
-    try:
-        while catalog.version != 4:
-            await asyncio.sleep(0.01)
-    finally:
-        task.cancel()
+    # What the gateway does with each worker set the router streams (one per change).
+    on_set = follow(catalog, new, lambda m: seen.append(("gone", m)))
+    for worker_set_ in (worker_set(1, "a"), worker_set(2, "a", "b"), worker_set(3, "b"),
+                        worker_set(4, "a", "b")):
+        on_set(worker_set_)
+    assert catalog.version == 4
     assert seen == [("new", "a"), ("new", "b"), ("gone", "a"), ("new", "a")]
     assert catalog.names() == ["a", "b"]
 

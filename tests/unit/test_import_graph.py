@@ -178,6 +178,9 @@ PURE_CORES = [
     "kvmesh.gateway.tools",
     "kvmesh.gateway.structured",
     "kvmesh.gateway.detokenize",
+    "kvmesh.gateway.resume",
+    "kvmesh.gateway.outlier",
+    "kvmesh.gateway.local_route",
 ]
 
 

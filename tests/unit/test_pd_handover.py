@@ -16,6 +16,7 @@ from kvmesh.gateway.pd import (
     pd_fallback_reason,
     prefill_request,
 )
+from kvmesh.gateway.router_client import RouterClient
 from kvmesh.v1 import common_pb2
 
 pytestmark = pytest.mark.unit
@@ -83,9 +84,11 @@ def test_prefill_leg_reads_its_stream_to_the_end() -> None:
             return Call()
 
     async def run() -> str | None:
-        client = MeshClient("127.0.0.1:1", route_timeout_s=1, request_timeout_s=5)
+        client = MeshClient(RouterClient(["127.0.0.1:1"], 1, 1, lambda: ([], set())),
+                            request_timeout_s=5)
         client.worker = lambda endpoint: Stub()
-        client._release = lambda request_id, worker_id: seen.append(f"release {worker_id}")
+        client._release = lambda request_id, worker_id, router=None, lost=False: seen.append(
+            f"release {worker_id}")
         prefill = common_pb2.WorkerInfo(worker_id="p0", endpoint="127.0.0.1:2")
         return await client._prefill("r1", prefill, [1, 2, 3], "", vllm_engine_pb2.SamplingParams(
             max_tokens=4))

@@ -17,9 +17,9 @@ from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.http import chat, completions, embeddings, models
 from kvmesh.gateway.http.streaming import REQUEST_ID_HEADER, error_response
 from kvmesh.gateway.lifecycle import answered, arrived, authenticate
-from kvmesh.gateway.mesh import PREFERRED_WORKER_HEADER, preferred_worker
 from kvmesh.gateway.metrics import OTHER, GatewayMetrics
 from kvmesh.gateway.request_log import RequestRecord
+from kvmesh.gateway.router_client import PREFERRED_WORKER_HEADER, preferred_worker
 
 
 def create_app(core: GatewayCore) -> FastAPI:

@@ -1,0 +1,39 @@
+"""A restarted router routes only once it knows its workers again (pure).
+
+A router that restarts from a snapshot knows which workers it had. Until they have
+registered again (each re-registers within one heartbeat interval, when its heartbeat
+is answered "unknown"), its worker set is partial: a Route would say "model not found"
+and a WatchWorkers subscriber would be told workers vanished. So while warming up the
+router refuses Route as *unavailable* (a gateway then asks another replica, or routes
+on its own) and holds WatchWorkers; warm-up ends when every snapshotted worker is back
+or after ``max_s`` (a worker that died meanwhile never comes back). A router without
+a snapshot cannot tell a restart from a first start and is warm at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+
+class Warmup:
+    def __init__(self, max_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._max_s = max_s
+        self._until = 0.0
+        self._expected: frozenset[str] = frozenset()
+
+    def expect(self, worker_ids: Iterable[str]) -> None:
+        """The snapshot's workers: wait for them, at most ``max_s`` from now."""
+        self._expected = frozenset(worker_ids)
+        self._until = self._clock() + self._max_s if self._expected else 0.0
+
+    def missing(self, registered: Iterable[str]) -> list[str]:
+        """The workers still awaited (empty: warm)."""
+        if not self._expected or self._clock() >= self._until:
+            self._expected = frozenset()
+            return []
+        missing = sorted(self._expected - set(registered))
+        if not missing:
+            self._expected = frozenset()
+        return missing
