@@ -16,6 +16,7 @@ from pydantic_settings import SettingsConfigDict
 from kvmesh.core.edge_config import EdgeConfig, EdgeServiceConfig, GatewayAddress
 from kvmesh.core.engine_config import EngineConfig, KvTransferConfig, role_engine
 from kvmesh.core.roles import WorkerRole
+from kvmesh.core.security_config import SecurityConfig, TlsConfig
 from kvmesh.core.settings import (
     DEFAULT_HOST,
     ServiceSettings,
@@ -28,7 +29,7 @@ from kvmesh.core.telemetry_config import LoggingConfig, TracingConfig
 __all__ = [  # the engine's and the loader's names, importable from here as before
     "EngineConfig", "KvTransferConfig", "role_engine", "dump_settings", "load_settings",
     "read_config_file", "TracingConfig", "LoggingConfig", "EdgeConfig", "EdgeServiceConfig",
-    "GatewayAddress",
+    "GatewayAddress", "SecurityConfig", "TlsConfig",
 ]
 
 PolicyName = Literal["kv_aware", "approx_prefix", "round_robin", "power_of_two", "random"]
@@ -131,6 +132,9 @@ class RouterConfig(ServiceSettings):
         description="Prometheus /metrics port (0 picks a free one; None turns it off).")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,
+        description="Mutual TLS on internal gRPC hops and the internal token.")
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> RouterConfig:
@@ -185,6 +189,9 @@ class WorkerConfig(ServiceSettings):
         "a free one; None turns it off). Registered with the router for discovery.")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,
+        description="Mutual TLS on internal gRPC hops and the internal token.")
 
 
 class ModelParsers(BaseModel):
@@ -272,6 +279,9 @@ class GatewayConfig(ServiceSettings):
     )
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,
+        description="Mutual TLS on internal gRPC hops and the internal token.")
 
 
 class EmbeddingsConfig(BaseModel):
@@ -344,6 +354,10 @@ class MeshConfig(ServiceSettings):
         "these settings, overriding their own.")
     logging: LoggingConfig | None = Field(
         None, description="When set, every service logs with these settings.")
+    security: SecurityConfig | None = Field(
+        None, description="When set, every service (router, workers, gateways, the edge's "
+        "control plane) uses these TLS files and internal token, overriding their own. "
+        "Without any internal token `kvmesh up` makes a random one for the mesh.")
 
     @model_validator(mode="after")
     def _some_worker(self) -> MeshConfig:

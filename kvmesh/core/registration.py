@@ -10,8 +10,10 @@ import contextlib
 import logging
 
 import grpc
+from pydantic import SecretStr
 
-from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.grpc_util import internal_channel
+from kvmesh.core.internal_auth import token_metadata
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -19,10 +21,12 @@ RPC_TIMEOUT_S = 10.0
 
 
 class Registration:
-    def __init__(self, router: str, info: common_pb2.WorkerInfo) -> None:
+    def __init__(self, router: str, info: common_pb2.WorkerInfo,
+                 token: SecretStr | None) -> None:
         self._router = router
         self._info = info
-        self._channel = insecure_channel(router)
+        self._metadata = token_metadata(token)
+        self._channel = internal_channel(router)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._task: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()
@@ -32,7 +36,8 @@ class Registration:
 
     async def _register(self) -> float:
         reply = await self._stub.RegisterWorker(
-            router_pb2.RegisterWorkerRequest(worker=self._info), timeout=RPC_TIMEOUT_S
+            router_pb2.RegisterWorkerRequest(worker=self._info), timeout=RPC_TIMEOUT_S,
+            metadata=self._metadata,
         )
         log.info("registered with router %s as %s", self._router, reply.worker.worker_id)
         self.registered.set()
@@ -49,7 +54,7 @@ class Registration:
                 else:
                     reply = await self._stub.Heartbeat(
                         router_pb2.HeartbeatRequest(worker_id=self._info.worker_id),
-                        timeout=RPC_TIMEOUT_S,
+                        timeout=RPC_TIMEOUT_S, metadata=self._metadata,
                     )
                     if not reply.known:
                         log.warning("router %s forgot this worker; registering again",
@@ -69,6 +74,7 @@ class Registration:
                 await self._task
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self._stub.DeregisterWorker(
-                router_pb2.DeregisterWorkerRequest(worker_id=self._info.worker_id), timeout=2.0
+                router_pb2.DeregisterWorkerRequest(worker_id=self._info.worker_id), timeout=2.0,
+                metadata=self._metadata,
             )
         await self._channel.close()

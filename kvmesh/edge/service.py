@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from kvmesh.core.edge_config import EdgeServiceConfig
+from kvmesh.core.grpc_util import use_security
 from kvmesh.core.processes import terminate
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.edge.control_plane import EdgeControlPlane
@@ -39,6 +40,7 @@ class EdgeService:
 
     async def start(self) -> str:
         config = self.config
+        use_security(config.security)  # its WatchWorkers channel to the router
         address = await self.control_plane.start()
         self.control_plane.follow(gateway_source(config))
         ready: dict[str, object] = {"ads": address, "listen": config.listen}

@@ -13,7 +13,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
-from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.grpc_util import internal_channel
 from kvmesh.gateway.pd import (
     PdMetrics,
     generate_request,
@@ -35,7 +35,7 @@ class MeshClient:
         self, router: str, route_timeout_s: float, request_timeout_s: float,
         prefill_timeout_s: float = 60.0, metrics: PdMetrics | None = None,
     ) -> None:
-        self._router_channel = insecure_channel(router)
+        self._router_channel = internal_channel(router)
         self.router = router_pb2_grpc.RouterStub(self._router_channel)
         self._route_timeout_s = route_timeout_s
         self._request_timeout_s = request_timeout_s
@@ -47,7 +47,7 @@ class MeshClient:
     def worker(self, endpoint: str) -> vllm_engine_pb2_grpc.VllmEngineStub:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[endpoint] = insecure_channel(endpoint)
+            channel = self._channels[endpoint] = internal_channel(endpoint)
         return vllm_engine_pb2_grpc.VllmEngineStub(channel)
 
     async def route(

@@ -13,7 +13,13 @@ import uvicorn
 
 import kvmesh.core.tracing as tracing
 from kvmesh.core.config import GatewayConfig
-from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.core.grpc_util import (
+    add_health_and_reflection,
+    bind,
+    create_server,
+    set_serving,
+    use_security,
+)
 from kvmesh.core.registration import Registration
 from kvmesh.core.roles import GATEWAY, role_to_proto
 from kvmesh.core.service_main import write_ready_file
@@ -52,11 +58,13 @@ class GatewayServer:
         return f"http://{self.config.host}:{self.http_port}/v1"
 
     async def start(self) -> dict[str, str]:
+        use_security(self.config.security)  # before the core dials the router and workers
         await self.core.start()
         server = create_server()
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core), server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
-        self.grpc_port = bind(server, self.config.host, self.config.grpc_port)
+        # The Inference API is a public door (like the OpenAI HTTP API), not an internal hop.
+        self.grpc_port = bind(server, self.config.host, self.config.grpc_port, public=True)
         await server.start()
         await set_serving(health, [SERVICE_NAME])
         self._grpc = server
@@ -83,7 +91,7 @@ class GatewayServer:
             self._registration = Registration(self.config.router, common_pb2.WorkerInfo(
                 worker_id=f"gateway-{self.core.http_address}", role=role_to_proto(GATEWAY),
                 endpoint=info["grpc"], http_endpoint=self.core.http_address,
-                self_registered=True))
+                self_registered=True), self.config.security.internal_token)
             self._registering = asyncio.create_task(self._register_when_serving())
         write_ready_file(self.config.ready_file, info)
         log.info("gateway serving OpenAI at %s, Inference gRPC at %s", info["http"], info["grpc"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import subprocess
 import tempfile
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from kvmesh.core.config import EngineConfig, MeshConfig, WorkerConfig, dump_settings
 from kvmesh.core.roles import WorkerRole
@@ -35,6 +37,19 @@ def with_mesh_observability(config: MeshConfig) -> MeshConfig:
         "gateway": config.gateway.model_copy(update=shared),
         "worker": config.worker.model_copy(update=shared),
     })
+
+
+def with_mesh_security(config: MeshConfig) -> MeshConfig:
+    """One internal token for the whole mesh (the first one configured, else a random
+    one made here), and the mesh-wide TLS files, when set, in every service's config."""
+    sections = ("router", "gateway", "worker")
+    own = [getattr(config, name).security for name in sections]
+    tokens = [s.internal_token for s in ([config.security] if config.security else []) + own]
+    token = next((t for t in tokens if t is not None), None)
+    token = token or SecretStr(secrets.token_urlsafe(32))
+    return config.model_copy(update={name: getattr(config, name).model_copy(update={
+        "security": (config.security or section).model_copy(update={"internal_token": token})})
+        for name, section in zip(sections, own, strict=True)})
 
 
 def _worker_config(config: MeshConfig, router: str, run_dir: Path, name: str, role: WorkerRole,
@@ -110,7 +125,7 @@ class LocalMesh:
 
     async def start(self) -> dict[str, Any]:
         started = time.monotonic()
-        cfg = with_mesh_observability(self.config)
+        cfg = with_mesh_security(with_mesh_observability(self.config))
         # Fetched here, with the progress bar on the user's terminal; the workers then
         # find the model in this node's cache.
         model_path = await asyncio.to_thread(resolve_model, cfg.worker.engine.model)
@@ -184,6 +199,9 @@ class LocalMesh:
                 "workers": [w["pid"] for w in started_workers],
             },
             "run_dir": str(self.run_dir),
+            # Where `kvmesh status` finds the certificate it dials the router with.
+            "tls": cfg.router.security.tls.model_dump(mode="json")
+            if cfg.router.security.tls else None,
             "startup_s": round(time.monotonic() - started, 1),
         }
         return self.state

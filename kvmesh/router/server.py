@@ -11,7 +11,13 @@ import grpc
 from prometheus_client import start_http_server
 
 from kvmesh.core.config import RouterConfig
-from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.core.grpc_util import (
+    add_health_and_reflection,
+    bind,
+    create_server,
+    set_serving,
+    use_security,
+)
 from kvmesh.core.service_main import freeze_heap, write_ready_file
 from kvmesh.router import kernels
 from kvmesh.router.core import RouterCore
@@ -42,6 +48,11 @@ class RouterServer:
     async def start(self) -> str:
         # Load (or compile, on a cold cache) the index kernels before taking traffic.
         await asyncio.to_thread(kernels.warm_up)
+        use_security(self.config.security)
+        if self.config.security.internal_token is None:
+            log.warning("no internal token (security.internal_token or KVMESH_INTERNAL_TOKEN): "
+                        "this router refuses every RegisterWorker, Heartbeat and "
+                        "DeregisterWorker")
         server = create_server()
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
         health = add_health_and_reflection(server, [SERVICE_NAME])

@@ -17,7 +17,13 @@ import grpc
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.core.config import WorkerConfig
-from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.core.grpc_util import (
+    add_health_and_reflection,
+    bind,
+    create_server,
+    set_serving,
+    use_security,
+)
 from kvmesh.core.metrics_http import MetricsEndpoint
 from kvmesh.core.registration import Registration
 from kvmesh.core.roles import WorkerRole, role_to_proto
@@ -78,6 +84,7 @@ class WorkerServer:
     async def start(self) -> dict[str, Any]:
         """Bind, start the engine, serve, register. Returns what the caller needs."""
         config = self.config
+        use_security(config.security)
         server = create_server()
         self.port = bind(server, config.host, config.port)
         self.worker_id = config.worker_id or self.endpoint
@@ -129,6 +136,7 @@ class WorkerServer:
                     if config.role != WorkerRole.both else "",
                     metrics_endpoint=self.metrics_endpoint,
                 ),
+                config.security.internal_token,
             )
             registration.start()
             self._registrations.append(registration)
