@@ -135,6 +135,10 @@ async def _errors_as_status(context: grpc.aio.ServicerContext) -> AsyncIterator[
         await _abort(context, exc)
     except grpc.aio.AioRpcError as exc:
         await _pass_through(context, exc)
+    except NotImplementedError:
+        # A contract method this server does not serve (generated base servicers raise
+        # it): UNIMPLEMENTED, not the UNKNOWN an unexpected exception becomes.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented here")
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: KvmeshError) -> None:

@@ -34,13 +34,13 @@ def gateway_source(config: EdgeServiceConfig) -> AsyncIterator[GatewaySet]:
 class EdgeService:
     def __init__(self, config: EdgeServiceConfig) -> None:
         self.config = config
+        use_security(config.security)  # its WatchWorkers channel to the router
         self.control_plane = EdgeControlPlane(config.listen, config.host, config.port)
         self.envoy: subprocess.Popen[bytes] | None = None
         self.admin = ""
 
     async def start(self) -> str:
         config = self.config
-        use_security(config.security)  # its WatchWorkers channel to the router
         address = await self.control_plane.start()
         self.control_plane.follow(gateway_source(config))
         ready: dict[str, object] = {"ads": address, "listen": config.listen}

@@ -44,6 +44,7 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 class GatewayServer:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        use_security(config.security)  # before the core makes its router channel
         self.core = GatewayCore(config)
         self._grpc: grpc.aio.Server | None = None
         self._http: uvicorn.Server | None = None
@@ -58,7 +59,6 @@ class GatewayServer:
         return f"http://{self.config.host}:{self.http_port}/v1"
 
     async def start(self) -> dict[str, str]:
-        use_security(self.config.security)  # before the core dials the router and workers
         await self.core.start()
         server = create_server()
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core), server)

@@ -33,6 +33,7 @@ class RouterServer:
     def __init__(self, config: RouterConfig, ready_file: Path | None = None) -> None:
         self.config = config
         self._ready_file = ready_file
+        use_security(config.security)
         self.core = RouterCore(config)
         self.lifecycle = WorkerLifecycle(self.core)
         self.servicer = RouterServicer(self.core, self.lifecycle)
@@ -48,7 +49,6 @@ class RouterServer:
     async def start(self) -> str:
         # Load (or compile, on a cold cache) the index kernels before taking traffic.
         await asyncio.to_thread(kernels.warm_up)
-        use_security(self.config.security)
         if self.config.security.internal_token is None:
             log.warning("no internal token (security.internal_token or KVMESH_INTERNAL_TOKEN): "
                         "this router refuses every RegisterWorker, Heartbeat and "

@@ -67,6 +67,7 @@ def served_name(config: WorkerConfig, model_path: Path) -> str:
 class WorkerServer:
     def __init__(self, config: WorkerConfig, ready_file: Path | None = None) -> None:
         self.config = with_side_channel(config)
+        use_security(config.security)
         self._ready_file = ready_file
         self._server: grpc.aio.Server | None = None
         self._engine: Any = None
@@ -84,7 +85,6 @@ class WorkerServer:
     async def start(self) -> dict[str, Any]:
         """Bind, start the engine, serve, register. Returns what the caller needs."""
         config = self.config
-        use_security(config.security)
         server = create_server()
         self.port = bind(server, config.host, config.port)
         self.worker_id = config.worker_id or self.endpoint
