@@ -27,13 +27,14 @@ class Mesh:
     workers: list[dict] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start_worker(self, name: str, *extra: str, register: bool = True) -> dict:
+    def start_worker(self, name: str, *extra: str, register: bool = True,
+                     env: dict[str, str] | None = None) -> dict:
         ready = self.dir / f"{name}.ready"
         args = ["--no-ray", "--engine-kind", "fake", "--port", "0", "--worker-id", name,
                 "--ready-file", str(ready), "--run-dir", str(self.dir), *extra]
         if register:
             args += ["--router", self.router]
-        env = {**os.environ, "KVMESH_WORKER_FAKE_TOKEN_DELAY_S": "0.02"}
+        env = {**os.environ, "KVMESH_WORKER_FAKE_TOKEN_DELAY_S": "0.02", **(env or {})}
         proc = spawn_module("kvmesh.worker", args, self.dir / f"{name}.log", env=env)
         self.procs[name] = proc
         info = wait_ready_file(ready, 60, proc, name)
