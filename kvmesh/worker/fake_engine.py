@@ -21,6 +21,8 @@ from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_servicer.tokenizer_bundle import tokenizer_bundle, tokenizer_chunks
 
+from kvmesh.core.errors import InvalidRequestError
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +54,20 @@ def fake_output_logprobs(tokens: list[int], top_n: int) -> vllm_engine_pb2.Outpu
     return vllm_engine_pb2.OutputLogProbs(
         token_ids=tokens, token_logprobs=[-1.0] * len(tokens),
         top_logprobs=[_fake_top(t, -1.0, top_n) for t in tokens] if top_n else [])
+
+
+def _kv_transfer_params(request: vllm_engine_pb2.GenerateRequest) -> dict[str, object]:
+    if not request.HasField("kv_transfer_params_json"):
+        return {}
+    try:
+        kv = json.loads(request.kv_transfer_params_json)
+    except ValueError as exc:
+        raise InvalidRequestError(f"kv_transfer_params_json is not JSON: {exc}",
+                                  param="kv_transfer_params_json") from exc
+    if not isinstance(kv, dict):
+        raise InvalidRequestError("kv_transfer_params_json must be a JSON object",
+                                  param="kv_transfer_params_json")
+    return kv
 
 
 class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
@@ -93,20 +109,17 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         self, request: vllm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vllm_engine_pb2.GenerateResponse]:
         if request.WhichOneof("input") != "tokenized":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fake engine takes token ids")
+            raise InvalidRequestError("fake engine takes token ids", param="tokenized")
         prompt = list(request.tokenized.input_ids)
         params = request.sampling_params
         max_tokens = params.max_tokens if params.HasField("max_tokens") else 16
         if len(prompt) + max_tokens > self._max_len:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidRequestError(
                 f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds "
-                f"max_model_len {self._max_len}",
-            )
+                f"max_model_len {self._max_len}", param="max_tokens")
         rid = request.request_id
         choices = max(params.n, 1)
-        kv = json.loads(request.kv_transfer_params_json) \
-            if request.HasField("kv_transfer_params_json") else {}
+        kv = _kv_transfer_params(request)
         handing_over = bool(kv.get("do_remote_decode")) and bool(self._side_channel)
         # A decode worker given a hand-over "loads" the prompt's full blocks.
         cached = len(prompt) - len(prompt) % self._block_size \
@@ -168,9 +181,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         self, request: vllm_engine_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> vllm_engine_pb2.EmbedResponse:
         # The fake serves a generative model; vLLM's servicer refuses Embed on one so.
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            "This model does not support pooling")
-        raise AssertionError("abort raises")
+        raise InvalidRequestError("This model does not support pooling")
 
     async def Abort(
         self, request: vllm_engine_pb2.AbortRequest, context: grpc.aio.ServicerContext
