@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +193,14 @@ def test_mutating_rpcs_need_the_internal_token(tls_mesh: Mesh, pki: Pki,
         status = rpc_status.from_call(error)  # type: ignore[arg-type]
         assert status is not None and status.details  # google.rpc.ErrorInfo, BadRequest
     assert [w.worker.worker_id for w in _list_workers(tls_mesh, pki)] == ["w0"]
+
+
+def test_health_probe_command_presents_the_mesh_certificate(tls_mesh: Mesh, pki: Pki) -> None:
+    """The images' HEALTHCHECK (and Kubernetes exec probes) with mutual TLS on."""
+    command = [sys.executable, "-m", "kvmesh.core.health_probe", tls_mesh.router,
+               "--timeout", "5"]
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert (plain.returncode, plain.stdout.strip()) == (1, "UNAVAILABLE")
+    with_tls = subprocess.run([*command, "--tls", str(pki.ca), str(pki.cert), str(pki.key)],
+                              capture_output=True, text=True, timeout=60)
+    assert (with_tls.returncode, with_tls.stdout.strip()) == (0, "SERVING")
