@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import kvmesh.core.tracing as tracing
-from kvmesh.core.error_map import grpc_code_for, rich_status
+from kvmesh.core.error_map import grpc_code_for, rich_status, upstream_status
 from kvmesh.core.errors import InvalidRequestError, KvmeshError
 from kvmesh.core.security_config import SecurityConfig, TlsConfig
 
@@ -152,8 +152,15 @@ async def _abort(context: grpc.aio.ServicerContext, exc: KvmeshError) -> None:
 
 async def _pass_through(context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError) -> None:
     """A failed upstream call (a worker's refusal, say) keeps its status for our caller,
-    as it keeps its HTTP status over the OpenAI API, instead of becoming UNKNOWN."""
-    await context.abort(exc.code(), exc.details() or exc.code().name)
+    as it keeps its HTTP status over the OpenAI API, instead of becoming UNKNOWN; with
+    the upstream's google.rpc.Status details, or ours when it sent none."""
+    message = exc.details() or exc.code().name
+    details = next((value for key, value in exc.trailing_metadata() or ()
+                    if key == GRPC_DETAILS_METADATA_KEY and isinstance(value, bytes)), None)
+    if details is None:
+        details = upstream_status(exc.code(), message).SerializeToString()
+    await context.abort(exc.code(), message,
+                        trailing_metadata=((GRPC_DETAILS_METADATA_KEY, details),))
 
 
 def create_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:

@@ -56,6 +56,38 @@ def fake_output_logprobs(tokens: list[int], top_n: int) -> vllm_engine_pb2.Outpu
         top_logprobs=[_fake_top(t, -1.0, top_n) for t in tokens] if top_n else [])
 
 
+#: vLLM's default ``max_logprobs``: more alternatives per token are refused.
+MAX_LOGPROBS = 20
+#: Choices one request may ask of the fake (vLLM bounds n by its sequence slots).
+MAX_CHOICES = 64
+
+
+def _check_request(request: vllm_engine_pb2.GenerateRequest, vocab_size: int | None) -> None:
+    """Refuse what vLLM refuses (and what would make the fake loop for ever)."""
+    if request.WhichOneof("input") != "tokenized":
+        raise InvalidRequestError("fake engine takes token ids", param="tokenized")
+    ids = request.tokenized.input_ids
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        raise InvalidRequestError(
+            f"token id {max(ids)} is out of vocabulary (size {vocab_size})",
+            param="tokenized.input_ids")
+    params = request.sampling_params
+    for name in ("logprobs", "prompt_logprobs"):
+        if params.HasField(name) and not -1 <= getattr(params, name) <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"{name} must be in [-1, {MAX_LOGPROBS}], got {getattr(params, name)}",
+                param=name)
+    if params.n > MAX_CHOICES:
+        raise InvalidRequestError(f"n must be at most {MAX_CHOICES}", param="n")
+
+
+def _vocab_size(model_dir: Path) -> int | None:
+    try:
+        return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _kv_transfer_params(request: vllm_engine_pb2.GenerateRequest) -> dict[str, object]:
     if not request.HasField("kv_transfer_params_json"):
         return {}
@@ -92,6 +124,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         self._aborted: set[str] = set()
         self._start = time.time()
         self._side_channel = side_channel
+        self._vocab = _vocab_size(tokenizer_dir)
         self.generated_requests = 0
 
     def _handoff(self, rid: str, prompt: list[int]) -> str:
@@ -108,8 +141,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     async def Generate(
         self, request: vllm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vllm_engine_pb2.GenerateResponse]:
-        if request.WhichOneof("input") != "tokenized":
-            raise InvalidRequestError("fake engine takes token ids", param="tokenized")
+        _check_request(request, self._vocab)
         prompt = list(request.tokenized.input_ids)
         params = request.sampling_params
         max_tokens = params.max_tokens if params.HasField("max_tokens") else 16

@@ -43,6 +43,8 @@ from tests.proto_fuzz import check_error, messages, mutated
 pytestmark = pytest.mark.integration
 #: Random and as many mutated messages per method; KVMESH_GRPC_FUZZ_CASES raises it.
 CASES = int(os.environ.get("KVMESH_GRPC_FUZZ_CASES", "150"))
+#: Same cases on every run (CI stays deterministic); KVMESH_FUZZ_EXPLORE=1 draws new ones.
+DERANDOMIZE = os.environ.get("KVMESH_FUZZ_EXPLORE") != "1"
 CALL_TIMEOUT_S = 3.0
 MODEL = "SmolLM2-135M-Instruct"
 T = TypeVar("T")
@@ -177,7 +179,7 @@ def _fuzz_method(channel: grpc.Channel, service: str, method: descriptor.MethodD
     path = f"/{SERVICES[service].full_name}/{method.name}"
 
     @given(payload=_payloads(service, method))
-    @settings(max_examples=2 * CASES, deadline=None, database=None,
+    @settings(max_examples=2 * CASES, deadline=None, database=None, derandomize=DERANDOMIZE,
               suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
     def fuzz(payload: bytes) -> None:
         try:

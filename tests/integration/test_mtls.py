@@ -204,3 +204,25 @@ def test_health_probe_command_presents_the_mesh_certificate(tls_mesh: Mesh, pki:
     with_tls = subprocess.run([*command, "--tls", str(pki.ca), str(pki.cert), str(pki.key)],
                               capture_output=True, text=True, timeout=60)
     assert (with_tls.returncode, with_tls.stdout.strip()) == (0, "SERVING")
+
+
+@pytest.mark.parametrize("with_tls", [True, False], ids=["edge with tls", "edge without"])
+def test_edge_control_plane_follows_the_router_only_over_mtls(tls_mesh: Mesh, pki: Pki,
+                                                             with_tls: bool) -> None:
+    """`python -m kvmesh.edge --router`: with the mesh's certificate it learns the
+    registered gateway from WatchWorkers; without, the router refuses it."""
+    env = {k: v for k, v in os.environ.items() if "SECURITY__TLS" not in k}
+    if with_tls:
+        env |= {f"KVMESH_EDGE_SECURITY__TLS__{k.upper()}": v for k, v in pki.tls().items()}
+    name = f"edge-{'tls' if with_tls else 'plain'}"
+    log = tls_mesh.dir / f"{name}.log"
+    tls_mesh.procs[name] = proc = spawn_module("kvmesh.edge", [
+        "--router", tls_mesh.router, "--port", "0", "--listen", "127.0.0.1:1"], log, env=env)
+    gateway = tls_mesh.http.removeprefix("http://").removesuffix("/v1")
+    expected = f"1 gateway(s) {gateway}" if with_tls else "WatchWorkers on router"
+    deadline = time.monotonic() + 60
+    while expected not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    if not with_tls:
+        assert "UNAVAILABLE" in log.read_text() and gateway not in log.read_text()
