@@ -82,10 +82,22 @@ def _check_request(request: vllm_engine_pb2.GenerateRequest, vocab_size: int | N
 
 
 def _vocab_size(model_dir: Path) -> int | None:
+    """The model's embedding rows or its tokenizer's ids (added tokens included),
+    whichever is larger; None when neither file says."""
+    sizes = []
     try:
-        return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+        sizes.append(int(json.loads((model_dir / "config.json").read_text())["vocab_size"]))
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        pass
+    try:
+        tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+        vocab = tokenizer["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+        ids += [token["id"] for token in tokenizer.get("added_tokens", [])]
+        sizes.append(max(ids) + 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return max(sizes, default=None)
 
 
 def _kv_transfer_params(request: vllm_engine_pb2.GenerateRequest) -> dict[str, object]:
