@@ -9,6 +9,7 @@ workers use. It is never the thing that "works" — real vLLM is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -85,18 +86,15 @@ def _vocab_size(model_dir: Path) -> int | None:
     """The model's embedding rows or its tokenizer's ids (added tokens included),
     whichever is larger; None when neither file says."""
     sizes = []
-    try:
+    unreadable = (OSError, ValueError, KeyError, TypeError)
+    with contextlib.suppress(*unreadable):
         sizes.append(int(json.loads((model_dir / "config.json").read_text())["vocab_size"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
+    with contextlib.suppress(*unreadable):
         tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
         vocab = tokenizer["model"]["vocab"]
         ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
         ids += [token["id"] for token in tokenizer.get("added_tokens", [])]
         sizes.append(max(ids) + 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     return max(sizes, default=None)
 
 
