@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The mesh's internal token (the router refuses registrations without it): one per test
+# session, inherited by every service process and Ray actor the tests start.
+os.environ.setdefault("KVMESH_INTERNAL_TOKEN", secrets.token_urlsafe(24))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

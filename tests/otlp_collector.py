@@ -58,6 +58,13 @@ class OtlpCollector:
         lines = self._spans_file.read_text().splitlines()
         return [ReceivedSpan(**json.loads(line)) for line in lines if line.endswith("}")]
 
+    @property
+    def raw(self) -> bytes:
+        """Every export request as received (serialized protobuf, concatenated): spans
+        with their events, links, status and resource, for tests that grep them."""
+        raw = self._spans_file.with_suffix(".bin")
+        return raw.read_bytes() if raw.exists() else b""
+
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         return [s for s in self.spans if s.trace_id == trace_id]
 
@@ -96,6 +103,8 @@ def _serve(port_file: Path, spans_file: Path) -> None:
                             "attributes": attributes}))
             with lock, spans_file.open("a") as out:
                 out.write("".join(line + "\n" for line in lines))
+            with lock, spans_file.with_suffix(".bin").open("ab") as raw:
+                raw.write(request.SerializeToString())
             return trace_service_pb2.ExportTraceServiceResponse()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))

@@ -20,6 +20,7 @@ from kvmesh.core.edge_config import EdgeConfig, EdgeServiceConfig, GatewayAddres
 from kvmesh.core.engine_config import EngineConfig, KvTransferConfig, role_engine
 from kvmesh.core.resilience_config import FailoverConfig, OutlierConfig
 from kvmesh.core.roles import WorkerRole
+from kvmesh.core.security_config import SecurityConfig, TlsConfig
 from kvmesh.core.settings import (
     DEFAULT_HOST,
     ServiceSettings,
@@ -33,6 +34,7 @@ __all__ = [  # the engine's and the loader's names, importable from here as befo
     "EngineConfig", "KvTransferConfig", "role_engine", "dump_settings", "load_settings",
     "read_config_file", "TracingConfig", "LoggingConfig", "EdgeConfig", "EdgeServiceConfig",
     "GatewayAddress", "CostParams", "AutoscaleConfig", "FailoverConfig", "OutlierConfig",
+    "SecurityConfig", "TlsConfig",
 ]
 
 PolicyName = Literal["kv_aware", "approx_prefix", "round_robin", "power_of_two", "random"]
@@ -109,6 +111,9 @@ class RouterConfig(ServiceSettings):
         "this many seconds before the router stops (0: stop at once).")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,
+        description="Mutual TLS on internal gRPC hops and the internal token.")
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> RouterConfig:
@@ -176,6 +181,9 @@ class WorkerConfig(ServiceSettings):
         "finish for up to this many seconds before the worker deregisters and stops.")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,
+        description="Mutual TLS on internal gRPC hops and the internal token.")
 
 
 class ModelParsers(BaseModel):
@@ -294,3 +302,7 @@ class GatewayConfig(ServiceSettings):
     )
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,
+        description="Mutual TLS on internal gRPC hops and the internal token.")
+

@@ -13,6 +13,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from kvmesh.core.security_config import SecurityConfig
 from kvmesh.core.settings import DEFAULT_HOST, ServiceSettings
 from kvmesh.core.telemetry_config import LoggingConfig, TracingConfig
 
@@ -96,3 +97,7 @@ class EdgeServiceConfig(ServiceSettings):
         None, description="Write {'ads', 'listen', 'admin', 'envoy_pid'} here once serving.")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,
+        description="Mutual TLS towards the router (its WatchWorkers stream); the ADS "
+        "server Envoy dials stays plaintext on loopback.")

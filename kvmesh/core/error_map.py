@@ -76,6 +76,16 @@ def openai_error_body(
     return {"error": {"message": message, "type": openai_type, "param": param, "code": code}}
 
 
+def upstream_status(code: grpc.StatusCode, message: str) -> status_pb2.Status:
+    """The details of a status passed on from an upstream service that sent none (a
+    vLLM worker's refusal): ``ErrorInfo`` with the OpenAI error type, marked upstream."""
+    holder = any_pb2.Any()
+    holder.Pack(error_details_pb2.ErrorInfo(
+        reason=http_error_for(code).openai_type, domain="kvmesh",
+        metadata={"source": "upstream"}))
+    return status_pb2.Status(code=code.value[0], message=message, details=[holder])
+
+
 def rich_status(exc: KvmeshError) -> status_pb2.Status:
     """The error as a ``google.rpc.Status`` with details gRPC clients can read
     (``grpc_status.rpc_status.from_call``): ``ErrorInfo`` (reason = the OpenAI error

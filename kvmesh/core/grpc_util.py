@@ -1,5 +1,10 @@
 """gRPC plumbing every kvmesh service shares: server with health + reflection,
-the error interceptor, and client channels with sane options."""
+the error interceptor, and client channels with sane options.
+
+Every internal channel and listener is made here (:func:`internal_channel`,
+:func:`bind`), so one setting (:func:`use_security`, a :class:`SecurityConfig`
+each service applies at start) turns mutual TLS on for all of them.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import kvmesh.core.tracing as tracing
-from kvmesh.core.error_map import grpc_code_for, rich_status
-from kvmesh.core.errors import KvmeshError
+from kvmesh.core.error_map import grpc_code_for, rich_status, upstream_status
+from kvmesh.core.errors import InvalidRequestError, KvmeshError
+from kvmesh.core.security_config import SecurityConfig, TlsConfig
 
 #: Where gRPC carries a google.rpc.Status (what grpc_status.rpc_status reads).
 GRPC_DETAILS_METADATA_KEY = "grpc-status-details-bin"
@@ -61,7 +67,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with _errors_as_status(context):
-                    return await inner_uu(request, context)
+                    return await inner_uu(_decoded(request), context)
 
             return _rebuilt(grpc.unary_unary_rpc_method_handler, unary_unary, handler)
         if handler.unary_stream:
@@ -69,16 +75,59 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with _errors_as_status(context):
-                    async for item in inner_us(request, context):
+                    async for item in inner_us(_decoded(request), context):
                         yield item
 
             return _rebuilt(grpc.unary_stream_rpc_method_handler, unary_stream, handler)
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(requests: AsyncIterator[Any],
+                                    context: grpc.aio.ServicerContext) -> Any:
+                async with _errors_as_status(context):
+                    async for item in inner_ss(_decoded_stream(requests), context):
+                        yield item
+
+            return _rebuilt(grpc.stream_stream_rpc_method_handler, stream_stream, handler)
         return handler
+
+
+class _Undecodable:
+    """A request whose bytes are no valid message of the method's type: the handler
+    answers INVALID_ARGUMENT (gRPC's own deserializer failure would be INTERNAL)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is the caller's
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidRequestError(
+            f"request is not a valid protobuf message of this method's type: {request.error}")
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
 
 
 def _rebuilt(factory: Callable[..., grpc.RpcMethodHandler], behaviour: Callable[..., Any],
              handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    return factory(behaviour, request_deserializer=handler.request_deserializer,
+    return factory(behaviour, request_deserializer=_tolerant(handler.request_deserializer),
                    response_serializer=handler.response_serializer)
 
 
@@ -90,6 +139,10 @@ async def _errors_as_status(context: grpc.aio.ServicerContext) -> AsyncIterator[
         await _abort(context, exc)
     except grpc.aio.AioRpcError as exc:
         await _pass_through(context, exc)
+    except NotImplementedError:
+        # A contract method this server does not serve (generated base servicers raise
+        # it): UNIMPLEMENTED, not the UNKNOWN an unexpected exception becomes.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented here")
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: KvmeshError) -> None:
@@ -103,8 +156,15 @@ async def _abort(context: grpc.aio.ServicerContext, exc: KvmeshError) -> None:
 
 async def _pass_through(context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError) -> None:
     """A failed upstream call (a worker's refusal, say) keeps its status for our caller,
-    as it keeps its HTTP status over the OpenAI API, instead of becoming UNKNOWN."""
-    await context.abort(exc.code(), exc.details() or exc.code().name)
+    as it keeps its HTTP status over the OpenAI API, instead of becoming UNKNOWN; with
+    the upstream's google.rpc.Status details, or ours when it sent none."""
+    message = exc.details() or exc.code().name
+    details = next((value for key, value in exc.trailing_metadata() or ()
+                    if key == GRPC_DETAILS_METADATA_KEY and isinstance(value, bytes)), None)
+    if details is None:
+        details = upstream_status(exc.code(), message).SerializeToString()
+    await context.abort(exc.code(), message,
+                        trailing_metadata=((GRPC_DETAILS_METADATA_KEY, details),))
 
 
 def create_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
@@ -133,23 +193,74 @@ async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterabl
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind ``host:port`` (port 0 picks a free one) and return the bound port."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+class _Transport:
+    """Credentials read once from a :class:`TlsConfig` (a missing or unreadable file
+    fails at start, not on the first call)."""
+
+    def __init__(self, tls: TlsConfig | None) -> None:
+        self.tls = tls
+        self.channel_options = list(CHANNEL_OPTIONS)
+        self.channel_credentials: grpc.ChannelCredentials | None = None
+        self.server_credentials: grpc.ServerCredentials | None = None
+        if tls is None:
+            return
+        ca, cert, key = (path.read_bytes() for path in (tls.ca_file, tls.cert_file, tls.key_file))
+        self.channel_credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert)
+        self.server_credentials = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True)
+        if tls.server_name:
+            self.channel_options.append(("grpc.ssl_target_name_override", tls.server_name))
+
+
+_transport = _Transport(None)
+
+
+def use_security(security: SecurityConfig) -> None:
+    """Make every internal channel and listener of this process follow ``security``
+    (mutual TLS when ``security.tls`` is set); each service calls it as it starts."""
+    global _transport
+    _transport = _Transport(security.tls)
+    if security.tls is not None:
+        log.info("mutual TLS on internal gRPC (CA %s, certificate %s)",
+                 security.tls.ca_file, security.tls.cert_file)
+
+
+def tls_enabled() -> bool:
+    return _transport.tls is not None
+
+
+def bind(server: grpc.aio.Server, host: str, port: int, *, public: bool = False) -> int:
+    """Bind ``host:port`` (port 0 picks a free one) and return the bound port: with
+    mutual TLS on (:func:`use_security`), internal listeners take only clients with a
+    certificate from the mesh's CA; ``public`` listeners (the gateway's Inference API,
+    the edge's ADS server for Envoy) stay plaintext."""
+    address = f"{host}:{port}"
+    credentials = None if public else _transport.server_credentials
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     if bound == 0:
-        raise OSError(f"could not bind gRPC server to {host}:{port}")
+        raise OSError(f"could not bind gRPC server to {address}")
     return bound
 
 
-def insecure_channel(target: str) -> grpc.aio.Channel:
-    """A client channel; with tracing on, request-path calls carry ``traceparent``."""
-    return grpc.aio.insecure_channel(
-        target, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors() or None)
+def internal_channel(target: str) -> grpc.aio.Channel:
+    """A client channel to another kvmesh service: mutual TLS when on; with tracing on,
+    request-path calls carry ``traceparent``."""
+    interceptors = tracing.client_interceptors() or None
+    if _transport.channel_credentials is None:
+        return grpc.aio.insecure_channel(
+            target, options=_transport.channel_options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, _transport.channel_credentials,
+                                   options=_transport.channel_options,
+                                   interceptors=interceptors)
 
 
 async def wait_serving(target: str, timeout_s: float, service: str = "") -> None:
     """Block until ``target`` answers SERVING on the standard health service."""
-    async with insecure_channel(target) as channel:
+    async with internal_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + timeout_s
         last: Exception | None = None

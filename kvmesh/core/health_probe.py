@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def probe(target: str, service: str = "", timeout_s: float = 3.0) -> str:
-    """The health status name ``target`` reports, or why it could not be asked."""
-    with grpc.insecure_channel(target) as channel:
+def _channel(target: str, tls: tuple[Path, Path, Path] | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(target)
+    ca, cert, key = (path.read_bytes() for path in tls)
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert))
+
+
+def probe(target: str, service: str = "", timeout_s: float = 3.0,
+          tls: tuple[Path, Path, Path] | None = None) -> str:
+    """The health status name ``target`` reports, or why it could not be asked;
+    ``tls`` (CA, certificate, key files) for a service with mutual TLS on."""
+    with _channel(target, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -31,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", help="host:port of the service's gRPC server")
     parser.add_argument("service", nargs="?", default="", help="service name ('' = server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+    parser.add_argument("--tls", nargs=3, type=Path, metavar=("CA", "CERT", "KEY"),
+                        default=None, help="mutual TLS: the mesh's CA, a certificate it "
+                        "signed and its key (a service with security.tls set)")
     args = parser.parse_args(argv)
-    status = probe(args.target, args.service, args.timeout)
+    status = probe(args.target, args.service, args.timeout, args.tls)
     print(status)
     return 0 if status == "SERVING" else 1
 

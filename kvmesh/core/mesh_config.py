@@ -20,6 +20,7 @@ from kvmesh.core.edge_config import EdgeConfig
 from kvmesh.core.engine_config import EngineConfig
 from kvmesh.core.model_config import ModelConfig, RoleCounts
 from kvmesh.core.roles import WorkerRole
+from kvmesh.core.security_config import SecurityConfig
 from kvmesh.core.settings import ServiceSettings
 from kvmesh.core.telemetry_config import LoggingConfig, TracingConfig
 
@@ -124,6 +125,10 @@ class MeshConfig(ServiceSettings):
         "these settings, overriding their own.")
     logging: LoggingConfig | None = Field(
         None, description="When set, every service logs with these settings.")
+    security: SecurityConfig | None = Field(
+        None, description="When set, every service (router, workers, gateways, the edge's "
+        "control plane) uses these TLS files and internal token, overriding their own. "
+        "Without any internal token `kvmesh up` makes a random one for the mesh.")
 
     @model_validator(mode="after")
     def _one_way_to_name_models(self) -> MeshConfig:

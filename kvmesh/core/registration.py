@@ -10,8 +10,10 @@ import contextlib
 import logging
 
 import grpc
+from pydantic import SecretStr
 
-from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.grpc_util import internal_channel
+from kvmesh.core.internal_auth import token_metadata
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -20,11 +22,12 @@ RPC_TIMEOUT_S = 10.0
 
 class Registration:
     def __init__(self, router: str, info: common_pb2.WorkerInfo,
-                 rpc_timeout_s: float = RPC_TIMEOUT_S) -> None:
+                 token: SecretStr | None, rpc_timeout_s: float = RPC_TIMEOUT_S) -> None:
         self._router = router
         self._timeout_s = rpc_timeout_s
         self._info = info
-        self._channel = insecure_channel(router)
+        self._metadata = token_metadata(token)
+        self._channel = internal_channel(router)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._task: asyncio.Task[None] | None = None
         self.registered = asyncio.Event()
@@ -34,7 +37,8 @@ class Registration:
 
     async def _register(self) -> float:
         reply = await self._stub.RegisterWorker(
-            router_pb2.RegisterWorkerRequest(worker=self._info), timeout=self._timeout_s
+            router_pb2.RegisterWorkerRequest(worker=self._info), timeout=self._timeout_s,
+            metadata=self._metadata,
         )
         log.info("registered with router %s as %s", self._router, reply.worker.worker_id)
         self.registered.set()
@@ -51,7 +55,7 @@ class Registration:
                 else:
                     reply = await self._stub.Heartbeat(
                         router_pb2.HeartbeatRequest(worker_id=self._info.worker_id),
-                        timeout=self._timeout_s,
+                        timeout=self._timeout_s, metadata=self._metadata,
                     )
                     if not reply.known:
                         log.warning("router %s forgot this worker; registering again",
@@ -71,7 +75,7 @@ class Registration:
         try:
             reply = await self._stub.DrainWorker(
                 router_pb2.DrainWorkerRequest(worker_id=self._info.worker_id),
-                timeout=self._timeout_s)
+                timeout=self._timeout_s, metadata=self._metadata)
             log.info("draining at router %s (%d routed requests in flight)", self._router,
                      reply.in_flight)
         except grpc.aio.AioRpcError as exc:
@@ -86,6 +90,6 @@ class Registration:
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self._stub.DeregisterWorker(
                 router_pb2.DeregisterWorkerRequest(worker_id=self._info.worker_id),
-                timeout=min(self._timeout_s, 2.0)
+                timeout=min(self._timeout_s, 2.0), metadata=self._metadata,
             )
         await self._channel.close()

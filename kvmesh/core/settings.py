@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from kvmesh.core.security_config import REVEAL_SECRETS
+
 #: Every service binds loopback unless its config says otherwise.
 DEFAULT_HOST = "127.0.0.1"
 
@@ -84,7 +86,12 @@ def load_settings(cls: type[S], config_file: Path | None = None, **flags: Any) -
 
 
 def dump_settings(settings: BaseModel, path: Path) -> Path:
-    """Write a resolved config for a child process (read back with load_settings)."""
+    """Write a resolved config for a child process (read back with load_settings). It
+    holds the child's secrets (internal token, API keys) in clear, so only its owner
+    may read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings.model_dump(mode="json"), indent=2))
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(json.dumps(
+        settings.model_dump(mode="json", context=REVEAL_SECRETS), indent=2))
     return path

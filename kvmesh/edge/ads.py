@@ -17,11 +17,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, message
 
+from kvmesh.core.errors import KvmeshError
 from kvmesh.edge.acks import Answer, StreamState
 from kvmesh.edge.resources import ORDER
 
@@ -54,6 +56,10 @@ class SnapshotStore:
             return self.snapshot
 
 
+#: What the reader hands the stream: a request, its end (None) or why it broke.
+Incoming: TypeAlias = "discovery_pb2.DiscoveryRequest | KvmeshError | None"
+
+
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, store: SnapshotStore) -> None:
         self._store = store
@@ -62,11 +68,15 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
-        requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        requests: asyncio.Queue[Incoming] = asyncio.Queue()
 
         async def read() -> None:
-            async for request in request_iterator:
-                await requests.put(request)
+            try:
+                async for request in request_iterator:
+                    await requests.put(request)
+            except KvmeshError as exc:  # an undecodable request: the stream's answer
+                await requests.put(exc)
+                return
             await requests.put(None)
 
         reader = asyncio.create_task(read())
@@ -82,6 +92,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     continue
                 if request is None:
                     return
+                if isinstance(request, KvmeshError):
+                    raise request
                 if request.node.id and request.node.id != state.node_id:
                     state.node_id = request.node.id
                     self._store.streams[state.node_id] = state
@@ -102,9 +114,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 await reader
 
 
-async def _next(requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None],
-                store: SnapshotStore, version: int
-                ) -> discovery_pb2.DiscoveryRequest | None | Snapshot:
+async def _next(requests: asyncio.Queue[Incoming], store: SnapshotStore, version: int
+                ) -> Incoming | Snapshot:
     """The next request from Envoy, or a newer snapshot, whichever comes first."""
     get = asyncio.ensure_future(requests.get())
     newer = asyncio.ensure_future(store.newer_than(version))

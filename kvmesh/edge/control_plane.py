@@ -45,7 +45,7 @@ class EdgeControlPlane:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
             AdsServicer(self.store), server)
         health = add_health_and_reflection(server, [ADS_SERVICE])
-        port = bind(server, self._host, self._port)
+        port = bind(server, self._host, self._port, public=True)  # Envoy dials it
         await server.start()
         await set_serving(health, ["", ADS_SERVICE])
         self._server = server

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from kvmesh.core.edge_config import EdgeServiceConfig
+from kvmesh.core.grpc_util import use_security
 from kvmesh.core.processes import terminate
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.edge.control_plane import EdgeControlPlane
@@ -33,6 +34,7 @@ def gateway_source(config: EdgeServiceConfig) -> AsyncIterator[GatewaySet]:
 class EdgeService:
     def __init__(self, config: EdgeServiceConfig) -> None:
         self.config = config
+        use_security(config.security)  # its WatchWorkers channel to the router
         self.control_plane = EdgeControlPlane(config.listen, config.host, config.port,
                                               config.picker)
         self.envoy: subprocess.Popen[bytes] | None = None

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
-from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.grpc_util import internal_channel
 from kvmesh.edge.resources import Gateway
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -50,7 +50,7 @@ async def router_gateways(router: str, always: Iterable[Gateway] = (),
     reconnection the router's current set arrives first, so a change missed while
     disconnected is caught up."""
     fixed = tuple(always)
-    async with insecure_channel(router) as channel:
+    async with internal_channel(router) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         while True:
             try:

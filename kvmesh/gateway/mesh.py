@@ -14,7 +14,7 @@ from opentelemetry import trace
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.core.errors import KvmeshError, NoWorkerAvailableError
-from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.grpc_util import internal_channel
 from kvmesh.core.resilience_config import FailoverConfig, OutlierConfig
 from kvmesh.gateway.outlier import OutlierDetector
 from kvmesh.gateway.pd import (
@@ -69,7 +69,7 @@ class MeshClient:
     def worker(self, endpoint: str) -> vllm_engine_pb2_grpc.VllmEngineStub:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[endpoint] = insecure_channel(endpoint)
+            channel = self._channels[endpoint] = internal_channel(endpoint)
         return vllm_engine_pb2_grpc.VllmEngineStub(channel)
 
     async def route(self, request_id: str, model: str, token_ids: Sequence[int],

@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from kvmesh.core.errors import NoWorkerAvailableError
-from kvmesh.core.grpc_util import GRPC_DETAILS_METADATA_KEY, insecure_channel
+from kvmesh.core.grpc_util import GRPC_DETAILS_METADATA_KEY, internal_channel
 from kvmesh.gateway.failover_metrics import FailoverMetrics
 from kvmesh.gateway.local_route import LocalRouter
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -91,7 +91,7 @@ class RouterClient:
                  metrics: FailoverMetrics | None = None) -> None:
         """``workers``: the last watched worker set and the ids out of routing."""
         self.replicas = ReplicaSet(addresses, retry_s)
-        self._channels = {a: insecure_channel(a) for a in self.replicas.addresses}
+        self._channels = {a: internal_channel(a) for a in self.replicas.addresses}
         self._stubs = {a: router_pb2_grpc.RouterStub(c) for a, c in self._channels.items()}
         self._route_timeout_s = route_timeout_s
         self._workers = workers

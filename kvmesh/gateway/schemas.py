@@ -14,10 +14,45 @@ UINT32_MAX = 2**32 - 1
 TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
 
 
+#: Most stop strings one request may set: each is matched against the text after every
+#: token, so thousands of them would make every request's decode a scan (OpenAI: 4).
+MAX_STOP_STRINGS = 64
+
+
+def _lone_surrogate_at(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Where in parsed JSON a string holds a lone UTF-16 surrogate (``"\\ud800"`` is
+    valid JSON but no Unicode text: tokenizers and UTF-8 encoders fail on it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = (value.items() if isinstance(value, dict)
+             else enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        found = _lone_surrogate_at(key, path) if isinstance(key, str) else None
+        found = found or _lone_surrogate_at(item, (*path, str(key)))
+        if found is not None:
+            return found
+    return None
+
+
 class _Request(BaseModel):
     # Unknown fields are accepted and ignored, as vllm serve does, so newer
     # clients keep working.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        at = _lone_surrogate_at(data)
+        if at is not None:
+            param = ".".join(at) or None
+            raise InvalidRequestError(
+                f"{param or 'body'}: text is not valid Unicode (it holds a lone UTF-16 "
+                "surrogate escape such as \\ud800)", param=param)
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -155,7 +190,7 @@ class SamplingFields(_Request):
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: list[TokenId] | None = None
     # The workers' contract carries an int32 seed.
     seed: int | None = Field(None, ge=-INT32_MAX - 1, le=INT32_MAX)

@@ -15,7 +15,13 @@ import uvicorn
 import kvmesh.core.tracing as tracing
 from kvmesh.core.config import GatewayConfig
 from kvmesh.core.drain import not_serving, wait_idle
-from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.core.grpc_util import (
+    add_health_and_reflection,
+    bind,
+    create_server,
+    set_serving,
+    use_security,
+)
 from kvmesh.core.registration import Registration
 from kvmesh.core.roles import GATEWAY, role_to_proto
 from kvmesh.core.service_main import write_ready_file
@@ -40,6 +46,7 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 class GatewayServer:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        use_security(config.security)  # before the core makes its router channel
         self.core = GatewayCore(config)
         self._grpc: grpc.aio.Server | None = None
         self._health: Any = None
@@ -66,7 +73,8 @@ class GatewayServer:
             add_endpoint_picker(server, self.core)
             services.append(PICKER)
         health = add_health_and_reflection(server, services)
-        self.grpc_port = bind(server, self.config.host, self.config.grpc_port)
+        # The Inference API is a public door (like the OpenAI HTTP API), not an internal hop.
+        self.grpc_port = bind(server, self.config.host, self.config.grpc_port, public=True)
         await server.start()
         await set_serving(health, services)
         self._health = health
@@ -95,7 +103,8 @@ class GatewayServer:
             self._registrations = [Registration(router, common_pb2.WorkerInfo(
                 worker_id=f"gateway-{self.core.http_address}", role=role_to_proto(GATEWAY),
                 endpoint=info["grpc"], http_endpoint=self.core.http_address,
-                self_registered=True), self.config.registration_timeout_s)
+                self_registered=True), self.config.security.internal_token,
+                self.config.registration_timeout_s)
                 for router in self.config.router_addresses()]
             self._registering = asyncio.create_task(self._register_when_serving())
         write_ready_file(self.config.ready_file, info)

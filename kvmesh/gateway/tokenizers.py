@@ -24,7 +24,7 @@ from smg_grpc_proto import vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 
 from kvmesh.core.errors import InvalidRequestError, NoWorkerAvailableError
-from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.grpc_util import internal_channel
 
 log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 60.0
@@ -122,7 +122,7 @@ class ModelTokenizer:
 
 async def fetch_bundle(endpoint: str) -> tuple[bytes, str]:
     """Stream a worker's tokenizer zip; return (bytes, sha256)."""
-    async with insecure_channel(endpoint) as channel:
+    async with internal_channel(endpoint) as channel:
         stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
         parts: list[bytes] = []
         digest = ""

@@ -14,7 +14,7 @@ import grpc
 from pydantic import ValidationError
 
 from kvmesh.core.errors import InvalidRequestError
-from kvmesh.core.grpc_util import bind, create_server, insecure_channel
+from kvmesh.core.grpc_util import bind, create_server, internal_channel
 from kvmesh.core.model_config import ModelConfig
 from kvmesh.core.roles import WorkerRole, role_to_proto
 from kvmesh.core.validation import describe, key_of
@@ -85,7 +85,8 @@ async def start_admin_server(pools: ManagedPools, host: str, port: int
     """Serve MeshAdmin (with the error interceptor: kvmesh errors become their status)."""
     server = create_server()
     mesh_admin_pb2_grpc.add_MeshAdminServicer_to_server(MeshAdminServicer(pools), server)
-    bound = bind(server, host, port)
+    # The launching host's own door, as the CLI that dials it (no mesh certificate).
+    bound = bind(server, host, port, public=True)
     await server.start()
     return server, f"{host}:{bound}"
 
@@ -98,7 +99,7 @@ class AdminClient:
 
     async def add(self, model: ModelConfig, timeout_s: float = ADD_TIMEOUT_S
                   ) -> mesh_admin_pb2.MeshModel:
-        async with insecure_channel(self.address) as channel:
+        async with internal_channel(self.address) as channel:
             reply = await mesh_admin_pb2_grpc.MeshAdminStub(channel).AddModel(
                 mesh_admin_pb2.AddModelRequest(
                     model_config_json=model.model_dump_json(exclude_unset=True)),
@@ -107,13 +108,13 @@ class AdminClient:
 
     async def remove(self, model_id: str, timeout_s: float = 120.0
                      ) -> mesh_admin_pb2.MeshModel:
-        async with insecure_channel(self.address) as channel:
+        async with internal_channel(self.address) as channel:
             reply = await mesh_admin_pb2_grpc.MeshAdminStub(channel).RemoveModel(
                 mesh_admin_pb2.RemoveModelRequest(model_id=model_id), timeout=timeout_s)
         return reply.model
 
     async def list(self, timeout_s: float = 10.0) -> list[mesh_admin_pb2.MeshModel]:
-        async with insecure_channel(self.address) as channel:
+        async with internal_channel(self.address) as channel:
             reply = await mesh_admin_pb2_grpc.MeshAdminStub(channel).ListModels(
                 mesh_admin_pb2.ListMeshModelsRequest(), timeout=timeout_s)
         return list(reply.models)

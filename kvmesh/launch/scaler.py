@@ -24,6 +24,7 @@ from typing import Protocol
 import grpc
 
 from kvmesh.core.config import WorkerConfig
+from kvmesh.core.grpc_util import internal_channel
 from kvmesh.core.processes import terminate
 from kvmesh.core.settings import dump_settings
 from kvmesh.launch.pool_runner import RunningPool
@@ -56,7 +57,7 @@ class Scaler:
     """Keeps each pool at the router's desired size."""
 
     def __init__(self, router: str, pools: list[WorkerPool], interval_s: float = 1.0) -> None:
-        self._channel = grpc.aio.insecure_channel(router)
+        self._channel = internal_channel(router)
         self._router = router_pb2_grpc.RouterStub(self._channel)
         self.pools = {(p.model, p.role): p for p in pools}
         self.interval_s = interval_s

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import httpx
+from pydantic import SecretStr
 
 from kvmesh.core.config import RouterConfig, dump_settings
-from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.grpc_util import internal_channel, use_security
 from kvmesh.core.mesh_config import MeshConfig
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
 from kvmesh.v1 import router_pb2, router_pb2_grpc
@@ -47,11 +49,24 @@ def with_mesh_observability(config: MeshConfig) -> MeshConfig:
     })
 
 
+def with_mesh_security(config: MeshConfig) -> MeshConfig:
+    """One internal token for the whole mesh (the first one configured, else a random
+    one made here), and the mesh-wide TLS files, when set, in every service's config."""
+    sections = ("router", "gateway", "worker")
+    own = [getattr(config, name).security for name in sections]
+    tokens = [s.internal_token for s in ([config.security] if config.security else []) + own]
+    token = next((t for t in tokens if t is not None), None)
+    token = token or SecretStr(secrets.token_urlsafe(32))
+    return config.model_copy(update={name: getattr(config, name).model_copy(update={
+        "security": (config.security or section).model_copy(update={"internal_token": token})})
+        for name, section in zip(sections, own, strict=True)})
+
+
 async def wait_registered(router: str, model: str, worker_ids: set[str],
                           timeout_s: float = REGISTER_TIMEOUT_S) -> None:
     """Until the router lists every one of ``worker_ids`` under ``model``."""
     deadline = time.monotonic() + timeout_s
-    async with insecure_channel(router) as channel:
+    async with internal_channel(router) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         while True:
             try:
@@ -99,7 +114,9 @@ def router_configs(config: MeshConfig, run_dir: Path) -> list[RouterConfig]:
 
 class MeshServices:
     def __init__(self, config: MeshConfig, run_dir: Path) -> None:
-        self.config = with_mesh_observability(config)
+        self.config = with_mesh_security(with_mesh_observability(config))
+        # This process dials the router too (registrations awaited, the autoscaler).
+        use_security(self.config.router.security)
         self.run_dir = run_dir
         self.router = ""
         self.http = ""
@@ -204,6 +221,9 @@ class MeshServices:
             "router": self.router,
             "routers": self.routers,
             "router_metrics": self._router_ready.get("metrics", ""),
+            # Where `kvmesh status` finds the certificate it dials the router with.
+            "tls": self.config.router.security.tls.model_dump(mode="json")
+            if self.config.router.security.tls else None,
             "admin": self.admin,
         }
 

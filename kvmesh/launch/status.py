@@ -10,8 +10,9 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.grpc_util import internal_channel, use_security
 from kvmesh.core.roles import role_from_proto
+from kvmesh.core.security_config import SecurityConfig, TlsConfig
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 
@@ -60,7 +61,9 @@ async def print_status(router: str, console: Console | None = None,
     """The router's view as tables, or (``as_json``) one JSON object for scripts: the
     router's ListWorkers answer plus the `kvmesh up` state it was found through."""
     console = console or Console()
-    async with insecure_channel(router) as channel:
+    if mesh is not None and mesh.get("tls"):  # a mesh with mutual TLS on
+        use_security(SecurityConfig(tls=TlsConfig.model_validate(mesh["tls"])))
+    async with internal_channel(router) as channel:
         try:
             reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
                 router_pb2.ListWorkersRequest(), timeout=5

@@ -15,7 +15,7 @@ import grpc
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
 from kvmesh.core.errors import InvalidRequestError, KvmeshError
-from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.grpc_util import internal_channel
 from kvmesh.core.roles import GATEWAY, is_gateway, role_from_proto
 from kvmesh.router import snapshot, worker_probe
 from kvmesh.router.core import RouterCore
@@ -195,7 +195,7 @@ class WorkerLifecycle:
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[endpoint] = insecure_channel(endpoint)
+            channel = self._channels[endpoint] = internal_channel(endpoint)
         return channel
 
     def _stop_watching(self, worker_id: str) -> None:

@@ -12,7 +12,13 @@ from prometheus_client import start_http_server
 
 from kvmesh.core.config import RouterConfig
 from kvmesh.core.drain import InflightCalls, not_serving, wait_idle
-from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.core.grpc_util import (
+    add_health_and_reflection,
+    bind,
+    create_server,
+    set_serving,
+    use_security,
+)
 from kvmesh.core.service_main import freeze_heap, write_ready_file
 from kvmesh.router import kernels
 from kvmesh.router.core import RouterCore
@@ -28,6 +34,7 @@ class RouterServer:
     def __init__(self, config: RouterConfig, ready_file: Path | None = None) -> None:
         self.config = config
         self._ready_file = ready_file
+        use_security(config.security)
         self.core = RouterCore(config)
         self.lifecycle = WorkerLifecycle(self.core)
         self.servicer = RouterServicer(self.core, self.lifecycle)
@@ -46,6 +53,10 @@ class RouterServer:
     async def start(self) -> str:
         # Load (or compile, on a cold cache) the index kernels before taking traffic.
         await asyncio.to_thread(kernels.warm_up)
+        if self.config.security.internal_token is None:
+            log.warning("no internal token (security.internal_token or KVMESH_INTERNAL_TOKEN): "
+                        "this router refuses every RegisterWorker, Heartbeat and "
+                        "DeregisterWorker")
         server = create_server([self.inflight])
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
         health = add_health_and_reflection(server, [SERVICE_NAME])

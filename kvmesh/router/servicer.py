@@ -2,7 +2,8 @@
 
 Each RPC unpacks its request, calls ``RouterCore`` (decisions, bookkeeping) or
 ``WorkerLifecycle`` (registration), and packs the answer; errors are the core's typed
-errors, mapped to gRPC status by the shared interceptor.
+errors, mapped to gRPC status by the shared interceptor. The RPCs that change the
+worker set demand the mesh's internal token (``kvmesh.core.internal_auth``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import grpc
 import numpy as np
 
 from kvmesh.core.errors import InvalidRequestError
+from kvmesh.core.internal_auth import check_internal_token
 from kvmesh.core.logs import request_id_var
 from kvmesh.core.roles import GATEWAY, role_to_proto
 from kvmesh.router.core import RouteQuery, RouterCore, WorkerStatus
@@ -81,9 +83,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         #: host:port of this router's /metrics, told to gateways for service discovery.
         self.metrics_endpoint = ""
 
+    def _authorize(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
+        check_internal_token(
+            context.invocation_metadata(), self.core.config.security.internal_token, rpc)
+
     async def RegisterWorker(
         self, request: router_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RegisterWorkerResponse:
+        self._authorize(context, "RegisterWorker")
         try:
             state = await self.lifecycle.register(request.worker)
         except grpc.aio.AioRpcError as exc:
@@ -101,17 +108,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Heartbeat(
         self, request: router_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.HeartbeatResponse:
+        self._authorize(context, "Heartbeat")
         return router_pb2.HeartbeatResponse(known=self.core.heartbeat(request.worker_id))
 
     async def DeregisterWorker(
         self, request: router_pb2.DeregisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.DeregisterWorkerResponse:
+        self._authorize(context, "DeregisterWorker")
         removed = await self.lifecycle.deregister(request.worker_id)
         return router_pb2.DeregisterWorkerResponse(removed=removed)
 
     async def DrainWorker(
         self, request: router_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.DrainWorkerResponse:
+        self._authorize(context, "DrainWorker")
         known, in_flight = await self.core.drain_worker(request.worker_id)
         if known:
             log.info("worker %s draining (%d routed requests in flight)", request.worker_id,

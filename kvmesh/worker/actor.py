@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from kvmesh.core.config import WorkerConfig
+from kvmesh.core.security_config import REVEAL_SECRETS
 
 log = logging.getLogger(__name__)
 
@@ -104,4 +105,4 @@ def spawn_worker_actor(config: WorkerConfig, name: str | None = None,
     }
     if name:
         options["name"] = name
-    return cls.options(**options).remote(config.model_dump_json())
+    return cls.options(**options).remote(config.model_dump_json(context=REVEAL_SECRETS))

@@ -12,6 +12,7 @@ load reporting) with the same protobufs real workers use. It is never the thing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -23,6 +24,8 @@ import grpc
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_servicer.tokenizer_bundle import tokenizer_bundle, tokenizer_chunks
+
+from kvmesh.core.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,61 @@ def chain_token(previous: int) -> int:
     return 200 + (previous * 7919 + 13) % 20000
 
 
+#: vLLM's default ``max_logprobs``: more alternatives per token are refused.
+MAX_LOGPROBS = 20
+#: Choices one request may ask of the fake (vLLM bounds n by its sequence slots).
+MAX_CHOICES = 64
+
+
+def _check_request(request: vllm_engine_pb2.GenerateRequest, vocab_size: int | None) -> None:
+    """Refuse what vLLM refuses (and what would make the fake loop for ever)."""
+    if request.WhichOneof("input") != "tokenized":
+        raise InvalidRequestError("fake engine takes token ids", param="tokenized")
+    ids = request.tokenized.input_ids
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        raise InvalidRequestError(
+            f"token id {max(ids)} is out of vocabulary (size {vocab_size})",
+            param="tokenized.input_ids")
+    params = request.sampling_params
+    for name in ("logprobs", "prompt_logprobs"):
+        if params.HasField(name) and not -1 <= getattr(params, name) <= MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"{name} must be in [-1, {MAX_LOGPROBS}], got {getattr(params, name)}",
+                param=name)
+    if params.n > MAX_CHOICES:
+        raise InvalidRequestError(f"n must be at most {MAX_CHOICES}", param="n")
+
+
+def _vocab_size(model_dir: Path) -> int | None:
+    """The model's embedding rows or its tokenizer's ids (added tokens included),
+    whichever is larger; None when neither file says."""
+    sizes = []
+    unreadable = (OSError, ValueError, KeyError, TypeError)
+    with contextlib.suppress(*unreadable):
+        sizes.append(int(json.loads((model_dir / "config.json").read_text())["vocab_size"]))
+    with contextlib.suppress(*unreadable):
+        tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+        vocab = tokenizer["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+        ids += [token["id"] for token in tokenizer.get("added_tokens", [])]
+        sizes.append(max(ids) + 1)
+    return max(sizes, default=None)
+
+
+def _kv_transfer_params(request: vllm_engine_pb2.GenerateRequest) -> dict[str, object]:
+    if not request.HasField("kv_transfer_params_json"):
+        return {}
+    try:
+        kv = json.loads(request.kv_transfer_params_json)
+    except ValueError as exc:
+        raise InvalidRequestError(f"kv_transfer_params_json is not JSON: {exc}",
+                                  param="kv_transfer_params_json") from exc
+    if not isinstance(kv, dict):
+        raise InvalidRequestError("kv_transfer_params_json must be a JSON object",
+                                  param="kv_transfer_params_json")
+    return kv
+
+
 class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     def __init__(
         self,
@@ -87,6 +145,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         self._start = time.time()
         self._side_channel = side_channel
         self._chain = output == "chain"
+        self._vocab = _vocab_size(tokenizer_dir)
         self.generated_requests = 0
 
     def _handoff(self, rid: str, prompt: list[int]) -> str:
@@ -103,21 +162,17 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     async def Generate(
         self, request: vllm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[vllm_engine_pb2.GenerateResponse]:
-        if request.WhichOneof("input") != "tokenized":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fake engine takes token ids")
+        _check_request(request, self._vocab)
         prompt = list(request.tokenized.input_ids)
         params = request.sampling_params
         max_tokens = params.max_tokens if params.HasField("max_tokens") else 16
         if len(prompt) + max_tokens > self._max_len:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidRequestError(
                 f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds "
-                f"max_model_len {self._max_len}",
-            )
+                f"max_model_len {self._max_len}", param="max_tokens")
         rid = request.request_id
         choices = max(params.n, 1)
-        kv = json.loads(request.kv_transfer_params_json) \
-            if request.HasField("kv_transfer_params_json") else {}
+        kv = _kv_transfer_params(request)
         handing_over = bool(kv.get("do_remote_decode")) and bool(self._side_channel)
         # A decode worker given a hand-over "loads" the prompt's full blocks.
         cached = len(prompt) - len(prompt) % self._block_size \
@@ -179,9 +234,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         self, request: vllm_engine_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> vllm_engine_pb2.EmbedResponse:
         # The fake serves a generative model; vLLM's servicer refuses Embed on one so.
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            "This model does not support pooling")
-        raise AssertionError("abort raises")
+        raise InvalidRequestError("This model does not support pooling")
 
     async def Abort(
         self, request: vllm_engine_pb2.AbortRequest, context: grpc.aio.ServicerContext

@@ -18,7 +18,13 @@ from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.core.config import WorkerConfig
 from kvmesh.core.drain import InflightCalls, not_serving, wait_idle
-from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
+from kvmesh.core.grpc_util import (
+    add_health_and_reflection,
+    bind,
+    create_server,
+    set_serving,
+    use_security,
+)
 from kvmesh.core.metrics_http import MetricsEndpoint
 from kvmesh.core.registration import Registration
 from kvmesh.core.roles import WorkerRole, role_to_proto
@@ -62,6 +68,7 @@ def served_name(config: WorkerConfig, model_path: Path) -> str:
 class WorkerServer:
     def __init__(self, config: WorkerConfig, ready_file: Path | None = None) -> None:
         self.config = with_side_channel(config)
+        use_security(config.security)
         self._ready_file = ready_file
         self._server: grpc.aio.Server | None = None
         self._engine: Any = None
@@ -137,6 +144,7 @@ class WorkerServer:
                     metrics_endpoint=self.metrics_endpoint,
                     routing_policy=config.routing_policy or "",
                 ),
+                config.security.internal_token,
                 config.registration_timeout_s,
             )
             registration.start()

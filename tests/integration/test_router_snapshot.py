@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kvmesh.core.config import RouterConfig, WorkerConfig
+from kvmesh.core.internal_auth import token_metadata
 from kvmesh.router import snapshot
 from kvmesh.router.server import RouterServer
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -39,7 +40,8 @@ async def indexed_after_registration(tmp_path: Path, incarnation_shift: float) -
         async with grpc.aio.insecure_channel(address) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             await stub.RegisterWorker(router_pb2.RegisterWorkerRequest(
-                worker=common_pb2.WorkerInfo(endpoint=info["endpoint"])))
+                worker=common_pb2.WorkerInfo(endpoint=info["endpoint"])),
+                metadata=token_metadata(router.config.security.internal_token))
             reply = await stub.ListWorkers(router_pb2.ListWorkersRequest())
             return int(reply.workers[0].indexed_blocks)
     finally:

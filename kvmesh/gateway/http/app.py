@@ -9,6 +9,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from kvmesh.core.error_map import openai_error_body
 from kvmesh.core.errors import AuthenticationError, KvmeshError
@@ -83,6 +84,11 @@ def _count(request: Request, status: int, core: GatewayCore) -> None:
         answered(core, endpoint, model, status, request.state.record)
 
 
+#: OpenAI error types of the HTTP statuses the framework answers on its own.
+_FRAMEWORK_ERROR_TYPES = {401: "authentication_error", 403: "permission_error",
+                          404: "not_found_error", 405: "invalid_request_error"}
+
+
 def _map_errors(app: FastAPI, metrics: GatewayMetrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -99,6 +105,18 @@ def _map_errors(app: FastAPI, metrics: GatewayMetrics) -> None:
         )
         metrics.errors.labels("invalid_request_error").inc()
         return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def framework_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """What the framework refuses itself (a body that is not JSON or not UTF-8, an
+        unknown path or method) as an OpenAI error object too, not ``{"detail": ...}``."""
+        openai_type = _FRAMEWORK_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
+        message = str(exc.detail)
+        if exc.status_code == 400:
+            message = f"request body is not valid JSON in UTF-8 ({exc.detail})"
+        metrics.errors.labels(openai_type).inc()
+        return JSONResponse(openai_error_body(message, openai_type, code=exc.status_code),
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(KvmeshError)
     async def kvmesh_error(request: Request, exc: KvmeshError) -> JSONResponse:
