@@ -16,6 +16,8 @@ import grpc
 import httpx
 import pytest
 
+from kvmesh.core.internal_auth import token_metadata
+from kvmesh.core.security_config import SecurityConfig
 from kvmesh.launch.procs import spawn_module, wait_ready_file
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
@@ -42,7 +44,7 @@ def mesh(model_dir: Path) -> Iterator[Mesh]:
                 await router_pb2_grpc.RouterStub(channel).RegisterWorker(
                     router_pb2.RegisterWorkerRequest(worker=common_pb2.WorkerInfo(
                         worker_id="bad", endpoint=bad["endpoint"], self_registered=False)),
-                    timeout=10)
+                    timeout=10, metadata=token_metadata(SecurityConfig().internal_token))
 
         asyncio.run(register())
         mesh.start_gateway(env={

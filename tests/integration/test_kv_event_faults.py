@@ -15,7 +15,7 @@ import pytest
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 
-from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.grpc_util import internal_channel
 from kvmesh.router import worker_probe
 from kvmesh.router.kv_events import KvEventFollower
 from kvmesh.router.prefix_index import PrefixIndex
@@ -84,7 +84,7 @@ async def publisher() -> AsyncIterator[tuple[ScriptedPublisher, KvEventFollower,
     vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(scripted, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = insecure_channel(f"127.0.0.1:{port}")
+    channel = internal_channel(f"127.0.0.1:{port}")
     index = PrefixIndex()
     follower = KvEventFollower(
         "w0", channel, index, "m", BS, retry_s=0.1, idle_timeout_s=IDLE_S,
