@@ -13,7 +13,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
+from kvmesh.core import tracing
 from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.route_batch import RouteBatcher
 from kvmesh.gateway.pd import (
     PdMetrics,
     generate_request,
@@ -37,6 +39,12 @@ class MeshClient:
     ) -> None:
         self._router_channel = insecure_channel(router)
         self.router = router_pb2_grpc.RouterStub(self._router_channel)
+        # Routes and finished reports share RouteBatch round trips (the router's per-call
+        # cost dominates a decision); with tracing on, each Route stays its own call so
+        # the router's span is a child of its request's trace.
+        self.batcher: RouteBatcher | None = None if tracing.enabled() else RouteBatcher(
+            lambda request, timeout: self.router.RouteBatch(request, timeout=timeout),
+            route_timeout_s)
         self._route_timeout_s = route_timeout_s
         self._request_timeout_s = request_timeout_s
         self._prefill_timeout_s = prefill_timeout_s
@@ -58,19 +66,22 @@ class MeshClient:
         max_tokens: int,
         exclude: Sequence[str] = (),
     ) -> router_pb2.RouteDecision:
-        return await self.router.Route(
-            router_pb2.RouteRequest(
-                request_id=request_id,
-                model=model,
-                packed_token_ids=np.asarray(token_ids, dtype="<u4").tobytes(),
-                max_tokens=max_tokens,
-                exclude_worker_ids=exclude,
-            ),
-            timeout=self._route_timeout_s,
+        request = router_pb2.RouteRequest(
+            request_id=request_id,
+            model=model,
+            packed_token_ids=np.asarray(token_ids, dtype="<u4").tobytes(),
+            max_tokens=max_tokens,
+            exclude_worker_ids=exclude,
         )
+        if self.batcher is not None:
+            return await self.batcher.route(request)
+        return await self.router.Route(request, timeout=self._route_timeout_s)
 
     def _release(self, request_id: str, worker_id: str) -> None:
         """Tell the router the request is done, without making the client wait."""
+        if self.batcher is not None:
+            self.batcher.finished(request_id, worker_id)
+            return
 
         async def send() -> None:
             try:
