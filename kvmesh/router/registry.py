@@ -68,6 +68,9 @@ class WorkerRegistry:
         self._lease_ttl_s = lease_ttl_s
         self._clock = clock
         self.version = 0
+        self._selected: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]],
+                             list[WorkerState]] = {}
+        self._selected_version = -1
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -151,7 +154,22 @@ class WorkerRegistry:
         """Workers of ``roles`` serving ``model`` (and ``adapter``), in id order.
 
         The default roles are the ones that can run a whole request (a decode worker
-        prefills locally when it gets no KV)."""
+        prefills locally when it gets no KV). The selection is kept until the worker
+        set changes (every decision asks; at hundreds of workers filtering and
+        sorting would cost more than the decision)."""
+        key = (model, adapter, tuple(exclude), tuple(roles))
+        if self._selected_version != self.version:
+            self._selected.clear()
+            self._selected_version = self.version
+        selected = self._selected.get(key)
+        if selected is None:
+            if len(self._selected) > 1024:  # many distinct exclude lists: start over
+                self._selected.clear()
+            selected = self._selected[key] = self._select(model, adapter, key[2], key[3])
+        return list(selected)
+
+    def _select(self, model: str, adapter: str, exclude: Iterable[str],
+                roles: Iterable[str]) -> list[WorkerState]:
         excluded = set(exclude)
         wanted = set(roles)
         return sorted(
