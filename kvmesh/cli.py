@@ -90,7 +90,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
     import json
 
     from kvmesh.bench.routing.run import run_routing_bench
-    from kvmesh.bench.routing.sim import SimParams
+    from kvmesh.bench.routing.sim import PRESETS
 
     real = None
     if args.mode == "real":
@@ -107,7 +107,9 @@ def _bench_routing(args: argparse.Namespace) -> int:
     report = run_routing_bench(
         args.workload.split(","), args.policies.split(","), args.workers, args.requests,
         args.rate_per_worker, args.seed, args.out, mode=args.mode, real=real,
-        params=SimParams(capacity_blocks=args.num_kv_blocks) if args.num_kv_blocks else None,
+        params=PRESETS[args.engine].__class__(**{
+            **PRESETS[args.engine].__dict__,
+            **({"capacity_blocks": args.num_kv_blocks} if args.num_kv_blocks else {})}),
     )
     for name, data in report["workloads"].items():
         print(f"== {name}")
@@ -284,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated; real mode also takes smg:POLICY (the smg "
                          "router) and POLICY/N (a kvmesh router admitting N requests in "
                          "flight per worker, the rest waiting at the router)")
+    routing.add_argument("--engine", choices=["cpu", "fleet"], default="cpu",
+                         help="sim: the simulated engine: 'cpu' (SmolLM2 on 2 CPU cores) or "
+                         "'fleet' (GPU-class, ~100k prefill tok/s: 256 workers serve "
+                         "10,000 requests/s)")
     routing.add_argument("--workers", type=int, default=16)
     routing.add_argument("--requests", type=int, default=2000)
     routing.add_argument("--rate-per-worker", type=float, default=3.5,

@@ -89,6 +89,28 @@ class KvAwarePolicy:
         return cached, hashes_by_size, sizes
 
     def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
+        choice, hashes = self.decide(ctx, workers)
+        self._book(ctx, choice.worker, hashes)
+        return choice
+
+    def book(self, ctx: RouteContext, worker: WorkerState) -> None:
+        """Record that ``worker`` got the request (as ``choose`` does for its own
+        choice): a replica told of another replica's decision."""
+        seed = namespace_seed(ctx.model, ctx.adapter)
+        self._book(ctx, worker, prompt_hash_array(ctx.token_ids, worker.block_size, seed)
+                   if worker.block_size > 0 else None)
+
+    def _book(self, ctx: RouteContext, worker: WorkerState, hashes: U64Array | None) -> None:
+        if hashes is not None and len(hashes):
+            # Pending until its events confirm the blocks or the request finishes:
+            # however long it queues, the next request with this prefix follows it.
+            self._index.mark_pending(worker.worker_id, hashes, self.params.pending_ttl_s)
+            self._remember(ctx.request_id, worker.worker_id, hashes)
+
+    def decide(self, ctx: RouteContext, workers: Sequence[WorkerState]
+               ) -> tuple[Choice, U64Array | None]:
+        """The choice and the prompt's hashes at the chosen worker's block size,
+        without booking it (nothing marked pending): what ``choose`` picks."""
         cached, hashes_by_size, sizes = self._match(ctx, workers)
         loads = load_arrays(workers)
         kept = np.flatnonzero(bounded(self.params, loads.active))
@@ -109,13 +131,8 @@ class KvAwarePolicy:
             at = int(near[int(np.argmax(scores))])
         chosen = workers[at]
         hits = int(cached[at])
-        hashes = hashes_by_size.get(chosen.block_size)
-        if hashes is not None and len(hashes):
-            # Pending until its events confirm the blocks or the request finishes:
-            # however long it queues, the next request with this prefix follows it.
-            self._index.mark_pending(chosen.worker_id, hashes, self.params.pending_ttl_s)
-            self._remember(ctx.request_id, chosen.worker_id, hashes)
-        return Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits)
+        return (Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits),
+                hashes_by_size.get(chosen.block_size))
 
 
 def placement_key(hashes_by_size: dict[int, U64Array], sizes: I64, near: I64,
