@@ -60,11 +60,23 @@ def _worker_config(config: MeshConfig, router: str, run_dir: Path, name: str, ro
 
 
 def worker_configs(config: MeshConfig, router: str, run_dir: Path) -> list[WorkerConfig]:
-    """One WorkerConfig per chat worker (both, then prefill, then decode workers): disjoint
-    CPU cores, the role's engine settings, the shared template otherwise."""
+    """One WorkerConfig per chat worker (both, then prefill, then decode workers), a
+    data-parallel worker as one per rank (``placement.dp_ranks``; each rank is an engine
+    of its own): disjoint CPU cores, the role's engine settings, the template otherwise."""
+    from kvmesh.worker.engine_args import cpu_binding
+    from kvmesh.worker.worker import free_port
+
     roles = config.worker_roles()
-    return [_worker_config(config, router, run_dir, str(i), role, engine, (i, len(roles)))
-            for i, (role, engine) in enumerate(roles)]
+    total = sum(engine.data_parallel_size for _, engine in roles)
+    out: list[WorkerConfig] = []
+    for i, (role, engine) in enumerate(roles):
+        base = _worker_config(config, router, run_dir, str(i), role, engine, (len(out), total))
+        for rank in placement.dp_ranks(base, lambda: free_port("127.0.0.1")):
+            if config.worker.cpu_bind is None:
+                rank = rank.model_copy(update={
+                    "cpu_bind": cpu_binding(len(out), total, os.cpu_count() or 1)})
+            out.append(rank)
+    return out
 
 
 def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path
@@ -105,7 +117,8 @@ class LocalMesh:
         self._gateways: list[subprocess.Popen[bytes]] = []
         self._edge: Any = None  # kvmesh.launch.edge.RunningEdge with MeshConfig.edge
         self._actors: list[Any] = []
-        self._group: Any = None  # the workers' placement group (MeshConfig.placement)
+        # The workers' placement groups (MeshConfig.placement; one per DP gang).
+        self._group: placement.Placement | None = None
         self.state: dict[str, Any] = {}
 
     async def start(self) -> dict[str, Any]:
@@ -141,8 +154,8 @@ class LocalMesh:
         embedding_configs = embedding_worker_configs(cfg, router, self.run_dir)
         everyone = configs + embedding_configs
         self._group = await asyncio.to_thread(
-            placement.reserve, everyone, cfg.placement, cfg.startup_timeout_s)
-        self._actors = [spawn_worker_actor(c, placement=placement.scheduling(self._group, i))
+            placement.Placement, everyone, cfg.placement, cfg.startup_timeout_s)
+        self._actors = [spawn_worker_actor(c, placement=self._group.scheduling(i))
                         for i, c in enumerate(everyone)]
         log.info("starting %d worker(s) and %d embedding worker(s) (first start compiles; "
                  "see %s)", len(configs), len(embedding_configs), self.run_dir)
@@ -241,7 +254,8 @@ class LocalMesh:
                     log.warning("worker stop failed: %s", exc)
                 ray.kill(actor)
             self._actors = []
-        placement.release(self._group)
+        if self._group is not None:
+            self._group.release()
         self._group = None
         if self.config.ray_address is None:
             import ray

@@ -104,6 +104,8 @@ class WorkerLifecycle:
             nixl_side_channel=info.nixl_side_channel,
             kv_connector=info.kv_connector,
             dp_rank=info.dp_rank,
+            dp_group=info.dp_group,
+            dp_size=info.dp_size,
             self_registered=info.self_registered,
         )
         self.core.add_worker(state)
@@ -141,11 +143,12 @@ class WorkerLifecycle:
 
     async def deregister(self, worker_id: str) -> bool:
         removed = self.core.remove_worker(worker_id)
-        self._stop_watching(worker_id)
+        for wid in {worker_id, *removed}:
+            self._stop_watching(wid)
         if removed:
             log.info("worker %s deregistered", worker_id)
             await self.core.notify()
-        return removed
+        return bool(removed)
 
     async def _register_static(self, endpoint: str) -> None:
         """Keep trying to register a by-address worker until it answers."""

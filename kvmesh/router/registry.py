@@ -46,6 +46,9 @@ class WorkerState:
     #: is then its Inference gRPC address).
     http_endpoint: str = ""
     dp_rank: int = -1
+    #: The data-parallel gang this rank belongs to ('' for none) and its rank count.
+    dp_group: str = ""
+    dp_size: int = 0
     self_registered: bool = True
     last_seen: float = 0.0
     load: WorkerLoadView = field(default_factory=WorkerLoadView)
@@ -121,10 +124,14 @@ class WorkerRegistry:
         worker.unreported_prefill_tokens = 0
         worker.last_seen = now
 
+    def lapsed(self) -> list[str]:
+        """Workers not seen within the lease (still registered)."""
+        cutoff = self._clock() - self._lease_ttl_s
+        return [wid for wid, w in self._workers.items() if w.last_seen < cutoff]
+
     def expire(self) -> list[str]:
         """Remove workers not seen within the lease; return their ids."""
-        cutoff = self._clock() - self._lease_ttl_s
-        dead = [wid for wid, w in self._workers.items() if w.last_seen < cutoff]
+        dead = self.lapsed()
         for wid in dead:
             self.remove(wid)
         return dead
@@ -172,6 +179,7 @@ class WorkerRegistry:
                 roles: Iterable[str]) -> list[WorkerState]:
         excluded = set(exclude)
         wanted = set(roles)
+        whole = self.whole_gangs()
         return sorted(
             (
                 w
@@ -180,9 +188,29 @@ class WorkerRegistry:
                 and w.role in wanted
                 and (not adapter or adapter in w.adapters)
                 and w.worker_id not in excluded
+                and (not w.dp_group or w.dp_group in whole)
             ),
             key=lambda w: w.worker_id,
         )
+
+    def whole_gangs(self) -> set[str]:
+        """Data-parallel groups with every rank registered: a gang serves whole or not
+        at all (its ranks meet in collectives every step)."""
+        ranks: dict[str, set[int]] = {}
+        sizes: dict[str, int] = {}
+        for w in self._workers.values():
+            if w.dp_group:
+                ranks.setdefault(w.dp_group, set()).add(w.dp_rank)
+                sizes[w.dp_group] = w.dp_size
+        return {g for g, seen in ranks.items() if len(seen) >= sizes[g]}
+
+    def gang_mates(self, worker_id: str) -> list[str]:
+        """The other ranks of ``worker_id``'s data-parallel group (none without one)."""
+        worker = self._workers.get(worker_id)
+        if worker is None or not worker.dp_group:
+            return []
+        return sorted(w.worker_id for w in self._workers.values()
+                      if w.dp_group == worker.dp_group and w.worker_id != worker_id)
 
     def models(self) -> list[str]:
         return sorted({w.model for w in self._workers.values() if w.role != GATEWAY})

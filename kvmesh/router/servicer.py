@@ -43,6 +43,8 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
         block_size=w.block_size,
         nixl_side_channel=w.nixl_side_channel,
         dp_rank=w.dp_rank,
+        dp_group=w.dp_group,
+        dp_size=w.dp_size,
         metrics_endpoint=w.metrics_endpoint,
         kv_connector=w.kv_connector,
         http_endpoint=w.http_endpoint,

@@ -108,7 +108,32 @@ def engine_kwargs(
         kwargs["max_num_seqs"] = engine.max_num_seqs
     if engine.num_kv_blocks is not None:
         kwargs["num_gpu_blocks_override"] = engine.num_kv_blocks
+    kwargs.update(data_parallel_kwargs(config))
     return kwargs
+
+
+def data_parallel_kwargs(config: WorkerConfig) -> dict[str, Any]:
+    """vLLM's data-parallel settings for this rank, in external-load-balancer mode (each
+    rank its own engine and endpoint; the router picks the rank); empty without DP."""
+    engine = config.engine
+    if engine.data_parallel_size <= 1:
+        return {"enable_expert_parallel": True} if engine.enable_expert_parallel else {}
+    if engine.data_parallel_rank is None or not engine.data_parallel_rpc_port \
+            or not engine.data_parallel_master_port:
+        raise ValueError("a data-parallel rank needs data_parallel_rank, "
+                         "data_parallel_rpc_port and data_parallel_master_port "
+                         "(the launcher sets them per rank)")
+    return {
+        "data_parallel_size": engine.data_parallel_size,
+        "data_parallel_rank": engine.data_parallel_rank,
+        "data_parallel_size_local": 1,
+        "data_parallel_external_lb": True,
+        "data_parallel_address": engine.data_parallel_address,
+        "data_parallel_rpc_port": engine.data_parallel_rpc_port,
+        "master_addr": engine.data_parallel_address,
+        "master_port": engine.data_parallel_master_port,
+        "enable_expert_parallel": engine.enable_expert_parallel,
+    }
 
 
 def engine_env(config: WorkerConfig) -> dict[str, str]:

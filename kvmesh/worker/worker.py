@@ -46,6 +46,15 @@ def with_side_channel(config: WorkerConfig) -> WorkerConfig:
         update={"kv_transfer": kv.model_copy(update={"side_channel_port": port})})
 
 
+def dp_registration(config: WorkerConfig) -> dict[str, Any]:
+    """What the router learns of the worker's data-parallel gang (rank -1: none)."""
+    engine = config.engine
+    if engine.data_parallel_size <= 1 or engine.data_parallel_rank is None:
+        return {"dp_rank": -1}
+    return {"dp_rank": engine.data_parallel_rank, "dp_size": engine.data_parallel_size,
+            "dp_group": engine.data_parallel_group}
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -122,7 +131,7 @@ class WorkerServer:
                     endpoint=self.endpoint,
                     model=self.model,
                     role=role_to_proto(config.role),
-                    dp_rank=-1,
+                    **dp_registration(config),
                     self_registered=True,
                     nixl_side_channel=nixl_side_channel(config),
                     kv_connector=config.kv_transfer.connector
@@ -134,7 +143,7 @@ class WorkerServer:
             self._registrations.append(registration)
         info = {"worker_id": self.worker_id, "endpoint": self.endpoint, "model": self.model,
                 "role": config.role.value, "nixl_side_channel": nixl_side_channel(config),
-                "metrics": self.metrics_endpoint}
+                "metrics": self.metrics_endpoint, **dp_registration(config)}
         write_ready_file(self._ready_file, info)
         return info
 
