@@ -55,6 +55,15 @@ def dp_registration(config: WorkerConfig) -> dict[str, Any]:
             "dp_group": engine.data_parallel_group}
 
 
+def engine_parallel(engine: Any) -> dict[str, Any]:
+    """The running engine's own parallel settings (its vllm_config, as the engine core
+    got it): what `kvmesh up` reports, so a DP/EP setting is seen to reach the engine."""
+    parallel = engine.vllm_config.parallel_config
+    return {name: getattr(parallel, name) for name in (
+        "data_parallel_size", "data_parallel_rank", "data_parallel_external_lb",
+        "enable_expert_parallel", "tensor_parallel_size")}
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -144,6 +153,8 @@ class WorkerServer:
         info = {"worker_id": self.worker_id, "endpoint": self.endpoint, "model": self.model,
                 "role": config.role.value, "nixl_side_channel": nixl_side_channel(config),
                 "metrics": self.metrics_endpoint, **dp_registration(config)}
+        if self._engine is not None:
+            info["engine_parallel"] = engine_parallel(self._engine)
         write_ready_file(self._ready_file, info)
         return info
 
