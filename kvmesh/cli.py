@@ -107,6 +107,7 @@ def _bench_routing(args: argparse.Namespace) -> int:
     report = run_routing_bench(
         args.workload.split(","), args.policies.split(","), args.workers, args.requests,
         args.rate_per_worker, args.seed, args.out, mode=args.mode, real=real,
+        replicas=args.replicas,
         params=PRESETS[args.engine].__class__(**{
             **PRESETS[args.engine].__dict__,
             **({"capacity_blocks": args.num_kv_blocks} if args.num_kv_blocks else {})}),
@@ -290,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sim: the simulated engine: 'cpu' (SmolLM2 on 2 CPU cores) or "
                          "'fleet' (GPU-class, ~100k prefill tok/s: 256 workers serve "
                          "10,000 requests/s)")
+    routing.add_argument("--replicas", type=int, default=1,
+                         help="sim: also run kv_aware behind this many router replicas, "
+                         "each fed every worker's events, and report their agreement")
     routing.add_argument("--workers", type=int, default=16)
     routing.add_argument("--requests", type=int, default=2000)
     routing.add_argument("--rate-per-worker", type=float, default=3.5,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import random
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -359,7 +360,21 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
 
 
 def run_all(policies: list[str], workload: list[SimRequest], n_workers: int,
-            seed: int = 0, params: SimParams | None = None) -> dict[str, dict[str, float]]:
+            seed: int = 0, params: SimParams | None = None,
+            replicas: int = 1) -> dict[str, dict[str, float]]:
+    """Each policy over the workload; with ``replicas`` > 1 also kv_aware behind that
+    many router replicas (own bookings, then the same view), with their agreement."""
     rng = random.Random(seed)
-    return {name: simulate(name, workload, n_workers, params, rng.randrange(2**31))
-            for name in policies}
+    results = {}
+    for name in policies:
+        started = time.perf_counter()
+        results[name] = simulate(name, workload, n_workers, params, rng.randrange(2**31))
+        results[name]["sim_wall_s"] = round(time.perf_counter() - started, 1)
+    if replicas > 1:
+        for shared, label in ((False, ""), (True, ", same view")):
+            started = time.perf_counter()
+            key = f"kv_aware x{replicas} replicas{label}"
+            results[key] = simulate("kv_aware", workload, n_workers, params, seed,
+                                    replicas=replicas, shared_view=shared)
+            results[key]["sim_wall_s"] = round(time.perf_counter() - started, 1)
+    return results
