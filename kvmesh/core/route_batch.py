@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 #: google.rpc.Status trailer, as the router's error interceptor sends it.
 DETAILS_KEY = "grpc-status-details-bin"
 
+#: Longest a finished report waits for routes to ride with (the router's in-flight
+#: count of a worker may lag a finish by this much).
+FINISH_DELAY_S = 0.05
+
 SendBatch = Callable[[router_pb2.RouteBatchRequest, float], Awaitable[
     router_pb2.RouteBatchResponse]]
 
@@ -57,6 +61,7 @@ class RouteBatcher:
         self._finished: list[router_pb2.RequestFinishedRequest] = []
         self._in_flight = 0
         self._scheduled = False
+        self._finish_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: Batches sent and routes they carried (batching's effect, for tests/metrics).
         self.batches = 0
@@ -70,10 +75,22 @@ class RouteBatcher:
         return await future
 
     def finished(self, request_id: str, worker_id: str) -> None:
-        """Report a finished request with the next batch (never waited for)."""
+        """Report a finished request with the next batch (never waited for). It rides
+        with the next routes; without any, it goes on its own after
+        ``FINISH_DELAY_S`` (or once ``max_batch`` reports wait), so a report rarely
+        costs a round trip of its own."""
         self._finished.append(
             router_pb2.RequestFinishedRequest(request_id=request_id, worker_id=worker_id))
-        self._schedule()
+        if len(self._finished) >= self._max_batch:
+            self._schedule()
+        elif self._finish_timer is None:
+            self._finish_timer = asyncio.get_running_loop().call_later(
+                FINISH_DELAY_S, self._finish_due)
+
+    def _finish_due(self) -> None:
+        self._finish_timer = None
+        if self._finished:
+            self._schedule()
 
     def _schedule(self) -> None:
         # Once per loop turn: every call made in this turn joins the same batch.
@@ -83,6 +100,9 @@ class RouteBatcher:
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self._finish_timer is not None and self._routes:
+            self._finish_timer.cancel()  # the reports ride with these routes
+            self._finish_timer = None
         while self._in_flight < self._max_in_flight and (self._routes or self._finished):
             routes = [r for r in self._routes[:self._max_batch] if not r[1].done()]
             del self._routes[:self._max_batch]
@@ -117,5 +137,5 @@ class RouteBatcher:
                     future.set_result(result.decision)
         finally:
             self._in_flight -= 1
-            if self._routes or self._finished:
+            if self._routes or (self._finished and self._finish_timer is None):
                 self._schedule()

@@ -74,6 +74,8 @@ class WorkerRegistry:
         self._selected: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]],
                              list[WorkerState]] = {}
         self._selected_version = -1
+        self._models: list[str] = []
+        self._models_version = -1
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -213,4 +215,9 @@ class WorkerRegistry:
                       if w.dp_group == worker.dp_group and w.worker_id != worker_id)
 
     def models(self) -> list[str]:
-        return sorted({w.model for w in self._workers.values() if w.role != GATEWAY})
+        """The models served (asked on every route: kept until the worker set changes)."""
+        if self._models_version != self.version:
+            self._models = sorted({w.model for w in self._workers.values()
+                                   if w.role != GATEWAY})
+            self._models_version = self.version
+        return self._models

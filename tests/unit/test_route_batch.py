@@ -8,6 +8,7 @@ import grpc
 import pytest
 from google.rpc import status_pb2
 
+from kvmesh.core import route_batch
 from kvmesh.core.config import RouterConfig
 from kvmesh.core.route_batch import RouteBatcher
 from kvmesh.router.core import RouterCore
@@ -135,3 +136,20 @@ async def test_a_failed_batch_fails_every_route_in_it() -> None:
         return_exceptions=True)
     assert all(isinstance(r, grpc.aio.AioRpcError)
                and r.code() == grpc.StatusCode.UNAVAILABLE for r in results)
+
+
+async def test_finished_reports_ride_with_routes_or_go_alone_after_a_short_delay() -> None:
+    router = Router()
+    router.release.set()
+    batcher = RouteBatcher(router.send, timeout_s=5)
+    batcher.finished("f0", "a")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert router.calls == []  # not a round trip of its own at once
+    await batcher.route(router_pb2.RouteRequest(request_id="r0"))
+    assert len(router.calls) == 1
+    assert [f.request_id for f in router.calls[0].finished] == ["f0"]  # rode along
+    batcher.finished("f1", "a")
+    await asyncio.sleep(route_batch.FINISH_DELAY_S * 3)
+    assert len(router.calls) == 2 and not router.calls[1].requests
+    assert [f.request_id for f in router.calls[1].finished] == ["f1"]  # alone, later

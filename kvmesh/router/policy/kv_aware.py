@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
+from operator import attrgetter
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +29,8 @@ from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerState
 
 PLACEMENT_BLOCKS = 4
+_BLOCK_SIZE = attrgetter("block_size")
+_WORKER_ID = attrgetter("worker_id")
 MAX_REMEMBERED_MARKS = 65536
 _MASK64 = (1 << 64) - 1
 
@@ -78,14 +82,20 @@ class KvAwarePolicy:
         pending on the chosen worker)."""
         seed = namespace_seed(ctx.model, ctx.adapter)
         cached = np.zeros(len(workers))
-        sizes = np.fromiter((w.block_size for w in workers), np.int64, len(workers))
+        sizes = np.fromiter(map(_BLOCK_SIZE, workers), np.int64, len(workers))
         hashes_by_size: dict[int, U64Array] = {}
-        for block_size in set(sizes[sizes > 0].tolist()):
+        present = set(sizes.tolist())
+        for block_size in present - {0}:
             hashes = prompt_hash_array(ctx.token_ids, block_size, seed)
             hashes_by_size[block_size] = hashes
-            at = np.flatnonzero(sizes == block_size)
-            depth = self._index.match(hashes, [workers[i].worker_id for i in at.tolist()])
-            cached[at] = np.fromiter(depth.values(), np.float64, len(at)) * block_size
+            if len(present) == 1:  # one block size: every worker, no gather
+                at: Any = slice(None)
+                ids = list(map(_WORKER_ID, workers))
+            else:
+                at = np.flatnonzero(sizes == block_size)
+                ids = [workers[i].worker_id for i in at.tolist()]
+            depth = self._index.match(hashes, ids)
+            cached[at] = np.fromiter(depth.values(), np.float64, len(ids)) * block_size
         return cached, hashes_by_size, sizes
 
     def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
