@@ -13,9 +13,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
-from kvmesh.core import tracing
 from kvmesh.core.grpc_util import insecure_channel
 from kvmesh.core.route_batch import RouteBatcher
+from kvmesh.core.tracing import enabled as tracing_enabled
 from kvmesh.gateway.pd import (
     PdMetrics,
     generate_request,
@@ -42,7 +42,7 @@ class MeshClient:
         # Routes and finished reports share RouteBatch round trips (the router's per-call
         # cost dominates a decision); with tracing on, each Route stays its own call so
         # the router's span is a child of its request's trace.
-        self.batcher: RouteBatcher | None = None if tracing.enabled() else RouteBatcher(
+        self.batcher: RouteBatcher | None = None if tracing_enabled() else RouteBatcher(
             lambda request, timeout: self.router.RouteBatch(request, timeout=timeout),
             route_timeout_s)
         self._route_timeout_s = route_timeout_s

@@ -78,7 +78,7 @@ def test_dp_ep_gang_on_real_vllm(model_dir: Path, tmp_path: Path) -> None:
     config.write_text(
         "worker:\n  engine:\n"
         f"    model: {moe}\n    load_format: dummy\n    max_model_len: 512\n"
-        "    kv_cache_space_gib: 0.5\n    data_parallel_size: 2\n"
+        "    kv_cache_space_gib: 1\n    data_parallel_size: 2\n"
         "    enable_expert_parallel: true\n")
     up = UpProcess(tmp_path, topology=("--workers", "1"),
                    extra=("--config", str(config), "--no-embeddings", "--verbose"))
