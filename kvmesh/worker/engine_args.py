@@ -133,6 +133,10 @@ def data_parallel_kwargs(config: WorkerConfig) -> dict[str, Any]:
         "master_addr": engine.data_parallel_address,
         "master_port": engine.data_parallel_master_port,
         "enable_expert_parallel": engine.enable_expert_parallel,
+        # In a Ray placement group vLLM would pick its Ray executor for a DP world and
+        # join the cluster from the engine process by the node's address; each rank is
+        # one process of its own here.
+        "distributed_executor_backend": "mp",
     }
 
 

@@ -52,11 +52,12 @@ def test_each_rank_gets_vllms_external_lb_settings_for_its_rank(tmp_path) -> Non
     assert {k: kwargs[k] for k in (
         "data_parallel_size", "data_parallel_rank", "data_parallel_size_local",
         "data_parallel_external_lb", "data_parallel_address", "data_parallel_rpc_port",
-        "master_addr", "master_port", "enable_expert_parallel")} == {
+        "master_addr", "master_port", "enable_expert_parallel",
+        "distributed_executor_backend")} == {
         "data_parallel_size": 2, "data_parallel_rank": 1, "data_parallel_size_local": 1,
         "data_parallel_external_lb": True, "data_parallel_address": "127.0.0.1",
         "data_parallel_rpc_port": 41000, "master_addr": "127.0.0.1", "master_port": 41001,
-        "enable_expert_parallel": True}
+        "enable_expert_parallel": True, "distributed_executor_backend": "mp"}
     assert dp_registration(rank1) == {"dp_rank": 1, "dp_size": 2, "dp_group": "moe"}
     # Without DP: no DP settings, rank -1 at the router.
     assert "data_parallel_size" not in engine_kwargs(WorkerConfig(run_dir=tmp_path),
