@@ -23,21 +23,37 @@ def socket_name(worker_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", worker_id)
 
 
-def kv_events_config(run_dir: Path, worker_id: str) -> dict[str, Any]:
+def kv_events_config(run_dir: Path, worker_id: str, dp_rank: int = 0) -> dict[str, Any]:
     """KV-event publisher on ipc:// sockets in the run dir.
 
     vLLM's ZMQ publisher binds only ``tcp://*`` (all interfaces) or ``ipc://``; any
     other address makes it *connect* and publish into the void, and no config at all
     makes the servicer open one on every interface. So always IPC, always explicit.
+
+    A data-parallel rank r > 0 offsets its endpoints itself, and accepts only
+    ``tcp`` or ``inproc`` ones: an endpoint naming ``inproc`` gets ``_dp<r>`` appended,
+    so a rank's sockets are named for that (``dp_socket_links`` then points the names
+    the servicer subscribes to at them).
     """
     base = run_dir / socket_name(worker_id)
+    tag = "-inproc" if dp_rank > 0 else ""
     return {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"ipc://{base}-kv",
-        "replay_endpoint": f"ipc://{base}-kvr",
+        "endpoint": f"ipc://{base}{tag}-kv",
+        "replay_endpoint": f"ipc://{base}{tag}-kvr",
         "topic": "kv-events",
     }
+
+
+def dp_socket_links(events: dict[str, Any], dp_rank: int) -> list[tuple[Path, Path]]:
+    """(link, target) pairs: the ipc paths the servicer subscribes to (the configured
+    ones) → the paths a DP rank's engine binds (with ``_dp<rank>`` appended)."""
+    if dp_rank <= 0:
+        return []
+    return [(Path(events[key].removeprefix("ipc://")),
+             Path(events[key].removeprefix("ipc://") + f"_dp{dp_rank}"))
+            for key in ("endpoint", "replay_endpoint")]
 
 
 def kv_transfer_config(config: WorkerConfig) -> dict[str, Any] | None:
@@ -93,7 +109,9 @@ def engine_kwargs(
         "tensor_parallel_size": engine.tensor_parallel_size,
         "gpu_memory_utilization": engine.gpu_memory_utilization,
         "disable_log_stats": False,  # GetLoads reads the stat loggers
-        "kv_events_config": kv_events_config(config.run_dir, worker_id),
+        "kv_events_config": kv_events_config(config.run_dir, worker_id,
+                                             config.engine.data_parallel_rank or 0
+                                             if config.engine.data_parallel_size > 1 else 0),
     }
     transfer = kv_transfer_config(config)
     if transfer is not None:

@@ -26,6 +26,7 @@ from kvmesh.models.source import resolve_model
 from kvmesh.models.source import served_name as default_served_name
 from kvmesh.v1 import common_pb2
 from kvmesh.worker.engine_args import (
+    dp_socket_links,
     engine_env,
     engine_kwargs,
     kv_transfer_config,
@@ -188,6 +189,10 @@ class WorkerServer:
         from kvmesh.worker.vllm_servicer import KvmeshVllmEngineServicer
 
         kwargs = engine_kwargs(self.config, model_path, self.model, self.worker_id)
+        for link, target in dp_socket_links(kwargs["kv_events_config"],
+                                            kwargs.get("data_parallel_rank", 0)):
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)  # connect() follows it to the rank's socket
         kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
         if kv_transfer_config(self.config) is not None:
             kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])

@@ -121,3 +121,39 @@ async def test_requests_spread_over_the_ranks_and_a_prefix_stays_on_its_rank() -
                                                           token_ids=prompts[i])))
         assert choice.worker.worker_id == first[i]  # prefix-affine per rank
         assert choice.expected_cached_tokens == 512
+
+
+def test_a_ranks_kv_event_sockets_are_linked_where_the_servicer_subscribes(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import zmq
+
+    from kvmesh.worker.engine_args import dp_socket_links, kv_events_config
+
+    assert dp_socket_links(kv_events_config(tmp_path, "w"), 0) == []
+    events = kv_events_config(tmp_path, "moe-dp1", 1)
+    assert "inproc" in events["endpoint"]  # vLLM offsets such a name for rank 1
+    links = dp_socket_links(events, 1)
+    assert [str(t) for _, t in links] == [
+        events["endpoint"].removeprefix("ipc://") + "_dp1",
+        events["replay_endpoint"].removeprefix("ipc://") + "_dp1"]
+    link, target = links[0]
+    link.symlink_to(target)
+    ctx = zmq.Context.instance()
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    try:
+        pub.bind(f"ipc://{target}")  # where the rank's engine publishes
+        sub.connect(events["endpoint"])  # where the servicer subscribes
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.RCVTIMEO, 200)
+        for _ in range(25):
+            pub.send(b"kv")
+            try:
+                assert sub.recv() == b"kv"
+                break
+            except zmq.Again:
+                continue
+        else:
+            raise AssertionError("nothing arrived through the link")
+    finally:
+        pub.close(0)
+        sub.close(0)
