@@ -98,19 +98,25 @@ def test_dp_ep_gang_on_real_vllm(model_dir: Path, tmp_path: Path) -> None:
         assert set(asyncio.run(_route(up.state["router"], model, 12))) == {
             w["worker_id"] for w in ranks}  # the router spreads over the ranks
 
-        answers = []
-        with httpx.Client(base_url=up.state["http"], timeout=120) as client:
+        answers: list[httpx.Response | None] = []
+        with httpx.Client(base_url=up.state["http"], timeout=60) as client:
             for i in range(4):
-                answers.append(client.post("/completions", json={
-                    "model": model, "prompt": f"Tell me about number {i}.",
-                    "max_tokens": 4}))
+                try:
+                    answers.append(client.post("/completions", json={
+                        "model": model, "prompt": f"Tell me about number {i}.",
+                        "max_tokens": 4}))
+                except httpx.TimeoutException:  # a dead engine may never answer
+                    answers.append(None)
+                    break
         log = up.log.read_text()
-        if any(a.status_code != 200 for a in answers) and all(s in log for s in CPU_REFUSAL):
+        failed = any(a is None or a.status_code != 200 for a in answers)
+        if failed and all(s in log for s in CPU_REFUSAL):
             pytest.skip("vLLM's CPU backend started the DP/EP gang but refuses its first "
                         "MoE forward: NotImplementedError in "
                         "CpuCommunicator.all_gatherv (docs/data-parallel.md)")
-        assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
-        assert all(a.json()["usage"]["completion_tokens"] == 4 for a in answers)
+        served = [a for a in answers if a is not None]
+        assert [a.status_code for a in served] == [200] * 4, [a.text for a in served]
+        assert all(a.json()["usage"]["completion_tokens"] == 4 for a in served)
     except BaseException:
         up.dump()
         raise
