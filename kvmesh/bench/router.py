@@ -45,7 +45,7 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _chains(blocks: int, seed: int, chain_blocks: int = 256) -> list[np.ndarray]:
+def chains_of(blocks: int, seed: int, chain_blocks: int = 256) -> list[np.ndarray]:
     """The trace: token chains of ``chain_blocks`` blocks (compact numpy arrays)."""
     gen = np.random.default_rng(seed)
     sizes = [chain_blocks] * (blocks // chain_blocks)
@@ -54,13 +54,16 @@ def _chains(blocks: int, seed: int, chain_blocks: int = 256) -> list[np.ndarray]
     return [gen.integers(0, 49_000, n * BS, dtype=np.uint32) for n in sizes]
 
 
-def _fill(index: PrefixIndex, chains: list[np.ndarray]) -> float:
-    """Store every chain as BlockStored events of 64 blocks; return seconds spent."""
+def fill(index: PrefixIndex, chains: list[np.ndarray],
+          workers: list[str] | None = None) -> float:
+    """Store every chain as BlockStored events of 64 blocks, the chains dealt over
+    ``workers`` in turn (default the 16 of this benchmark); return seconds spent."""
+    holders = workers or WORKERS
     engine = 1
     elapsed = 0.0
     for c, tokens in enumerate(chains):
         n = len(tokens) // BS
-        worker = WORKERS[c % len(WORKERS)]
+        worker = holders[c % len(holders)]
         parent = None
         for start in range(0, n, 64):
             count = min(64, n - start)
@@ -80,9 +83,9 @@ INDEX_SIZES = (10_000, 100_000)
 
 def _filled(blocks: int, seed: int) -> tuple[PrefixIndex, list[np.ndarray]]:
     """A fresh index holding ``blocks`` blocks of a seeded trace, and that trace."""
-    chains = _chains(blocks, seed)
+    chains = chains_of(blocks, seed)
     index = PrefixIndex()
-    _fill(index, chains)
+    fill(index, chains)
     return index, chains
 
 
@@ -92,7 +95,7 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
             "p99_us": round(ordered[int(0.99 * (len(ordered) - 1))] * 1e6, 1)}
 
 
-def _prompt(chains: list[np.ndarray], prompt_tokens: int, i: int,
+def prompt_of(chains: list[np.ndarray], prompt_tokens: int, i: int,
             rng: random.Random) -> np.ndarray:
     """Even i: a cached chain (repeated to length); odd i: fresh tokens. One uint32
     buffer, as the router's servicer holds a request (np.frombuffer of the packed ids)."""
@@ -109,7 +112,7 @@ def _decisions(index: PrefixIndex, chains: list[np.ndarray], prompt_tokens: int,
                for w in WORKERS]
     samples = []
     for i in range(n):
-        prompt = _prompt(chains, prompt_tokens, i, rng)
+        prompt = prompt_of(chains, prompt_tokens, i, rng)
         ctx = RouteContext(request_id=str(i), model=MODEL, token_ids=prompt)
         t0 = time.perf_counter()
         policy.choose(ctx, workers)
@@ -135,7 +138,7 @@ def _ray_tree_match(chains: list[np.ndarray], prompt_tokens: int, rng: random.Ra
     insert_s = time.perf_counter() - t0
     samples = []
     for i in range(n):
-        query = text(_prompt(chains, prompt_tokens, i, rng).tolist())
+        query = text(prompt_of(chains, prompt_tokens, i, rng).tolist())
         t0 = time.perf_counter()
         tree.prefix_match(query, WORKERS)
         samples.append(time.perf_counter() - t0)
@@ -147,11 +150,11 @@ def _ray_tree_match(chains: list[np.ndarray], prompt_tokens: int, rng: random.Ra
 def run_router_bench(blocks: int = 1_000_000, ray_blocks: int = 20_000,
                      seed: int = 0) -> dict[str, Any]:
     rng = random.Random(seed)
-    chains = _chains(blocks, seed)
+    chains = chains_of(blocks, seed)
     kernels.warm_up()  # the compiled code's own memory is not the index's
     before = _rss()
     index = PrefixIndex()
-    ingest_s = _fill(index, chains)
+    ingest_s = fill(index, chains)
     after = _rss()
     freeze_heap()  # as the router service does once started (index restored)
     report: dict[str, Any] = {

@@ -58,6 +58,38 @@ class EngineConfig(BaseModel):
     load_format: str = Field(
         "auto", description="vLLM load format; 'dummy' gives random weights (plumbing tests)."
     )
+    data_parallel_size: int = Field(
+        1, ge=1,
+        description="Data-parallel attention ranks of this engine (vLLM data_parallel_size; "
+        "MoE models only). Above 1, `kvmesh up` starts that many ranks per worker as one "
+        "Ray placement group (all or none), each rank its own worker endpoint in vLLM's "
+        "external-load-balancer mode, so the router picks the rank (docs/data-parallel.md).")
+    enable_expert_parallel: bool = Field(
+        False, description="Shard the MoE experts over the data-parallel ranks instead of "
+        "replicating them (vLLM enable_expert_parallel).")
+    data_parallel_strategy: Literal["STRICT_PACK", "PACK"] = Field(
+        "STRICT_PACK",
+        description="Ray placement strategy of a DP gang: STRICT_PACK keeps every rank on "
+        "one node; PACK may spread them over nodes when one cannot hold all (then set "
+        "data_parallel_address to a node address the others reach).")
+    data_parallel_address: str = Field(
+        "127.0.0.1",
+        description="Address of rank 0 where the ranks meet (vLLM data_parallel_address "
+        "and master_addr); the loopback suits a STRICT_PACK gang.")
+    data_parallel_rank: int | None = Field(
+        None, ge=0,
+        description="This rank (vLLM data_parallel_rank); set per rank by the launcher.")
+    data_parallel_rpc_port: int = Field(
+        0, ge=0, le=65535,
+        description="Rank 0's coordination port (vLLM data_parallel_rpc_port); 0 lets the "
+        "launcher pick a free one for the gang.")
+    data_parallel_master_port: int = Field(
+        0, ge=0, le=65535,
+        description="The ranks' torch.distributed port (vLLM master_port); 0 lets the "
+        "launcher pick a free one for the gang.")
+    data_parallel_group: str = Field(
+        "", description="Name of the gang this rank belongs to, registered with the router "
+        "(set by the launcher).")
 
 
 KvConnectorName = Literal["nixl", "lmcache"]

@@ -30,7 +30,7 @@ from kvmesh.core.roles import WorkerRole
 from kvmesh.launch import placement
 from kvmesh.launch.loop_thread import LoopThread
 from kvmesh.launch.pool_runner import RunningPool, start_actors, stop_pool
-from kvmesh.launch.pools import check_cpus, plan_added_pool, plan_pools
+from kvmesh.launch.pools import check_cpus, plan_added_pool, plan_pools, with_ranks
 from kvmesh.launch.services import MeshServices, wait_registered
 from kvmesh.models.source import resolve_model, served_name
 
@@ -107,15 +107,19 @@ class MeshApp:
             router = await self.services.start_router()
             await asyncio.to_thread(self.services.init_ray, self.verbose)
             planned = plan_pools(cfg, router, self.run_dir)
-            everyone = [w for p in planned for w in p.workers]
+            # A data-parallel worker is one actor per rank, its gang in a group of its own.
+            from kvmesh.worker.worker import free_port
+
+            ranks = with_ranks(cfg, planned, lambda: free_port("127.0.0.1"))
+            everyone = [w for pool in ranks for w in pool]
             self._group = await asyncio.to_thread(
-                placement.reserve, everyone, cfg.placement, cfg.startup_timeout_s)
+                placement.Placement, everyone, cfg.placement, cfg.startup_timeout_s)
             log.info("starting %d worker(s) for %d model(s) (first start compiles; see %s)",
                      len(everyone), len(planned), self.run_dir)
             actors, infos = await start_actors(everyone, self._group, 0, cfg.startup_timeout_s)
             first = 0
-            for plan, model_id in zip(planned, ids, strict=True):
-                n = len(plan.workers)
+            for plan, pool_ranks, model_id in zip(planned, ranks, ids, strict=True):
+                n = len(pool_ranks)
                 self._pools[model_id] = RunningPool(
                     plan.model, model_id, actors[first:first + n], infos[first:first + n])
                 first += n

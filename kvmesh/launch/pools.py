@@ -10,6 +10,7 @@ forward pass is short and bursty.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,25 @@ def plan_pools(config: MeshConfig, router: str, run_dir: Path,
                                    engine, share, cores))
         pools.append(Pool(model, workers))
     return pools
+
+
+def with_ranks(config: MeshConfig, pools: list[Pool], ports: Callable[[], int],
+               ncpus: int | None = None) -> list[list[WorkerConfig]]:
+    """Each pool's actors: a data-parallel worker as one per rank (``placement.dp_ranks``:
+    each rank an engine of its own), and, unless the template binds cores itself, every
+    generative actor on a core slice of its own."""
+    from kvmesh.launch.placement import with_dp_ranks
+
+    ncpus = ncpus or (os.cpu_count() or 1)
+    out = [with_dp_ranks(p.workers, ports) for p in pools]
+    if config.worker.cpu_bind is not None:
+        return out
+    generative = [w for p, ws in zip(pools, out, strict=True) if not p.model.pooling
+                  for w in ws]
+    slots = {id(w): i for i, w in enumerate(generative)}
+    return [[w.model_copy(update={"cpu_bind": Cores(slots[id(w)], len(generative),
+                                                    ncpus).binding()})
+             if id(w) in slots else w for w in ws] for ws in out]
 
 
 def most_workers(config: MeshConfig, model: ModelConfig) -> int:

@@ -103,10 +103,16 @@ class RouterCore:
         self.registry.upsert(state)
         self.index.clear_worker(state.worker_id)
 
-    def remove_worker(self, worker_id: str) -> bool:
-        """A worker deregistered or expired: purge what it held from the index."""
-        removed = self.registry.remove(worker_id)
-        self.index.remove_worker(worker_id)
+    def remove_worker(self, worker_id: str) -> list[str]:
+        """A worker deregistered or expired: purge what it held from the index. A
+        data-parallel rank takes its whole gang with it (a gang does not run short).
+        Returns the ids removed."""
+        ids = [worker_id, *self.registry.gang_mates(worker_id)]
+        removed = [wid for wid in ids if self.registry.remove(wid)]
+        for wid in ids:
+            self.index.remove_worker(wid)
+        if len(removed) > 1:
+            log.warning("removed data-parallel gang of %s: %s", worker_id, ", ".join(removed))
         return removed
 
     async def drain_worker(self, worker_id: str) -> tuple[bool, int]:
@@ -119,11 +125,13 @@ class RouterCore:
         return True, len(worker.in_flight)
 
     def expire(self) -> list[str]:
-        """Workers whose lease ran out, removed from the registry and the index."""
-        expired = self.registry.expire()
-        for worker_id in expired:
-            self.index.remove_worker(worker_id)
-        return expired
+        """Workers whose lease ran out (and their gangs), removed from the registry and
+        the index."""
+        gone: list[str] = []
+        for worker_id in self.registry.lapsed():
+            if worker_id not in gone:
+                gone.extend(self.remove_worker(worker_id))
+        return gone
 
     def heartbeat(self, worker_id: str) -> bool:
         """A self-registered worker is alive; False when it is unknown here (expired

@@ -126,6 +126,8 @@ class WorkerLifecycle:
             kv_connector=info.kv_connector,
             dp_rank=info.dp_rank,
             policy=info.routing_policy,
+            dp_group=info.dp_group,
+            dp_size=info.dp_size,
             self_registered=info.self_registered,
             draining=info.draining,
         )
@@ -164,11 +166,12 @@ class WorkerLifecycle:
 
     async def deregister(self, worker_id: str) -> bool:
         removed = self.core.remove_worker(worker_id)
-        self._stop_watching(worker_id)
+        for wid in {worker_id, *removed}:
+            self._stop_watching(wid)
         if removed:
             log.info("worker %s deregistered", worker_id)
             await self.core.notify()
-        return removed
+        return bool(removed)
 
     async def _register_static(self, endpoint: str) -> None:
         """Keep trying to register a by-address worker until it answers."""

@@ -48,6 +48,9 @@ class WorkerState:
     dp_rank: int = -1
     #: Routing policy the worker's model asked for ('' : the router's own).
     policy: str = ""
+    #: The data-parallel gang this rank belongs to ('' for none) and its rank count.
+    dp_group: str = ""
+    dp_size: int = 0
     self_registered: bool = True
     #: Finishing what it has, taking nothing new (shutdown, scale-down): no policy
     #: sees it (``candidates``), WatchWorkers shows it.
@@ -76,6 +79,11 @@ class WorkerRegistry:
         self._lease_ttl_s = lease_ttl_s
         self._clock = clock
         self.version = 0
+        self._selected: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]],
+                             list[WorkerState]] = {}
+        self._selected_version = -1
+        self._models: list[str] = []
+        self._models_version = -1
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -145,10 +153,14 @@ class WorkerRegistry:
         worker.unreported_prefill_tokens = 0
         worker.last_seen = now
 
+    def lapsed(self) -> list[str]:
+        """Workers not seen within the lease (still registered)."""
+        cutoff = self._clock() - self._lease_ttl_s
+        return [wid for wid, w in self._workers.items() if w.last_seen < cutoff]
+
     def expire(self) -> list[str]:
         """Remove workers not seen within the lease; return their ids."""
-        cutoff = self._clock() - self._lease_ttl_s
-        dead = [wid for wid, w in self._workers.items() if w.last_seen < cutoff]
+        dead = self.lapsed()
         for wid in dead:
             self.remove(wid)
         return dead
@@ -178,9 +190,25 @@ class WorkerRegistry:
         """Workers of ``roles`` serving ``model`` (and ``adapter``), in id order.
 
         The default roles are the ones that can run a whole request (a decode worker
-        prefills locally when it gets no KV)."""
+        prefills locally when it gets no KV). The selection is kept until the worker
+        set changes (every decision asks; at hundreds of workers filtering and
+        sorting would cost more than the decision)."""
+        key = (model, adapter, tuple(exclude), tuple(roles))
+        if self._selected_version != self.version:
+            self._selected.clear()
+            self._selected_version = self.version
+        selected = self._selected.get(key)
+        if selected is None:
+            if len(self._selected) > 1024:  # many distinct exclude lists: start over
+                self._selected.clear()
+            selected = self._selected[key] = self._select(model, adapter, key[2], key[3])
+        return list(selected)
+
+    def _select(self, model: str, adapter: str, exclude: Iterable[str],
+                roles: Iterable[str]) -> list[WorkerState]:
         excluded = set(exclude)
         wanted = set(roles)
+        whole = self.whole_gangs()
         return sorted(
             (
                 w
@@ -191,9 +219,34 @@ class WorkerRegistry:
                 and w.worker_id not in excluded
                 and not w.draining
                 and not w.unreachable
+                and (not w.dp_group or w.dp_group in whole)
             ),
             key=lambda w: w.worker_id,
         )
 
+    def whole_gangs(self) -> set[str]:
+        """Data-parallel groups with every rank registered: a gang serves whole or not
+        at all (its ranks meet in collectives every step)."""
+        ranks: dict[str, set[int]] = {}
+        sizes: dict[str, int] = {}
+        for w in self._workers.values():
+            if w.dp_group:
+                ranks.setdefault(w.dp_group, set()).add(w.dp_rank)
+                sizes[w.dp_group] = w.dp_size
+        return {g for g, seen in ranks.items() if len(seen) >= sizes[g]}
+
+    def gang_mates(self, worker_id: str) -> list[str]:
+        """The other ranks of ``worker_id``'s data-parallel group (none without one)."""
+        worker = self._workers.get(worker_id)
+        if worker is None or not worker.dp_group:
+            return []
+        return sorted(w.worker_id for w in self._workers.values()
+                      if w.dp_group == worker.dp_group and w.worker_id != worker_id)
+
     def models(self) -> list[str]:
-        return sorted({w.model for w in self._workers.values() if w.role != GATEWAY})
+        """The models served (asked on every route: kept until the worker set changes)."""
+        if self._models_version != self.version:
+            self._models = sorted({w.model for w in self._workers.values()
+                                   if w.role != GATEWAY})
+            self._models_version = self.version
+        return self._models

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import grpc
 import numpy as np
 
-from kvmesh.core.errors import InvalidRequestError
+from kvmesh.core.error_map import grpc_code_for, rich_status
+from kvmesh.core.errors import InvalidRequestError, KvmeshError
 from kvmesh.core.internal_auth import check_internal_token
 from kvmesh.core.logs import request_id_var
 from kvmesh.core.roles import GATEWAY, role_to_proto
@@ -47,6 +48,8 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
         block_size=w.block_size,
         nixl_side_channel=w.nixl_side_channel,
         dp_rank=w.dp_rank,
+        dp_group=w.dp_group,
+        dp_size=w.dp_size,
         metrics_endpoint=w.metrics_endpoint,
         kv_connector=w.kv_connector,
         http_endpoint=w.http_endpoint,
@@ -76,10 +79,22 @@ def status_to_proto(status: WorkerStatus) -> router_pb2.WorkerStatus:
     )
 
 
+async def batch_result(decision: Awaitable[router_pb2.RouteDecision]
+                       ) -> router_pb2.RouteBatchResult:
+    """One request of a RouteBatch: its decision, or its error as Route would send it."""
+    try:
+        return router_pb2.RouteBatchResult(decision=await decision)
+    except KvmeshError as exc:
+        return router_pb2.RouteBatchResult(
+            code=grpc_code_for(exc).value[0], message=exc.message,
+            status_details=rich_status(exc).SerializeToString(), param=exc.param or "")
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, core: RouterCore, lifecycle: WorkerLifecycle) -> None:
         self.core = core
         self.lifecycle = lifecycle
+        self._infos: dict[str, tuple[WorkerState, common_pb2.WorkerInfo]] = {}
         #: host:port of this router's /metrics, told to gateways for service discovery.
         self.metrics_endpoint = ""
 
@@ -131,13 +146,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteDecision:
-        request_id_var.set(request.request_id)  # this RPC's task: its log lines carry it
+        await self._refuse_while_warming(context)
+        return await self._route(request, context.time_remaining())
+
+    async def _refuse_while_warming(self, context: grpc.aio.ServicerContext) -> None:
         missing = self.lifecycle.warming()
         if missing:
             # Not a kvmesh error (no details): the gateway asks another replica.
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"router restarted; waiting for {len(missing)} worker(s) to register again")
+
+    async def _route(self, request: router_pb2.RouteRequest,
+                     time_remaining_s: float | None) -> router_pb2.RouteDecision:
+        request_id_var.set(request.request_id)  # this RPC's task: its log lines carry it
         ctx = RouteContext(
             request_id=request.request_id,
             model=request.model,
@@ -146,18 +168,41 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             max_tokens=request.max_tokens,
         )
         choice = await self.core.route(RouteQuery(
-            ctx, request.exclude_worker_ids, context.time_remaining(),
+            ctx, request.exclude_worker_ids, time_remaining_s,
             preview=request.preview, prefer=request.prefer_worker_id))
         return router_pb2.RouteDecision(
             mode=router_pb2.RouteDecision.MODE_DISAGGREGATED if choice.disaggregated
             else router_pb2.RouteDecision.MODE_AGGREGATED,
-            worker=worker_to_proto(choice.worker),
-            prefill_worker=worker_to_proto(choice.prefill_worker)
+            worker=self._info(choice.worker),
+            prefill_worker=self._info(choice.prefill_worker)
             if choice.prefill_worker else None,
             expected_cached_tokens=choice.expected_cached_tokens,
             reason=choice.reason,
             policy=self.core.policy_for(request.model).name,
         )
+
+    def _info(self, w: WorkerState) -> common_pb2.WorkerInfo:
+        """The worker's WorkerInfo, built once per registration (the same
+        WorkerState object) instead of once per decision."""
+        cached = self._infos.get(w.worker_id)
+        if cached is None or cached[0] is not w:
+            cached = self._infos[w.worker_id] = (w, worker_to_proto(w))
+        return cached[1]
+
+    async def RouteBatch(
+        self, request: router_pb2.RouteBatchRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouteBatchResponse:
+        for done in request.finished:
+            self.core.finish(done.worker_id, done.request_id)
+        await self._refuse_while_warming(context)
+        remaining = context.time_remaining()
+        requests = request.requests
+        if len(requests) == 1:
+            results = [await batch_result(self._route(requests[0], remaining))]
+        else:
+            results = await asyncio.gather(
+                *(batch_result(self._route(r, remaining)) for r in requests))
+        return router_pb2.RouteBatchResponse(results=results)
 
     async def RequestFinished(
         self, request: router_pb2.RequestFinishedRequest, context: grpc.aio.ServicerContext

@@ -122,6 +122,34 @@ class RequestFinishedResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RouteBatchRequest(_message.Message):
+    __slots__ = ("requests", "finished")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RouteRequest]
+    finished: _containers.RepeatedCompositeFieldContainer[RequestFinishedRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RouteRequest, _Mapping]]] = ..., finished: _Optional[_Iterable[_Union[RequestFinishedRequest, _Mapping]]] = ...) -> None: ...
+
+class RouteBatchResult(_message.Message):
+    __slots__ = ("decision", "code", "message", "status_details", "param")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    decision: RouteDecision
+    code: int
+    message: str
+    status_details: bytes
+    param: str
+    def __init__(self, decision: _Optional[_Union[RouteDecision, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., status_details: _Optional[bytes] = ..., param: _Optional[str] = ...) -> None: ...
+
+class RouteBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RouteBatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RouteBatchResult, _Mapping]]] = ...) -> None: ...
+
 class ListWorkersRequest(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class RouterStub:
                 request_serializer=kvmesh_dot_v1_dot_router__pb2.RequestFinishedRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_router__pb2.RequestFinishedResponse.FromString,
                 _registered_method=True)
+        self.RouteBatch = channel.unary_unary(
+                '/kvmesh.v1.Router/RouteBatch',
+                request_serializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchResponse.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/kvmesh.v1.Router/ListWorkers',
                 request_serializer=kvmesh_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
@@ -126,6 +131,16 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RouteBatch(self, request, context):
+        """Many Route calls and RequestFinished reports in one round trip: a gateway sends
+        what its requests ask while its previous batch is out, so the per-call cost of
+        gRPC is paid once per batch. Finished reports are applied first; results come in
+        request order, each a decision or that request's own error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkers(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -171,6 +186,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.RequestFinished,
                     request_deserializer=kvmesh_dot_v1_dot_router__pb2.RequestFinishedRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_router__pb2.RequestFinishedResponse.SerializeToString,
+            ),
+            'RouteBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RouteBatch,
+                    request_deserializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchResponse.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
@@ -345,6 +365,33 @@ class Router:
             '/kvmesh.v1.Router/RequestFinished',
             kvmesh_dot_v1_dot_router__pb2.RequestFinishedRequest.SerializeToString,
             kvmesh_dot_v1_dot_router__pb2.RequestFinishedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RouteBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Router/RouteBatch',
+            kvmesh_dot_v1_dot_router__pb2.RouteBatchRequest.SerializeToString,
+            kvmesh_dot_v1_dot_router__pb2.RouteBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

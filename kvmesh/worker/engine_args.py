@@ -23,21 +23,37 @@ def socket_name(worker_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", worker_id)
 
 
-def kv_events_config(run_dir: Path, worker_id: str) -> dict[str, Any]:
+def kv_events_config(run_dir: Path, worker_id: str, dp_rank: int = 0) -> dict[str, Any]:
     """KV-event publisher on ipc:// sockets in the run dir.
 
     vLLM's ZMQ publisher binds only ``tcp://*`` (all interfaces) or ``ipc://``; any
     other address makes it *connect* and publish into the void, and no config at all
     makes the servicer open one on every interface. So always IPC, always explicit.
+
+    A data-parallel rank r > 0 offsets its endpoints itself, and accepts only
+    ``tcp`` or ``inproc`` ones: an endpoint naming ``inproc`` gets ``_dp<r>`` appended,
+    so a rank's sockets are named for that (``dp_socket_links`` then points the names
+    the servicer subscribes to at them).
     """
     base = run_dir / socket_name(worker_id)
+    tag = "-inproc" if dp_rank > 0 else ""
     return {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"ipc://{base}-kv",
-        "replay_endpoint": f"ipc://{base}-kvr",
+        "endpoint": f"ipc://{base}{tag}-kv",
+        "replay_endpoint": f"ipc://{base}{tag}-kvr",
         "topic": "kv-events",
     }
+
+
+def dp_socket_links(events: dict[str, Any], dp_rank: int) -> list[tuple[Path, Path]]:
+    """(link, target) pairs: the ipc paths the servicer subscribes to (the configured
+    ones) → the paths a DP rank's engine binds (with ``_dp<rank>`` appended)."""
+    if dp_rank <= 0:
+        return []
+    return [(Path(events[key].removeprefix("ipc://")),
+             Path(events[key].removeprefix("ipc://") + f"_dp{dp_rank}"))
+            for key in ("endpoint", "replay_endpoint")]
 
 
 def kv_transfer_config(config: WorkerConfig) -> dict[str, Any] | None:
@@ -93,7 +109,9 @@ def engine_kwargs(
         "tensor_parallel_size": engine.tensor_parallel_size,
         "gpu_memory_utilization": engine.gpu_memory_utilization,
         "disable_log_stats": False,  # GetLoads reads the stat loggers
-        "kv_events_config": kv_events_config(config.run_dir, worker_id),
+        "kv_events_config": kv_events_config(config.run_dir, worker_id,
+                                             config.engine.data_parallel_rank or 0
+                                             if config.engine.data_parallel_size > 1 else 0),
     }
     transfer = kv_transfer_config(config)
     if transfer is not None:
@@ -108,7 +126,36 @@ def engine_kwargs(
         kwargs["max_num_seqs"] = engine.max_num_seqs
     if engine.num_kv_blocks is not None:
         kwargs["num_gpu_blocks_override"] = engine.num_kv_blocks
+    kwargs.update(data_parallel_kwargs(config))
     return kwargs
+
+
+def data_parallel_kwargs(config: WorkerConfig) -> dict[str, Any]:
+    """vLLM's data-parallel settings for this rank, in external-load-balancer mode (each
+    rank its own engine and endpoint; the router picks the rank); empty without DP."""
+    engine = config.engine
+    if engine.data_parallel_size <= 1:
+        return {"enable_expert_parallel": True} if engine.enable_expert_parallel else {}
+    if engine.data_parallel_rank is None or not engine.data_parallel_rpc_port \
+            or not engine.data_parallel_master_port:
+        raise ValueError("a data-parallel rank needs data_parallel_rank, "
+                         "data_parallel_rpc_port and data_parallel_master_port "
+                         "(the launcher sets them per rank)")
+    return {
+        "data_parallel_size": engine.data_parallel_size,
+        "data_parallel_rank": engine.data_parallel_rank,
+        "data_parallel_size_local": 1,
+        "data_parallel_external_lb": True,
+        "data_parallel_address": engine.data_parallel_address,
+        "data_parallel_rpc_port": engine.data_parallel_rpc_port,
+        "master_addr": engine.data_parallel_address,
+        "master_port": engine.data_parallel_master_port,
+        "enable_expert_parallel": engine.enable_expert_parallel,
+        # In a Ray placement group vLLM would pick its Ray executor for a DP world and
+        # join the cluster from the engine process by the node's address; each rank is
+        # one process of its own here.
+        "distributed_executor_backend": "mp",
+    }
 
 
 def engine_env(config: WorkerConfig) -> dict[str, str]:

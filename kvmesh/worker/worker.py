@@ -33,6 +33,7 @@ from kvmesh.models.source import resolve_model
 from kvmesh.models.source import served_name as default_served_name
 from kvmesh.v1 import common_pb2
 from kvmesh.worker.engine_args import (
+    dp_socket_links,
     engine_env,
     engine_kwargs,
     kv_transfer_config,
@@ -51,6 +52,24 @@ def with_side_channel(config: WorkerConfig) -> WorkerConfig:
     port = free_port(kv.side_channel_host)
     return config.model_copy(
         update={"kv_transfer": kv.model_copy(update={"side_channel_port": port})})
+
+
+def dp_registration(config: WorkerConfig) -> dict[str, Any]:
+    """What the router learns of the worker's data-parallel gang (rank -1: none)."""
+    engine = config.engine
+    if engine.data_parallel_size <= 1 or engine.data_parallel_rank is None:
+        return {"dp_rank": -1}
+    return {"dp_rank": engine.data_parallel_rank, "dp_size": engine.data_parallel_size,
+            "dp_group": engine.data_parallel_group}
+
+
+def engine_parallel(engine: Any) -> dict[str, Any]:
+    """The running engine's own parallel settings (its vllm_config, as the engine core
+    got it): what `kvmesh up` reports, so a DP/EP setting is seen to reach the engine."""
+    parallel = engine.vllm_config.parallel_config
+    return {name: getattr(parallel, name) for name in (
+        "data_parallel_size", "data_parallel_rank", "data_parallel_external_lb",
+        "enable_expert_parallel", "tensor_parallel_size")}
 
 
 def free_port(host: str) -> int:
@@ -136,7 +155,7 @@ class WorkerServer:
                     endpoint=self.endpoint,
                     model=self.model,
                     role=role_to_proto(config.role),
-                    dp_rank=-1,
+                    **dp_registration(config),
                     self_registered=True,
                     nixl_side_channel=nixl_side_channel(config),
                     kv_connector=config.kv_transfer.connector
@@ -151,7 +170,9 @@ class WorkerServer:
             self._registrations.append(registration)
         info = {"worker_id": self.worker_id, "endpoint": self.endpoint, "model": self.model,
                 "role": config.role.value, "nixl_side_channel": nixl_side_channel(config),
-                "metrics": self.metrics_endpoint}
+                "metrics": self.metrics_endpoint, **dp_registration(config)}
+        if self._engine is not None:
+            info["engine_parallel"] = engine_parallel(self._engine)
         write_ready_file(self._ready_file, info)
         return info
 
@@ -185,6 +206,10 @@ class WorkerServer:
         from kvmesh.worker.vllm_servicer import KvmeshVllmEngineServicer
 
         kwargs = engine_kwargs(self.config, model_path, self.model, self.worker_id)
+        for link, target in dp_socket_links(kwargs["kv_events_config"],
+                                            kwargs.get("data_parallel_rank", 0)):
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)  # connect() follows it to the rank's socket
         kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
         if kv_transfer_config(self.config) is not None:
             kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])

@@ -146,3 +146,90 @@ def test_a_mesh_the_cluster_cannot_hold_fails_at_once(
         assert cluster_view(cluster)["available"].get("kvmesh_pool") == 2
     finally:
         terminate(proc, 60)
+
+
+def _router_workers(router: str) -> list[Any]:
+    import asyncio
+
+    import grpc
+
+    from kvmesh.v1 import router_pb2, router_pb2_grpc
+
+    async def ask() -> list[Any]:
+        async with grpc.aio.insecure_channel(router) as channel:
+            reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
+                router_pb2.ListWorkersRequest(), timeout=10)
+            return list(reply.workers)
+
+    return asyncio.run(ask())
+
+
+def _route(router: str, prompts: list[bytes], tag: str) -> list[str]:
+    import asyncio
+
+    import grpc
+
+    from kvmesh.v1 import router_pb2, router_pb2_grpc
+
+    async def ask() -> list[str]:
+        async with grpc.aio.insecure_channel(router) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            chosen = []
+            for i, packed in enumerate(prompts):
+                decision = await stub.Route(router_pb2.RouteRequest(
+                    request_id=f"{tag}{i}", model="SmolLM2-135M-Instruct",
+                    packed_token_ids=packed), timeout=10)
+                chosen.append(decision.worker.worker_id)
+            return chosen
+
+    return asyncio.run(ask())
+
+
+def test_a_dp_gang_starts_as_one_group_spreads_requests_and_goes_as_one(
+        cluster: str, tmp_path: Path, model_dir: Path) -> None:
+    """data_parallel_size 2 + expert parallelism (fake engine): both ranks start in one
+    STRICT_PACK placement group of their own, register as one DP group, take requests
+    in turn (a prompt's prefix staying on its rank), and when one rank dies the router
+    drops the whole gang while the other rank still runs."""
+    import random
+    import signal
+
+    import numpy as np
+
+    proc = deploy(tmp_path, cluster, (
+        "workers: 1\nrouter: {lease_ttl_s: 3, heartbeat_interval_s: 1}\n"
+        "worker: {num_cpus: 0.5, engine: {data_parallel_size: 2, "
+        "enable_expert_parallel: true, data_parallel_strategy: STRICT_PACK}}\n"))
+    try:
+        state = wait_ready_file(tmp_path / "up.json", 240, proc, "kvmesh deploy ray")
+        ranks = sorted(state["workers"], key=lambda w: w["dp_rank"])
+        assert [(w["dp_rank"], w["dp_size"]) for w in ranks] == [(0, 2), (1, 2)]
+        group = ranks[0]["dp_group"]
+        assert group and ranks[1]["dp_group"] == group
+        assert {"name": group, "state": "CREATED", "strategy": "STRICT_PACK"} in cluster_view(
+            cluster)["groups"]
+        listed = _router_workers(state["router"])
+        assert sorted((w.worker.dp_group, w.worker.dp_rank, w.worker.dp_size)
+                      for w in listed) == [(group, 0, 2), (group, 1, 2)]
+
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(100, 40_000, 256, dtype=np.uint32).astype("<u4").tobytes()
+                   for _ in range(12)]
+        first = _route(state["router"], prompts, "a")
+        assert set(first) == {w["worker_id"] for w in ranks}  # spread over both ranks
+        again = random.Random(0).sample(range(12), 6)
+        assert _route(state["router"], [prompts[i] for i in again], "b") == [
+            first[i] for i in again]  # each prefix on its rank
+
+        os.kill(ranks[1]["pid"], signal.SIGKILL)  # one rank of the gang dies
+        deadline = time.monotonic() + 60
+        while _router_workers(state["router"]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _router_workers(state["router"]) == []  # the whole gang is gone
+        os.kill(ranks[0]["pid"], 0)  # while rank 0 itself still runs
+    finally:
+        subprocess.run([sys.executable, "-m", "kvmesh.cli", "down", "--state-file",
+                        str(tmp_path / "up.json")], capture_output=True, timeout=120,
+                       check=False)
+        terminate(proc, 60)
+        print((tmp_path / "deploy.log").read_text()[-4000:])

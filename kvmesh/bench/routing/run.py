@@ -68,6 +68,7 @@ def run_routing_bench(
     workloads: list[str], policies: list[str], workers: int, requests: int,
     rate_per_worker: float, seed: int, out: Path | None,
     params: SimParams | None = None, mode: str = "sim", real: dict[str, Any] | None = None,
+    replicas: int = 1,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {
         "mode": mode, "workers": workers, "requests": requests,
@@ -80,7 +81,7 @@ def run_routing_bench(
 
             results = run_real(workload, policies, workers, **(real or {}))
         else:
-            results = run_all(policies, workload, workers, seed, params)
+            results = run_all(policies, workload, workers, seed, params, replicas)
         report["workloads"][name] = {"results": results, "ratios": ratios(results)}
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import random
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,30 @@ class SimParams:
     max_running: int = 128
 
 
+#: A GPU-class engine per worker (~100k prefill tokens/s, 4 ms step, 0.1 ms per running
+#: sequence, 8k-token steps, 4096 blocks of KV), so a 256-worker fleet serves 10,000
+#: requests/s of the benchmark workloads: the load the router must keep up with there.
+FLEET = SimParams(capacity_blocks=4096, step_base_s=0.004, decode_s_per_seq=0.0001,
+                  prefill_s_per_token=0.00001, max_batched_tokens=8192, max_running=256)
+PRESETS = {"cpu": SimParams(), "fleet": FLEET}
+
+
+def best_prefix(holders: dict[int, set[str]], hashes: list[int]) -> int:
+    """Blocks of ``hashes`` the best single worker holds as a prefix (the oracle), from
+    the fleet's block → holders map: the holders of every block so far, intersected."""
+    alive: set[str] | None = None
+    depth = 0
+    for h in hashes:
+        held = holders.get(h)
+        if not held:
+            break
+        alive = set(held) if alive is None else alive & held
+        if not alive:
+            break
+        depth += 1
+    return depth
+
+
 @dataclass
 class _Queued:
     rid: int
@@ -65,14 +90,18 @@ class _Running:
 
 
 class SimWorker:
-    def __init__(self, worker_id: str, params: SimParams) -> None:
+    def __init__(self, worker_id: str, params: SimParams,
+                 holders: dict[int, set[str]] | None = None) -> None:
         self.worker_id = worker_id
         self.p = params
+        #: The fleet's block hash → workers holding it (shared, for the oracle).
+        self.holders: dict[int, set[str]] = {} if holders is None else holders
         self.cache: OrderedDict[int, None] = OrderedDict()
         self.queue: deque[_Queued] = deque()
         self.running: list[_Running] = []
         self.stepping = False
         self.seq = 0
+        self.pending = 0
 
     def engine_hashes(self, prompt: tuple[int, ...]) -> list[int]:
         bs = self.p.block_size
@@ -118,18 +147,30 @@ class SimWorker:
             events.append(common_pb2.KvCacheEvent(stored=stored))
             for h in new:
                 self.cache[h] = None
+                self.holders.setdefault(h, set()).add(self.worker_id)
             evicted = []
             while len(self.cache) > self.p.capacity_blocks:
-                evicted.append(self.cache.popitem(last=False)[0])
+                gone = self.cache.popitem(last=False)[0]
+                evicted.append(gone)
+                held = self.holders.get(gone)
+                if held is not None:
+                    held.discard(self.worker_id)
+                    if not held:
+                        del self.holders[gone]
             if evicted:
                 events.append(common_pb2.KvCacheEvent(
                     removed=common_pb2.KvBlocksRemoved(block_hashes=evicted)))
         self.seq += 1
         return hit * bs, common_pb2.KvEventBatch(sequence_number=self.seq, events=events)
 
+    def enqueue(self, item: _Queued) -> None:
+        self.queue.append(item)
+        self.pending += item.uncached_estimate
+
     def pending_prefill_tokens(self) -> int:
-        return sum(q.remaining if q.remaining >= 0 else q.uncached_estimate
-                   for q in self.queue)
+        """Prefill tokens queued (estimates until scheduled), kept as a running sum:
+        an overloaded worker's queue holds thousands."""
+        return self.pending
 
     def plan_step(self) -> tuple[float, list[_Queued]]:
         """Schedule one engine step; return its duration and the prompts it finishes."""
@@ -143,8 +184,10 @@ class SimWorker:
                 item.cached = min(self.lookup(item.request.prompt),
                                   len(item.request.prompt) - 1)
                 item.remaining = len(item.request.prompt) - item.cached
+                self.pending += item.remaining - item.uncached_estimate
             take = min(budget, item.remaining)
             item.remaining -= take
+            self.pending -= take
             budget -= take
             prefilled += take
             if item.remaining == 0:
@@ -176,24 +219,50 @@ class PolicyResult:
         }
 
 
+@dataclass
+class _Replica:
+    """One router replica: its own registry, index and policy."""
+
+    registry: WorkerRegistry
+    index: PrefixIndex
+    policy: Any
+    stats: FollowerStats = field(default_factory=FollowerStats)
+
+
 def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
              params: SimParams | None = None, seed: int = 0,
-             cost: CostParams | None = None) -> dict[str, float]:
-    """Run one policy over one workload; return its metrics."""
+             cost: CostParams | None = None, replicas: int = 1,
+             shared_view: bool = False) -> dict[str, float]:
+    """Run one policy over one workload; return its metrics.
+
+    With ``replicas`` > 1 (kv_aware), that many router replicas each get every worker's
+    KV events and load reports; requests take turns among them, and each finished
+    report goes to the replica that routed it. At every arrival each other replica's
+    choice for the same request is computed too (without booking it), giving
+    ``agreement``: the share of (request, replica) pairs that chose the deciding
+    replica's worker. ``shared_view`` also tells every replica of every booking, so
+    their views are the same (the determinism check: agreement 1.0)."""
     p = params or SimParams()
     clock = [0.0]
-    registry = WorkerRegistry(lease_ttl_s=1e12, clock=lambda: clock[0])
-    index = PrefixIndex(clock=lambda: clock[0])
-    policy = make_policy(policy_name, seed, index, cost)
-    workers = {f"w{i:03d}": SimWorker(f"w{i:03d}", p) for i in range(n_workers)}
+    if replicas > 1 and policy_name != "kv_aware":
+        raise ValueError("replica agreement is measured for kv_aware")
+    routers = []
+    for _ in range(replicas):
+        index = PrefixIndex(clock=lambda: clock[0])
+        routers.append(_Replica(WorkerRegistry(lease_ttl_s=1e12, clock=lambda: clock[0]),
+                                index, make_policy(policy_name, seed, index, cost)))
+    holders: dict[int, set[str]] = {}
+    workers = {f"w{i:03d}": SimWorker(f"w{i:03d}", p, holders) for i in range(n_workers)}
     for wid in workers:
-        registry.upsert(WorkerState(worker_id=wid, endpoint=wid, model=MODEL,
-                                    block_size=p.block_size,
-                                    kv_capacity_tokens=p.capacity_blocks * p.block_size))
-    stats = FollowerStats()
+        for r in routers:
+            r.registry.upsert(WorkerState(worker_id=wid, endpoint=wid, model=MODEL,
+                                          block_size=p.block_size,
+                                          kv_capacity_tokens=p.capacity_blocks * p.block_size))
     result = PolicyResult(first_arrival=requests[0].arrival_s if requests else 0.0)
     heap: list[tuple[float, int, str, Any]] = []
     counter = 0
+    owner: dict[str, list[_Replica]] = {}
+    agree = compared = 0
 
     def push(t: float, kind: str, payload: Any) -> None:
         nonlocal counter
@@ -203,8 +272,10 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
     def report(w: SimWorker) -> None:
         # Like the servicer: running/waiting counts, KV usage, and the prefill work the
         # engine holds that has produced no output yet.
-        registry.report_load(w.worker_id, len(w.running), len(w.queue),
-                             len(w.cache) / p.capacity_blocks, w.pending_prefill_tokens())
+        for r in routers:
+            r.registry.report_load(w.worker_id, len(w.running), len(w.queue),
+                                   len(w.cache) / p.capacity_blocks,
+                                   w.pending_prefill_tokens())
 
     def step(w: SimWorker, now: float) -> None:
         if w.stepping or not (w.queue or w.running):
@@ -217,8 +288,9 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
         push(request.arrival_s, "arrive", (rid, request))
 
     def finish(worker_id: str, rid: str) -> None:
-        registry.finished(worker_id, rid)
-        policy.finished(rid)
+        for r in owner.pop(rid):
+            r.registry.finished(worker_id, rid)
+            r.policy.finished(rid)
 
     while heap:
         now, _, kind, payload = heapq.heappop(heap)
@@ -227,16 +299,29 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
             rid, request = payload
             ctx = RouteContext(request_id=str(rid), model=MODEL, token_ids=request.prompt,
                                max_tokens=request.output_tokens)
-            choice = pick(policy, ctx, registry.candidates(MODEL))
-            registry.routed(choice.worker.worker_id, str(rid),
-                            len(request.prompt) - choice.expected_cached_tokens)
+            deciding = routers[rid % replicas]
+            others = [r for r in routers if r is not deciding]
+            peeks = [r.policy.decide(ctx, r.registry.candidates(MODEL))[0].worker.worker_id
+                     for r in others]
+            choice = pick(deciding.policy, ctx, deciding.registry.candidates(MODEL))
+            wid = choice.worker.worker_id
+            agree += sum(1 for x in peeks if x == wid)
+            compared += len(peeks)
+            booked = [deciding]
+            if shared_view:
+                for r in others:
+                    r.policy.book(ctx, r.registry.get(wid))
+                booked = routers
+            for r in booked:
+                r.registry.routed(wid, str(rid),
+                                  len(request.prompt) - choice.expected_cached_tokens)
+            owner[str(rid)] = booked
             hashes = workers["w000"].engine_hashes(request.prompt)  # same scheme everywhere
-            result.oracle_tokens += p.block_size * max(
-                w.cached_blocks(hashes) for w in workers.values())
+            result.oracle_tokens += p.block_size * best_prefix(holders, hashes)
             result.prompt_tokens += len(request.prompt)
-            w = workers[choice.worker.worker_id]
+            w = workers[wid]
             uncached = len(request.prompt) - p.block_size * w.cached_blocks(hashes)
-            w.queue.append(_Queued(rid, request, uncached))
+            w.enqueue(_Queued(rid, request, uncached))
             step(w, now)
             report(w)
         else:
@@ -254,7 +339,8 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
             w.running = still
             for item in finished:
                 _, batch = w.prefill(item.request.prompt)
-                apply_batch(index, w.worker_id, MODEL, p.block_size, batch, stats)
+                for r in routers:
+                    apply_batch(r.index, w.worker_id, MODEL, p.block_size, batch, r.stats)
                 result.cached_tokens += item.cached
                 result.ttfts.append(now - item.request.arrival_s)
                 # The step that finished the prompt produced its first token.
@@ -267,11 +353,28 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
                     result.last_done = max(result.last_done, now)
             step(w, now)
             report(w)
-    return result.summary()
+    summary = result.summary()
+    if compared:
+        summary["agreement"] = round(agree / compared, 4)
+    return summary
 
 
 def run_all(policies: list[str], workload: list[SimRequest], n_workers: int,
-            seed: int = 0, params: SimParams | None = None) -> dict[str, dict[str, float]]:
+            seed: int = 0, params: SimParams | None = None,
+            replicas: int = 1) -> dict[str, dict[str, float]]:
+    """Each policy over the workload; with ``replicas`` > 1 also kv_aware behind that
+    many router replicas (own bookings, then the same view), with their agreement."""
     rng = random.Random(seed)
-    return {name: simulate(name, workload, n_workers, params, rng.randrange(2**31))
-            for name in policies}
+    results = {}
+    for name in policies:
+        started = time.perf_counter()
+        results[name] = simulate(name, workload, n_workers, params, rng.randrange(2**31))
+        results[name]["sim_wall_s"] = round(time.perf_counter() - started, 1)
+    if replicas > 1:
+        for shared, label in ((False, ""), (True, ", same view")):
+            started = time.perf_counter()
+            key = f"kv_aware x{replicas} replicas{label}"
+            results[key] = simulate("kv_aware", workload, n_workers, params, seed,
+                                    replicas=replicas, shared_view=shared)
+            results[key]["sim_wall_s"] = round(time.perf_counter() - started, 1)
+    return results

@@ -30,6 +30,10 @@ class _Node:
     last_access: dict[str, int] = field(default_factory=dict)  # tenant -> tick
 
 
+#: Eviction brings a tenant's tree down to this share of its budget.
+EVICT_TO = 0.9
+
+
 class ApproxPrefixTree:
     """Token trie with per-tenant ownership and LRU eviction (Ray's PrefixTree shape)."""
 
@@ -54,7 +58,9 @@ class ApproxPrefixTree:
             node = child
         self.size.setdefault(tenant, 0)
         if self.size[tenant] > self._max:
-            self._evict(tenant, self.size[tenant] - self._max)
+            # Down to a low-water mark, as Ray's periodic eviction does: one walk of the
+            # tree per tenth of the budget inserted, not one per insert.
+            self._evict(tenant, self.size[tenant] - (self._max - int(self._max * (1 - EVICT_TO))))
 
     def match(self, tokens: Sequence[int], tenants: Sequence[str]) -> tuple[int, list[str]]:
         """Longest matched length and the tenants owning the deepest matched node."""

@@ -3,20 +3,34 @@ one cost model (``cost_model.py``), placed by rendezvous hashing among near-equa
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import random
 import time
 from collections.abc import Sequence
+from operator import attrgetter
+from typing import Any
+
+import numpy as np
 
 from kvmesh.core.config import CostParams
 from kvmesh.router.block_hash import U64Array, namespace_seed, prompt_hash_array
-from kvmesh.router.cost_model import load_input, ttft_cost, within_bound
+from kvmesh.router.cost_vector import (
+    F64,
+    I64,
+    LoadArrays,
+    bounded,
+    load_arrays,
+    rendezvous_scores,
+    salts,
+    ttft_costs,
+    worker_salt,
+)
 from kvmesh.router.policy.base import Choice, RouteContext
 from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerState
 
 PLACEMENT_BLOCKS = 4
+_BLOCK_SIZE = attrgetter("block_size")
+_WORKER_ID = attrgetter("worker_id")
 MAX_REMEMBERED_MARKS = 65536
 _MASK64 = (1 << 64) - 1
 
@@ -57,85 +71,104 @@ class KvAwarePolicy:
                       ) -> dict[str, int]:
         """Prompt tokens each worker holds (confirmed or pending), without side
         effects."""
-        return self._match(ctx, workers)[0]
+        cached, _, _ = self._match(ctx, workers)
+        return {w.worker_id: int(c) for w, c in zip(workers, cached.tolist(), strict=True)}
 
     def _match(
         self, ctx: RouteContext, workers: Sequence[WorkerState]
-    ) -> tuple[dict[str, int], dict[int, U64Array]]:
-        """Prompt tokens each worker holds, and the prompt's block hashes per block
-        size (what ``choose`` marks pending on the chosen worker)."""
+    ) -> tuple[F64, dict[int, U64Array], I64]:
+        """Prompt tokens each worker holds and each one's block size (in the workers'
+        order), and the prompt's block hashes per block size (what ``choose`` marks
+        pending on the chosen worker)."""
         seed = namespace_seed(ctx.model, ctx.adapter)
-        cached: dict[str, int] = {}
+        cached = np.zeros(len(workers))
+        sizes = np.fromiter(map(_BLOCK_SIZE, workers), np.int64, len(workers))
         hashes_by_size: dict[int, U64Array] = {}
-        for block_size in {w.block_size for w in workers if w.block_size > 0}:
+        present = set(sizes.tolist())
+        for block_size in present - {0}:
             hashes = prompt_hash_array(ctx.token_ids, block_size, seed)
             hashes_by_size[block_size] = hashes
-            ids = [w.worker_id for w in workers if w.block_size == block_size]
-            for worker_id, blocks in self._index.match(hashes, ids).items():
-                cached[worker_id] = blocks * block_size
-        return cached, hashes_by_size
+            if len(present) == 1:  # one block size: every worker, no gather
+                at: Any = slice(None)
+                ids = list(map(_WORKER_ID, workers))
+            else:
+                at = np.flatnonzero(sizes == block_size)
+                ids = [workers[i].worker_id for i in at.tolist()]
+            depth = self._index.match(hashes, ids)
+            cached[at] = np.fromiter(depth.values(), np.float64, len(ids)) * block_size
+        return cached, hashes_by_size, sizes
 
     def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
-        cached, hashes_by_size = self._match(ctx, workers)
-        by_id = {w.worker_id: w for w in workers}
-        loads = within_bound(self.params, [load_input(w) for w in workers])
+        choice, hashes = self.decide(ctx, workers)
+        self._book(ctx, choice.worker, hashes)
+        return choice
+
+    def book(self, ctx: RouteContext, worker: WorkerState) -> None:
+        """Record that ``worker`` got the request (as ``choose`` does for its own
+        choice): a replica told of another replica's decision."""
+        seed = namespace_seed(ctx.model, ctx.adapter)
+        self._book(ctx, worker, prompt_hash_array(ctx.token_ids, worker.block_size, seed)
+                   if worker.block_size > 0 else None)
+
+    def _book(self, ctx: RouteContext, worker: WorkerState, hashes: U64Array | None) -> None:
+        if hashes is not None and len(hashes):
+            # Pending until its events confirm the blocks or the request finishes:
+            # however long it queues, the next request with this prefix follows it.
+            self._index.mark_pending(worker.worker_id, hashes, self.params.pending_ttl_s)
+            self._remember(ctx.request_id, worker.worker_id, hashes)
+
+    def decide(self, ctx: RouteContext, workers: Sequence[WorkerState]
+               ) -> tuple[Choice, U64Array | None]:
+        """The choice and the prompt's hashes at the chosen worker's block size,
+        without booking it (nothing marked pending): what ``choose`` picks."""
+        cached, hashes_by_size, sizes = self._match(ctx, workers)
+        loads = load_arrays(workers)
+        kept = np.flatnonzero(bounded(self.params, loads.active))
         prompt_tokens = len(ctx.token_ids)
-        costs = {
-            x.worker_id: ttft_cost(self.params, x, prompt_tokens, cached.get(x.worker_id, 0))
-            for x in loads
-        }
-        best = min(costs.values())
+        costs = ttft_costs(self.params, LoadArrays(*(a[kept] for a in loads)),
+                           prompt_tokens, cached[kept])
         # Capacity-aware placement: among the workers within a small slack of the best
         # cost, prefer the prompt's rendezvous "home". A prefix that is cold everywhere
         # then always lands on the same worker, so the fleet's caches partition the hot
         # set instead of each caching a copy of it (and thrashing when it outgrows one).
         slack = self.params.placement_slack * prompt_tokens / self.params.prefill_tokens_per_s
-        near = [wid for wid, c in costs.items() if c <= best + slack + 1e-9]
-        key = placement_key(hashes_by_size, by_id, near, cached)
+        near = kept[costs <= costs.min() + slack + 1e-9]
+        key = placement_key(hashes_by_size, sizes, near, cached)
         if key is None:
-            chosen = by_id[self._rng.choice(near)]
+            at = self._rng.choice(near.tolist())
         else:
-            chosen = by_id[max(near, key=lambda wid: rendezvous_score(key, wid))]
-        hits = cached.get(chosen.worker_id, 0)
-        hashes = hashes_by_size.get(chosen.block_size)
-        if hashes is not None and len(hashes):
-            # Pending until its events confirm the blocks or the request finishes:
-            # however long it queues, the next request with this prefix follows it.
-            self._index.mark_pending(chosen.worker_id, hashes, self.params.pending_ttl_s)
-            self._remember(ctx.request_id, chosen.worker_id, hashes)
-        return Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits)
+            scores = rendezvous_scores(key, salts([workers[i] for i in near.tolist()]))
+            at = int(near[int(np.argmax(scores))])
+        chosen = workers[at]
+        hits = int(cached[at])
+        return (Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits),
+                hashes_by_size.get(chosen.block_size))
 
 
-def placement_key(
-    hashes_by_size: dict[int, U64Array], by_id: dict[str, WorkerState], near: list[str],
-    cached: dict[str, int] | None = None,
-) -> int | None:
+def placement_key(hashes_by_size: dict[int, U64Array], sizes: I64, near: I64,
+                  cached: F64) -> int | None:
     """The prompt's placement key: its chained hash a few blocks past the longest
     prefix cached anywhere — the part that identifies what this prompt adds (a system
     prompt when nothing is cached; the tenant's document after a shared system prompt)
     — or None for sub-block prompts. Prompts that add the same content share a home;
-    prompts that add different content spread over the near-equal workers."""
-    sizes = {by_id[w].block_size for w in near}
-    if len(sizes) != 1:
+    prompts that add different content spread over the near-equal workers.
+    ``sizes`` and ``cached`` are every candidate's block size and cached prompt
+    tokens; ``near`` the positions of the near-equal ones."""
+    near_sizes = set(sizes[near].tolist())
+    if len(near_sizes) != 1:
         return None
-    size = sizes.pop()
+    size = near_sizes.pop()
     hashes = hashes_by_size.get(size)
     if hashes is None or not len(hashes):
         return None
-    start = max((tokens for w, tokens in (cached or {}).items()
-                 if w in by_id and by_id[w].block_size == size), default=0) // size
+    start = int(cached[sizes == size].max(initial=0)) // size
     return int(hashes[min(len(hashes), start + PLACEMENT_BLOCKS) - 1])
 
 
 def rendezvous_score(key: int, worker_id: str) -> int:
     """Highest-random-weight score of ``worker_id`` for ``key``: splitmix64's finaliser
     over the key and the worker's salt (a few integer operations per candidate)."""
-    x = key ^ _worker_salt(worker_id)
+    x = key ^ worker_salt(worker_id)
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
-
-
-@functools.lru_cache(maxsize=4096)
-def _worker_salt(worker_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(worker_id.encode(), digest_size=8).digest(), "little")

@@ -1,0 +1,141 @@
+"""Route calls coalesced into RouteBatch round trips (the gateway's side of the router).
+
+A router spends most of a Route call on gRPC's per-call work, not on the decision. The
+batcher sends at once when nothing is out, and while a batch is out collects what the
+next requests ask (routes and finished reports) for the next one: no timer, no added
+latency when idle, and one call's cost shared by everything that arrived meanwhile
+under load. A request's own failure comes back as the same ``AioRpcError`` (code,
+message, details trailer) a single Route call raises, so callers handle both alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from kvmesh.v1 import router_pb2
+
+log = logging.getLogger(__name__)
+
+#: google.rpc.Status trailer, as the router's error interceptor sends it.
+DETAILS_KEY = "grpc-status-details-bin"
+
+#: Longest a finished report waits for routes to ride with (the router's in-flight
+#: count of a worker may lag a finish by this much).
+FINISH_DELAY_S = 0.05
+
+SendBatch = Callable[[router_pb2.RouteBatchRequest, float], Awaitable[
+    router_pb2.RouteBatchResponse]]
+
+
+def result_error(result: router_pb2.RouteBatchResult) -> grpc.aio.AioRpcError:
+    """A failed request of a batch as the AioRpcError its own Route call would raise."""
+    trailing: list[tuple[str, str | bytes]] = []
+    if result.status_details:
+        trailing.append((DETAILS_KEY, result.status_details))
+    if result.param:
+        trailing.append(("kvmesh-error-param", result.param))
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == result.code)),
+        grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), result.message)
+
+
+class RouteBatcher:
+    """Coalesces concurrent Route calls and RequestFinished reports.
+
+    ``send`` makes one RouteBatch call (request, timeout). At most ``max_in_flight``
+    batches are out at once, each with at most ``max_batch`` routes.
+    """
+
+    def __init__(self, send: SendBatch, timeout_s: float, max_batch: int = 128,
+                 max_in_flight: int = 2) -> None:
+        self._send = send
+        self._timeout_s = timeout_s
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._routes: list[tuple[router_pb2.RouteRequest,
+                                 asyncio.Future[router_pb2.RouteDecision]]] = []
+        self._finished: list[router_pb2.RequestFinishedRequest] = []
+        self._in_flight = 0
+        self._scheduled = False
+        self._finish_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Batches sent and routes they carried (batching's effect, for tests/metrics).
+        self.batches = 0
+        self.routed = 0
+
+    async def route(self, request: router_pb2.RouteRequest) -> router_pb2.RouteDecision:
+        future: asyncio.Future[router_pb2.RouteDecision] = (
+            asyncio.get_running_loop().create_future())
+        self._routes.append((request, future))
+        self._schedule()
+        return await future
+
+    def finished(self, request_id: str, worker_id: str) -> None:
+        """Report a finished request with the next batch (never waited for). It rides
+        with the next routes; without any, it goes on its own after
+        ``FINISH_DELAY_S`` (or once ``max_batch`` reports wait), so a report rarely
+        costs a round trip of its own."""
+        self._finished.append(
+            router_pb2.RequestFinishedRequest(request_id=request_id, worker_id=worker_id))
+        if len(self._finished) >= self._max_batch:
+            self._schedule()
+        elif self._finish_timer is None:
+            self._finish_timer = asyncio.get_running_loop().call_later(
+                FINISH_DELAY_S, self._finish_due)
+
+    def _finish_due(self) -> None:
+        self._finish_timer = None
+        if self._finished:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        # Once per loop turn: every call made in this turn joins the same batch.
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._finish_timer is not None and self._routes:
+            self._finish_timer.cancel()  # the reports ride with these routes
+            self._finish_timer = None
+        while self._in_flight < self._max_in_flight and (self._routes or self._finished):
+            routes = [r for r in self._routes[:self._max_batch] if not r[1].done()]
+            del self._routes[:self._max_batch]
+            finished, self._finished = self._finished, []
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._run(routes, finished))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, routes: list[tuple[router_pb2.RouteRequest,
+                                            asyncio.Future[router_pb2.RouteDecision]]],
+                   finished: list[router_pb2.RequestFinishedRequest]) -> None:
+        self.batches += 1
+        self.routed += len(routes)
+        request = router_pb2.RouteBatchRequest(requests=[r for r, _ in routes],
+                                               finished=finished)
+        try:
+            response = await self._send(request, self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if not routes:
+                log.debug("RequestFinished batch failed: %s", exc.code().name)
+            for _, future in routes:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for (_, future), result in zip(routes, response.results, strict=True):
+                if future.done():  # the caller gave up (cancelled)
+                    continue
+                if result.code:
+                    future.set_exception(result_error(result))
+                else:
+                    future.set_result(result.decision)
+        finally:
+            self._in_flight -= 1
+            if self._routes or (self._finished and self._finish_timer is None):
+                self._schedule()

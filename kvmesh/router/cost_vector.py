@@ -1,0 +1,110 @@
+"""The cost model over all candidates at once (numpy), for fleets of hundreds.
+
+Same formulas as ``cost_model`` (``load_input``, ``within_bound``, ``ttft_cost``), the
+per-candidate Python replaced by one pass that reads each worker's raw numbers and
+array arithmetic for the rest; ``tests/unit/test_cost_vector.py`` checks both agree.
+Rendezvous scores likewise: splitmix64 over uint64 arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from operator import attrgetter
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kvmesh.core.config import CostParams
+from kvmesh.router.registry import WorkerState
+
+F64 = np.ndarray[Any, np.dtype[np.float64]]
+I64 = np.ndarray[Any, np.dtype[np.int64]]
+
+
+class LoadArrays(NamedTuple):
+    """Per candidate, in the candidates' order: what ``WorkerLoadInput`` holds."""
+
+    active: F64
+    running: F64
+    queued_prefill_tokens: F64
+    kv_usage: F64
+    waiting: F64
+
+
+_LOAD = attrgetter("load")
+_IN_FLIGHT = attrgetter("in_flight")
+_UNREPORTED = attrgetter("unreported_prefill_tokens")
+_RAW = [attrgetter(name) for name in ("num_running", "num_waiting",
+                                      "waiting_uncached_tokens", "kv_usage")]
+
+
+def column(values: Iterable[float], n: int) -> F64:
+    return np.fromiter(values, np.float64, n)
+
+
+def load_arrays(workers: Sequence[WorkerState]) -> LoadArrays:
+    """The workers' raw numbers read column by column (C-level ``map`` passes, no
+    per-worker Python frame); the formulas in numpy."""
+    n = len(workers)
+    loads = list(map(_LOAD, workers))
+    routed = column(map(len, map(_IN_FLIGHT, workers)), n)
+    running, waiting, uncached, kv = (column(map(get, loads), n) for get in _RAW)
+    queued = uncached + column(map(_UNREPORTED, workers), n)
+    active = np.maximum(routed, running + waiting)
+    # Routed since the last report and not yet running count as waiting.
+    return LoadArrays(active, np.maximum(routed, running), queued, kv,
+                      np.maximum(active - running, waiting))
+
+
+def bounded(params: CostParams, active: F64) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """Mask of workers not above (1+ε)·mean active + 1 (all when none qualifies)."""
+    if not len(active):
+        return np.zeros(0, dtype=bool)
+    keep = active <= (1 + params.balance_epsilon) * active.mean() + 1
+    return keep if keep.any() else np.ones(len(active), dtype=bool)
+
+
+def ttft_costs(params: CostParams, loads: LoadArrays, prompt_tokens: int,
+               cached_tokens: F64) -> F64:
+    """``ttft_cost`` for every candidate."""
+    uncached = np.maximum(prompt_tokens - cached_tokens, 0.0)
+    rate = params.prefill_tokens_per_s
+    per_token = uncached / rate
+    fullness = np.clip(loads.kv_usage, 0.0, 1.0)
+    waiting = np.maximum(loads.waiting, 0.0)
+    return ((uncached + loads.queued_prefill_tokens) / rate
+            + (params.backlog_weight * waiting + params.eviction_weight * fullness)
+            * per_token + loads.running * params.decode_step_s_per_seq)
+
+
+def rendezvous_scores(key: int, salts: np.ndarray[Any, np.dtype[np.uint64]]
+                      ) -> np.ndarray[Any, np.dtype[np.uint64]]:
+    """splitmix64's finaliser over ``key`` xor each salt (``kv_aware.rendezvous_score``
+    for many workers at once; uint64 arithmetic wraps as the masked ints do)."""
+    with np.errstate(over="ignore"):
+        x = np.uint64(key) ^ salts
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+class _Salts(dict[str, int]):
+    """worker id -> its 64-bit rendezvous salt (blake2b of the id), computed once."""
+
+    def __missing__(self, worker_id: str) -> int:
+        salt = int.from_bytes(hashlib.blake2b(worker_id.encode(), digest_size=8).digest(),
+                              "little")
+        if len(self) < 65536:
+            self[worker_id] = salt
+        return salt
+
+
+_SALTS = _Salts()
+worker_salt = _SALTS.__getitem__
+_WORKER_ID = attrgetter("worker_id")
+
+
+def salts(workers: Sequence[WorkerState]) -> np.ndarray[Any, np.dtype[np.uint64]]:
+    """The workers' rendezvous salts (C-level lookups)."""
+    return np.fromiter(map(worker_salt, map(_WORKER_ID, workers)), np.uint64, len(workers))
