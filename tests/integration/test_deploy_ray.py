@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
@@ -222,11 +223,17 @@ def test_a_dp_gang_starts_as_one_group_spreads_requests_and_goes_as_one(
             first[i] for i in again]  # each prefix on its rank
 
         os.kill(ranks[1]["pid"], signal.SIGKILL)  # one rank of the gang dies
+        dead = ranks[1]["worker_id"]
         deadline = time.monotonic() + 60
-        while _router_workers(state["router"]) and time.monotonic() < deadline:
+        while (dead in {w.worker.worker_id for w in _router_workers(state["router"])}
+               and time.monotonic() < deadline):
             time.sleep(0.5)
-        assert _router_workers(state["router"]) == []  # the whole gang is gone
-        os.kill(ranks[0]["pid"], 0)  # while rank 0 itself still runs
+        assert dead not in {w.worker.worker_id for w in _router_workers(state["router"])}
+        # The whole gang went with it: rank 0, still running (and registering again on
+        # its next heartbeat), is never routed to, as a gang serves whole or not at all.
+        os.kill(ranks[0]["pid"], 0)
+        with pytest.raises(grpc.RpcError):
+            _route(state["router"], prompts[:1], "c")
     finally:
         subprocess.run([sys.executable, "-m", "kvmesh.cli", "down", "--state-file",
                         str(tmp_path / "up.json")], capture_output=True, timeout=120,
