@@ -72,6 +72,12 @@ class CostParams(BaseModel):
         0.25, ge=0,
         description="Price of stalling a worker's running decodes while it prefills, per "
         "running sequence, as a fraction of the prefill time (what disaggregation avoids).")
+    adapter_load_tokens: int = Field(
+        256, ge=0,
+        description="Price of a LoRA adapter the worker has not loaded, as the prompt tokens "
+        "it could prefill meanwhile (load time × prefill_tokens_per_s; ~0.1 s on CPU for a "
+        "rank-8 SmolLM2 adapter): a request for an adapter sticks to workers holding it "
+        "until their queues cost more than a load elsewhere.")
 
 
 class RouterConfig(ServiceSettings):
@@ -260,6 +266,9 @@ class GatewayConfig(ServiceSettings):
     model_parsers: dict[str, ModelParsers] = Field(
         default_factory=dict, description="Per-model parsers, overriding `parsers`."
     )
+    allow_runtime_lora_updating: bool = Field(
+        True, description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+        "(vLLM's run-time LoRA endpoints; API keys apply). False refuses them.")
 
     def parsers_for(self, model: str) -> ModelParsers:
         return self.model_parsers.get(model, self.parsers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -43,9 +44,9 @@ class LoraConfig(BaseModel):
     max_loras: int = Field(
         1, ge=1, description="Adapters one engine batch may mix (vLLM max_loras); a request "
         "for another adapter waits for a slot.")
-    max_lora_rank: int = Field(
-        16, ge=1, description="Largest adapter rank accepted (vLLM max_lora_rank); an "
-        "adapter of higher rank fails to load.")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16, description="Largest adapter rank accepted (vLLM max_lora_rank: 1, 8, 16, 32, "
+        "64, 128, 256, 320 or 512); an adapter of higher rank fails to load.")
     max_cpu_loras: int | None = Field(
         None, ge=1, description="Adapters a worker keeps loaded (vLLM max_cpu_loras, an "
         "LRU); None: max_loras. Requests for a loaded adapter skip the load.")

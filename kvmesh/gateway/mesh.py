@@ -14,6 +14,7 @@ from opentelemetry import trace
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.core.grpc_util import insecure_channel
+from kvmesh.core.lora_config import ADAPTER_METADATA_KEY
 from kvmesh.gateway.pd import (
     PdMetrics,
     generate_request,
@@ -21,7 +22,7 @@ from kvmesh.gateway.pd import (
     pd_fallback_reason,
     prefill_request,
 )
-from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -44,11 +45,18 @@ class MeshClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    def worker(self, endpoint: str) -> vllm_engine_pb2_grpc.VllmEngineStub:
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
             channel = self._channels[endpoint] = insecure_channel(endpoint)
-        return vllm_engine_pb2_grpc.VllmEngineStub(channel)
+        return channel
+
+    def worker(self, endpoint: str) -> vllm_engine_pb2_grpc.VllmEngineStub:
+        return vllm_engine_pb2_grpc.VllmEngineStub(self._channel(endpoint))
+
+    def lora_adapters(self, endpoint: str) -> worker_pb2_grpc.LoraAdaptersStub:
+        """The worker's kvmesh.v1.LoraAdapters service (run-time adapter loads)."""
+        return worker_pb2_grpc.LoraAdaptersStub(self._channel(endpoint))
 
     async def route(
         self,
@@ -57,11 +65,13 @@ class MeshClient:
         token_ids: Sequence[int],
         max_tokens: int,
         exclude: Sequence[str] = (),
+        adapter: str = "",
     ) -> router_pb2.RouteDecision:
         return await self.router.Route(
             router_pb2.RouteRequest(
                 request_id=request_id,
                 model=model,
+                adapter=adapter,
                 packed_token_ids=np.asarray(token_ids, dtype="<u4").tobytes(),
                 max_tokens=max_tokens,
                 exclude_worker_ids=exclude,
@@ -93,20 +103,23 @@ class MeshClient:
         sampling: vllm_engine_pb2.SamplingParams,
         prompt_text: str = "",
         mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None,
+        adapter: str = "",
     ) -> AsyncGenerator[vllm_engine_pb2.GenerateResponse, None]:
         """Stream a generation; cancelling the consumer cancels the worker RPC(s).
 
         A disaggregated decision first prefills on the prefill worker; the client
-        sees only the decode worker's stream.
+        sees only the decode worker's stream. ``adapter`` (a LoRA adapter of
+        ``model``) is routed on and named to the worker(s) in the call's metadata.
         """
         excluded: list[str] = []
+        metadata = ((ADAPTER_METADATA_KEY, adapter),) if adapter else None
         # Spans are started and ended explicitly: this generator may be resumed from
         # another task than the one that created it, so nothing is attached across a yield.
         parent = otel_context.get_current()
         for attempt in range(MAX_ATTEMPTS):
             with tracer.start_as_current_span("route", context=parent) as route_span:
                 decision = await self.route(
-                    request_id, model, prompt_ids, sampling.max_tokens, excluded
+                    request_id, model, prompt_ids, sampling.max_tokens, excluded, adapter
                 )
                 route_span.set_attributes({
                     "kvmesh.worker": decision.worker.worker_id,
@@ -134,7 +147,7 @@ class MeshClient:
                             "kvmesh.worker": decision.prefill_worker.worker_id}) as pspan:
                         handover = await self._prefill(
                             request_id, decision.prefill_worker, prompt_ids, prompt_text,
-                            sampling, mm_inputs)
+                            sampling, mm_inputs, metadata)
                         pspan.set_attribute("kvmesh.kv_handover", handover is not None)
                 else:
                     self.pd_metrics.requests.labels("aggregated").inc()
@@ -142,7 +155,7 @@ class MeshClient:
                     call = self.worker(worker.endpoint).Generate(
                         generate_request(request_id, prompt_ids, prompt_text, sampling,
                                          handover, mm_inputs),
-                        timeout=self._request_timeout_s,
+                        timeout=self._request_timeout_s, metadata=metadata,
                     )
                 async for response in call:
                     if not started:
@@ -178,6 +191,7 @@ class MeshClient:
         prompt_text: str,
         sampling: vllm_engine_pb2.SamplingParams,
         mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> str | None:
         """Run the prefill leg; return the decode worker's hand-over, or None to make
         the decode worker prefill locally (counted: never a failed or hung request)."""
@@ -189,7 +203,7 @@ class MeshClient:
         started = time.monotonic()
         call = self.worker(prefill.endpoint).Generate(
             prefill_request(request_id, prompt_ids, prompt_text, sampling, mm_inputs),
-            timeout=min(self._prefill_timeout_s, self._request_timeout_s),
+            timeout=min(self._prefill_timeout_s, self._request_timeout_s), metadata=metadata,
         )
         reason = "no_handoff"
         handover: str | None = None

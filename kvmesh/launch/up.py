@@ -84,6 +84,7 @@ def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path
         # refuses to start them with prefix caching on.
         "enable_prefix_caching": False,
         "load_format": "auto",
+        "lora": None,  # the chat model's adapters are not the embedding model's
     })
     return [_worker_config(config, router, run_dir, f"emb-{i}", WorkerRole.both, engine, (0, 1))
             for i in range(emb.workers)]
@@ -115,6 +116,10 @@ class LocalMesh:
         # find the model in this node's cache.
         model_path = await asyncio.to_thread(resolve_model, cfg.worker.engine.model)
         log.info("model ready at %s", model_path)
+        lora = cfg.worker.engine.lora
+        for name, source in (lora.adapters if lora and lora.enable_lora else {}).items():
+            log.info("LoRA adapter %s ready at %s", name,
+                     await asyncio.to_thread(resolve_model, source))
         if cfg.embeddings.workers:
             embedding_path = await asyncio.to_thread(resolve_model, cfg.embeddings.model)
             log.info("embedding model ready at %s", embedding_path)
