@@ -1,0 +1,209 @@
+"""Multi-LoRA on real vLLM CPU workers, started as a user would:
+
+    kvmesh up --workers 2 --enable-lora --lora-modules a=DIR b=DIR c=DIR \
+              --max-loras 1 --max-lora-rank 8
+
+with three adapters for the embedded SmolLM2 made here with PEFT (tests/lora_adapters.py).
+Greedy answers with an adapter differ from the base model's and equal vLLM's own
+``LLM(..., enable_lora=True)`` answers for the same adapter (run first, in a subprocess,
+with the same engine settings); follow-up requests for an adapter go to the worker that
+loaded it (the workers' own counters); three adapters on two one-slot workers answer
+every request; run-time load/unload, unknown adapters and broken sources as a client
+sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
+from transformers import AutoTokenizer
+
+from kvmesh.v1 import worker_pb2, worker_pb2_grpc
+from tests.lora_adapters import RANK, make_adapters
+
+from .conftest import MODEL, UpProcess
+
+pytestmark = pytest.mark.e2e
+SEEDS = {"a": 11, "b": 22, "c": 33}
+PROMPTS = ["The capital of France is", "My favourite recipe for soup",
+           "def fibonacci(n):"]
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="kvm-lora-e2e-") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir: Path, workdir: Path) -> dict[str, Path]:
+    return make_adapters(model_dir, workdir / "adapters", {**SEEDS, "late": 44})
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(model_dir: Path) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return [list(tok.encode(p)) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path, workdir: Path, adapters: dict[str, Path],
+              prompt_ids: list[list[int]]) -> dict[str, list[str]]:
+    """vLLM's own greedy answers, base and per adapter (before the mesh starts: the
+    two do not share the cores)."""
+    spec = workdir / "reference.json"
+    spec.write_text(json.dumps({
+        "prompts": prompt_ids, "max_tokens": MAX_TOKENS, "max_lora_rank": RANK,
+        "block_size": 32,
+        "adapters": {n: str(p) for n, p in adapters.items() if n in SEEDS}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "VLLM_USE_AOT_COMPILE": "0"}
+    script = Path(__file__).with_name("lora_reference.py")
+    done = subprocess.run([sys.executable, str(script), str(model_dir), str(spec)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REFERENCE ")]
+    assert done.returncode == 0 and lines, done.stderr[-4000:]
+    answers: dict[str, list[str]] = json.loads(lines[-1].removeprefix("REFERENCE "))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def mesh(reference: dict[str, list[str]], adapters: dict[str, Path], workdir: Path
+         ) -> Iterator[UpProcess]:
+    modules = [f"{name}={adapters[name]}" for name in SEEDS]
+    (workdir / "up").mkdir()
+    up = UpProcess(workdir / "up", extra=(
+        "--no-embeddings", "--enable-lora", "--lora-modules", *modules,
+        "--max-loras", "1", "--max-lora-rank", str(RANK)))
+    try:
+        yield up
+    finally:
+        up.interrupt()
+
+
+@pytest.fixture(scope="module")
+def client(mesh: UpProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=mesh.state["http"], api_key="unused", max_retries=0,
+                         timeout=300)
+
+
+def greedy(client: openai.OpenAI, model: str, ids: list[int]) -> str:
+    reply = client.completions.create(model=model, prompt=ids, max_tokens=MAX_TOKENS,
+                                      temperature=0)
+    return str(reply.choices[0].text)
+
+
+def worker_adapters(mesh: UpProcess) -> dict[str, dict[str, Any]]:
+    """Per worker id: adapter -> (requests, loaded), from its LoraAdapters service."""
+
+    async def ask(endpoint: str) -> dict[str, Any]:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            reply = await worker_pb2_grpc.LoraAdaptersStub(channel).ListLoraAdapters(
+                worker_pb2.ListLoraAdaptersRequest(), timeout=10)
+        return {a.name: (a.requests, a.loaded) for a in reply.adapters}
+
+    return {w["worker_id"]: asyncio.run(ask(w["endpoint"])) for w in mesh.state["workers"]}
+
+
+def post(mesh: UpProcess, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(mesh.state["http"].removesuffix("/v1") + path, json=body, timeout=300)
+
+
+def test_adapter_output_differs_from_base_and_equals_vllm(
+        client: openai.OpenAI, reference: dict[str, list[str]],
+        prompt_ids: list[list[int]]) -> None:
+    for name in SEEDS:
+        assert reference[name] != reference["base"], f"adapter {name} changes nothing"
+    assert [greedy(client, MODEL, ids) for ids in prompt_ids] == reference["base"]
+    for name in SEEDS:
+        got = [greedy(client, name, ids) for ids in prompt_ids]
+        assert got == reference[name], name
+        assert got != reference["base"]
+    # The `base:adapter` form is the same adapter.
+    assert greedy(client, f"{MODEL}:b", prompt_ids[0]) == reference["b"][0]
+
+
+def test_models_list_the_adapters(client: openai.OpenAI) -> None:
+    cards = {m.id: m.model_extra.get("parent") for m in client.models.list().data}
+    assert cards == {MODEL: None, "a": MODEL, "b": MODEL, "c": MODEL}
+
+
+def test_follow_up_requests_go_to_the_worker_that_loaded_the_adapter(
+        mesh: UpProcess, client: openai.OpenAI, model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    before = worker_adapters(mesh)
+    prompts = [list(tok.encode(f"Question {i}: what is {i} plus {i}?")) for i in range(6)]
+    for ids in prompts:
+        greedy(client, "a", ids)
+    after = worker_adapters(mesh)
+    added = {w: after[w]["a"][0] - before[w]["a"][0] for w in after}
+    assert sorted(added.values()) == [0, len(prompts)], added
+    holder = max(added, key=lambda w: added[w])
+    assert after[holder]["a"][1], "the worker that served them holds the adapter"
+
+
+def test_three_adapters_on_two_one_slot_workers_answer_every_request(
+        mesh: UpProcess, client: openai.OpenAI, reference: dict[str, list[str]],
+        prompt_ids: list[list[int]]) -> None:
+    jobs = [(name, i) for _ in range(2) for name in SEEDS for i in range(len(PROMPTS))]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda job: greedy(client, job[0], prompt_ids[job[1]]),
+                                jobs))
+    assert answers == [reference[name][i] for name, i in jobs]
+    for held in worker_adapters(mesh).values():
+        assert sum(loaded for _, loaded in held.values()) <= 1  # max_loras 1 each
+
+
+def test_run_time_load_unload_and_errors(
+        mesh: UpProcess, client: openai.OpenAI, adapters: dict[str, Path],
+        reference: dict[str, list[str]], prompt_ids: list[list[int]]) -> None:
+    started = time.monotonic()
+    loaded = post(mesh, "/v1/load_lora_adapter",
+                  {"lora_name": "late", "lora_path": str(adapters["late"])})
+    print(f"load_lora_adapter on 2 workers: {time.monotonic() - started:.2f} s")
+    assert loaded.status_code == 200, loaded.text
+    late = greedy(client, "late", prompt_ids[0])
+    assert late != reference["base"][0] and late not in (reference[n][0] for n in SEEDS)
+    assert post(mesh, "/v1/unload_lora_adapter", {"lora_name": "late"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        greedy(client, "late", prompt_ids[0])
+
+    with pytest.raises(openai.NotFoundError) as unknown:
+        greedy(client, "nope", prompt_ids[0])
+    assert "nope" in unknown.value.message
+
+    broken = mesh.workdir / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(
+        (adapters["a"] / "adapter_config.json").read_text())  # config, but no weights
+    failed = post(mesh, "/v1/load_lora_adapter",
+                  {"lora_name": "broken", "lora_path": str(broken)})
+    assert failed.status_code == 400, failed.text
+    assert "broken" in failed.json()["error"]["message"]
+
+    async def healthy(endpoint: str) -> bool:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            reply = await vllm_engine_pb2_grpc.VllmEngineStub(channel).HealthCheck(
+                vllm_engine_pb2.HealthCheckRequest(), timeout=10)
+        return bool(reply.healthy)
+
+    assert all(asyncio.run(healthy(w["endpoint"])) for w in mesh.state["workers"])
+    assert greedy(client, "a", prompt_ids[0]) == reference["a"][0]
+    assert "broken" not in {m.id for m in client.models.list().data}
