@@ -28,7 +28,7 @@ def make_adapters(model_dir: Path, out: Path, seeds: dict[str, int]) -> dict[str
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if "lora_B" in param_name:
-                    param.normal_(mean=0.0, std=0.02)
+                    param.normal_(mean=0.0, std=0.3)
         folder = out / name
         model.save_pretrained(str(folder))
         made[name] = folder
