@@ -1,5 +1,5 @@
 # kvmesh — the two commands: `make up` and `make test` (each installs first).
-.PHONY: install up test unit proto lint images
+.PHONY: install up test unit proto lint images images-here
 
 ARGS ?=
 
@@ -24,5 +24,9 @@ lint:
 DOCKER ?= docker
 images:
 	$(DOCKER) build -f deploy/docker/wheel.Dockerfile -t kvmesh/wheel:0.1.0 .
-	for s in router gateway worker-cpu worker-cuda; do \
+	for s in router gateway edge worker-cpu worker-cuda; do \
 	  $(DOCKER) build -f deploy/docker/$$s.Dockerfile -t kvmesh/$$s:0.1.0 . || exit 1; done
+
+# No daemon, no registry: buildah from a debootstrap-made Debian python base (scripts/images.sh).
+images-here:
+	bash scripts/images.sh router edge gateway worker-cpu

@@ -32,7 +32,9 @@ def _up(args: argparse.Namespace) -> int:
         prefill=args.prefill,
         decode=args.decode,
         router=_set(policy=args.policy, disaggregation=args.disaggregation,
-                    max_inflight_per_worker=args.max_inflight_per_worker),
+                    max_inflight_per_worker=args.max_inflight_per_worker,
+                    autoscale={"enabled": True, "max_workers": args.autoscale}
+                    if getattr(args, "autoscale", None) else None),
         gateway=_set(port=args.port, grpc_port=args.grpc_port, api_keys=args.api_key),
         worker=_set(engine=engine, engine_kind=args.engine_kind),
         **observability_settings(args),
@@ -40,7 +42,8 @@ def _up(args: argparse.Namespace) -> int:
         ray_address=getattr(args, "address", None),
         placement=args.placement,
         gateways=args.gateways,
-        edge={"enabled": True} if args.edge else None,
+        edge=({"enabled": True, **({"picker": True} if args.picker else {})}
+              if args.edge or args.picker else None),
     )
     # Flags merge into the file's sections key by key (pydantic-settings deep-merges).
     config = load_settings(MeshConfig, args.config, **(overrides or {}))
@@ -233,6 +236,13 @@ def _add_mesh_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge", action="store_true",
                    help="Envoy in front of the gateways, configured live over xDS; the API "
                    "address printed is Envoy's")
+    p.add_argument("--autoscale", type=int, default=None, metavar="MAX",
+                   help="let the router size each worker pool from its load, up to MAX "
+                   "workers (router.autoscale in a config file sets the rest; "
+                   "docs/autoscaling.md)")
+    p.add_argument("--picker", action="store_true",
+                   help="with the edge: Envoy asks the endpoint picker (ext_proc, the "
+                   "router's kv_aware choice) which gateway each generation goes to")
     p.add_argument("--placement", default=None,
                    choices=["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="reserve all workers as one Ray placement group first (default none)")
@@ -298,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="KV capacity per worker in blocks (sim: the simulated cache; "
                          "real: caps each vLLM worker's cache and enables the oracle)")
     routing.add_argument("--workload", default="shared_prefix,multi_turn,low_reuse,bursty",
-                         help="comma-separated: " + ", ".join(WORKLOADS))
+                         help="comma-separated: " + ", ".join(WORKLOADS)
+                         + ", or prefix_repetition:PREFIXES:PREFIX_LEN:SUFFIX_LEN:OUTPUT_LEN "
+                         "(vLLM's dataset, sized as its flags)")
     routing.add_argument("--policies",
                          default="random,round_robin,power_of_two,approx_prefix,kv_aware",
                          help="comma-separated; real mode also takes smg:POLICY (the smg "
@@ -341,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop the running kvmesh up (by its recorded PIDs)")
     down.add_argument("--state-file", type=Path, default=None,
                       help="kvmesh up's state (default: as for status)")
-    down.add_argument("--timeout", type=float, default=60.0,
-                      help="seconds for an ordered stop before the processes are killed")
+    down.add_argument("--timeout", type=float, default=90.0,
+                      help="seconds for an ordered stop before the processes are killed "
+                      "(gateways, then workers, each drain up to drain_timeout_s, 30 s)")
     down.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     down.set_defaults(func=_down)
     return parser

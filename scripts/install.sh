@@ -21,6 +21,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 ENGINE="${KVMESH_ENGINE:-cpu}"
 TORCH_VERSION="2.13.0"
 VLLM_VERSION="0.32.0"
+CHECKOV_VERSION="3.3.30"
 
 if [ -d /opt/wheels ]; then
   export PIP_FIND_LINKS="${PIP_FIND_LINKS:-} /opt/wheels"
@@ -69,6 +70,26 @@ fi
 
 "$VENV/bin/python" -c "import vllm, nixl, kvmesh.router, kvmesh.gateway, kvmesh.worker, kvmesh.edge.ads; from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter" \
   2>/dev/null || { echo "import check failed; remove $STAMP_FILE and retry" >&2; exit 1; }
+# Container builds without a daemon (scripts/images.sh, tests/integration/test_images.py):
+# buildah and debootstrap from Debian's packages.
+if ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> installing buildah and debootstrap (Debian packages)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q buildah debootstrap >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q buildah debootstrap >/dev/null; }
+  else
+    echo "note: buildah/debootstrap missing (not root): the image tests will fail" >&2
+  fi
+fi
+# checkov (deploy/ checks) in a venv of its own: it pins packaging and boto3 below what
+# vLLM and the model sources need beside it.
+CHECKOV="$VENV/tools/checkov"
+if [ "$("$CHECKOV/bin/checkov" --version 2>/dev/null)" != "$CHECKOV_VERSION" ]; then
+  echo "==> installing checkov $CHECKOV_VERSION into $CHECKOV"
+  "$PYTHON" -m venv "$CHECKOV"
+  "$CHECKOV/bin/python" -m pip install -q "checkov==$CHECKOV_VERSION"
+fi
 echo "==> compiling the router's index kernels (cached on disk)"
 "$VENV/bin/python" -c "from kvmesh.router import kernels; kernels.warm_up()"
 echo "==> preparing the embedded models"

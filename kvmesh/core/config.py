@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from kvmesh.core.autoscale_config import AutoscaleConfig
+from kvmesh.core.cost_config import CostParams
 from kvmesh.core.edge_config import EdgeConfig, EdgeServiceConfig, GatewayAddress
 from kvmesh.core.engine_config import EngineConfig, KvTransferConfig, role_engine
 from kvmesh.core.roles import WorkerRole
@@ -28,57 +30,10 @@ from kvmesh.core.telemetry_config import LoggingConfig, TracingConfig
 __all__ = [  # the engine's and the loader's names, importable from here as before
     "EngineConfig", "KvTransferConfig", "role_engine", "dump_settings", "load_settings",
     "read_config_file", "TracingConfig", "LoggingConfig", "EdgeConfig", "EdgeServiceConfig",
-    "GatewayAddress",
+    "GatewayAddress", "CostParams", "AutoscaleConfig",
 ]
 
 PolicyName = Literal["kv_aware", "approx_prefix", "round_robin", "power_of_two", "random"]
-
-
-class CostParams(BaseModel):
-    """The router's cost model (kvmesh/router/cost_model.py), in estimated seconds.
-
-    Defaults were measured for SmolLM2-135M on 2 CPU cores; a bigger model or a GPU
-    changes the rates (``prefill_tokens_per_s``, ``decode_step_s_per_seq``,
-    ``kv_transfer_tokens_per_s``): measure them with ``kvmesh bench`` and set them here.
-    """
-
-    prefill_tokens_per_s: float = Field(
-        2500.0, gt=0, description="Prompt tokens a worker prefills per second.")
-    decode_step_s_per_seq: float = Field(
-        0.004, ge=0, description="How much each running sequence lengthens an engine step.")
-    balance_epsilon: float = Field(
-        2.0, ge=0, description="Bounded load: skip workers above (1+ε)·mean active + 1.")
-    backlog_weight: float = Field(
-        1.0, ge=0,
-        description="Price of an uncached token per request waiting on the worker, in "
-        "prefill-seconds: what a miss costs the requests that will queue behind it.")
-    eviction_weight: float = Field(3.0, ge=0, description=(
-        "Price of evicting cached blocks, in prefill-seconds per uncached token, scaled by "
-        "how full the worker's KV cache is."))
-    placement_slack: float = Field(0.1, ge=0, description=(
-        "Workers within this fraction of the prompt's full prefill time of the best cost "
-        "count as equal; the prompt's rendezvous home wins among them."))
-    pending_ttl_s: float = Field(
-        120.0, gt=0,
-        description="Longest routed-but-unconfirmed blocks count as cached on the chosen "
-        "worker; they stop earlier when the worker's events confirm them or the request "
-        "finishes, so this only bounds marks whose finish never arrives.")
-    kv_transfer_tokens_per_s: float = Field(40000.0, gt=0, description=(
-        "Prompt tokens' KV a decode worker pulls from a prefill worker per second (NIXL "
-        "over loopback on CPU, incl. per-block overheads)."))
-    pd_overhead_s: float = Field(0.03, ge=0, description=(
-        "Fixed price of disaggregating: the extra prefill RPC, its token, the handshake."))
-    interference_weight: float = Field(
-        0.25, ge=0,
-        description="Price of stalling a worker's running decodes while it prefills, per "
-        "running sequence, as a fraction of the prefill time (what disaggregation avoids).")
-    adapter_load_tokens: int = Field(
-        256, ge=0,
-        description="Price of a LoRA adapter the worker has not loaded, as the prompt tokens "
-        "it could prefill meanwhile: load time × prefill_tokens_per_s (0.06 s measured for a "
-        "rank-8 SmolLM2 adapter on CPU, ~150 tokens) plus the reload of the adapter it "
-        "evicts. Requests for an adapter stick to workers holding it until their queues "
-        "cost more than a load elsewhere.")
 
 
 class RouterConfig(ServiceSettings):
@@ -102,6 +57,13 @@ class RouterConfig(ServiceSettings):
     probe_interval_s: float = Field(
         1.0, gt=0, description="How often the router polls each worker's GetLoads."
     )
+    probe_timeout_s: float = Field(
+        5.0, gt=0, description="Deadline of each call the router makes to a worker "
+        "(GetModelInfo, GetServerInfo, GetLoads).")
+    kv_event_idle_timeout_s: float = Field(
+        15.0, gt=0, description="A worker's SubscribeKvEvents stream that brings nothing "
+        "(not even the servicer's heartbeat, every 1-5 s) for this long is dropped and "
+        "resumed: a stalled stream cannot keep stale cache claims longer.")
     static_workers: list[str] = Field(
         default_factory=list,
         description="host:port of VllmEngine workers to register by address at start "
@@ -124,6 +86,9 @@ class RouterConfig(ServiceSettings):
         description="Longest a request waits for a worker slot before it is refused with "
         "429 + Retry-After (also bounded by the caller's deadline).")
     seed: int | None = Field(None, description="Seed for random tie-breaks (tests).")
+    autoscale: AutoscaleConfig = Field(
+        default_factory=AutoscaleConfig,
+        description="Desired worker counts per pool from the load (docs/autoscaling.md).")
     cost: CostParams = Field(
         default_factory=CostParams,
         description="The cost model's rates and weights (kv_aware and the P/D decision).")
@@ -136,6 +101,10 @@ class RouterConfig(ServiceSettings):
     metrics_port: int | None = Field(
         9400, ge=0, le=65535,
         description="Prometheus /metrics port (0 picks a free one; None turns it off).")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: gRPC health turns NOT_SERVING at once, then "
+        "Route calls in flight (those waiting for a worker slot too) may finish for up to "
+        "this many seconds before the router stops (0: stop at once).")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
@@ -162,6 +131,9 @@ class WorkerConfig(ServiceSettings):
         "several router replicas); None runs unregistered."
     )
     role: WorkerRole = Field(WorkerRole.both, description="both, prefill or decode.")
+    registration_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of each call to the router's registry "
+        "(RegisterWorker, Heartbeat, DrainWorker, DeregisterWorker).")
     engine_kind: Literal["vllm", "fake"] = Field(
         "vllm", description="'vllm' (real engine) or 'fake' (tests and simulation only)."
     )
@@ -190,6 +162,10 @@ class WorkerConfig(ServiceSettings):
         0, ge=0, le=65535,
         description="Prometheus /metrics port serving vLLM's own `vllm:*` metrics (0 picks "
         "a free one; None turns it off). Registered with the router for discovery.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: gRPC health turns NOT_SERVING and the router "
+        "routes nothing new here (DrainWorker) at once, then generations in flight may "
+        "finish for up to this many seconds before the worker deregisters and stops.")
     tracing: TracingConfig = Field(default_factory=TracingConfig, description="Tracing.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
@@ -220,9 +196,16 @@ class GatewayConfig(ServiceSettings):
     register_with_router: bool = Field(
         True, description="Register with the router as a gateway replica (heartbeats, "
         "deregistered on stop), so the edge's control plane finds it in WatchWorkers.")
+    registration_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of each call to the router's registry "
+        "(RegisterWorker, Heartbeat, DrainWorker, DeregisterWorker).")
     drain_s: float = Field(
         0.5, ge=0, le=30, description="On stop, seconds between deregistering and closing "
         "the listeners: a proxy in front (the edge) stops sending new requests here first.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: gRPC health turns NOT_SERVING and /health "
+        "answers 503 at once, the gateway leaves the router's gateway set, then requests "
+        "in flight may finish for up to this many seconds before the listeners close.")
     request_timeout_s: float = Field(
         600.0, gt=0, description="Deadline for one generation, end to end."
     )
@@ -273,6 +256,12 @@ class GatewayConfig(ServiceSettings):
 
     def parsers_for(self, model: str) -> ModelParsers:
         return self.model_parsers.get(model, self.parsers)
+    endpoint_picker: bool = Field(
+        False,
+        description="Serve the edge's endpoint picker on the gRPC port: Envoy's ext_proc "
+        "asks it where a generation goes (the router's kv_aware choice, answered as "
+        "x-gateway-destination-endpoint: the gateway fronting the chosen worker). "
+        "`kvmesh up --edge --picker` turns it on; needs xds-protos (extra kvmesh[edge]).")
     ready_file: Path | None = Field(
         None, description="Write {'http': url, 'grpc': addr} here once serving."
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from kvmesh.core.settings import DEFAULT_HOST, ServiceSettings
@@ -38,6 +38,16 @@ class EdgeConfig(BaseModel):
                             description="Envoy's admin port on 127.0.0.1 (0: a free one).")
     control_plane_port: int = Field(0, ge=0, le=65535,
                                     description="The ADS server's port (0: a free one).")
+    picker: bool = Field(
+        False, description="Place generations with the endpoint picker: Envoy's ext_proc asks "
+        "a gateway where each chat/completion request goes (the router's kv_aware choice) "
+        "and sends it straight to the gateway fronting that worker (deploy/README.md).")
+
+    @model_validator(mode="after")
+    def _picker_needs_edge(self) -> EdgeConfig:
+        if self.picker and not self.enabled:
+            raise ValueError("edge.picker places requests at the edge: set edge.enabled too")
+        return self
 
 
 class GatewayAddress(BaseModel):
@@ -72,6 +82,10 @@ class EdgeServiceConfig(ServiceSettings):
         "control plane's address only; stopped with it.")
     admin_port: int = Field(9901, ge=0, le=65535,
                             description="Envoy's admin port, on 127.0.0.1 (0: a free one).")
+    picker: bool = Field(
+        False, description="Place generations with the gateways' endpoint picker (ext_proc "
+        "on their gRPC port; run them with endpoint_picker on): each goes to the gateway "
+        "fronting the worker the router chose.")
     node_id: str = Field("kvmesh-edge", description="Envoy's node id (logs, ACK tracking).")
     run_dir: Path | None = Field(
         None, description="Where Envoy's bootstrap and log are written (None: a new "

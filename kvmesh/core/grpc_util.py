@@ -37,6 +37,10 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30000),
     ("grpc.keepalive_permit_without_calls", True),
     ("grpc.enable_retries", 0),
+    # A fixed (64 KiB) flow-control window per stream: with BDP probing the window of
+    # a stream grows to megabytes, and a slow HTTP reader's generation piles up in the
+    # gateway's gRPC buffers instead of holding the worker back (docs/reliability.md).
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 

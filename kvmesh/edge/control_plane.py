@@ -29,8 +29,10 @@ ADS_SERVICE = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].
 
 
 class EdgeControlPlane:
-    def __init__(self, edge_address: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, edge_address: str, host: str = "127.0.0.1", port: int = 0,
+                 picker: bool = False) -> None:
         self.edge_address = edge_address
+        self.picker = picker
         self.store = SnapshotStore()
         self.gateways: GatewaySet = ()
         self._follower: asyncio.Task[None] | None = None
@@ -53,7 +55,8 @@ class EdgeControlPlane:
     async def set_gateways(self, gateways: Sequence[Gateway]) -> int:
         """Publish the edge for this set of gateways; returns the new version."""
         self.gateways = gateway_set(gateways)
-        version = await self.store.publish(resources(self.edge_address, self.gateways))
+        version = await self.store.publish(resources(self.edge_address, self.gateways,
+                                                     self.picker))
         log.info("edge version %d: %d gateway(s) %s", version, len(self.gateways),
                  ", ".join(g.http for g in self.gateways))
         return version

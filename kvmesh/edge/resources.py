@@ -8,6 +8,13 @@ ones), retries happen only before a request reached a gateway (connect failure, 
 stream, reset before request) and go to another gateway, outlier detection ejects a
 gateway that keeps failing, and health checks ask each gateway itself (gRPC health on
 the Inference port, GET /health on the HTTP port). The access log carries ``x-request-id``.
+
+With the endpoint picker (``picker=True``), generations (POST /v1/chat/completions and
+/v1/completions) pass through Envoy's ext_proc filter first: the gateways' gRPC port
+serves the Gateway API Inference Extension endpoint-picker protocol
+(kvmesh/gateway/picker.py), which names the gateway fronting the worker the router
+chose in ``x-gateway-destination-endpoint``; those routes go to an original-destination
+cluster that sends each request to exactly that address. Other requests are not picked.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    grpc_service_pb2,
     health_check_pb2,
     protocol_pb2,
     substitution_format_string_pb2,
@@ -29,6 +37,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -47,10 +56,16 @@ ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
 HTTP_CLUSTER = "kvmesh_gateways_http"
 GRPC_CLUSTER = "kvmesh_gateways_grpc"
+#: Original destination: the gateway the endpoint picker named, per request.
+PICKED_CLUSTER = "kvmesh_picked"
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+EXT_PROC = "envoy.filters.http.ext_proc"
+#: The generations the picker places (exact paths, query string aside).
+PICKED_PATHS = ("/v1/chat/completions", "/v1/completions")
 ROUTE_NAME = "kvmesh"
 ACCESS_LOG = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL%\" %RESPONSE_CODE% "
               "%RESPONSE_FLAGS% %DURATION%ms x-request-id=%REQ(X-REQUEST-ID)% "
-              "upstream=%UPSTREAM_HOST%\n")
+              "upstream=%UPSTREAM_HOST% picked=%REQ(X-KVMESH-WORKER)%\n")
 
 
 @dataclass(frozen=True)
@@ -84,13 +99,32 @@ def _ads() -> config_source_pb2.ConfigSource:
         resource_api_version=config_source_pb2.ApiVersion.V3)
 
 
-def listener(address: str) -> listener_pb2.Listener:
+def _ext_proc() -> hcm_pb2.HttpFilter:
+    """The endpoint picker's filter: the request's headers, then its whole body, to the
+    gateways' gRPC port; a picker that fails fails the request (it must not reach a
+    destination the client named)."""
+    mode = processing_mode_pb2.ProcessingMode
+    return hcm_pb2.HttpFilter(name=EXT_PROC, typed_config=_packed(ext_proc_pb2.ExternalProcessor(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=GRPC_CLUSTER),
+            timeout=_seconds(10)),
+        failure_mode_allow=False,
+        message_timeout=_seconds(10),
+        processing_mode=mode(
+            request_header_mode=mode.SEND, response_header_mode=mode.SKIP,
+            request_body_mode=mode.BUFFERED, response_body_mode=mode.NONE,
+            request_trailer_mode=mode.SKIP, response_trailer_mode=mode.SKIP))))
+
+
+def listener(address: str, picker: bool = False) -> listener_pb2.Listener:
+    filters = [_ext_proc()] if picker else []
+    filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.router",
+                                      typed_config=_packed(router_pb2.Router())))
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix="kvmesh_edge",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_NAME),
-        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router",
-                                         typed_config=_packed(router_pb2.Router()))],
+        http_filters=filters,
         access_log=[accesslog_pb2.AccessLog(
             name="envoy.access_loggers.stdout",
             typed_config=_packed(stream_pb2.StdoutAccessLog(
@@ -110,7 +144,7 @@ def listener(address: str) -> listener_pb2.Listener:
                 typed_config=_packed(manager))])])
 
 
-def routes() -> route_pb2.RouteConfiguration:
+def routes(picker: bool = False) -> route_pb2.RouteConfiguration:
     # Only failures before a gateway saw the request are retried (a generation is not
     # idempotent), each on another gateway than the ones that failed it.
     retry = route_components_pb2.RetryPolicy(
@@ -125,15 +159,33 @@ def routes() -> route_pb2.RouteConfiguration:
         return route_components_pb2.RouteAction(cluster=cluster, timeout=_seconds(0),
                                                 retry_policy=retry)
 
+    unpicked = {EXT_PROC: _packed(ext_proc_pb2.ExtProcPerRoute(disabled=True))} if picker else {}
+    picked = [
+        route_components_pb2.Route(
+            match=route_components_pb2.RouteMatch(path=path),
+            # The picker named the gateway: it is the only host (no retry elsewhere).
+            route=route_components_pb2.RouteAction(cluster=PICKED_CLUSTER, timeout=_seconds(0)))
+        for path in PICKED_PATHS
+    ] if picker else []
     return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=[
         route_components_pb2.VirtualHost(name="kvmesh", domains=["*"], routes=[
             route_components_pb2.Route(
                 match=route_components_pb2.RouteMatch(
                     prefix="/", grpc=route_components_pb2.RouteMatch.GrpcRouteMatchOptions()),
-                route=to(GRPC_CLUSTER)),
+                route=to(GRPC_CLUSTER), typed_per_filter_config=unpicked),
+            *picked,
             route_components_pb2.Route(match=route_components_pb2.RouteMatch(prefix="/"),
-                                       route=to(HTTP_CLUSTER)),
+                                       route=to(HTTP_CLUSTER), typed_per_filter_config=unpicked),
         ])])
+
+
+def picked_cluster() -> cluster_pb2.Cluster:
+    """Each request to the address in its ``x-gateway-destination-endpoint`` header."""
+    return cluster_pb2.Cluster(
+        name=PICKED_CLUSTER, type=cluster_pb2.Cluster.ORIGINAL_DST,
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED, connect_timeout=_seconds(1),
+        original_dst_lb_config=cluster_pb2.Cluster.OriginalDstLbConfig(
+            use_http_header=True, http_header_name=DESTINATION_HEADER))
 
 
 def clusters() -> list[cluster_pb2.Cluster]:
@@ -192,7 +244,10 @@ def endpoints(gateways: Sequence[Gateway]) -> list[endpoint_pb2.ClusterLoadAssig
             assignment(GRPC_CLUSTER, [g.grpc for g in gateways])]
 
 
-def resources(edge_address: str, gateways: Sequence[Gateway]) -> dict[str, list[message.Message]]:
-    """Every resource of the edge, by type URL."""
-    return {CLUSTER: list(clusters()), ENDPOINT: list(endpoints(gateways)),
-            LISTENER: [listener(edge_address)], ROUTE: [routes()]}
+def resources(edge_address: str, gateways: Sequence[Gateway],
+              picker: bool = False) -> dict[str, list[message.Message]]:
+    """Every resource of the edge, by type URL; ``picker``: generations placed by the
+    endpoint picker."""
+    return {CLUSTER: [*clusters(), *([picked_cluster()] if picker else [])],
+            ENDPOINT: list(endpoints(gateways)),
+            LISTENER: [listener(edge_address, picker)], ROUTE: [routes(picker)]}

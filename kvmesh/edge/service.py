@@ -33,7 +33,8 @@ def gateway_source(config: EdgeServiceConfig) -> AsyncIterator[GatewaySet]:
 class EdgeService:
     def __init__(self, config: EdgeServiceConfig) -> None:
         self.config = config
-        self.control_plane = EdgeControlPlane(config.listen, config.host, config.port)
+        self.control_plane = EdgeControlPlane(config.listen, config.host, config.port,
+                                              config.picker)
         self.envoy: subprocess.Popen[bytes] | None = None
         self.admin = ""
 

@@ -23,13 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt-tokens", type=int, default=None)
     parser.add_argument("--max-concurrent-requests", type=int, default=None)
     parser.add_argument("--max-streams-per-key", type=int, default=None)
+    parser.add_argument("--endpoint-picker", action="store_true", default=None,
+                        help="also serve the edge's endpoint picker (Envoy ext_proc) on the "
+                        "gRPC port")
     args = parser.parse_args(argv)
     config = load_settings(
         GatewayConfig, args.config, host=args.host, port=args.port, grpc_port=args.grpc_port,
         router=args.router, ready_file=args.ready_file, api_keys=args.api_key,
         max_prompt_tokens=args.max_prompt_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
-        max_streams_per_key=args.max_streams_per_key, **observability_settings(args),
+        max_streams_per_key=args.max_streams_per_key, endpoint_picker=args.endpoint_picker,
+        **observability_settings(args),
     )
     setup_logging("gateway", args.log_level, config.logging.json_format)
     setup_tracing(config.tracing, "gateway")

@@ -43,6 +43,8 @@ class ModelCatalog:
         self._models: dict[str, ModelEntry] = {}
         #: The router's last worker set, and its metrics endpoint (service discovery).
         self.workers: list[common_pb2.WorkerInfo] = []
+        #: The gateway replicas registered with the router (the endpoint picker's set).
+        self.gateways: list[common_pb2.WorkerInfo] = []
         self.router_metrics_endpoint = ""
         self.version = -1
         self.changed = asyncio.Event()
@@ -70,6 +72,7 @@ class ModelCatalog:
         new = [m for m in fresh if m not in self._models]
         self._models = fresh
         self.workers = list(worker_set.workers)
+        self.gateways = list(worker_set.gateways)
         self.router_metrics_endpoint = worker_set.router_metrics_endpoint
         self.version = worker_set.version
         self.changed.set()

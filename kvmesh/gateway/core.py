@@ -79,6 +79,8 @@ class GatewayCore:
         self._watch: asyncio.Task[None] | None = None
         #: host:port of the HTTP API once bound (the gateway's own /metrics target).
         self.http_address = ""
+        #: Set when the gateway drains (SIGTERM): /health answers 503.
+        self.draining = False
 
     async def start(self) -> None:
         self._watch = asyncio.create_task(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
+from contextvars import ContextVar
 
 import grpc
 import numpy as np
@@ -29,6 +30,12 @@ tracer = trace.get_tracer(__name__)
 
 #: A request that failed before its first token (worker gone) is routed again.
 MAX_ATTEMPTS = 3
+
+#: Set by the edge's endpoint picker (kvmesh/gateway/picker.py): the worker it chose.
+PREFERRED_WORKER_HEADER = "x-kvmesh-worker"
+#: The worker an endpoint picker chose for the request being served (its
+#: ``x-kvmesh-worker`` header): Route asks the router for it.
+preferred_worker: ContextVar[str] = ContextVar("kvmesh_preferred_worker", default="")
 
 
 class MeshClient:
@@ -66,7 +73,10 @@ class MeshClient:
         max_tokens: int,
         exclude: Sequence[str] = (),
         adapter: str = "",
+        preview: bool = False,
     ) -> router_pb2.RouteDecision:
+        """The router's decision for one request; ``preview``: where it would go,
+        nothing booked (the endpoint picker's question)."""
         return await self.router.Route(
             router_pb2.RouteRequest(
                 request_id=request_id,
@@ -75,6 +85,8 @@ class MeshClient:
                 packed_token_ids=np.asarray(token_ids, dtype="<u4").tobytes(),
                 max_tokens=max_tokens,
                 exclude_worker_ids=exclude,
+                preview=preview,
+                prefer_worker_id=preferred_worker.get(),
             ),
             timeout=self._route_timeout_s,
         )

@@ -167,6 +167,10 @@ async def run_generation(
     yield Finished(usage(prompt_tokens, completion_tokens, cached_tokens))
 
 
+#: Events buffered between a batch's prompt streams and its one response stream.
+MERGE_QUEUE_EVENTS = 16
+
+
 def run_prompts(
     mesh: MeshClient, tokenizer: ModelTokenizer, specs: list[GenerationSpec], request_id: str
 ) -> AsyncIterator[ChoiceDelta | Finished]:
@@ -193,8 +197,10 @@ async def merge_generations(
             async for event in streams[0]:
                 yield event
         return
+    # Bounded: a slow reader holds the prompts' streams back (and, through gRPC flow
+    # control, their workers) instead of letting events pile up here.
     queue: asyncio.Queue[tuple[int, ChoiceDelta | Finished | BaseException | None]] = (
-        asyncio.Queue()
+        asyncio.Queue(maxsize=MERGE_QUEUE_EVENTS)
     )
 
     async def pump(i: int, stream: AsyncIterator[ChoiceDelta | Finished]) -> None:

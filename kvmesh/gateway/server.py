@@ -7,12 +7,14 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import uvicorn
 
 import kvmesh.core.tracing as tracing
 from kvmesh.core.config import GatewayConfig
+from kvmesh.core.drain import not_serving, wait_idle
 from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.core.registration import Registration
 from kvmesh.core.roles import GATEWAY, role_to_proto
@@ -40,6 +42,7 @@ class GatewayServer:
         self.config = config
         self.core = GatewayCore(config)
         self._grpc: grpc.aio.Server | None = None
+        self._health: Any = None
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._registration: Registration | None = None
@@ -55,10 +58,18 @@ class GatewayServer:
         await self.core.start()
         server = create_server()
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.core), server)
-        health = add_health_and_reflection(server, [SERVICE_NAME])
+        services = [SERVICE_NAME]
+        if self.config.endpoint_picker:
+            from kvmesh.gateway.picker import SERVICE_NAME as PICKER
+            from kvmesh.gateway.picker import add_endpoint_picker
+
+            add_endpoint_picker(server, self.core)
+            services.append(PICKER)
+        health = add_health_and_reflection(server, services)
         self.grpc_port = bind(server, self.config.host, self.config.grpc_port)
         await server.start()
-        await set_serving(health, [SERVICE_NAME])
+        await set_serving(health, services)
+        self._health = health
         self._grpc = server
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -83,7 +94,7 @@ class GatewayServer:
             self._registration = Registration(self.config.router, common_pb2.WorkerInfo(
                 worker_id=f"gateway-{self.core.http_address}", role=role_to_proto(GATEWAY),
                 endpoint=info["grpc"], http_endpoint=self.core.http_address,
-                self_registered=True))
+                self_registered=True), self.config.registration_timeout_s)
             self._registering = asyncio.create_task(self._register_when_serving())
         write_ready_file(self.config.ready_file, info)
         log.info("gateway serving OpenAI at %s, Inference gRPC at %s", info["http"], info["grpc"])
@@ -98,18 +109,29 @@ class GatewayServer:
         assert self._registration is not None
         self._registration.start()
 
-    async def stop(self) -> None:
+    async def drain(self) -> None:
+        """NOT_SERVING on gRPC health, 503 on /health, out of the router's gateway set
+        (the edge's endpoints), then the requests in flight finish, up to
+        ``drain_timeout_s``; new requests that still arrive are served."""
+        self.core.draining = True
+        await not_serving(self._health)
         if self._registering is not None:
             self._registering.cancel()
         if self._registration is not None:
             # Out of the edge's endpoint set before the listeners close.
             await self._registration.stop()
             await asyncio.sleep(self.config.drain_s)
+        await wait_idle(lambda: self.core.admission.in_flight, self.config.drain_timeout_s,
+                        f"gateway {self.core.http_address}")
+
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self.drain()
         if self._http is not None:
             self._http.should_exit = True
         if self._http_task is not None:
             with contextlib.suppress(Exception):
                 await self._http_task
         if self._grpc is not None:
-            await self._grpc.stop(grace=2.0)
+            await self._grpc.stop(grace=1.0)
         await self.core.stop()

@@ -42,7 +42,8 @@ async def start_edge(config: EdgeConfig, host: str, port: int, gateways: list[Ga
     """Control plane up with the gateways, Envoy started from it, ready when Envoy
     answers /health through a gateway."""
     address = f"{host}:{port or _free_port(host)}"
-    control_plane = EdgeControlPlane(address, port=config.control_plane_port)
+    control_plane = EdgeControlPlane(address, port=config.control_plane_port,
+                                     picker=config.picker)
     await control_plane.start()
     await control_plane.set_gateways(gateways)
     envoy = start_envoy(control_plane.address, config.admin_port, run_dir)

@@ -79,7 +79,7 @@ def mesh_pids(state: dict[str, Any]) -> list[int]:
             *(int(p) for p in gateways), *(int(p) for p in pids.get("workers", []))]
 
 
-def stop_mesh(path: Path | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
+def stop_mesh(path: Path | None = None, timeout_s: float = 90.0) -> dict[str, Any]:
     """Stop the recorded mesh by its PIDs only: SIGINT to `kvmesh up` (its ordered
     stop, as Ctrl-C), then SIGTERM and finally SIGKILL to whatever it recorded that is
     still alive after ``timeout_s``. Returns what was stopped."""

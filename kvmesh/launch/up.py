@@ -92,8 +92,14 @@ def embedding_worker_configs(config: MeshConfig, router: str, run_dir: Path
 
 def _cpu_share(config: MeshConfig, ncpus: int) -> float:
     """Ray CPUs per worker actor: fractional when workers outnumber cores, so every
-    actor (chat and embedding) can be scheduled."""
-    return ncpus / (len(config.worker_roles()) + config.embeddings.workers)
+    actor (chat and embedding) can be scheduled — with the router's autoscale on, every
+    pool at its largest."""
+    workers = len(config.worker_roles())
+    scale = config.router.autoscale
+    if scale.enabled:
+        workers = sum(max(n, scale.max_workers) for n in
+                      (config.workers, config.prefill, config.decode) if n)
+    return ncpus / (workers + config.embeddings.workers)
 
 
 class LocalMesh:
@@ -107,6 +113,7 @@ class LocalMesh:
         self._edge: Any = None  # kvmesh.launch.edge.RunningEdge with MeshConfig.edge
         self._actors: list[Any] = []
         self._group: Any = None  # the workers' placement group (MeshConfig.placement)
+        self._scaling: Any = None  # kvmesh.launch.scaler.Scaling with router.autoscale
         self.state: dict[str, Any] = {}
 
     async def start(self) -> dict[str, Any]:
@@ -158,6 +165,8 @@ class LocalMesh:
         workers = started_workers[: len(configs)]
         embedding_workers = started_workers[len(configs):]
 
+        if cfg.router.autoscale.enabled:
+            self._scaling = self._start_scaler(cfg, router, workers)
         gateways = await self._start_gateways(cfg, router)
         gateway = gateways[0]
         for replica in gateways:
@@ -206,6 +215,9 @@ class LocalMesh:
                 gateway_cfg = gateway_cfg.model_copy(update={"port": 0})
             ready = self.run_dir / f"gateway-{i}.ready"
             gateway_cfg = gateway_cfg.model_copy(update={"router": router, "ready_file": ready})
+            if cfg.edge.picker:  # every gateway answers Envoy's ext_proc and is listed
+                gateway_cfg = gateway_cfg.model_copy(
+                    update={"endpoint_picker": True, "register_with_router": True})
             proc = spawn_module(
                 "kvmesh.gateway",
                 ["--config", str(dump_settings(gateway_cfg, self.run_dir / f"gateway-{i}.json"))],
@@ -229,22 +241,56 @@ class LocalMesh:
                 await asyncio.sleep(0.2)
         raise TimeoutError(f"gateway never served {sorted(models)}")
 
+    def _start_scaler(self, cfg: MeshConfig, router: str,
+                      started: list[dict[str, Any]]) -> Any:
+        """The router's autoscale on: each chat pool (role) becomes a RayPool owning its
+        actors, and a Scaler follows the router's desired sizes."""
+        from kvmesh.launch.scaler import RayPool, Scaling
+
+        roles = cfg.worker_roles()
+        pools = []
+        for role in dict.fromkeys(r for r, _ in roles):
+            members = [i for i, (r, _) in enumerate(roles) if r == role]
+            engine = roles[members[0]][1]
+            most = cfg.router.autoscale.bounds(started[members[0]]["model"], role.value)[1]
+
+            def make(i: int, role: WorkerRole = role, engine: EngineConfig = engine,
+                     most: int = most) -> WorkerConfig:
+                return _worker_config(cfg, router, self.run_dir, f"{role.value}-{i}", role,
+                                      engine, (i % most, most))
+
+            pool = RayPool(make, started[members[0]]["model"], role.value)
+            pool.adopt([self._actors[i] for i in members])
+            pools.append(pool)
+        owned = {id(a) for p in pools for a in p.actors}
+        self._actors = [a for a in self._actors if id(a) not in owned]
+        return Scaling.start(router, pools)
+
     async def stop(self) -> None:
+        if self._scaling is not None:
+            await self._scaling.stop()
+            self._scaling = None
         if self._edge is not None:
             await self._edge.stop()
             self._edge = None
-        for proc in self._gateways:
-            await asyncio.to_thread(terminate, proc)
+        # Each drains (streams in flight finish, up to its drain_timeout_s): together.
+        cfg = self.config
+        await asyncio.gather(*(
+            asyncio.to_thread(terminate, proc, cfg.gateway.drain_timeout_s + 10)
+            for proc in self._gateways))
         self._gateways = []
         if self._actors:
             import ray
 
-            for actor in self._actors:
+            async def stop_actor(actor: Any) -> None:
                 try:
-                    await asyncio.wait_for(actor.stop.remote(), timeout=30)
+                    await asyncio.wait_for(actor.stop.remote(),
+                                           timeout=cfg.worker.drain_timeout_s + 15)
                 except Exception as exc:  # a dead actor must not block shutdown
                     log.warning("worker stop failed: %s", exc)
                 ray.kill(actor)
+
+            await asyncio.gather(*(stop_actor(a) for a in self._actors))
             self._actors = []
         placement.release(self._group)
         self._group = None
@@ -254,7 +300,7 @@ class LocalMesh:
             if ray.is_initialized():
                 ray.shutdown()
         if self._router is not None:
-            await asyncio.to_thread(terminate, self._router)
+            await asyncio.to_thread(terminate, self._router, cfg.router.drain_timeout_s + 10)
 
 
 async def serve(config: MeshConfig, state_file: Path | None, verbose: bool) -> None:

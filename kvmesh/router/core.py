@@ -26,6 +26,7 @@ from kvmesh.core.config import RouterConfig
 from kvmesh.core.errors import ModelNotFoundError, RateLimitedError
 from kvmesh.core.roles import GATEWAY
 from kvmesh.router.admission import Admission, AdmissionTimeout
+from kvmesh.router.autoscale import PoolLoad, PoolScaler
 from kvmesh.router.metrics import RouterMetrics, WorkerSample
 from kvmesh.router.pd import PdDecision, decide
 from kvmesh.router.policy.base import RouteContext
@@ -48,6 +49,10 @@ class RouteQuery:
     exclude: Sequence[str] = ()
     #: Seconds left of the caller's deadline (None: no deadline).
     time_remaining_s: float | None = None
+    #: Decide only: no admission wait, nothing booked (the endpoint picker's question).
+    preview: bool = False
+    #: A worker chosen by an earlier preview: kept when it is still a candidate.
+    prefer: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class RouterCore:
         self._rng = random.Random(config.seed)
         self._changed = asyncio.Condition()
         self._admission: dict[str, Admission] = {}
+        #: Per pool (model, role): its autoscaler (RouterConfig.autoscale).
+        self.scalers: dict[tuple[str, str], PoolScaler] = {}
         fresh_s = 2 * max(config.heartbeat_interval_s, config.probe_interval_s)
         self.metrics.track(
             lambda: len(self.index),
@@ -96,6 +103,15 @@ class RouterCore:
         removed = self.registry.remove(worker_id)
         self.index.remove_worker(worker_id)
         return removed
+
+    async def drain_worker(self, worker_id: str) -> tuple[bool, int]:
+        """Route nothing new to the worker (it finishes what it has); whether the
+        worker is known and how many routed requests it still has."""
+        worker = self.registry.drain(worker_id)
+        if worker is None:
+            return False, 0
+        await self.notify()
+        return True, len(worker.in_flight)
 
     def expire(self) -> list[str]:
         """Workers whose lease ran out, removed from the registry and the index."""
@@ -138,6 +154,10 @@ class RouterCore:
         return [w for w in sorted(self.registry.all(), key=lambda w: w.worker_id)
                 if w.role != GATEWAY and (not model or w.model == model)]
 
+    def workers_in(self, model: str, role: str) -> list[WorkerState]:
+        """One pool's workers."""
+        return [w for w in self.workers(model) if w.role == role]
+
     def statuses(self, model: str = "") -> list[WorkerStatus]:
         """The workers serving ``model`` (all when empty), by id, as ListWorkers
         reports them."""
@@ -148,17 +168,45 @@ class RouterCore:
             for w in self.workers(model)
         ]
 
+    def autoscale(self, now: float) -> list[PoolScaler]:
+        """Show every pool's load to its autoscaler (a pool stays known after its last
+        worker left, so the scaler brings it back to its minimum); the scalers."""
+        pools: dict[tuple[str, str], list[WorkerState]] = {key: [] for key in self.scalers}
+        for w in self.workers():
+            pools.setdefault((w.model, w.role), []).append(w)
+        for (model, role), members in pools.items():
+            scaler = self.scalers.get((model, role))
+            if scaler is None:
+                scaler = self.scalers[model, role] = PoolScaler(self.config.autoscale,
+                                                                model, role)
+            desired = scaler.observe(PoolLoad(
+                workers=len(members),
+                requests=sum(w.active for w in members),
+                queued_prefill_tokens=sum(w.load.waiting_uncached_tokens
+                                          + w.unreported_prefill_tokens for w in members),
+                kv_usage=sum(w.load.kv_usage for w in members)), now)
+            self.metrics.desired_workers.labels(model, role).set(desired)
+            self.metrics.pool_need.labels(model, role).set(scaler.need)
+        return list(self.scalers.values())
+
     # ---- requests ----------------------------------------------------------------
     async def route(self, query: RouteQuery) -> PdDecision:
         ctx = query.ctx
         if ctx.model not in self.registry.models():
             raise ModelNotFoundError(f"the model `{ctx.model}` does not exist", param="model")
-        workers = await self._admit(query)
+        if query.preview:
+            workers = self.registry.candidates(ctx.model, ctx.adapter, query.exclude)
+        else:
+            workers = await self._admit(query)
+        pinned = [w for w in workers if w.worker_id == query.prefer] if query.prefer else []
+        if pinned and pinned[0].role != "decode":
+            workers = pinned
         prefill = self.registry.candidates(ctx.model, ctx.adapter, query.exclude,
                                            roles=("prefill",))
         decode = [w for w in workers if w.role == "decode"]
         choice = self._decide(ctx, workers, prefill, decode)
-        self._book(ctx, choice)
+        if not query.preview:
+            self._book(ctx, choice)
         return choice
 
     def finish(self, worker_id: str, request_id: str) -> None:

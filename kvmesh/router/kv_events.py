@@ -1,10 +1,14 @@
 """Follow a worker's VllmEngine.SubscribeKvEvents stream into the prefix index.
 
-Per data-parallel rank, a cursor of the last sequence number applied. A broken
-stream is resumed from that cursor; a publisher that refuses to resume
-(OUT_OF_RANGE), reports lost history (DATA_LOSS), restarts its numbering or skips
-a number makes the router drop the worker's view and rebuild it from a fresh
-subscription — never serving stale hits as truth.
+Per data-parallel rank, a cursor of the last sequence number applied
+(``kv_sequence``): dropped, duplicated, reordered and replayed batches are told
+apart by their numbers, and a lost tail by the servicer's heartbeats. A broken
+stream is resumed from the cursor after checking the worker is the same incarnation
+(its server's start time); a restarted worker, a publisher that refuses to resume
+(OUT_OF_RANGE) or reports lost history (DATA_LOSS) makes the router drop the worker's
+view and rebuild it from a fresh subscription — never serving stale hits as truth.
+``KvEventTracker`` is the pure part (batches in, index updated); ``KvEventFollower``
+is the stream around it.
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 from smg_grpc_proto import vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 
+from kvmesh.router.kv_sequence import SequenceCursors, Verdict
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.prefix_index import PrefixIndex, StoredBlocks
+from kvmesh.router.snapshot import same_incarnation
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +52,11 @@ def stored_from_proto(event: common_pb2.KvBlocksStored, model: str,
 @dataclass
 class FollowerStats:
     batches: int = 0
-    #: Last sequence number applied, per data-parallel rank of the engine.
-    cursors: dict[int, int] = field(default_factory=dict)
     stored_blocks: int = 0
     removed_blocks: int = 0
     gaps: int = 0
     resets: int = 0
+    skipped: int = 0
 
 
 def apply_batch(
@@ -72,49 +77,71 @@ def apply_batch(
     stats.batches += 1
 
 
-class KvEventFollower:
-    def __init__(
-        self, worker_id: str, channel: grpc.aio.Channel, index: PrefixIndex, model: str,
-        block_size: int, on_load: Callable[[common_pb2.EngineLoad], None] | None = None,
-        retry_s: float = 0.5, metrics: RouterMetrics | None = None,
-    ) -> None:
-        self._metrics = metrics
+class KvEventTracker:
+    """One worker's KV events into the index: sequence checks, resets, metrics.
+
+    Pure over the index (no I/O): the follower hands it every batch it reads and
+    tells it when it subscribes again; property tests drive it with faulty streams.
+    """
+
+    def __init__(self, worker_id: str, index: PrefixIndex, model: str, block_size: int,
+                 metrics: RouterMetrics | None = None, incarnation: float = 0.0) -> None:
         self.worker_id = worker_id
-        self._stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
         self._index = index
         self._model = model
         self._block_size = block_size
-        self._on_load = on_load
-        self._retry_s = retry_s
+        self._metrics = metrics
+        #: The worker's start time as last seen (0: unknown); a change is a restart.
+        self.incarnation = incarnation
+        self.sequence = SequenceCursors()
         self.stats = FollowerStats()
-        self.supported = True
 
-    def _reset(self, why: str) -> None:
+    def reset(self, why: str) -> None:
         log.warning("KV events of %s: %s; rebuilding its view", self.worker_id, why)
         self._index.clear_worker(self.worker_id)
-        self.stats.cursors.clear()
         self.stats.resets += 1
         if self._metrics is not None:
             self._metrics.kv_event_resets.inc()
 
-    def _admit(self, batch: common_pb2.KvEventBatch) -> bool:
-        """Sequence bookkeeping per rank; False for a duplicate to skip."""
+    def resubscribing(self, incarnation: float | None) -> int:
+        """The stream broke and is about to be opened again: the sequence number to
+        resume from (0 after a restart: the old view is dropped)."""
+        if incarnation is not None and incarnation and self.incarnation \
+                and not same_incarnation(incarnation, self.incarnation):
+            self.reset(f"restarted (incarnation {self.incarnation:.3f} -> {incarnation:.3f})")
+            self.sequence.clear()
+        if incarnation:
+            self.incarnation = incarnation
+        return self.sequence.resume_from()
+
+    def lost_history(self, why: str) -> None:
+        """The publisher cannot resume (OUT_OF_RANGE) or lost batches (DATA_LOSS)."""
+        self.reset(why)
+        self.sequence.clear()
+
+    def handle(self, batch: common_pb2.KvEventBatch) -> Verdict:
+        """Check one batch's number and apply its events when it is due."""
         rank = batch.dp_rank if batch.HasField("dp_rank") else 0
-        seq = batch.sequence_number
-        last = self.stats.cursors.get(rank)
-        if last is not None:
-            if seq <= last:
-                if seq < last and not batch.HasField("snapshot"):
-                    self._reset(f"rank {rank} restarted its numbering ({last} -> {seq})")
-                else:
-                    return False
-            elif seq > last + 1:
-                self.stats.gaps += 1
-                if self._metrics is not None:
-                    self._metrics.kv_event_gaps.inc()
-                self._reset(f"gap on rank {rank} ({last} -> {seq})")
-        self.stats.cursors[rank] = seq
-        return True
+        load_only = batch.HasField("load") and batch.load.load_only
+        verdict = self.sequence.admit(
+            rank, batch.sequence_number, load_only=load_only,
+            snapshot_chunk=batch.snapshot.index if batch.HasField("snapshot") else None)
+        if verdict.gap:
+            self.stats.gaps += 1
+            if self._metrics is not None:
+                self._metrics.kv_event_gaps.inc()
+        if verdict.reset is not None:
+            self.reset(verdict.reset)
+        elif verdict.replace:
+            self._index.clear_worker(self.worker_id)
+        if not verdict.apply:
+            self.stats.skipped += not load_only
+            return verdict
+        stored, removed = self.stats.stored_blocks, self.stats.removed_blocks
+        apply_batch(self._index, self.worker_id, self._model, self._block_size, batch,
+                    self.stats)
+        self._observe(batch, stored, removed)
+        return verdict
 
     def _observe(self, batch: common_pb2.KvEventBatch, stored: int, removed: int) -> None:
         if self._metrics is None:
@@ -125,23 +152,65 @@ class KvEventFollower:
         if batch.timestamp > 0:
             self._metrics.kv_event_lag_seconds.observe(max(time.time() - batch.timestamp, 0))
 
+
+class KvEventFollower:
+    """The worker's SubscribeKvEvents stream, resumed when it breaks."""
+
+    def __init__(
+        self, worker_id: str, channel: grpc.aio.Channel, index: PrefixIndex, model: str,
+        block_size: int, on_load: Callable[[common_pb2.EngineLoad], None] | None = None,
+        retry_s: float = 0.5, metrics: RouterMetrics | None = None,
+        incarnation: float = 0.0,
+        probe_incarnation: Callable[[], Awaitable[float]] | None = None,
+        idle_timeout_s: float = 15.0,
+    ) -> None:
+        self.worker_id = worker_id
+        self._stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+        self.tracker = KvEventTracker(worker_id, index, model, block_size, metrics,
+                                      incarnation)
+        self._on_load = on_load
+        self._retry_s = retry_s
+        self._probe_incarnation = probe_incarnation
+        self._idle_timeout_s = idle_timeout_s
+        self.supported = True
+
+    @property
+    def stats(self) -> FollowerStats:
+        return self.tracker.stats
+
+    async def _start(self, first: bool) -> int:
+        if first or self._probe_incarnation is None:
+            return self.tracker.sequence.resume_from()
+        return self.tracker.resubscribing(await self._probe_incarnation())
+
+    async def _follow(self, start: int) -> None:
+        """One subscription, until it ends, fails, or brings nothing (not even a
+        heartbeat) for ``idle_timeout_s``: a stalled stream is dropped and resumed."""
+        call = self._stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(
+            start_sequence_number=start, load_records_before_first_batch=True))
+        try:
+            while True:
+                try:
+                    batch = await asyncio.wait_for(call.read(), self._idle_timeout_s)
+                except TimeoutError:
+                    log.warning("KV event stream of %s silent for %.0f s; resubscribing",
+                                self.worker_id, self._idle_timeout_s)
+                    return
+                if batch is grpc.aio.EOF:
+                    return
+                if batch.HasField("load") and self._on_load is not None:
+                    self._on_load(batch.load)
+                self.tracker.handle(batch)
+        finally:
+            call.cancel()
+
     async def run(self) -> None:
+        first = True
         while True:
-            start = max(self.stats.cursors.values()) + 1 if len(self.stats.cursors) == 1 else 0
             try:
-                async for batch in self._stub.SubscribeKvEvents(
-                    common_pb2.SubscribeKvEventsRequest(
-                        start_sequence_number=start, load_records_before_first_batch=True)
-                ):
-                    if batch.HasField("load") and self._on_load is not None:
-                        self._on_load(batch.load)
-                    if batch.HasField("load") and batch.load.load_only:
-                        continue
-                    if self._admit(batch):
-                        stored, removed = self.stats.stored_blocks, self.stats.removed_blocks
-                        apply_batch(self._index, self.worker_id, self._model,
-                                    self._block_size, batch, self.stats)
-                        self._observe(batch, stored, removed)
+                start = await self._start(first)
+                first = False
+                await self._follow(start)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNIMPLEMENTED:
@@ -150,7 +219,7 @@ class KvEventFollower:
                     self.supported = False
                     return
                 if code in (grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DATA_LOSS):
-                    self._reset(f"{code.name}: {exc.details()}")
+                    self.tracker.lost_history(f"{code.name}: {exc.details()}")
                 else:
                     log.debug("KV event stream of %s broke: %s", self.worker_id, code.name)
             await asyncio.sleep(self._retry_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import grpc
@@ -90,7 +91,8 @@ class WorkerLifecycle:
             raise InvalidRequestError("worker.endpoint is required", param="worker.endpoint")
         if is_gateway(info.role):
             return await self._register_gateway(info)
-        facts = await worker_probe.describe(self._channel(info.endpoint))
+        facts = await worker_probe.describe(self._channel(info.endpoint),
+                                            self._config.probe_timeout_s)
         state = WorkerState(
             worker_id=info.worker_id or info.endpoint,
             endpoint=info.endpoint,
@@ -107,6 +109,7 @@ class WorkerLifecycle:
             kv_connector=info.kv_connector,
             dp_rank=info.dp_rank,
             self_registered=info.self_registered,
+            draining=info.draining,
         )
         self.core.add_worker(state)
         self._stop_watching(state.worker_id)
@@ -167,6 +170,8 @@ class WorkerLifecycle:
                 log.warning("worker %s expired (no heartbeat or probe)", worker_id)
                 self._stop_watching(worker_id)
                 await self.core.notify()
+            if self._config.autoscale.enabled:
+                self.core.autoscale(time.monotonic())
 
     # ---- following a worker ----------------------------------------------------------
     def _channel(self, endpoint: str) -> grpc.aio.Channel:
@@ -196,9 +201,14 @@ class WorkerLifecycle:
                 pending, load.cache_hit_rate if load.HasField("cache_hit_rate") else None,
             )
 
+        channel = self._channel(state.endpoint)
         follower = KvEventFollower(
-            worker_id, self._channel(state.endpoint), self.core.index, state.model,
+            worker_id, channel, self.core.index, state.model,
             state.block_size, on_load=on_load, metrics=self.core.metrics,
+            incarnation=self._incarnations.get(worker_id, 0.0),
+            probe_incarnation=lambda: worker_probe.incarnation(
+                channel, self._config.probe_timeout_s),
+            idle_timeout_s=self._config.kv_event_idle_timeout_s,
         )
         self.followers[worker_id] = follower
         self._watchers[worker_id] = [
@@ -211,7 +221,7 @@ class WorkerLifecycle:
         channel = self._channel(endpoint)
         while True:
             try:
-                sample = await worker_probe.sample_load(channel)
+                sample = await worker_probe.sample_load(channel, self._config.probe_timeout_s)
                 self.core.report_load(
                     worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
                     sample.waiting_uncached_tokens, sample.cache_hit_rate,

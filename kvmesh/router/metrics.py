@@ -115,6 +115,13 @@ class RouterMetrics:
             "(loaded) or loads it for the request (load)", ["adapter_state"], registry=r)
         self.index_blocks = Gauge(
             "kvmesh_router_index_blocks", "Distinct blocks in the prefix index", registry=r)
+        self.desired_workers = Gauge(
+            "kvmesh_router_desired_workers",
+            "Workers each pool's load calls for (the autoscaler's answer; an HPA or KEDA "
+            "can follow it)", ["model", "role"], registry=r)
+        self.pool_need = Gauge(
+            "kvmesh_router_pool_need", "Each pool's load in workers (fractional)",
+            ["model", "role"], registry=r)
 
     def track(self, index_blocks: Callable[[], float],
               workers: Callable[[], Iterable[WorkerSample]]) -> None:

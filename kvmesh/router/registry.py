@@ -51,6 +51,9 @@ class WorkerState:
     http_endpoint: str = ""
     dp_rank: int = -1
     self_registered: bool = True
+    #: Finishing what it has, taking nothing new (shutdown, scale-down): no policy
+    #: sees it (``candidates``), WatchWorkers shows it.
+    draining: bool = False
     last_seen: float = 0.0
     load: WorkerLoadView = field(default_factory=WorkerLoadView)
     in_flight: set[str] = field(default_factory=set)
@@ -92,6 +95,15 @@ class WorkerRegistry:
         if removed:
             self.version += 1
         return removed
+
+    def drain(self, worker_id: str) -> WorkerState | None:
+        """Take a worker out of the routing set, keeping it registered; None when
+        unknown."""
+        worker = self._workers.get(worker_id)
+        if worker is not None and not worker.draining:
+            worker.draining = True
+            self.version += 1
+        return worker
 
     def get(self, worker_id: str) -> WorkerState:
         try:
@@ -191,6 +203,7 @@ class WorkerRegistry:
                 and w.role in wanted
                 and (not adapter or adapter in w.adapters or adapter in w.servable_adapters)
                 and w.worker_id not in excluded
+                and not w.draining
             ),
             key=lambda w: w.worker_id,
         )

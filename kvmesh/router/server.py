@@ -11,6 +11,7 @@ import grpc
 from prometheus_client import start_http_server
 
 from kvmesh.core.config import RouterConfig
+from kvmesh.core.drain import InflightCalls, not_serving, wait_idle
 from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.core.service_main import freeze_heap, write_ready_file
 from kvmesh.router import kernels
@@ -31,6 +32,9 @@ class RouterServer:
         self.lifecycle = WorkerLifecycle(self.core)
         self.servicer = RouterServicer(self.core, self.lifecycle)
         self._server: grpc.aio.Server | None = None
+        self._health: Any = None
+        #: Route calls in flight (held for a worker slot included): what a drain awaits.
+        self.inflight = InflightCalls(("Route",))
         self._metrics_http: Any = None
         self.port = 0
         self.metrics_port = 0
@@ -42,13 +46,14 @@ class RouterServer:
     async def start(self) -> str:
         # Load (or compile, on a cold cache) the index kernels before taking traffic.
         await asyncio.to_thread(kernels.warm_up)
-        server = create_server()
+        server = create_server([self.inflight])
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
         self.port = bind(server, self.config.host, self.config.port)
         await server.start()
         await self.lifecycle.start()
         await set_serving(health, [SERVICE_NAME])
+        self._health = health
         self._server = server
         ready = {"grpc": self.address}
         if self.config.metrics_port is not None:
@@ -64,9 +69,18 @@ class RouterServer:
         log.info("router serving on %s (policy=%s)", self.address, self.config.policy)
         return self.address
 
+    async def drain(self) -> None:
+        """NOT_SERVING (gateways with other replicas go there), then the Route calls
+        in flight are answered, up to ``drain_timeout_s``."""
+        await not_serving(self._health)
+        await wait_idle(lambda: self.inflight.count, self.config.drain_timeout_s,
+                        f"router {self.address}")
+
     async def stop(self) -> None:
+        if self._server is not None:
+            await self.drain()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         await self.lifecycle.stop()
         if self._server is not None:
-            await self._server.stop(grace=2.0)
+            await self._server.stop(grace=1.0)

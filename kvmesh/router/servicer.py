@@ -7,6 +7,7 @@ errors, mapped to gRPC status by the shared interceptor.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -20,6 +21,8 @@ from kvmesh.router.lifecycle import WorkerLifecycle
 from kvmesh.router.policy.base import RouteContext
 from kvmesh.router.registry import WorkerState
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 def unpack_tokens(packed: bytes, listed: Sequence[int]) -> np.ndarray:
@@ -49,6 +52,7 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
         max_context_length=w.max_context_length,
         kv_capacity_tokens=w.kv_capacity_tokens,
         self_registered=w.self_registered,
+        draining=w.draining,
     )
 
 
@@ -108,6 +112,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         removed = await self.lifecycle.deregister(request.worker_id)
         return router_pb2.DeregisterWorkerResponse(removed=removed)
 
+    async def DrainWorker(
+        self, request: router_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.DrainWorkerResponse:
+        known, in_flight = await self.core.drain_worker(request.worker_id)
+        if known:
+            log.info("worker %s draining (%d routed requests in flight)", request.worker_id,
+                     in_flight)
+        return router_pb2.DrainWorkerResponse(known=known, in_flight=in_flight)
+
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteDecision:
@@ -120,7 +133,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             max_tokens=request.max_tokens,
         )
         choice = await self.core.route(RouteQuery(
-            ctx, request.exclude_worker_ids, context.time_remaining()))
+            ctx, request.exclude_worker_ids, context.time_remaining(),
+            preview=request.preview, prefer=request.prefer_worker_id))
         return router_pb2.RouteDecision(
             mode=router_pb2.RouteDecision.MODE_DISAGGREGATED if choice.disaggregated
             else router_pb2.RouteDecision.MODE_AGGREGATED,
@@ -142,7 +156,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListWorkersResponse:
         statuses = [status_to_proto(s) for s in self.core.statuses(request.model)]
-        return router_pb2.ListWorkersResponse(workers=statuses, policy=self.core.policy.name)
+        pools = [router_pb2.PoolStatus(model=p.model, role=p.role,
+                                       workers=len(self.core.workers_in(p.model, p.role)),
+                                       desired=p.desired or 0, need=p.need)
+                 for p in self.core.scalers.values()
+                 if not request.model or p.model == request.model]
+        return router_pb2.ListWorkersResponse(workers=statuses, policy=self.core.policy.name,
+                                              pools=pools)
 
     async def WatchWorkers(  # type: ignore[override]
         self, request: router_pb2.WatchWorkersRequest, context: grpc.aio.ServicerContext

@@ -31,27 +31,38 @@ class LoadSample:
     cache_hit_rate: float = 0.0
 
 
-async def describe(channel: grpc.aio.Channel) -> WorkerFacts:
+async def describe(channel: grpc.aio.Channel,
+                   timeout_s: float = PROBE_TIMEOUT_S) -> WorkerFacts:
     """Model name, block size, context length and KV capacity of a worker."""
     stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
-    info = await stub.GetModelInfo(vllm_engine_pb2.GetModelInfoRequest(), timeout=PROBE_TIMEOUT_S)
-    server = await stub.GetServerInfo(
-        vllm_engine_pb2.GetServerInfoRequest(), timeout=PROBE_TIMEOUT_S
-    )
-    load = await sample_load(channel)
+    info = await stub.GetModelInfo(vllm_engine_pb2.GetModelInfoRequest(), timeout=timeout_s)
+    server = await stub.GetServerInfo(vllm_engine_pb2.GetServerInfoRequest(), timeout=timeout_s)
+    load = await sample_load(channel, timeout_s)
     return WorkerFacts(
         model=info.served_model_name or info.model_path,
         block_size=server.block_size,
         max_context_length=info.max_context_length,
         kv_capacity_tokens=load.kv_capacity_tokens,
-        incarnation=time.time() - server.uptime_seconds if server.uptime_seconds else 0.0,
+        incarnation=_started_at(server),
     )
 
 
-async def sample_load(channel: grpc.aio.Channel) -> LoadSample:
+def _started_at(server: vllm_engine_pb2.GetServerInfoResponse) -> float:
+    return time.time() - server.uptime_seconds if server.uptime_seconds else 0.0
+
+
+async def incarnation(channel: grpc.aio.Channel, timeout_s: float = PROBE_TIMEOUT_S) -> float:
+    """When the worker's server started (0: it does not say): a restart changes it."""
+    stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
+    server = await stub.GetServerInfo(vllm_engine_pb2.GetServerInfoRequest(), timeout=timeout_s)
+    return _started_at(server)
+
+
+async def sample_load(channel: grpc.aio.Channel,
+                      timeout_s: float = PROBE_TIMEOUT_S) -> LoadSample:
     """Sum the worker's per-DP-rank loads into one sample."""
     stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
-    reply = await stub.GetLoads(vllm_engine_pb2.GetLoadsRequest(), timeout=PROBE_TIMEOUT_S)
+    reply = await stub.GetLoads(vllm_engine_pb2.GetLoadsRequest(), timeout=timeout_s)
     loads = list(reply.loads)
     if not loads:
         return LoadSample(0, 0, 0.0, 0)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/router.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\">\n\x15RegisterWorkerRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\"r\n\x16RegisterWorkerResponse\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x13\n\x0blease_ttl_s\x18\x03 \x01(\x01\"R\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12\x19\n\x11servable_adapters\x18\x03 \x03(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"+\n\x18\x44\x65registerWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x9f\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x1a\n\x12\x65xclude_worker_ids\x18\x06 \x03(\t\x12\x18\n\x10packed_token_ids\x18\x07 \x01(\x0c\"\x9d\x02\n\rRouteDecision\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.kvmesh.v1.RouteDecision.Mode\x12%\n\x06worker\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12-\n\x0eprefill_worker\x18\x03 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12\x1e\n\x16\x65xpected_cached_tokens\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06policy\x18\x06 \x01(\t\"I\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODE_AGGREGATED\x10\x01\x12\x16\n\x12MODE_DISAGGREGATED\x10\x02\"?\n\x16RequestFinishedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\x19\n\x17RequestFinishedResponse\"#\n\x12ListWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8b\x01\n\x0cWorkerStatus\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\x12\x17\n\x0flast_seen_age_s\x18\x03 \x01(\x01\x12\x16\n\x0eindexed_blocks\x18\x04 \x01(\x04\"O\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.kvmesh.v1.WorkerStatus\x12\x0e\n\x06policy\x18\x02 \x01(\t\"\x15\n\x13WatchWorkersRequest\"\x8e\x01\n\tWorkerSet\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x1f\n\x17router_metrics_endpoint\x18\x03 \x01(\t\x12\'\n\x08gateways\x18\x04 \x03(\x0b\x32\x15.kvmesh.v1.WorkerInfo2\xb0\x04\n\x06Router\x12U\n\x0eRegisterWorker\x12 .kvmesh.v1.RegisterWorkerRequest\x1a!.kvmesh.v1.RegisterWorkerResponse\x12\x46\n\tHeartbeat\x12\x1b.kvmesh.v1.HeartbeatRequest\x1a\x1c.kvmesh.v1.HeartbeatResponse\x12[\n\x10\x44\x65registerWorker\x12\".kvmesh.v1.DeregisterWorkerRequest\x1a#.kvmesh.v1.DeregisterWorkerResponse\x12:\n\x05Route\x12\x17.kvmesh.v1.RouteRequest\x1a\x18.kvmesh.v1.RouteDecision\x12X\n\x0fRequestFinished\x12!.kvmesh.v1.RequestFinishedRequest\x1a\".kvmesh.v1.RequestFinishedResponse\x12L\n\x0bListWorkers\x12\x1d.kvmesh.v1.ListWorkersRequest\x1a\x1e.kvmesh.v1.ListWorkersResponse\x12\x46\n\x0cWatchWorkers\x12\x1e.kvmesh.v1.WatchWorkersRequest\x1a\x14.kvmesh.v1.WorkerSet0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/router.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\">\n\x15RegisterWorkerRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\"r\n\x16RegisterWorkerResponse\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x13\n\x0blease_ttl_s\x18\x03 \x01(\x01\"R\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x02 \x03(\t\x12\x19\n\x11servable_adapters\x18\x03 \x03(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"+\n\x18\x44\x65registerWorkerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"7\n\x13\x44rainWorkerResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x11\n\tin_flight\x18\x02 \x01(\r\"\xca\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x1a\n\x12\x65xclude_worker_ids\x18\x06 \x03(\t\x12\x18\n\x10packed_token_ids\x18\x07 \x01(\x0c\x12\x0f\n\x07preview\x18\x08 \x01(\x08\x12\x18\n\x10prefer_worker_id\x18\t \x01(\t\"\x9d\x02\n\rRouteDecision\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.kvmesh.v1.RouteDecision.Mode\x12%\n\x06worker\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12-\n\x0eprefill_worker\x18\x03 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12\x1e\n\x16\x65xpected_cached_tokens\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06policy\x18\x06 \x01(\t\"I\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODE_AGGREGATED\x10\x01\x12\x16\n\x12MODE_DISAGGREGATED\x10\x02\"?\n\x16RequestFinishedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\x19\n\x17RequestFinishedResponse\"#\n\x12ListWorkersRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8b\x01\n\x0cWorkerStatus\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\x12\x17\n\x0flast_seen_age_s\x18\x03 \x01(\x01\x12\x16\n\x0eindexed_blocks\x18\x04 \x01(\x04\"Y\n\nPoolStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07workers\x18\x03 \x01(\r\x12\x0f\n\x07\x64\x65sired\x18\x04 \x01(\r\x12\x0c\n\x04need\x18\x05 \x01(\x01\"u\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.kvmesh.v1.WorkerStatus\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12$\n\x05pools\x18\x03 \x03(\x0b\x32\x15.kvmesh.v1.PoolStatus\"\x15\n\x13WatchWorkersRequest\"\x8e\x01\n\tWorkerSet\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x1f\n\x17router_metrics_endpoint\x18\x03 \x01(\t\x12\'\n\x08gateways\x18\x04 \x03(\x0b\x32\x15.kvmesh.v1.WorkerInfo2\xfe\x04\n\x06Router\x12U\n\x0eRegisterWorker\x12 .kvmesh.v1.RegisterWorkerRequest\x1a!.kvmesh.v1.RegisterWorkerResponse\x12\x46\n\tHeartbeat\x12\x1b.kvmesh.v1.HeartbeatRequest\x1a\x1c.kvmesh.v1.HeartbeatResponse\x12[\n\x10\x44\x65registerWorker\x12\".kvmesh.v1.DeregisterWorkerRequest\x1a#.kvmesh.v1.DeregisterWorkerResponse\x12L\n\x0b\x44rainWorker\x12\x1d.kvmesh.v1.DrainWorkerRequest\x1a\x1e.kvmesh.v1.DrainWorkerResponse\x12:\n\x05Route\x12\x17.kvmesh.v1.RouteRequest\x1a\x18.kvmesh.v1.RouteDecision\x12X\n\x0fRequestFinished\x12!.kvmesh.v1.RequestFinishedRequest\x1a\".kvmesh.v1.RequestFinishedResponse\x12L\n\x0bListWorkers\x12\x1d.kvmesh.v1.ListWorkersRequest\x1a\x1e.kvmesh.v1.ListWorkersResponse\x12\x46\n\x0cWatchWorkers\x12\x1e.kvmesh.v1.WatchWorkersRequest\x1a\x14.kvmesh.v1.WorkerSet0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,26 +44,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEREGISTERWORKERREQUEST']._serialized_end=405
   _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=407
   _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=450
-  _globals['_ROUTEREQUEST']._serialized_start=453
-  _globals['_ROUTEREQUEST']._serialized_end=612
-  _globals['_ROUTEDECISION']._serialized_start=615
-  _globals['_ROUTEDECISION']._serialized_end=900
-  _globals['_ROUTEDECISION_MODE']._serialized_start=827
-  _globals['_ROUTEDECISION_MODE']._serialized_end=900
-  _globals['_REQUESTFINISHEDREQUEST']._serialized_start=902
-  _globals['_REQUESTFINISHEDREQUEST']._serialized_end=965
-  _globals['_REQUESTFINISHEDRESPONSE']._serialized_start=967
-  _globals['_REQUESTFINISHEDRESPONSE']._serialized_end=992
-  _globals['_LISTWORKERSREQUEST']._serialized_start=994
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1029
-  _globals['_WORKERSTATUS']._serialized_start=1032
-  _globals['_WORKERSTATUS']._serialized_end=1171
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1173
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1252
-  _globals['_WATCHWORKERSREQUEST']._serialized_start=1254
-  _globals['_WATCHWORKERSREQUEST']._serialized_end=1275
-  _globals['_WORKERSET']._serialized_start=1278
-  _globals['_WORKERSET']._serialized_end=1420
-  _globals['_ROUTER']._serialized_start=1423
-  _globals['_ROUTER']._serialized_end=1983
+  _globals['_DRAINWORKERREQUEST']._serialized_start=452
+  _globals['_DRAINWORKERREQUEST']._serialized_end=491
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=493
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=548
+  _globals['_ROUTEREQUEST']._serialized_start=551
+  _globals['_ROUTEREQUEST']._serialized_end=753
+  _globals['_ROUTEDECISION']._serialized_start=756
+  _globals['_ROUTEDECISION']._serialized_end=1041
+  _globals['_ROUTEDECISION_MODE']._serialized_start=968
+  _globals['_ROUTEDECISION_MODE']._serialized_end=1041
+  _globals['_REQUESTFINISHEDREQUEST']._serialized_start=1043
+  _globals['_REQUESTFINISHEDREQUEST']._serialized_end=1106
+  _globals['_REQUESTFINISHEDRESPONSE']._serialized_start=1108
+  _globals['_REQUESTFINISHEDRESPONSE']._serialized_end=1133
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1135
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1170
+  _globals['_WORKERSTATUS']._serialized_start=1173
+  _globals['_WORKERSTATUS']._serialized_end=1312
+  _globals['_POOLSTATUS']._serialized_start=1314
+  _globals['_POOLSTATUS']._serialized_end=1403
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1405
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1522
+  _globals['_WATCHWORKERSREQUEST']._serialized_start=1524
+  _globals['_WATCHWORKERSREQUEST']._serialized_end=1545
+  _globals['_WORKERSET']._serialized_start=1548
+  _globals['_WORKERSET']._serialized_end=1690
+  _globals['_ROUTER']._serialized_start=1693
+  _globals['_ROUTER']._serialized_end=2331
 # @@protoc_insertion_point(module_scope)

@@ -52,8 +52,22 @@ class DeregisterWorkerResponse(_message.Message):
     removed: bool
     def __init__(self, removed: _Optional[bool] = ...) -> None: ...
 
+class DrainWorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class DrainWorkerResponse(_message.Message):
+    __slots__ = ("known", "in_flight")
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    in_flight: int
+    def __init__(self, known: _Optional[bool] = ..., in_flight: _Optional[int] = ...) -> None: ...
+
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "model", "adapter", "token_ids", "max_tokens", "exclude_worker_ids", "packed_token_ids")
+    __slots__ = ("request_id", "model", "adapter", "token_ids", "max_tokens", "exclude_worker_ids", "packed_token_ids", "preview", "prefer_worker_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +75,8 @@ class RouteRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
     PACKED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    PREFER_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     adapter: str
@@ -68,7 +84,9 @@ class RouteRequest(_message.Message):
     max_tokens: int
     exclude_worker_ids: _containers.RepeatedScalarFieldContainer[str]
     packed_token_ids: bytes
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., exclude_worker_ids: _Optional[_Iterable[str]] = ..., packed_token_ids: _Optional[bytes] = ...) -> None: ...
+    preview: bool
+    prefer_worker_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., exclude_worker_ids: _Optional[_Iterable[str]] = ..., packed_token_ids: _Optional[bytes] = ..., preview: _Optional[bool] = ..., prefer_worker_id: _Optional[str] = ...) -> None: ...
 
 class RouteDecision(_message.Message):
     __slots__ = ("mode", "worker", "prefill_worker", "expected_cached_tokens", "reason", "policy")
@@ -124,13 +142,29 @@ class WorkerStatus(_message.Message):
     indexed_blocks: int
     def __init__(self, worker: _Optional[_Union[_common_pb2.WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[_common_pb2.WorkerLoad, _Mapping]] = ..., last_seen_age_s: _Optional[float] = ..., indexed_blocks: _Optional[int] = ...) -> None: ...
 
+class PoolStatus(_message.Message):
+    __slots__ = ("model", "role", "workers", "desired", "need")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_FIELD_NUMBER: _ClassVar[int]
+    NEED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    role: str
+    workers: int
+    desired: int
+    need: float
+    def __init__(self, model: _Optional[str] = ..., role: _Optional[str] = ..., workers: _Optional[int] = ..., desired: _Optional[int] = ..., need: _Optional[float] = ...) -> None: ...
+
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "policy")
+    __slots__ = ("workers", "policy", "pools")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     policy: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., policy: _Optional[str] = ...) -> None: ...
+    pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., policy: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ...) -> None: ...
 
 class WatchWorkersRequest(_message.Message):
     __slots__ = ()

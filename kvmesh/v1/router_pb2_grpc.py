@@ -49,6 +49,11 @@ class RouterStub:
                 request_serializer=kvmesh_dot_v1_dot_router__pb2.DeregisterWorkerRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_router__pb2.DeregisterWorkerResponse.FromString,
                 _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/kvmesh.v1.Router/DrainWorker',
+                request_serializer=kvmesh_dot_v1_dot_router__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_router__pb2.DrainWorkerResponse.FromString,
+                _registered_method=True)
         self.Route = channel.unary_unary(
                 '/kvmesh.v1.Router/Route',
                 request_serializer=kvmesh_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
@@ -98,6 +103,15 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainWorker(self, request, context):
+        """Stops routing new requests to a worker while it finishes those it has (graceful
+        shutdown, scale-down). The worker stays registered (WatchWorkers shows it with
+        `draining` set) until it deregisters or its lease ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Route(self, request, context):
         """Picks the worker(s) for one request.
         """
@@ -142,6 +156,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.DeregisterWorker,
                     request_deserializer=kvmesh_dot_v1_dot_router__pb2.DeregisterWorkerRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_router__pb2.DeregisterWorkerResponse.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=kvmesh_dot_v1_dot_router__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_router__pb2.DrainWorkerResponse.SerializeToString,
             ),
             'Route': grpc.unary_unary_rpc_method_handler(
                     servicer.Route,
@@ -245,6 +264,33 @@ class Router:
             '/kvmesh.v1.Router/DeregisterWorker',
             kvmesh_dot_v1_dot_router__pb2.DeregisterWorkerRequest.SerializeToString,
             kvmesh_dot_v1_dot_router__pb2.DeregisterWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Router/DrainWorker',
+            kvmesh_dot_v1_dot_router__pb2.DrainWorkerRequest.SerializeToString,
+            kvmesh_dot_v1_dot_router__pb2.DrainWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,6 +17,7 @@ import grpc
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.core.config import WorkerConfig
+from kvmesh.core.drain import InflightCalls, not_serving, wait_idle
 from kvmesh.core.grpc_util import add_health_and_reflection, bind, create_server, set_serving
 from kvmesh.core.metrics_http import MetricsEndpoint
 from kvmesh.core.registration import Registration
@@ -71,6 +72,10 @@ class WorkerServer:
         self.adapters: AdapterManager | None = None
         self._reports: set[asyncio.Task[None]] = set()
         self._metrics: MetricsEndpoint | None = None
+        self._health: Any = None
+        self._vllm_health: Any = None
+        #: Generations (and embeddings) in flight: what a drain waits for.
+        self.inflight = InflightCalls(("Generate", "Embed"))
         self.metrics_endpoint = ""
         self.port = 0
         self.worker_id = ""
@@ -83,7 +88,7 @@ class WorkerServer:
     async def start(self) -> dict[str, Any]:
         """Bind, start the engine, serve, register. Returns what the caller needs."""
         config = self.config
-        server = create_server()
+        server = create_server([self.inflight])
         self.port = bind(server, config.host, config.port)
         self.worker_id = config.worker_id or self.endpoint
         # A bucket or hub model is fetched here once per node (other workers wait).
@@ -114,6 +119,7 @@ class WorkerServer:
         await server.start()
         if health is not None:
             await set_serving(health, [SERVICE_NAME])
+        self._health = health if health is not None else self._vllm_health
         self._server = server
         if config.metrics_port is not None:
             self._start_metrics(config.metrics_port)
@@ -139,6 +145,7 @@ class WorkerServer:
                     metrics_endpoint=self.metrics_endpoint,
                     lora_slots=self.adapters.slots if self.adapters else 0,
                 ),
+                config.registration_timeout_s,
                 adapters=self._adapter_report if self.adapters else None,
             )
             registration.start()
@@ -211,22 +218,35 @@ class WorkerServer:
         self.adapters = self._adapter_manager(VllmLoraEngine(engine))
         servicer = KvmeshVllmEngineServicer(engine, time.time(), self.adapters)
         # vLLM's own health servicer reports the engine's real state.
-        health_pb2_grpc.add_HealthServicer_to_server(VllmHealthServicer(engine), server)
+        health = VllmHealthServicer(engine)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, LORA_SERVICE_NAME, "grpc.health.v1.Health",
              reflection.SERVICE_NAME], server
         )
+        self._vllm_health = health
         return servicer, None
 
     async def wait_registered(self) -> None:
         for registration in self._registrations:
             await registration.registered.wait()
 
+    async def drain(self) -> None:
+        """NOT_SERVING, out of every router's routing set, generations in flight
+        finish (up to ``drain_timeout_s``). The worker stays registered (and
+        heartbeating) until ``stop`` deregisters it."""
+        await not_serving(self._health)
+        await asyncio.gather(*(r.drain() for r in self._registrations))
+        await wait_idle(lambda: self.inflight.count, self.config.drain_timeout_s,
+                        f"worker {self.worker_id}")
+
     async def stop(self) -> None:
+        if self._server is not None:
+            await self.drain()
         for registration in self._registrations:
             await registration.stop()
         if self._server is not None:
-            await self._server.stop(grace=2.0)
+            await self._server.stop(grace=1.0)
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None

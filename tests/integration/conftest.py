@@ -27,13 +27,14 @@ class Mesh:
     workers: list[dict] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start_worker(self, name: str, *extra: str, register: bool = True) -> dict:
+    def start_worker(self, name: str, *extra: str, register: bool = True,
+                     token_delay_s: float = 0.02) -> dict:
         ready = self.dir / f"{name}.ready"
         args = ["--no-ray", "--engine-kind", "fake", "--port", "0", "--worker-id", name,
                 "--ready-file", str(ready), "--run-dir", str(self.dir), *extra]
         if register:
             args += ["--router", self.router]
-        env = {**os.environ, "KVMESH_WORKER_FAKE_TOKEN_DELAY_S": "0.02"}
+        env = {**os.environ, "KVMESH_WORKER_FAKE_TOKEN_DELAY_S": str(token_delay_s)}
         proc = spawn_module("kvmesh.worker", args, self.dir / f"{name}.log", env=env)
         self.procs[name] = proc
         info = wait_ready_file(ready, 60, proc, name)
@@ -71,11 +72,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_router(mesh: Mesh, name: str = "router", *extra: str) -> str:
+def start_router(mesh: Mesh, name: str = "router", *extra: str, yaml: str = "") -> str:
+    """A router on a free port; ``yaml``: more of its config file."""
     config = mesh.dir / f"{name}.yaml"
     config.write_text(
         "policy: round_robin\nheartbeat_interval_s: 0.5\nlease_ttl_s: 3\nprobe_interval_s: 0.2\n"
-        "metrics_port: 0\n"
+        "metrics_port: 0\n" + yaml
     )
     ready = mesh.dir / f"{name}.ready"
     proc = spawn_module(

@@ -193,12 +193,14 @@ async def test_a_rejected_version_keeps_the_last_good_one(
         await asyncio.sleep(0.05)
 
 
-def test_kvmesh_up_behind_envoy(tmp_path: Path, model_dir: Path) -> None:
-    """One flag: `kvmesh up --edge --gateways 2` serves through Envoy, fed by xDS."""
+@pytest.mark.parametrize("flags", [["--edge"], ["--edge", "--picker"]], ids=["edge", "picker"])
+def test_kvmesh_up_behind_envoy(tmp_path: Path, model_dir: Path, flags: list[str]) -> None:
+    """One flag: `kvmesh up --edge --gateways 2` serves through Envoy, fed by xDS; with
+    `--picker` each generation goes to the gateway the endpoint picker names."""
     env = {k: v for k, v in os.environ.items() if k != "KVMESH_STATE_FILE"}
     state_file = tmp_path / "up.json"
     up = spawn_module("kvmesh.cli", [
-        "up", "--engine-kind", "fake", "--workers", "1", "--no-embeddings", "--edge",
+        "up", "--engine-kind", "fake", "--workers", "1", "--no-embeddings", *flags,
         "--gateways", "2", "--port", "0", "--state-file", str(state_file)],
         tmp_path / "up.log", env=env)
     try:
@@ -210,6 +212,12 @@ def test_kvmesh_up_behind_envoy(tmp_path: Path, model_dir: Path) -> None:
         clusters = httpx.get(f"http://{edge['admin']}/clusters", timeout=5).text
         for gateway in state["gateways"]:
             assert gateway["http"].removeprefix("http://").removesuffix("/v1") in clusters
+        # The original-destination cluster made a host for the picked gateway (only).
+        picked = {line.split("::")[1] for line in clusters.splitlines()
+                  if line.startswith("kvmesh_picked::") and ":" in line.split("::")[1]}
+        gateways = {g["http"].removeprefix("http://").removesuffix("/v1")
+                    for g in state["gateways"]}
+        assert (len(picked) == 1 and picked <= gateways) if "--picker" in flags else not picked
         down = subprocess.run([sys.executable, "-m", "kvmesh.cli", "down", "--state-file",
                                str(state_file)], capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr

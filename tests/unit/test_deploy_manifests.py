@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel
 
 from kvmesh.core.config import GatewayConfig, MeshConfig, RouterConfig, WorkerConfig
+from kvmesh.core.edge_config import EdgeServiceConfig
 
 pytestmark = pytest.mark.unit
 
@@ -34,7 +35,7 @@ KUBERNETES_VERSION = "1.32.0"
 CUSTOM_KINDS = {"ServiceMonitor"}
 PREFIXES: dict[str, type[BaseModel]] = {
     "KVMESH_ROUTER_": RouterConfig, "KVMESH_WORKER_": WorkerConfig,
-    "KVMESH_GATEWAY_": GatewayConfig,
+    "KVMESH_GATEWAY_": GatewayConfig, "KVMESH_EDGE_": EdgeServiceConfig,
 }
 
 
@@ -71,7 +72,8 @@ def test_overlay_renders_and_validates(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_is_probed_sized_and_unprivileged(overlay: str) -> None:
     specs = pod_specs(render(overlay))
-    assert {name for name, _ in specs} == {"kvmesh-router", "kvmesh-gateway", "kvmesh-worker"}
+    assert {name for name, _ in specs} == {"kvmesh-router", "kvmesh-gateway", "kvmesh-worker",
+                                           "kvmesh-edge"}
     for name, spec in specs:
         assert spec["securityContext"]["runAsNonRoot"] is True, name
         for container in spec["containers"]:
@@ -139,6 +141,19 @@ def test_every_kvmesh_variable_names_a_config_field() -> None:
     assert unknown == []
 
 
+def test_the_picker_overlay_turns_the_picker_on_at_both_ends() -> None:
+    (config,) = [o for o in render("cpu-picker") if o["kind"] == "ConfigMap"]
+    assert config["data"]["KVMESH_EDGE_PICKER"] == "true"
+    assert config["data"]["KVMESH_GATEWAY_ENDPOINT_PICKER"] == "true"
+    (plain,) = [o for o in render("cpu") if o["kind"] == "ConfigMap"]
+    assert "KVMESH_EDGE_PICKER" not in plain["data"]
+    # The edge's settings load from what the pods get (no unknown key, right types).
+    edge = EdgeServiceConfig.model_validate(
+        {k.removeprefix("KVMESH_EDGE_").lower(): v for k, v in config["data"].items()
+         if k.startswith("KVMESH_EDGE_")})
+    assert edge.picker and edge.envoy and edge.router == "kvmesh-router:50051"
+
+
 def test_field_lookup_rejects_a_typo() -> None:
     assert _field_exists(WorkerConfig, ["ENGINE", "BLOCK_SIZE"])
     assert not _field_exists(WorkerConfig, ["ENGINE", "BLOCK_SIZES"])
@@ -159,3 +174,29 @@ def test_images_run_as_non_root_with_a_health_check() -> None:
         text = path.read_text()
         assert re.search(r"^USER 10001$", text, re.M), path.name
         assert "HEALTHCHECK" in text and "kvmesh.core.health_probe" in text, path.name
+
+
+def _checkov() -> str:
+    path = ROOT / ".venv" / "tools" / "checkov" / "bin" / "checkov"
+    if not path.exists():
+        pytest.fail("checkov is needed to check deploy/ (scripts/install.sh installs it)")
+    return str(path)
+
+
+def _checkov_failures(*target: str) -> str:
+    out = subprocess.run(
+        [_checkov(), "--config-file", str(ROOT / "deploy" / "checkov.yaml"), *target],
+        capture_output=True, text=True, timeout=300)
+    assert "Passed checks:" in out.stdout, out.stdout + out.stderr
+    return "" if out.returncode == 0 else out.stdout
+
+
+def test_checkov_passes_every_dockerfile() -> None:
+    assert _checkov_failures("-d", str(DOCKER), "--framework", "dockerfile") == ""
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_checkov_passes_every_rendered_overlay(overlay: str, tmp_path: Path) -> None:
+    rendered = tmp_path / f"{overlay}.yaml"
+    rendered.write_text(yaml.safe_dump_all(render(overlay)))
+    assert _checkov_failures("-f", str(rendered), "--framework", "kubernetes") == ""

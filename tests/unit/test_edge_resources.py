@@ -117,3 +117,39 @@ def test_health_checks_outlier_detection_and_the_access_log() -> None:
         assert cluster.ignore_health_on_host_removal  # a removed gateway leaves at once
     assert manager().preserve_external_request_id
     assert "%REQ(X-REQUEST-ID)%" in str(manager().access_log[0].typed_config.value)
+
+
+def test_picker_mode_generations_go_through_ext_proc_to_the_named_gateway() -> None:
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
+
+    from kvmesh.edge.resources import EXT_PROC, PICKED_CLUSTER, PICKED_PATHS
+
+    built = resources(EDGE, [A, B], picker=True)
+    (listener,) = built[LISTENER]
+    hcm = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    assert [f.name for f in hcm.http_filters] == [EXT_PROC, "envoy.filters.http.router"]
+    ext = ext_proc_pb2.ExternalProcessor()
+    hcm.http_filters[0].typed_config.Unpack(ext)
+    # The picker is asked on the gateways' gRPC port; a picker failure fails the request.
+    assert ext.grpc_service.envoy_grpc.cluster_name == GRPC_CLUSTER
+    assert not ext.failure_mode_allow
+    assert ext.processing_mode.request_body_mode == ext.processing_mode.BUFFERED
+    assert ext.processing_mode.response_header_mode == ext.processing_mode.SKIP
+
+    picked = {c.name: c for c in built[CLUSTER]}[PICKED_CLUSTER]
+    assert picked.type == cluster_pb2.Cluster.ORIGINAL_DST
+    assert picked.original_dst_lb_config.use_http_header
+    assert picked.original_dst_lb_config.http_header_name == "x-gateway-destination-endpoint"
+
+    (table,) = built[ROUTE]
+    routes = table.virtual_hosts[0].routes
+    to_picked = [r.match.path for r in routes if r.route.cluster == PICKED_CLUSTER]
+    assert to_picked == list(PICKED_PATHS)
+    # Every other route turns the filter off (gRPC, models, embeddings, health, ...).
+    others = [r for r in routes if r.route.cluster != PICKED_CLUSTER]
+    assert others and all(EXT_PROC in r.typed_per_filter_config for r in others)
+    # Without the picker nothing of it is there.
+    plain = resources(EDGE, [A, B])
+    assert PICKED_CLUSTER not in {c.name for c in plain[CLUSTER]}

@@ -171,6 +171,7 @@ PURE_CORES = [
     "kvmesh.router.prefix_index",
     "kvmesh.router.cost_model",
     "kvmesh.router.registry",
+    "kvmesh.router.kv_sequence",
     "kvmesh.gateway.translate",
     "kvmesh.gateway.tools",
     "kvmesh.gateway.structured",

@@ -86,3 +86,26 @@ def test_core_heartbeats_and_lists_workers_with_their_ages() -> None:
     assert 0 <= b.load_age_s < 5 and 0 <= a.last_seen_age_s < 5
     assert a.indexed_blocks == b.indexed_blocks == 0
     assert [r.worker.worker_id for r in core.statuses()] == ["a", "b", "c"]
+
+
+def test_a_draining_worker_is_no_candidate_but_stays_registered() -> None:
+    reg = WorkerRegistry(lease_ttl_s=10)
+    reg.upsert(state("a"))
+    reg.upsert(state("b"))
+    before = reg.version
+    drained = reg.drain("a")
+    assert drained is not None and drained.draining and reg.version == before + 1
+    assert reg.drain("a") is drained and reg.version == before + 1  # no change twice
+    assert [w.worker_id for w in reg.candidates("m")] == ["b"]
+    assert {w.worker_id for w in reg.all()} == {"a", "b"}
+    assert reg.drain("nobody") is None
+
+
+async def test_core_drains_a_worker_and_reports_what_it_still_has() -> None:
+    core = RouterCore(RouterConfig(metrics_port=None))
+    core.add_worker(state("a"))
+    core.registry.routed("a", "r1")
+    assert await core.drain_worker("a") == (True, 1)
+    assert await core.drain_worker("zz") == (False, 0)
+    version, workers = await core.next_worker_set(-1)
+    assert [(w.worker_id, w.draining) for w in workers] == [("a", True)]

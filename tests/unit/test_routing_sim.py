@@ -40,3 +40,23 @@ def test_simulated_worker_cache_and_events() -> None:
     kinds = [e.WhichOneof("data") for e in batch.events]
     assert kinds == ["stored", "removed"] and len(batch.events[1].removed.block_hashes) == 2
     assert batch.sequence_number == 3
+
+
+def test_prefix_repetition_is_vllms_dataset_shape() -> None:
+    from kvmesh.bench.routing.workloads import make_workload
+
+    reqs = make_workload("prefix_repetition:5:64:16:8", 23, 10.0, seed=1)
+    assert len(reqs) == 20  # n // prefixes per prefix, as vLLM samples
+    heads = {r.prompt[:64] for r in reqs}
+    assert len(heads) == 5 and all(len(r.prompt) == 80 and r.output_tokens == 8 for r in reqs)
+    assert all(sum(r.prompt[:64] == h for r in reqs) == 4 for h in heads)
+    assert len({r.prompt[64:] for r in reqs}) == 20  # every suffix its own
+    order = [r.prompt[:64] for r in reqs]
+    assert order != sorted(order, key=order.index)  # shuffled, not grouped
+    assert reqs == make_workload("prefix_repetition:5:64:16:8", 23, 10.0, seed=1)
+    default = make_workload("prefix_repetition", 64, 10.0, seed=0)
+    assert len({r.prompt[:2048] for r in default}) == 32
+    with pytest.raises(ValueError, match="four integers"):
+        make_workload("prefix_repetition:5:64", 10, 1.0, seed=0)
+    with pytest.raises(ValueError, match="cannot cover"):
+        make_workload("prefix_repetition:50:8:8:8", 10, 1.0, seed=0)

@@ -107,14 +107,53 @@ def rag_zipf(rng: random.Random, n: int, rate: float, tenants: int = 48,
     return out
 
 
+def prefix_repetition(rng: random.Random, n: int, rate: float, prefixes: int = 32,
+                      prefix_len: int = 2048, suffix_len: int = 256,
+                      output_len: int = 64) -> list[SimRequest]:
+    """vLLM's ``prefix_repetition`` dataset (``vllm bench serve --dataset-name
+    prefix_repetition``): ``prefixes`` random prefixes of ``prefix_len`` tokens, each
+    followed in n // prefixes requests by its own random ``suffix_len`` tokens, every
+    request answering ``output_len`` tokens, in shuffled order. The default hot set
+    (32 × 2048 tokens) outgrows one CPU worker's 1 GiB KV cache (~46k SmolLM2 tokens) but
+    fits in two; ``prefix_repetition_chat`` is the mild variant (few prefixes that fit)."""
+    per_prefix = n // prefixes
+    if per_prefix == 0:
+        raise ValueError(f"{n} requests cannot cover {prefixes} prefixes")
+    heads = [_tokens(rng, prefix_len) for _ in range(prefixes)]
+    prompts = [head + _tokens(rng, suffix_len) for head in heads for _ in range(per_prefix)]
+    rng.shuffle(prompts)
+    return [SimRequest(t, tuple(p), output_len)
+            for t, p in zip(_poisson_times(rng, len(prompts), rate), prompts, strict=True)]
+
+
+def prefix_repetition_chat(rng: random.Random, n: int, rate: float) -> list[SimRequest]:
+    """The mild variant: 4 prefixes of 512 tokens (the hot set fits in one worker),
+    128-token suffixes, 128-token answers — a chat workload."""
+    return prefix_repetition(rng, n, rate, prefixes=4, prefix_len=512, suffix_len=128,
+                             output_len=128)
+
+
 _MAKERS: dict[str, Callable[[random.Random, int, float], list[SimRequest]]] = {
     "shared_prefix": shared_prefix, "multi_turn": multi_turn, "low_reuse": low_reuse,
-    "bursty": bursty, "hot_set": hot_set, "rag_zipf": rag_zipf}
+    "bursty": bursty, "hot_set": hot_set, "rag_zipf": rag_zipf,
+    "prefix_repetition": prefix_repetition, "prefix_repetition_chat": prefix_repetition_chat}
 WORKLOADS = tuple(_MAKERS)
 
 
 def make_workload(name: str, n: int, rate: float, seed: int) -> list[SimRequest]:
+    """A named workload; ``prefix_repetition:PREFIXES:PREFIX_LEN:SUFFIX_LEN:OUTPUT_LEN``
+    sizes vLLM's dataset as its flags would (--prefix-repetition-num-prefixes, ...)."""
+    base, _, sizes = name.partition(":")
+    if base == "prefix_repetition" and sizes:
+        try:
+            prefixes, prefix_len, suffix_len, output_len = (int(v) for v in sizes.split(":"))
+        except ValueError:
+            raise ValueError(f"{name!r}: give prefix_repetition:PREFIXES:PREFIX_LEN:"
+                             "SUFFIX_LEN:OUTPUT_LEN (four integers)") from None
+        return prefix_repetition(random.Random(seed), n, rate, prefixes, prefix_len,
+                                 suffix_len, output_len)
     maker = _MAKERS.get(name)
     if maker is None:
-        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)} "
+                         "or prefix_repetition:PREFIXES:PREFIX_LEN:SUFFIX_LEN:OUTPUT_LEN")
     return maker(random.Random(seed), n, rate)

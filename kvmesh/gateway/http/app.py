@@ -17,6 +17,7 @@ from kvmesh.gateway.core import GatewayCore, new_request_id
 from kvmesh.gateway.http import chat, completions, embeddings, lora, models
 from kvmesh.gateway.http.streaming import REQUEST_ID_HEADER, error_response
 from kvmesh.gateway.lifecycle import answered, arrived, authenticate
+from kvmesh.gateway.mesh import PREFERRED_WORKER_HEADER, preferred_worker
 from kvmesh.gateway.metrics import OTHER, GatewayMetrics
 from kvmesh.gateway.request_log import RequestRecord
 
@@ -51,6 +52,7 @@ def _guard_requests(app: FastAPI, core: GatewayCore) -> None:
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("req")
         request.state.request_id = request_id
         request.state.record = arrived(request_id)
+        preferred_worker.set(request.headers.get(PREFERRED_WORKER_HEADER, ""))
         if request.url.path.startswith("/v1/"):
             try:
                 request.state.key = authenticate(core, request.headers.get("authorization"))

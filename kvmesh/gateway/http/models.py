@@ -34,9 +34,12 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    ready = core_of(request).ready_models()
-    return JSONResponse({"status": "ok" if ready else "starting", "models": ready},
-                        status_code=200 if ready else 503)
+    """Readiness: 200 once a model is served, 503 while starting or draining."""
+    core = core_of(request)
+    ready = core.ready_models()
+    status = "draining" if core.draining else "ok" if ready else "starting"
+    return JSONResponse({"status": status, "models": ready},
+                        status_code=200 if status == "ok" else 503)
 
 
 @router.get("/metrics", include_in_schema=False)
