@@ -133,12 +133,10 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
             )
         rid = request.request_id
         adapter = adapter_of(context.invocation_metadata())
-        if adapter:
-            if self._adapters is None:
-                raise InvalidRequestError(
-                    f"LoRA adapter `{adapter}` requested, but this worker serves no LoRA "
-                    "adapters", param="model")
-            await self._adapters.acquire(adapter)
+        if adapter and self._adapters is None:
+            raise InvalidRequestError(
+                f"LoRA adapter `{adapter}` requested, but this worker serves no LoRA "
+                "adapters", param="model")
         echoed = prompt[::-1] if adapter else prompt
         choices = max(params.n, 1)
         kv = json.loads(request.kv_transfer_params_json) \
@@ -150,6 +148,8 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         prompt_logprobs = (fake_prompt_logprobs(prompt, params.prompt_logprobs)
                            if params.HasField("prompt_logprobs") else None)
         top_n = params.logprobs if params.HasField("logprobs") else None
+        if adapter and self._adapters is not None:  # released in the finally below
+            await self._adapters.acquire(adapter)
         self._running.add(rid)
         self.generated_requests += 1
         output: list[int] = []

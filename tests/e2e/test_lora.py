@@ -33,8 +33,9 @@ import pytest
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 from transformers import AutoTokenizer
 
-from kvmesh.v1 import worker_pb2, worker_pb2_grpc
+from kvmesh.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.lora_adapters import RANK, make_adapters
+from tests.waiting import eventually
 
 from .conftest import MODEL, UpProcess
 
@@ -227,3 +228,46 @@ def test_run_time_load_unload_and_errors(
     assert all(asyncio.run(healthy(w["endpoint"])) for w in mesh.state["workers"])
     assert greedy(client, "a", prompt_ids[0]) == reference["a"][0]
     assert "broken" not in {m.id for m in client.models.list().data}
+
+
+def test_an_adapters_kv_blocks_are_indexed_under_the_adapter(
+        mesh: UpProcess, client: openai.OpenAI, model_dir: Path) -> None:
+    """vLLM's events for blocks computed with adapter `c` reach the router's index in
+    `c`'s namespace (the worker names the adapter on each event): the router expects
+    them cached for `c`, not for the base model or another adapter. Each namespace is
+    asked once (a preview marks its choice pending)."""
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = list(tok.encode("Inventory: " + ", ".join(f"crate {i} holds {i * 7} bolts"
+                                                     for i in range(20))))
+    assert len(ids) >= 4 * 32
+
+    async def router(call: str, request: Any) -> Any:
+        async with grpc.aio.insecure_channel(mesh.state["router"]) as channel:
+            return await getattr(router_pb2_grpc.RouterStub(channel), call)(request, timeout=10)
+
+    def blocks() -> dict[str, tuple[int, int]]:
+        reply = asyncio.run(router("ListWorkers", router_pb2.ListWorkersRequest()))
+        return {s.worker.worker_id: (s.indexed_blocks, s.load.in_flight)
+                for s in reply.workers}
+
+    before, served_before = blocks(), worker_adapters(mesh)
+    greedy(client, "c", ids)
+    served = worker_adapters(mesh)
+    holder = next(w for w in served if served[w]["c"][0] > served_before[w]["c"][0])
+
+    def settled() -> bool:  # its events applied, its request finished (marks cleared)
+        now = blocks()
+        return now[holder][0] >= before[holder][0] + len(ids) // 32 and now[holder][1] == 0
+
+    assert eventually(settled, True, timeout_s=20)
+
+    def preview(adapter: str) -> router_pb2.RouteDecision:
+        return asyncio.run(router("Route", router_pb2.RouteRequest(
+            request_id=f"preview-{adapter}", model=MODEL, adapter=adapter, token_ids=ids,
+            max_tokens=1, preview=True)))
+
+    for_c = preview("c")
+    assert for_c.worker.worker_id == holder
+    assert for_c.expected_cached_tokens >= (len(ids) // 32) * 32
+    assert preview("").expected_cached_tokens == 0
+    assert preview("a").expected_cached_tokens == 0
