@@ -73,9 +73,11 @@ def reference(model_dir: Path, workdir: Path, adapters: dict[str, Path],
         "prompts": prompt_ids, "max_tokens": MAX_TOKENS, "max_lora_rank": RANK,
         "block_size": 32,
         "adapters": {n: str(p) for n, p in adapters.items() if n in SEEDS}}))
+    # One core, as each of the mesh's two workers has: the thread count changes the
+    # order of float sums, and a strong adapter's greedy choice can hinge on that.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-           "VLLM_USE_AOT_COMPILE": "0"}
+           "VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_NUM_THREADS": "1",
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_USE_AOT_COMPILE": "0"}
     script = Path(__file__).with_name("lora_reference.py")
     done = subprocess.run([sys.executable, str(script), str(model_dir), str(spec)],
                           capture_output=True, text=True, env=env, timeout=900)
