@@ -12,10 +12,11 @@ from typing import Any, get_args
 import grpc
 from pydantic import ValidationError
 
-from kvmesh.bench.routing.workloads import WORKLOADS
+from kvmesh.bench.commands import add_router_benches
 from kvmesh.core.config import PolicyName, load_settings
 from kvmesh.core.errors import KvmeshError
 from kvmesh.core.logs import setup_logging
+from kvmesh.core.lora_config import parse_lora_module
 from kvmesh.core.mesh_config import MeshConfig
 from kvmesh.core.service_main import add_observability_flags, observability_settings
 from kvmesh.core.validation import describe
@@ -27,7 +28,7 @@ def _up(args: argparse.Namespace) -> int:
     from kvmesh.launch.up import serve
 
     engine = _set(model=args.model, enforce_eager=args.enforce_eager or None,
-                  block_size=args.block_size)
+                  block_size=args.block_size, lora=_lora(args))
     workers = args.workers
     if workers is None and (args.prefill or args.decode):
         workers = 0  # `--prefill N --decode M` alone: a pure P/D deployment
@@ -54,6 +55,22 @@ def _up(args: argparse.Namespace) -> int:
     config = load_settings(MeshConfig, args.config, **(overrides or {}))
     asyncio.run(serve(config, args.state_file, args.verbose))
     return 0
+
+
+def _lora(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--enable-lora`, `--lora-modules`, `--max-loras`, `--max-lora-rank`,
+    `--max-cpu-loras` as ``engine.lora`` (as `vllm serve` takes them)."""
+    modules = dict(args.lora_modules or ())
+    return _set(enable_lora=args.enable_lora or None, adapters=modules or None,
+                max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                max_cpu_loras=args.max_cpu_loras)
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    try:
+        return parse_lora_module(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _set(**values: Any) -> dict[str, Any] | None:
@@ -92,51 +109,6 @@ def _bench_pd(args: argparse.Namespace) -> int:
                         longs=args.longs, long_tokens=args.long_tokens)
     result = run_pd_bench(config, workload, args.disaggregation, args.seed, args.out)
     print(json.dumps(result, indent=2))
-    return 0
-
-
-def _bench_routing(args: argparse.Namespace) -> int:
-    import json
-
-    from kvmesh.bench.routing.run import run_routing_bench
-    from kvmesh.bench.routing.sim import SimParams
-
-    real = None
-    if args.mode == "real":
-        from kvmesh.models.source import resolve_model
-
-        real = {
-            "model_dir": resolve_model(args.model),
-            "smg_binary": args.smg,
-            "repeat": args.repeat,
-            "engine_flags": {"enforce_eager": args.enforce_eager,
-                             "block_size": args.block_size,
-                             "num_kv_blocks": args.num_kv_blocks},
-        }
-    report = run_routing_bench(
-        args.workload.split(","), args.policies.split(","), args.workers, args.requests,
-        args.rate_per_worker, args.seed, args.out, mode=args.mode, real=real,
-        params=SimParams(capacity_blocks=args.num_kv_blocks) if args.num_kv_blocks else None,
-    )
-    for name, data in report["workloads"].items():
-        print(f"== {name}")
-        for policy, metrics in data["results"].items():
-            print(f"  {policy:14s} " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
-        print("  ratios: " + json.dumps(data["ratios"]))
-    return 0
-
-
-def _bench_router(args: argparse.Namespace) -> int:
-    import json
-
-    from kvmesh.bench.router import run_router_bench
-
-    report = run_router_bench(args.blocks, args.ray_blocks, args.seed)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "router.json").write_text(text)
     return 0
 
 
@@ -208,6 +180,19 @@ def _add_mesh_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="KV block size (CPU: 32k)")
     p.add_argument("--engine-kind", default=None, choices=["vllm", "fake"],
                    help="'fake' for plumbing tests only")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters of the model (loaded on demand; "
+                   "/v1/load_lora_adapter adds more at run time)")
+    p.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None,
+                   metavar="NAME=PATH_OR_URI",
+                   help="adapters as NAME=SOURCE (a folder, hf://, s3://, gs://) or "
+                   '\'{"name": ..., "path": ...}\'; requests use NAME as `model`')
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="adapters one engine batch may mix (default 1)")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="largest adapter rank (default 16)")
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters a worker keeps loaded (default: --max-loras)")
     p.add_argument("--no-embeddings", action="store_true",
                    help="serve no embedding model (default: all-MiniLM-L6-v2 next to the "
                    "chat model)")
@@ -281,46 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     pdb.add_argument("--seed", type=int, default=0)
     pdb.add_argument("--out", type=Path, default=None, help="write results.json here")
     pdb.set_defaults(func=_bench_pd)
-    routing = bench_sub.add_parser("routing", help="routing policies side by side")
-    routing.add_argument("--mode", choices=["sim", "real"], default="sim",
-                         help="sim: simulated workers with real caches and KV events; "
-                         "real: vLLM workers started here, each policy in turn")
-    routing.add_argument("--smg", default=None,
-                         help="real mode: path of the `smg` binary, to add smg:POLICY runs")
-    routing.add_argument("--model", default="embedded", help="real mode: model")
-    routing.add_argument("--enforce-eager", action="store_true", help="real mode")
-    routing.add_argument("--block-size", type=int, default=32, help="real mode")
-    routing.add_argument("--repeat", type=int, default=1,
-                         help="real mode: run each policy this many times, policies taking "
-                         "turns (fairer on a shared machine)")
-    routing.add_argument("--num-kv-blocks", type=int, default=None,
-                         help="KV capacity per worker in blocks (sim: the simulated cache; "
-                         "real: caps each vLLM worker's cache and enables the oracle)")
-    routing.add_argument("--workload", default="shared_prefix,multi_turn,low_reuse,bursty",
-                         help="comma-separated: " + ", ".join(WORKLOADS)
-                         + ", or prefix_repetition:PREFIXES:PREFIX_LEN:SUFFIX_LEN:OUTPUT_LEN "
-                         "(vLLM's dataset, sized as its flags)")
-    routing.add_argument("--policies",
-                         default="random,round_robin,power_of_two,approx_prefix,kv_aware",
-                         help="comma-separated; real mode also takes smg:POLICY (the smg "
-                         "router) and POLICY/N (a kvmesh router admitting N requests in "
-                         "flight per worker, the rest waiting at the router)")
-    routing.add_argument("--workers", type=int, default=16)
-    routing.add_argument("--requests", type=int, default=2000)
-    routing.add_argument("--rate-per-worker", type=float, default=3.5,
-                         help="arrivals per second per worker")
-    routing.add_argument("--seed", type=int, default=1)
-    routing.add_argument("--out", type=Path, default=None,
-                         help="write report.json and per-workload results.json + PNG here")
-    routing.set_defaults(func=_bench_routing)
-
-    micro = bench_sub.add_parser("router", help="router core: decisions, ingestion, memory")
-    micro.add_argument("--blocks", type=int, default=1_000_000, help="blocks to index")
-    micro.add_argument("--ray-blocks", type=int, default=20_000,
-                       help="index size for the side-by-side with Ray's PrefixTree")
-    micro.add_argument("--seed", type=int, default=0)
-    micro.add_argument("--out", type=Path, default=None)
-    micro.set_defaults(func=_bench_router)
+    add_router_benches(bench_sub)
 
     model = sub.add_parser("models", aliases=["model"], help="model files; a running "
                            "mesh's models (add/remove a model's worker pool, list them)")

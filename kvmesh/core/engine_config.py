@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from kvmesh.core.lora_config import LoraConfig
 from kvmesh.core.settings import DEFAULT_HOST
 
 
@@ -58,6 +59,9 @@ class EngineConfig(BaseModel):
     load_format: str = Field(
         "auto", description="vLLM load format; 'dummy' gives random weights (plumbing tests)."
     )
+    lora: LoraConfig | None = Field(
+        None, description="Multi-LoRA: vLLM's LoRA settings and the adapters (name -> "
+        "source) workers load on demand; None serves the base model only (docs/models.md).")
 
 
 KvConnectorName = Literal["nixl", "lmcache"]

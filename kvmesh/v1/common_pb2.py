@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/common.proto\x12\tkvmesh.v1\"\xf9\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\x12#\n\x04role\x18\x05 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x19\n\x11nixl_side_channel\x18\x07 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x08 \x01(\x05\x12\x18\n\x10metrics_endpoint\x18\t \x01(\t\x12\x1a\n\x12max_context_length\x18\n \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x0b \x01(\x04\x12\x17\n\x0fself_registered\x18\x0c \x01(\x08\x12\x14\n\x0ckv_connector\x18\r \x01(\t\x12\x15\n\rhttp_endpoint\x18\x0e \x01(\t\x12\x10\n\x08\x64raining\x18\x0f \x01(\x08\x12\x16\n\x0erouting_policy\x18\x14 \x01(\t\"\x82\x01\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x10\n\x08kv_usage\x18\x03 \x01(\x01\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\r\n\x05\x61ge_s\x18\x05 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x06 \x01(\x01\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r*\x89\x01\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x01\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x02\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x03\x12\x17\n\x13WORKER_ROLE_GATEWAY\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/common.proto\x12\tkvmesh.v1\"\xa8\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x04 \x03(\t\x12#\n\x04role\x18\x05 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x19\n\x11nixl_side_channel\x18\x07 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x08 \x01(\x05\x12\x18\n\x10metrics_endpoint\x18\t \x01(\t\x12\x1a\n\x12max_context_length\x18\n \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x0b \x01(\x04\x12\x17\n\x0fself_registered\x18\x0c \x01(\x08\x12\x14\n\x0ckv_connector\x18\r \x01(\t\x12\x15\n\rhttp_endpoint\x18\x0e \x01(\t\x12\x10\n\x08\x64raining\x18\x0f \x01(\x08\x12\x12\n\nlora_slots\x18\x10 \x01(\r\x12\x19\n\x11servable_adapters\x18\x11 \x03(\t\x12\x16\n\x0erouting_policy\x18\x14 \x01(\t\"\x82\x01\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x10\n\x08kv_usage\x18\x03 \x01(\x01\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\r\n\x05\x61ge_s\x18\x05 \x01(\x01\x12\x16\n\x0e\x63\x61\x63he_hit_rate\x18\x06 \x01(\x01\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r*\x89\x01\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x01\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x02\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x03\x12\x17\n\x13WORKER_ROLE_GATEWAY\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=655
-  _globals['_WORKERROLE']._serialized_end=792
+  _globals['_WORKERROLE']._serialized_start=702
+  _globals['_WORKERROLE']._serialized_end=839
   _globals['_WORKERINFO']._serialized_start=38
-  _globals['_WORKERINFO']._serialized_end=415
-  _globals['_WORKERLOAD']._serialized_start=418
-  _globals['_WORKERLOAD']._serialized_end=548
-  _globals['_USAGE']._serialized_start=550
-  _globals['_USAGE']._serialized_end=652
+  _globals['_WORKERINFO']._serialized_end=462
+  _globals['_WORKERLOAD']._serialized_start=465
+  _globals['_WORKERLOAD']._serialized_end=595
+  _globals['_USAGE']._serialized_start=597
+  _globals['_USAGE']._serialized_end=699
 # @@protoc_insertion_point(module_scope)

@@ -108,6 +108,10 @@ def engine_kwargs(
         kwargs["max_num_seqs"] = engine.max_num_seqs
     if engine.num_kv_blocks is not None:
         kwargs["num_gpu_blocks_override"] = engine.num_kv_blocks
+    if engine.lora is not None and engine.lora.enable_lora:
+        kwargs.update(enable_lora=True, max_loras=engine.lora.max_loras,
+                      max_lora_rank=engine.lora.max_lora_rank,
+                      max_cpu_loras=engine.lora.slots)
     return kwargs
 
 

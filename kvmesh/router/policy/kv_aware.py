@@ -78,7 +78,9 @@ class KvAwarePolicy:
     def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
         cached, hashes_by_size = self._match(ctx, workers)
         by_id = {w.worker_id: w for w in workers}
-        loads = within_bound(self.params, [load_input(w) for w in workers])
+        tokens = self.params.adapter_load_tokens
+        loads = within_bound(self.params,
+                             [load_input(w, ctx.adapter, tokens) for w in workers])
         prompt_tokens = len(ctx.token_ids)
         costs = {
             x.worker_id: ttft_cost(self.params, x, prompt_tokens, cached.get(x.worker_id, 0))
