@@ -16,6 +16,7 @@ from kvmesh.bench.commands import add_router_benches
 from kvmesh.core.config import PolicyName, load_settings
 from kvmesh.core.errors import KvmeshError
 from kvmesh.core.logs import setup_logging
+from kvmesh.core.lora_config import parse_lora_module
 from kvmesh.core.mesh_config import MeshConfig
 from kvmesh.core.service_main import add_observability_flags, observability_settings
 from kvmesh.core.validation import describe
@@ -27,7 +28,7 @@ def _up(args: argparse.Namespace) -> int:
     from kvmesh.launch.up import serve
 
     engine = _set(model=args.model, enforce_eager=args.enforce_eager or None,
-                  block_size=args.block_size)
+                  block_size=args.block_size, lora=_lora(args))
     workers = args.workers
     if workers is None and (args.prefill or args.decode):
         workers = 0  # `--prefill N --decode M` alone: a pure P/D deployment
@@ -54,6 +55,22 @@ def _up(args: argparse.Namespace) -> int:
     config = load_settings(MeshConfig, args.config, **(overrides or {}))
     asyncio.run(serve(config, args.state_file, args.verbose))
     return 0
+
+
+def _lora(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--enable-lora`, `--lora-modules`, `--max-loras`, `--max-lora-rank`,
+    `--max-cpu-loras` as ``engine.lora`` (as `vllm serve` takes them)."""
+    modules = dict(args.lora_modules or ())
+    return _set(enable_lora=args.enable_lora or None, adapters=modules or None,
+                max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                max_cpu_loras=args.max_cpu_loras)
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    try:
+        return parse_lora_module(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _set(**values: Any) -> dict[str, Any] | None:
@@ -163,6 +180,19 @@ def _add_mesh_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="KV block size (CPU: 32k)")
     p.add_argument("--engine-kind", default=None, choices=["vllm", "fake"],
                    help="'fake' for plumbing tests only")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters of the model (loaded on demand; "
+                   "/v1/load_lora_adapter adds more at run time)")
+    p.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None,
+                   metavar="NAME=PATH_OR_URI",
+                   help="adapters as NAME=SOURCE (a folder, hf://, s3://, gs://) or "
+                   '\'{"name": ..., "path": ...}\'; requests use NAME as `model`')
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="adapters one engine batch may mix (default 1)")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="largest adapter rank (default 16)")
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters a worker keeps loaded (default: --max-loras)")
     p.add_argument("--no-embeddings", action="store_true",
                    help="serve no embedding model (default: all-MiniLM-L6-v2 next to the "
                    "chat model)")

@@ -279,6 +279,9 @@ class GatewayConfig(ServiceSettings):
     model_parsers: dict[str, ModelParsers] = Field(
         default_factory=dict, description="Per-model parsers, overriding `parsers`."
     )
+    allow_runtime_lora_updating: bool = Field(
+        True, description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+        "(vLLM's run-time LoRA endpoints; API keys apply). False refuses them.")
 
     def parsers_for(self, model: str) -> ModelParsers:
         return self.model_parsers.get(model, self.parsers)

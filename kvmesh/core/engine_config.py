@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from kvmesh.core.lora_config import LoraConfig
 from kvmesh.core.settings import DEFAULT_HOST
 
 
@@ -90,6 +91,9 @@ class EngineConfig(BaseModel):
     data_parallel_group: str = Field(
         "", description="Name of the gang this rank belongs to, registered with the router "
         "(set by the launcher).")
+    lora: LoraConfig | None = Field(
+        None, description="Multi-LoRA: vLLM's LoRA settings and the adapters (name -> "
+        "source) workers load on demand; None serves the base model only (docs/models.md).")
 
 
 KvConnectorName = Literal["nixl", "lmcache"]

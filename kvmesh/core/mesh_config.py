@@ -56,8 +56,9 @@ class EmbeddingsConfig(BaseModel):
             return None
         return ModelConfig(
             source=self.model, workers=RoleCounts(both=self.workers),
+            # lora=None: the chat model's adapters are not the embedding model's.
             engine=EngineConfig(runner="pooling", max_model_len=self.max_model_len,
-                                load_format="auto"))
+                                load_format="auto", lora=None))
 
 
 class MeshConfig(ServiceSettings):

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import ctypes
+import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 
@@ -18,6 +20,18 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+def dying_with_parent(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """``argv`` made to get SIGTERM when its parent dies, and the ``preexec_fn`` that
+    needs (None): util-linux's ``setpriv --pdeathsig`` sets it in the child after the fork,
+    so no Python runs between fork and exec — a ``preexec_fn`` in a parent with threads
+    (gRPC's) can deadlock or crash the child before it starts. Without setpriv, the
+    ``preexec_fn``."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv], None
+    return argv, die_with_parent
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 
 import grpc
 from pydantic import SecretStr
@@ -19,13 +20,21 @@ from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 10.0
 
+#: A worker's LoRA adapters as of now: (loaded, servable).
+AdapterReport = Callable[[], tuple[Sequence[str], Sequence[str]]]
+
 
 class Registration:
+    """``adapters``, when given, is read at every registration and heartbeat, so the
+    router always has the worker's current adapters (``report_now`` sends them at once)."""
+
     def __init__(self, router: str, info: common_pb2.WorkerInfo,
-                 token: SecretStr | None, rpc_timeout_s: float = RPC_TIMEOUT_S) -> None:
+                 token: SecretStr | None, rpc_timeout_s: float = RPC_TIMEOUT_S,
+                 adapters: AdapterReport | None = None) -> None:
         self._router = router
         self._timeout_s = rpc_timeout_s
         self._info = info
+        self._adapters = adapters
         self._metadata = token_metadata(token)
         self._channel = internal_channel(router)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
@@ -35,7 +44,30 @@ class Registration:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
+    def _heartbeat(self) -> router_pb2.HeartbeatRequest:
+        request = router_pb2.HeartbeatRequest(worker_id=self._info.worker_id)
+        if self._adapters is not None:
+            loaded, servable = self._adapters()
+            request.adapters[:] = loaded
+            request.servable_adapters[:] = servable
+        return request
+
+    async def report_now(self) -> None:
+        """Send the current adapters now (a heartbeat), not at the next beat."""
+        if not self.registered.is_set():
+            return
+        try:
+            await self._stub.Heartbeat(self._heartbeat(), timeout=self._timeout_s,
+                                       metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("adapter report to router %s failed (%s)", self._router,
+                        exc.code().name)
+
     async def _register(self) -> float:
+        if self._adapters is not None:
+            loaded, servable = self._adapters()
+            self._info.adapters[:] = loaded
+            self._info.servable_adapters[:] = servable
         reply = await self._stub.RegisterWorker(
             router_pb2.RegisterWorkerRequest(worker=self._info), timeout=self._timeout_s,
             metadata=self._metadata,
@@ -53,10 +85,9 @@ class Registration:
                     interval = await self._register()
                     known = True
                 else:
-                    reply = await self._stub.Heartbeat(
-                        router_pb2.HeartbeatRequest(worker_id=self._info.worker_id),
-                        timeout=self._timeout_s, metadata=self._metadata,
-                    )
+                    reply = await self._stub.Heartbeat(self._heartbeat(),
+                                                       timeout=self._timeout_s,
+                                                       metadata=self._metadata)
                     if not reply.known:
                         log.warning("router %s forgot this worker; registering again",
                                     self._router)

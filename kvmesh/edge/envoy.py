@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kvmesh.core.processes import die_with_parent
+from kvmesh.core.processes import dying_with_parent
 
 ADMIN_FILE = "envoy-admin.txt"
 HTTP2 = {
@@ -71,12 +71,12 @@ def start_envoy(control_plane: str, admin_port: int, run_dir: Path,
     config = run_dir / "envoy-bootstrap.json"
     config.write_text(json.dumps(bootstrap(control_plane, admin_port, node_id)))
     with open(run_dir / "envoy.log", "ab") as out:
-        return subprocess.Popen(
+        argv, preexec = dying_with_parent(
             [str(envoy_binary()), "-c", str(config), "--disable-hot-restart",
              "--log-level", "warning", "--service-node", node_id,
-             "--admin-address-path", str(run_dir / ADMIN_FILE)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent)
+             "--admin-address-path", str(run_dir / ADMIN_FILE)])
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=preexec)
 
 
 async def wait_envoy_live(envoy: subprocess.Popen[bytes], run_dir: Path,

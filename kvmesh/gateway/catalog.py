@@ -1,5 +1,7 @@
 """The models the mesh serves, kept current from the router's WatchWorkers stream (the
-last worker set stays when no router answers: the gateway then routes on its own)."""
+last worker set stays when no router answers: the gateway then routes on its own),
+with the LoRA adapters their workers can serve (a request's ``model`` may name one as
+``base:adapter`` or by its plain name)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvmesh.core.errors import ModelNotFoundError
+from kvmesh.core.errors import InvalidRequestError, ModelNotFoundError
+from kvmesh.core.lora_config import split_model_field
 from kvmesh.v1 import common_pb2, router_pb2
 
 log = logging.getLogger(__name__)
@@ -21,6 +24,18 @@ class ModelEntry:
     created: int
     max_context_length: int
     endpoints: list[str] = field(default_factory=list)
+    #: LoRA adapters some worker of the model can serve.
+    adapters: set[str] = field(default_factory=set)
+    #: Workers serving LoRA (run-time adapter loads go to each).
+    lora_endpoints: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a request's ``model`` names: a served model, and an adapter of it or ''."""
+
+    entry: ModelEntry
+    adapter: str = ""
 
 
 class ModelCatalog:
@@ -52,6 +67,9 @@ class ModelCatalog:
                     max_context_length=w.max_context_length,
                 )
             entry.endpoints.append(w.endpoint)
+            entry.adapters.update(w.servable_adapters)
+            if w.lora_slots:
+                entry.lora_endpoints.append(w.endpoint)
             if w.max_context_length:
                 entry.max_context_length = min(
                     entry.max_context_length or w.max_context_length, w.max_context_length
@@ -74,8 +92,58 @@ class ModelCatalog:
             raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
         return entry
 
+    def resolve(self, model: str) -> Resolved:
+        """The model and adapter a request's ``model`` names: a served model's name,
+        ``base:adapter``, or an adapter's plain name (unique across models)."""
+        entry = self._models.get(model)
+        if entry is not None:
+            return Resolved(entry)
+        base, adapter = split_model_field(model)
+        entry = self._models.get(base)
+        if entry is not None and adapter:
+            if adapter not in entry.adapters:
+                raise ModelNotFoundError(
+                    f"The model `{model}` does not exist: `{base}` has no LoRA adapter "
+                    f"`{adapter}` (adapters: {', '.join(sorted(entry.adapters)) or 'none'})",
+                    param="model")
+            return Resolved(entry, adapter)
+        owners = [e for e in self._models.values() if model in e.adapters]
+        if len(owners) > 1:
+            raise InvalidRequestError(
+                f"LoRA adapter `{model}` exists for several models "
+                f"({', '.join(sorted(e.name for e in owners))}); name one as "
+                f"`base:{model}`", param="model")
+        if owners:
+            return Resolved(owners[0], model)
+        raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+
+    def adapter_added(self, model: str, adapter: str) -> None:
+        """A run-time load succeeded on the model's workers: serve it at once (the
+        router's next worker set says the same)."""
+        entry = self._models.get(model)
+        if entry is not None:
+            entry.adapters.add(adapter)
+
+    def adapter_removed(self, model: str, adapter: str) -> None:
+        entry = self._models.get(model)
+        if entry is not None:
+            entry.adapters.discard(adapter)
+
     def names(self) -> list[str]:
         return list(self._models)
+
+    def model_ids(self) -> list[str]:
+        """Every ``model`` a request may name: models, adapters, ``base:adapter``."""
+        ids = list(self._models)
+        for entry in self._models.values():
+            ids += [*entry.adapters, *(f"{entry.name}:{a}" for a in entry.adapters)]
+        return ids
+
+    def cards(self) -> list[tuple[str, str, ModelEntry]]:
+        """(id, parent, model) per base model (parent '') and per adapter, as
+        /v1/models lists them."""
+        return [row for e in self.all()
+                for row in [(e.name, "", e), *((a, e.name, e) for a in sorted(e.adapters))]]
 
     def all(self) -> list[ModelEntry]:
         return sorted(self._models.values(), key=lambda e: e.name)

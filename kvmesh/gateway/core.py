@@ -15,6 +15,7 @@ from opentelemetry import trace
 
 from kvmesh.core.config import GatewayConfig
 from kvmesh.core.errors import InvalidRequestError
+from kvmesh.gateway.adapters import AdapterAdmin
 from kvmesh.gateway.admission import Admission
 from kvmesh.gateway.catalog import ModelCatalog, ModelEntry, follow
 from kvmesh.gateway.chat import ChatPlan
@@ -68,7 +69,8 @@ class GatewayCore:
                                lambda: (self.catalog.workers, self.catalog.unreachable))
         self.mesh = MeshClient(routers, config.request_timeout_s, config.prefill_timeout_s,
                                failover=config.failover, outlier=config.outlier)
-        self.metrics = GatewayMetrics(known_models=self.catalog.names)
+        self.adapters = AdapterAdmin(self.mesh, self.catalog, config.request_timeout_s)
+        self.metrics = GatewayMetrics(known_models=self.catalog.model_ids)
         self.metrics.serve_also(self.mesh.pd_metrics.registry)
         self.metrics.serve_also(self.mesh.metrics.registry)
         activate(self.metrics)
@@ -104,8 +106,10 @@ class GatewayCore:
         return [e.name for e in self.catalog.all() if self.tokenizers.ready(e.name)]
 
     async def tokenizer(self, model: str) -> tuple[ModelEntry, ModelTokenizer]:
-        entry = self.catalog.get(model)
-        return entry, await self.tokenizers.get(model, entry.endpoints)
+        """The served model ``model`` names (itself, or the base of the LoRA adapter it
+        names) and its tokenizer: an adapter uses its base model's."""
+        entry = self.catalog.resolve(model).entry
+        return entry, await self.tokenizers.get(entry.name, entry.endpoints)
 
     def _spec(
         self,
@@ -130,7 +134,8 @@ class GatewayCore:
             self.config.default_max_tokens,
         )
         return GenerationSpec(
-            model=req.model,
+            model=entry.name,
+            adapter=self.catalog.resolve(req.model).adapter,
             prompt_ids=prompt_ids,
             sampling=sampling_params(req, max_tokens, constraint, vocab_size),
             stop=tuple(req.stop_list()),
@@ -140,7 +145,7 @@ class GatewayCore:
         )
 
     def chat_plan(self, req: ChatCompletionRequest) -> ChatPlan:
-        parsers = self.config.parsers_for(req.model)
+        parsers = self.config.parsers_for(self.catalog.resolve(req.model).entry.name)
         return ChatPlan(
             req=req,
             tool_mode=tool_mode(req),
@@ -238,6 +243,10 @@ class GatewayCore:
     async def embed(self, req: EmbeddingRequest, request_id: str) -> EmbeddingResult:
         """Tokenize every input once, embed them concurrently on pooling workers."""
         entry, tokenizer = await self.tokenizer(req.model)
+        if self.catalog.resolve(req.model).adapter:
+            raise InvalidRequestError(
+                f"`{req.model}` is a LoRA adapter; embeddings come from base models",
+                param="model")
         check_dimensions(
             req.dimensions, req.model, EmbeddingModelInfo.from_config(tokenizer.model_config)
         )
@@ -256,7 +265,7 @@ class GatewayCore:
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(self.mesh.embed(f"{request_id}-{i}", req.model, ids, text))
+                    group.create_task(self.mesh.embed(f"{request_id}-{i}", entry.name, ids, text))
                     for i, (ids, text) in enumerate(inputs)
                 ]
         except BaseExceptionGroup as failed:

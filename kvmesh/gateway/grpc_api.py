@@ -169,7 +169,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         def response(choices: list[inference_pb2.GenerationChoice],
                      usage: common_pb2.Usage | None = None) -> inference_pb2.GenerationResponse:
             return inference_pb2.GenerationResponse(
-                id=rid, model=spec.model, created=created, choices=choices, usage=usage)
+                id=rid, model=prepared.model, created=created, choices=choices, usage=usage)
 
         if plan is not None and not prepared.stream:
             results, final = await collect_chat(events, plan, tokenizer, spec.n)
@@ -232,10 +232,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.ListModelsResponse(
             models=[
                 inference_pb2.ModelCard(
-                    id=e.name, owned_by="kvmesh", created=e.created,
-                    max_model_len=e.max_context_length,
+                    id=name, owned_by="kvmesh", created=e.created,
+                    max_model_len=e.max_context_length, parent=parent,
                 )
-                for e in self._core.catalog.all()
+                for name, parent, e in self._core.catalog.cards()
             ]
         )
 

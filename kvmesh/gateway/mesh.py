@@ -15,6 +15,7 @@ from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.core.errors import KvmeshError, NoWorkerAvailableError
 from kvmesh.core.grpc_util import internal_channel
+from kvmesh.core.lora_config import ADAPTER_METADATA_KEY
 from kvmesh.core.resilience_config import FailoverConfig, OutlierConfig
 from kvmesh.gateway.outlier import OutlierDetector
 from kvmesh.gateway.pd import (
@@ -32,7 +33,7 @@ from kvmesh.gateway.resume import (
     resume_refusal,
 )
 from kvmesh.gateway.router_client import Routed, RouterClient, replica_failed
-from kvmesh.v1 import common_pb2, router_pb2
+from kvmesh.v1 import common_pb2, router_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -66,25 +67,33 @@ class MeshClient:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    def worker(self, endpoint: str) -> vllm_engine_pb2_grpc.VllmEngineStub:
+    def _channel(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
             channel = self._channels[endpoint] = internal_channel(endpoint)
-        return vllm_engine_pb2_grpc.VllmEngineStub(channel)
+        return channel
+
+    def worker(self, endpoint: str) -> vllm_engine_pb2_grpc.VllmEngineStub:
+        return vllm_engine_pb2_grpc.VllmEngineStub(self._channel(endpoint))
+
+    def lora_adapters(self, endpoint: str) -> worker_pb2_grpc.LoraAdaptersStub:
+        """The worker's kvmesh.v1.LoraAdapters service (run-time adapter loads)."""
+        return worker_pb2_grpc.LoraAdaptersStub(self._channel(endpoint))
 
     async def route(self, request_id: str, model: str, token_ids: Sequence[int],
-                    max_tokens: int, exclude: Sequence[str] = (),
+                    max_tokens: int, exclude: Sequence[str] = (), adapter: str = "",
                     preview: bool = False) -> Routed:
         """A decision from a router replica (or the gateway's own), avoiding ``exclude``
-        and the workers the outlier detection ejected; ``preview``: where it would go,
-        nothing booked (the endpoint picker's question)."""
+        and the workers the outlier detection ejected, for ``adapter`` (a LoRA adapter
+        of ``model``) when given; ``preview``: where it would go, nothing booked (the
+        endpoint picker's question)."""
         ejected = [w for w in self.outliers.ejected() if w not in exclude]
         if not ejected:
             return await self.routers.route(request_id, model, token_ids, max_tokens, exclude,
-                                            preview)
+                                            preview, adapter)
         try:
             return await self.routers.route(request_id, model, token_ids, max_tokens,
-                                            [*exclude, *ejected], preview)
+                                            [*exclude, *ejected], preview, adapter)
         except (grpc.aio.AioRpcError, NoWorkerAvailableError) as exc:
             if isinstance(exc, grpc.aio.AioRpcError) and (
                     exc.code() != grpc.StatusCode.UNAVAILABLE or replica_failed(exc)):
@@ -92,7 +101,8 @@ class MeshClient:
             # Only ejected workers are left (Envoy's panic mode): better them than none.
             log.warning("%s: every worker left is ejected; routing to them anyway",
                         request_id)
-            return await self.routers.route(request_id, model, token_ids, max_tokens, exclude)
+            return await self.routers.route(request_id, model, token_ids, max_tokens, exclude,
+                                            preview, adapter)
 
     def _release(self, request_id: str, worker_id: str, router: str | None = None,
                  lost: bool = False) -> None:
@@ -126,15 +136,18 @@ class MeshClient:
         sampling: vllm_engine_pb2.SamplingParams,
         prompt_text: str = "",
         mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None,
+        adapter: str = "",
     ) -> AsyncGenerator[vllm_engine_pb2.GenerateResponse, None]:
         """Stream a generation; cancelling the consumer cancels the worker RPC(s).
 
         A disaggregated decision first prefills on the prefill worker; the client
         sees only the decode worker's stream. A worker lost before its first token is
         replaced; one lost after it is replaced by a continuation (``resume``) whose
-        stream is spliced on, so the client sees one stream.
+        stream is spliced on, so the client sees one stream. ``adapter`` (a LoRA adapter
+        of ``model``) is routed on and named to the worker(s) in the call's metadata.
         """
         excluded: list[str] = []
+        metadata = ((ADAPTER_METADATA_KEY, adapter),) if adapter else None
         sent: list[int] = []  # tokens of the (single) choice already yielded
         started = False
         # Spans are started and ended explicitly: this generator may be resumed from
@@ -148,7 +161,7 @@ class MeshClient:
             with tracer.start_as_current_span("route", context=parent) as route_span:
                 try:
                     routed = await self.route(request_id, model, ids, params.max_tokens,
-                                              excluded)
+                                              excluded, adapter)
                 except (grpc.aio.AioRpcError, KvmeshError):
                     self.metrics.failovers.labels("error").inc(started)
                     raise
@@ -181,7 +194,8 @@ class MeshClient:
                             "kvmesh.worker": decision.prefill_worker.worker_id}) as pspan:
                         handover = await self._prefill(
                             request_id, decision.prefill_worker, ids,
-                            "" if started else prompt_text, params, mm_inputs, routed.router)
+                            "" if started else prompt_text, params, mm_inputs, routed.router,
+                            metadata)
                         pspan.set_attribute("kvmesh.kv_handover", handover is not None)
                 else:
                     self.pd_metrics.requests.labels("aggregated").inc()
@@ -189,7 +203,7 @@ class MeshClient:
                     call = self.worker(worker.endpoint).Generate(
                         generate_request(request_id, ids, "" if started else prompt_text,
                                          params, handover, mm_inputs),
-                        timeout=self._request_timeout_s,
+                        timeout=self._request_timeout_s, metadata=metadata,
                     )
                 async for response in call:
                     if not started:
@@ -252,6 +266,7 @@ class MeshClient:
         sampling: vllm_engine_pb2.SamplingParams,
         mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None,
         router: str | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> str | None:
         """Run the prefill leg; return the decode worker's hand-over, or None to make
         the decode worker prefill locally (counted: never a failed or hung request)."""
@@ -263,7 +278,7 @@ class MeshClient:
         started = time.monotonic()
         call = self.worker(prefill.endpoint).Generate(
             prefill_request(request_id, prompt_ids, prompt_text, sampling, mm_inputs),
-            timeout=min(self._prefill_timeout_s, self._request_timeout_s),
+            timeout=min(self._prefill_timeout_s, self._request_timeout_s), metadata=metadata,
         )
         reason = "no_handoff"
         handover: str | None = None

@@ -130,7 +130,8 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):
             if prepared is not None:
                 spec = prepared.specs[0]
                 routed = await self.core.mesh.route(
-                    request_id, spec.model, spec.prompt_ids, spec.max_tokens, preview=True)
+                    request_id, spec.model, spec.prompt_ids, spec.max_tokens,
+                    adapter=spec.adapter, preview=True)
                 worker = routed.decision.worker
         except (ValueError, ValidationError, KvmeshError, grpc.aio.AioRpcError) as exc:
             # The gateway it lands on gives the client the proper error.

@@ -122,7 +122,7 @@ async def run_generation(
     detok = DetokenizeTiming()
     stream = mesh.generate(
         request_id, spec.model, spec.prompt_ids, spec.sampling, spec.prompt_text,
-        mm_inputs=spec.mm_inputs,
+        mm_inputs=spec.mm_inputs, adapter=spec.adapter,
     )
     async with contextlib.aclosing(stream):
         async for response in stream:

@@ -107,11 +107,12 @@ class RouterClient:
 
     async def route(self, request_id: str, model: str, token_ids: Sequence[int],
                     max_tokens: int, exclude: Sequence[str] = (),
-                    preview: bool = False) -> Routed:
+                    preview: bool = False, adapter: str = "") -> Routed:
         """``preview``: decide, book nothing (the endpoint picker); a worker the picker
-        chose for this request (``preferred_worker``) is asked for."""
+        chose for this request (``preferred_worker``) is asked for; ``adapter``: the
+        request's LoRA adapter of ``model``."""
         request = router_pb2.RouteRequest(
-            request_id=request_id, model=model,
+            request_id=request_id, model=model, adapter=adapter,
             packed_token_ids=np.asarray(token_ids, dtype="<u4").tobytes(),
             max_tokens=max_tokens, exclude_worker_ids=exclude, preview=preview,
             prefer_worker_id=preferred_worker.get())

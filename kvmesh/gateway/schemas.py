@@ -333,6 +333,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "kvmesh"
     max_model_len: int | None = None
+    #: A LoRA adapter's base model (None for a base model), as vLLM lists adapters.
+    parent: str | None = None
 
 
 class ModelList(BaseModel):

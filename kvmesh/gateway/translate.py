@@ -35,6 +35,8 @@ class GenerationSpec:
     prompt_text: str = ""
     #: Preprocessed images (pixels + placeholders) for a vision-language model.
     mm_inputs: vllm_engine_pb2.MultimodalInputs | None = None
+    #: The LoRA adapter of ``model`` the request runs with ('' for the base model).
+    adapter: str = ""
 
 
 def resolve_max_tokens(

@@ -96,6 +96,12 @@ class MeshApp:
         # Fetched here, with the progress bar on the user's terminal; the workers then
         # find each model in this node's cache.
         ids = [await asyncio.to_thread(model_id_of, m) for m in models]
+        for m in models:  # each model's LoRA adapters too, before its workers ask
+            engines = m.role_engines(cfg.worker.engine)
+            lora = engines[0][1].lora if engines else None
+            for name, source in (lora.adapters if lora and lora.enable_lora else {}).items():
+                log.info("LoRA adapter %s ready at %s", name,
+                         await asyncio.to_thread(resolve_model, source))
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ModelExistsError(f"two models would be served as {', '.join(duplicates)}; "

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvmesh.core.processes import die_with_parent, terminate
+from kvmesh.core.processes import die_with_parent, dying_with_parent, terminate
 
 __all__ = ["die_with_parent", "terminate", "spawn_module", "wait_ready_file", "pid_alive"]
 
@@ -21,14 +21,9 @@ def spawn_module(
     """``python -m module args...`` with output to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=env,
-        preexec_fn=die_with_parent,
-    )
+    argv, preexec = dying_with_parent([sys.executable, "-m", module, *args])
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec)
 
 
 def wait_ready_file(

@@ -43,7 +43,8 @@ def model_table(reply: router_pb2.ListWorkersResponse) -> Table:
     for s in reply.workers:
         by_model.setdefault(s.worker.model, []).append(s)
     for model, statuses in sorted(by_model.items()):
-        adapters = sorted({a for s in statuses for a in s.worker.adapters})
+        adapters = sorted({a for s in statuses
+                           for a in (*s.worker.adapters, *s.worker.servable_adapters)})
         hit_rate = sum(s.load.cache_hit_rate for s in statuses) / len(statuses)
         policy = next((s.worker.routing_policy for s in statuses if s.worker.routing_policy),
                       reply.policy)

@@ -133,10 +133,16 @@ class RouterCore:
                 gone.extend(self.remove_worker(worker_id))
         return gone
 
-    def heartbeat(self, worker_id: str) -> bool:
-        """A self-registered worker is alive; False when it is unknown here (expired
-        or never registered), which tells it to register again."""
-        return self.registry.touch(worker_id)
+    def heartbeat(self, worker_id: str, adapters: Sequence[str] = (),
+                  servable_adapters: Sequence[str] = ()) -> tuple[bool, bool]:
+        """A self-registered worker is alive, with these LoRA adapters. Returns whether
+        it is known here (False: expired or never registered, it must register again)
+        and whether the adapters it can serve changed (``notify`` the watchers)."""
+        if not self.registry.touch(worker_id):
+            return False, False
+        if self.registry.get(worker_id).role == GATEWAY:
+            return True, False
+        return True, self.registry.report_adapters(worker_id, adapters, servable_adapters)
 
     def set_reachable(self, worker_id: str, reachable: bool) -> bool:
         """A probe failed to connect (out of the routing set) or answered again (back
@@ -280,6 +286,13 @@ class RouterCore:
             self.registry.routed(choice.worker.worker_id, ctx.request_id, 0)
         else:
             self.registry.routed(choice.worker.worker_id, ctx.request_id, uncached)
+        if ctx.adapter:
+            adapter_worker = choice.prefill_worker or choice.worker
+            self.metrics.adapter_routes.labels(
+                "loaded" if ctx.adapter in adapter_worker.adapters else "load").inc()
+            self.registry.adapter_routed(choice.worker.worker_id, ctx.adapter)
+            if choice.prefill_worker is not None:
+                self.registry.adapter_routed(choice.prefill_worker.worker_id, ctx.adapter)
         log.debug("route %s -> %s%s (%s)", ctx.request_id, choice.worker.worker_id,
                   f" after prefill on {choice.prefill_worker.worker_id}"
                   if choice.prefill_worker else "", choice.reason)

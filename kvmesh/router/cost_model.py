@@ -1,6 +1,8 @@
 """The one cost model: estimated seconds until a request's first token (pure).
 
-    cost(w) = (uncached prompt tokens on w + prefill work queued on w) / prefill rate
+    cost(w) = (uncached prompt tokens on w + prefill work queued on w
+               + adapter load tokens, when the request's LoRA adapter is not loaded on w)
+              / prefill rate
               + backlog weight × requests waiting on w × uncached tokens / prefill rate
               + eviction weight × KV fullness of w × uncached tokens / prefill rate
               + running sequences on w × per-sequence step cost
@@ -10,6 +12,11 @@ about as many requests will wait behind this prefill as wait there now (Little's
 so its uncached tokens cost their prefill time once more per waiting request. An idle
 fleet spreads freely; a saturated one stops trading cache hits for a shorter queue,
 because there every miss is capacity lost.
+
+An adapter load is priced as prefill work queued in front of the request
+(``adapter_load_tokens``, its load time in prefill tokens): requests for an adapter
+stay on the workers holding it while that beats loading it elsewhere, and spread once
+the holders' queues cost more than a load.
 
 The parameters are ``CostParams`` (``RouterConfig.cost``, so a deployment sets them
 in its router config). Cached tokens come from the prefix index (confirmed or
@@ -39,17 +46,22 @@ class WorkerLoadInput(NamedTuple):
     waiting: int = 0
 
 
-def load_input(w: WorkerState) -> WorkerLoadInput:
+def load_input(w: WorkerState, adapter: str = "", adapter_load_tokens: int = 0
+               ) -> WorkerLoadInput:
     """What the cost model needs of a worker's load (called per candidate per decision:
-    plain comparisons, positional fields)."""
+    plain comparisons, positional fields). A request for ``adapter`` that ``w`` has not
+    loaded queues ``adapter_load_tokens`` of prefill-equivalent work before it."""
     load = w.load
     routed, running, active = len(w.in_flight), load.num_running, w.active
     # Routed since the last report and not yet running count as waiting.
     unstarted = active - running
     waiting = unstarted if unstarted > load.num_waiting else load.num_waiting
+    queued = load.waiting_uncached_tokens + w.unreported_prefill_tokens
+    if adapter and adapter not in w.adapters:
+        queued += adapter_load_tokens
     return WorkerLoadInput(
-        w.worker_id, active, routed if routed > running else running,
-        load.waiting_uncached_tokens + w.unreported_prefill_tokens, load.kv_usage, waiting)
+        w.worker_id, active, routed if routed > running else running, queued,
+        load.kv_usage, waiting)
 
 
 def ttft_cost(

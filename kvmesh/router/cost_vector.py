@@ -43,14 +43,20 @@ def column(values: Iterable[float], n: int) -> F64:
     return np.fromiter(values, np.float64, n)
 
 
-def load_arrays(workers: Sequence[WorkerState]) -> LoadArrays:
+def load_arrays(workers: Sequence[WorkerState], adapter: str = "",
+                adapter_load_tokens: int = 0) -> LoadArrays:
     """The workers' raw numbers read column by column (C-level ``map`` passes, no
-    per-worker Python frame); the formulas in numpy."""
+    per-worker Python frame); the formulas in numpy. A request for ``adapter`` that a
+    worker has not loaded queues ``adapter_load_tokens`` of prefill-equivalent work
+    there first (``cost_model.load_input``)."""
     n = len(workers)
     loads = list(map(_LOAD, workers))
     routed = column(map(len, map(_IN_FLIGHT, workers)), n)
     running, waiting, uncached, kv = (column(map(get, loads), n) for get in _RAW)
     queued = uncached + column(map(_UNREPORTED, workers), n)
+    if adapter and adapter_load_tokens:
+        queued = queued + adapter_load_tokens * column(
+            (adapter not in w.adapters for w in workers), n)
     active = np.maximum(routed, running + waiting)
     # Routed since the last report and not yet running count as waiting.
     return LoadArrays(active, np.maximum(routed, running), queued, kv,

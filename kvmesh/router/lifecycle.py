@@ -118,6 +118,8 @@ class WorkerLifecycle:
             model=info.model or facts.model,
             role=role_from_proto(info.role),
             adapters=tuple(info.adapters),
+            servable_adapters=tuple(sorted(info.servable_adapters)),
+            lora_slots=info.lora_slots,
             block_size=info.block_size or facts.block_size,
             max_context_length=info.max_context_length or facts.max_context_length,
             kv_capacity_tokens=info.kv_capacity_tokens or facts.kv_capacity_tokens,

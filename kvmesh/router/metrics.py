@@ -109,6 +109,10 @@ class RouterMetrics:
         self.admission_wait_seconds = Histogram(
             "kvmesh_router_admission_wait_seconds",
             "Time a Route call waited for a worker slot", buckets=_WAIT_BUCKETS, registry=r)
+        self.adapter_routes = Counter(
+            "kvmesh_router_adapter_routes",
+            "LoRA requests by whether the chosen worker had the adapter loaded "
+            "(loaded) or loads it for the request (load)", ["adapter_state"], registry=r)
         self.index_blocks = Gauge(
             "kvmesh_router_index_blocks", "Distinct blocks in the prefix index", registry=r)
         self.desired_workers = Gauge(

@@ -108,11 +108,13 @@ def _costs(
     """Best aggregated and best disaggregated cost (seconds) for the request."""
     cached = policy.cached_tokens(ctx, [*whole, *prefill])
     n = len(ctx.token_ids)
-    agg = min(aggregated_cost(params, load_input(w), n, cached.get(w.worker_id, 0))
+    adapter, tokens = ctx.adapter, params.adapter_load_tokens
+    agg = min(aggregated_cost(params, load_input(w, adapter, tokens), n,
+                              cached.get(w.worker_id, 0))
               for w in whole)
     dis = min(
         disaggregated_cost(
-            params, load_input(p),
+            params, load_input(p, adapter, tokens),
             load_input(least_loaded([d for d in decode if compatible(p, d)], rng)),
             n, cached.get(p.worker_id, 0))
         for p in prefill

@@ -35,7 +35,11 @@ class WorkerState:
     endpoint: str
     model: str
     role: str = "both"
+    #: LoRA adapters loaded on the worker (least recently used first).
     adapters: tuple[str, ...] = ()
+    #: Adapters it can serve (loaded, or loaded on demand), and how many it keeps loaded.
+    servable_adapters: tuple[str, ...] = ()
+    lora_slots: int = 0
     block_size: int = 0
     max_context_length: int = 0
     kv_capacity_tokens: int = 0
@@ -157,6 +161,29 @@ class WorkerRegistry:
         """Workers not seen within the lease (still registered)."""
         cutoff = self._clock() - self._lease_ttl_s
         return [wid for wid, w in self._workers.items() if w.last_seen < cutoff]
+    def report_adapters(self, worker_id: str, loaded: Iterable[str],
+                        servable: Iterable[str]) -> bool:
+        """The worker's adapters as it reports them; True when the set it can serve
+        changed (the gateways' model lists follow: the version moves)."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.adapters = tuple(loaded)
+        servable_now = tuple(sorted(servable))
+        if servable_now == worker.servable_adapters:
+            return False
+        worker.servable_adapters = servable_now
+        self.version += 1
+        return True
+
+    def adapter_routed(self, worker_id: str, adapter: str) -> None:
+        """A request for ``adapter`` went to the worker: it loads it (evicting its least
+        recently used one when full) before its next report says so."""
+        worker = self._workers.get(worker_id)
+        if worker is None or not adapter:
+            return
+        held = [a for a in worker.adapters if a != adapter] + [adapter]
+        worker.adapters = tuple(held[-worker.lora_slots:] if worker.lora_slots else held)
 
     def expire(self) -> list[str]:
         """Remove workers not seen within the lease; return their ids."""
@@ -187,7 +214,8 @@ class WorkerRegistry:
         self, model: str, adapter: str = "", exclude: Iterable[str] = (),
         roles: Iterable[str] = ("both", "decode"),
     ) -> list[WorkerState]:
-        """Workers of ``roles`` serving ``model`` (and ``adapter``), in id order.
+        """Workers of ``roles`` serving ``model`` (and able to serve ``adapter``: it is
+        loaded there or loadable on demand), in id order.
 
         The default roles are the ones that can run a whole request (a decode worker
         prefills locally when it gets no KV). The selection is kept until the worker
@@ -215,7 +243,7 @@ class WorkerRegistry:
                 for w in self._workers.values()
                 if w.model == model
                 and w.role in wanted
-                and (not adapter or adapter in w.adapters)
+                and (not adapter or adapter in w.adapters or adapter in w.servable_adapters)
                 and w.worker_id not in excluded
                 and not w.draining
                 and not w.unreachable

@@ -44,6 +44,8 @@ def worker_to_proto(w: WorkerState) -> common_pb2.WorkerInfo:
         endpoint=w.endpoint,
         model=w.model,
         adapters=list(w.adapters),
+        servable_adapters=list(w.servable_adapters),
+        lora_slots=w.lora_slots,
         role=role_to_proto(w.role),
         block_size=w.block_size,
         nixl_side_channel=w.nixl_side_channel,
@@ -124,7 +126,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.HeartbeatResponse:
         self._authorize(context, "Heartbeat")
-        return router_pb2.HeartbeatResponse(known=self.core.heartbeat(request.worker_id))
+        known, changed = self.core.heartbeat(
+            request.worker_id, request.adapters, request.servable_adapters)
+        if changed:
+            await self.core.notify()
+        return router_pb2.HeartbeatResponse(known=known)
 
     async def DeregisterWorker(
         self, request: router_pb2.DeregisterWorkerRequest, context: grpc.aio.ServicerContext

@@ -21,7 +21,7 @@ WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_GATEWAY: WorkerRole
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "endpoint", "model", "adapters", "role", "block_size", "nixl_side_channel", "dp_rank", "metrics_endpoint", "max_context_length", "kv_capacity_tokens", "self_registered", "kv_connector", "http_endpoint", "draining", "routing_policy", "dp_group", "dp_size")
+    __slots__ = ("worker_id", "endpoint", "model", "adapters", "role", "block_size", "nixl_side_channel", "dp_rank", "metrics_endpoint", "max_context_length", "kv_capacity_tokens", "self_registered", "kv_connector", "http_endpoint", "draining", "lora_slots", "servable_adapters", "routing_policy", "dp_group", "dp_size")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class WorkerInfo(_message.Message):
     KV_CONNECTOR_FIELD_NUMBER: _ClassVar[int]
     HTTP_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    LORA_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SERVABLE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
     DP_GROUP_FIELD_NUMBER: _ClassVar[int]
     DP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -55,10 +57,12 @@ class WorkerInfo(_message.Message):
     kv_connector: str
     http_endpoint: str
     draining: bool
+    lora_slots: int
+    servable_adapters: _containers.RepeatedScalarFieldContainer[str]
     routing_policy: str
     dp_group: str
     dp_size: int
-    def __init__(self, worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., block_size: _Optional[int] = ..., nixl_side_channel: _Optional[str] = ..., dp_rank: _Optional[int] = ..., metrics_endpoint: _Optional[str] = ..., max_context_length: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., self_registered: _Optional[bool] = ..., kv_connector: _Optional[str] = ..., http_endpoint: _Optional[str] = ..., draining: _Optional[bool] = ..., routing_policy: _Optional[str] = ..., dp_group: _Optional[str] = ..., dp_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., block_size: _Optional[int] = ..., nixl_side_channel: _Optional[str] = ..., dp_rank: _Optional[int] = ..., metrics_endpoint: _Optional[str] = ..., max_context_length: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., self_registered: _Optional[bool] = ..., kv_connector: _Optional[str] = ..., http_endpoint: _Optional[str] = ..., draining: _Optional[bool] = ..., lora_slots: _Optional[int] = ..., servable_adapters: _Optional[_Iterable[str]] = ..., routing_policy: _Optional[str] = ..., dp_group: _Optional[str] = ..., dp_size: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("num_running", "num_waiting", "kv_usage", "in_flight", "age_s", "cache_hit_rate")

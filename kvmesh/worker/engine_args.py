@@ -127,6 +127,10 @@ def engine_kwargs(
     if engine.num_kv_blocks is not None:
         kwargs["num_gpu_blocks_override"] = engine.num_kv_blocks
     kwargs.update(data_parallel_kwargs(config))
+    if engine.lora is not None and engine.lora.enable_lora:
+        kwargs.update(enable_lora=True, max_loras=engine.lora.max_loras,
+                      max_lora_rank=engine.lora.max_lora_rank,
+                      max_cpu_loras=engine.lora.slots)
     return kwargs
 
 

@@ -7,6 +7,10 @@ prompt plus its own first tokens is exactly the rest of the uninterrupted output
 the whole mesh can be exercised in milliseconds (routing, streaming, cancellation,
 load reporting) with the same protobufs real workers use. It is never the thing that
 "works" — real vLLM is.
+
+With LoRA (an ``AdapterManager`` over :class:`FakeLoraEngine`) a request for an
+adapter loads it on demand like a real worker, and echoes the prompt backwards: the
+adapter visibly changes the output.
 """
 
 from __future__ import annotations
@@ -26,8 +30,28 @@ from smg_grpc_proto.generated import common_pb2
 from smg_grpc_servicer.tokenizer_bundle import tokenizer_bundle, tokenizer_chunks
 
 from kvmesh.core.errors import InvalidRequestError
+from kvmesh.worker.lora import AdapterManager, adapter_of
 
 log = logging.getLogger(__name__)
+
+
+class FakeLoraEngine:
+    """The fake engine's adapter store: reads adapter_config.json like vLLM does
+    (a broken one fails the load) and takes ``load_delay_s`` per load."""
+
+    def __init__(self, load_delay_s: float = 0.0) -> None:
+        self._delay = load_delay_s
+        self.loaded: dict[int, Path] = {}
+
+    async def add_lora(self, name: str, lora_id: int, path: Path) -> None:
+        config = json.loads((path / "adapter_config.json").read_text())
+        if not isinstance(config, dict) or "r" not in config:
+            raise ValueError(f"{path}/adapter_config.json has no rank 'r'")
+        await asyncio.sleep(self._delay)
+        self.loaded[lora_id] = path
+
+    async def remove_lora(self, lora_id: int) -> None:
+        self.loaded.pop(lora_id, None)
 
 
 def _fake_top(token: int, value: float, top_n: int) -> vllm_engine_pb2.TopLogProbs:
@@ -133,8 +157,10 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         kv_capacity_tokens: int = 65536,
         side_channel: str = "",
         output: str = "echo",
+        adapters: AdapterManager | None = None,
     ) -> None:
         self._name = served_model_name
+        self._adapters = adapters
         self._tokenizer_dir = tokenizer_dir
         self._delay = token_delay_s
         self._max_len = max_context_length
@@ -171,6 +197,12 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                 f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) exceeds "
                 f"max_model_len {self._max_len}", param="max_tokens")
         rid = request.request_id
+        adapter = adapter_of(context.invocation_metadata())
+        if adapter and self._adapters is None:
+            raise InvalidRequestError(
+                f"LoRA adapter `{adapter}` requested, but this worker serves no LoRA "
+                "adapters", param="model")
+        echoed = prompt[::-1] if adapter else prompt
         choices = max(params.n, 1)
         kv = _kv_transfer_params(request)
         handing_over = bool(kv.get("do_remote_decode")) and bool(self._side_channel)
@@ -180,6 +212,8 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         prompt_logprobs = (fake_prompt_logprobs(prompt, params.prompt_logprobs)
                            if params.HasField("prompt_logprobs") else None)
         top_n = params.logprobs if params.HasField("logprobs") else None
+        if adapter and self._adapters is not None:  # released in the finally below
+            await self._adapters.acquire(adapter)
         self._running.add(rid)
         self.generated_requests += 1
         output: list[int] = []
@@ -193,7 +227,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                     finish = "stop"
                     break
                 await asyncio.sleep(self._delay)
-                token = chain_token((output or prompt)[-1]) if self._chain else prompt[i]
+                token = chain_token((output or prompt)[-1]) if self._chain else echoed[i]
                 output.append(token)
                 if request.stream:
                     # Every one of the n choices echoes the same tokens (index per choice).
@@ -229,6 +263,8 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         finally:
             self._running.discard(rid)
             self._aborted.discard(rid)
+            if adapter and self._adapters is not None:
+                self._adapters.release(adapter)
 
     async def Embed(
         self, request: vllm_engine_pb2.EmbedRequest, context: grpc.aio.ServicerContext

@@ -1,4 +1,4 @@
-"""vLLM's own VllmEngine servicer (smg-grpc-servicer), with two corrections.
+"""vLLM's own VllmEngine servicer (smg-grpc-servicer), with three changes.
 
 ``GetServerInfo`` reports no uptime; the router dates a worker's incarnation by it
 (a router restarted from a snapshot restores only the same incarnation's cache view),
@@ -10,18 +10,56 @@ finishes (or is aborted) it would report that request as running forever — and
 router would steer traffic away from an idle worker. When the engine's output
 processor holds no unfinished request, the worker is idle, whatever the last
 snapshot said.
+
+LoRA: the contract has no adapter field, so a Generate call names its adapter in
+gRPC metadata (``kvmesh.core.lora_config.ADAPTER_METADATA_KEY``); the worker loads it
+on demand (``kvmesh.worker.lora``) and hands vLLM the ``LoRARequest`` through the
+engine's ``generate``. The KV-event relay keeps only the adapter's numeric id on
+stored blocks; the adapter's name is filled in, as the router namespaces by name.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import grpc
 from smg_grpc_proto import vllm_engine_pb2
+from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 from smg_grpc_servicer.vllm.servicer import VllmEngineServicer
+
+from kvmesh.core.errors import InvalidRequestError
+from kvmesh.worker.lora import AdapterManager, adapter_of, lora_request, name_adapter_blocks
+
+
+class _AdapterEngine:
+    """The engine as the servicer sees it: ``generate`` gains the request's
+    ``LoRARequest``; everything else is the engine's own."""
+
+    def __init__(self, engine: Any, lora_requests: dict[str, Any]) -> None:
+        self._engine = engine
+        self._lora_requests = lora_requests
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        lora = self._lora_requests.get(kwargs.get("request_id", ""))
+        if lora is not None:
+            kwargs["lora_request"] = lora
+        return self._engine.generate(*args, **kwargs)
 
 
 class KvmeshVllmEngineServicer(VllmEngineServicer):
+    def __init__(self, engine: Any, start_time: float,
+                 adapters: AdapterManager | None = None) -> None:
+        super().__init__(engine, start_time)
+        self.adapters = adapters
+        self._lora_requests: dict[str, Any] = {}
+        if adapters is not None:
+            self.engine = _AdapterEngine(engine, self._lora_requests)
+
     def _scheduler_counts(self, engine_idx: int = 0) -> tuple[int, int, float] | None:
         counts = super()._scheduler_counts(engine_idx)
         if counts is None:
@@ -37,3 +75,34 @@ class KvmeshVllmEngineServicer(VllmEngineServicer):
         if not info.uptime_seconds:
             info.uptime_seconds = time.time() - self.start_time
         return info
+
+    async def Generate(
+        self, request: vllm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+    ) -> AsyncGenerator[vllm_engine_pb2.GenerateResponse, None]:
+        name = adapter_of(context.invocation_metadata())
+        if not name:
+            async for response in super().Generate(request, context):
+                yield response
+            return
+        if self.adapters is None:
+            raise InvalidRequestError(
+                f"LoRA adapter `{name}` requested, but this worker serves no LoRA adapters",
+                param="model")
+        handle = await self.adapters.acquire(name)
+        self._lora_requests[request.request_id] = lora_request(
+            handle.name, handle.lora_id, handle.path)
+        try:
+            async for response in super().Generate(request, context):
+                yield response
+        finally:
+            self._lora_requests.pop(request.request_id, None)
+            self.adapters.release(name)
+
+    async def SubscribeKvEvents(
+        self, request: smg_common_pb2.SubscribeKvEventsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[smg_common_pb2.KvEventBatch]:
+        async for batch in super().SubscribeKvEvents(request, context):
+            if self.adapters is not None:
+                name_adapter_blocks(batch, self.adapters.name_of)
+            yield batch

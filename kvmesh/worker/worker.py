@@ -31,7 +31,7 @@ from kvmesh.core.roles import WorkerRole, role_to_proto
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.models.source import resolve_model
 from kvmesh.models.source import served_name as default_served_name
-from kvmesh.v1 import common_pb2
+from kvmesh.v1 import common_pb2, worker_pb2_grpc
 from kvmesh.worker.engine_args import (
     dp_socket_links,
     engine_env,
@@ -39,6 +39,9 @@ from kvmesh.worker.engine_args import (
     kv_transfer_config,
     nixl_side_channel,
 )
+from kvmesh.worker.lora import AdapterManager, LoraEngine
+from kvmesh.worker.lora_servicer import SERVICE_NAME as LORA_SERVICE_NAME
+from kvmesh.worker.lora_servicer import LoraAdaptersServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = vllm_engine_pb2.DESCRIPTOR.services_by_name["VllmEngine"].full_name
@@ -92,6 +95,8 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._engine: Any = None
         self._registrations: list[Registration] = []
+        self.adapters: AdapterManager | None = None
+        self._reports: set[asyncio.Task[None]] = set()
         self._metrics: MetricsEndpoint | None = None
         self._health: Any = None
         self._vllm_health: Any = None
@@ -119,8 +124,9 @@ class WorkerServer:
 
         started = time.monotonic()
         if config.engine_kind == "fake":
-            from kvmesh.worker.fake_engine import FakeVllmEngineServicer
+            from kvmesh.worker.fake_engine import FakeLoraEngine, FakeVllmEngineServicer
 
+            self.adapters = self._adapter_manager(FakeLoraEngine())
             servicer: Any = FakeVllmEngineServicer(
                 self.model,
                 model_path,
@@ -129,11 +135,14 @@ class WorkerServer:
                 block_size=config.engine.block_size or 32,
                 side_channel=nixl_side_channel(config),
                 output=config.fake_output,
+                adapters=self.adapters,
             )
-            health = add_health_and_reflection(server, [SERVICE_NAME])
+            health = add_health_and_reflection(server, [SERVICE_NAME, LORA_SERVICE_NAME])
         else:
             servicer, health = self._start_vllm(server, model_path)
         vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(servicer, server)
+        worker_pb2_grpc.add_LoraAdaptersServicer_to_server(
+            LoraAdaptersServicer(self.adapters, self.report_adapters), server)
         await server.start()
         if health is not None:
             await set_serving(health, [SERVICE_NAME])
@@ -162,9 +171,11 @@ class WorkerServer:
                     if config.role != WorkerRole.both else "",
                     metrics_endpoint=self.metrics_endpoint,
                     routing_policy=config.routing_policy or "",
+                    lora_slots=self.adapters.slots if self.adapters else 0,
                 ),
                 config.security.internal_token,
                 config.registration_timeout_s,
+                adapters=self._adapter_report if self.adapters else None,
             )
             registration.start()
             self._registrations.append(registration)
@@ -175,6 +186,27 @@ class WorkerServer:
             info["engine_parallel"] = engine_parallel(self._engine)
         write_ready_file(self._ready_file, info)
         return info
+
+    def _adapter_manager(self, engine: LoraEngine) -> AdapterManager | None:
+        lora = self.config.engine.lora
+        if lora is None or not lora.enable_lora:
+            return None
+        return AdapterManager(lora, engine, resolve_model, on_change=self._adapters_changed)
+
+    def _adapter_report(self) -> tuple[list[str], list[str]]:
+        if self.adapters is None:
+            return [], []
+        return self.adapters.loaded(), self.adapters.servable()
+
+    def _adapters_changed(self) -> None:
+        """An adapter was loaded or evicted by a request: tell the routers now."""
+        task = asyncio.get_running_loop().create_task(self.report_adapters())
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def report_adapters(self) -> None:
+        """Send every router this worker's adapters now (and wait until they have them)."""
+        await asyncio.gather(*(r.report_now() for r in self._registrations))
 
     def _start_metrics(self, port: int) -> None:
         """Serve this process's Prometheus registry: with a vLLM engine, the `vllm:*`
@@ -203,6 +235,7 @@ class WorkerServer:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from kvmesh.worker.lora import VllmLoraEngine
         from kvmesh.worker.vllm_servicer import KvmeshVllmEngineServicer
 
         kwargs = engine_kwargs(self.config, model_path, self.model, self.worker_id)
@@ -217,12 +250,14 @@ class WorkerServer:
             AsyncEngineArgs(**kwargs), usage_context=UsageContext.OPENAI_API_SERVER
         )
         self._engine = engine
-        servicer = KvmeshVllmEngineServicer(engine, time.time())
+        self.adapters = self._adapter_manager(VllmLoraEngine(engine))
+        servicer = KvmeshVllmEngineServicer(engine, time.time(), self.adapters)
         # vLLM's own health servicer reports the engine's real state.
         health = VllmHealthServicer(engine)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+            [SERVICE_NAME, LORA_SERVICE_NAME, "grpc.health.v1.Health",
+             reflection.SERVICE_NAME], server
         )
         self._vllm_health = health
         return servicer, None

@@ -79,7 +79,8 @@ def test_prefill_leg_reads_its_stream_to_the_end() -> None:
             return False
 
     class Stub:
-        def Generate(self, request: vllm_engine_pb2.GenerateRequest, timeout: float) -> Call:
+        def Generate(self, request: vllm_engine_pb2.GenerateRequest, timeout: float,
+                     metadata: object = None) -> Call:
             seen.append(request.request_id)
             return Call()
 

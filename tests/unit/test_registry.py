@@ -77,7 +77,7 @@ def test_core_heartbeats_and_lists_workers_with_their_ages() -> None:
     core.add_worker(state("b", model="m"))
     core.add_worker(state("a", model="m"))
     core.add_worker(state("c", model="other"))
-    assert core.heartbeat("a") and not core.heartbeat("gone")
+    assert core.heartbeat("a") == (True, False) and core.heartbeat("gone") == (False, False)
     core.report_load("b", 1, 0, 0.5, 0, None)
     rows = core.statuses("m")
     assert [r.worker.worker_id for r in rows] == ["a", "b"]

@@ -15,7 +15,7 @@ from kvmesh.core.error_map import openai_error_body
 from kvmesh.core.errors import AuthenticationError, KvmeshError
 from kvmesh.gateway.body_limit import ChunkedBodyLimit
 from kvmesh.gateway.core import GatewayCore, new_request_id
-from kvmesh.gateway.http import chat, completions, embeddings, models
+from kvmesh.gateway.http import chat, completions, embeddings, lora, models
 from kvmesh.gateway.http.streaming import REQUEST_ID_HEADER, error_response
 from kvmesh.gateway.lifecycle import answered, arrived, authenticate
 from kvmesh.gateway.metrics import OTHER, GatewayMetrics
@@ -29,7 +29,7 @@ def create_app(core: GatewayCore) -> FastAPI:
     app.state.core = core
     _guard_requests(app, core)
     _map_errors(app, core.metrics)
-    for family in (chat, completions, embeddings, models):
+    for family in (chat, completions, embeddings, models, lora):
         app.include_router(family.router)
     return app
 

@@ -15,16 +15,21 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
+    """The served models, and each LoRA adapter with its base model as ``parent``."""
     return ModelList(data=[
-        ModelCard(id=e.name, created=e.created, max_model_len=e.max_context_length)
-        for e in core_of(request).catalog.all()
+        ModelCard(id=name, created=e.created, max_model_len=e.max_context_length,
+                  parent=parent or None)
+        for name, parent, e in core_of(request).catalog.cards()
     ])
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    e = core_of(request).catalog.get(model_id)
-    return ModelCard(id=e.name, created=e.created, max_model_len=e.max_context_length)
+    resolved = core_of(request).catalog.resolve(model_id)
+    e = resolved.entry
+    return ModelCard(id=model_id if resolved.adapter else e.name, created=e.created,
+                     max_model_len=e.max_context_length,
+                     parent=e.name if resolved.adapter else None)
 
 
 @router.get("/health")

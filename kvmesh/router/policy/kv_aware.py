@@ -122,7 +122,7 @@ class KvAwarePolicy:
         """The choice and the prompt's hashes at the chosen worker's block size,
         without booking it (nothing marked pending): what ``choose`` picks."""
         cached, hashes_by_size, sizes = self._match(ctx, workers)
-        loads = load_arrays(workers)
+        loads = load_arrays(workers, ctx.adapter, self.params.adapter_load_tokens)
         kept = np.flatnonzero(bounded(self.params, loads.active))
         prompt_tokens = len(ctx.token_ids)
         costs = ttft_costs(self.params, LoadArrays(*(a[kept] for a in loads)),
