@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -28,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import SecretStr
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.bench.router import BS, chains_of, fill, prompt_of
 from kvmesh.core.config import RouterConfig
 from kvmesh.core.grpc_util import internal_channel
+from kvmesh.core.internal_auth import token_metadata
 from kvmesh.core.processes import die_with_parent, terminate
+from kvmesh.core.security_config import SecurityConfig
 from kvmesh.core.settings import dump_settings
 from kvmesh.launch.procs import wait_ready_file
 from kvmesh.router.prefix_index import PrefixIndex, pack_views
@@ -87,7 +91,7 @@ def write_snapshot(index: PrefixIndex, path: Path, incarnation: float) -> None:
 
 
 async def register(router: str, endpoint: str, worker_ids: list[str], blocks: int,
-                   timeout_s: float = 120.0) -> int:
+                   token: SecretStr | None = None, timeout_s: float = 120.0) -> int:
     """Register every worker id at ``endpoint``; wait until the index holds ``blocks``
     (restored from the snapshot); return the blocks indexed."""
     async with internal_channel(router) as channel:
@@ -95,7 +99,8 @@ async def register(router: str, endpoint: str, worker_ids: list[str], blocks: in
         for wid in worker_ids:
             await stub.RegisterWorker(router_pb2.RegisterWorkerRequest(
                 worker=common_pb2.WorkerInfo(worker_id=wid, endpoint=endpoint, block_size=BS,
-                                             self_registered=False)), timeout=30)
+                                             self_registered=False)), timeout=30,
+                metadata=token_metadata(token))
         deadline = time.monotonic() + timeout_s
         while True:
             listed = await stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=30)
@@ -157,15 +162,17 @@ def run_fleet(n_workers: int, blocks: int, chains: list[np.ndarray], run_dir: Pa
     snap = run_dir / f"index-{n_workers}.npz"
     write_snapshot(index, snap, incarnation)
     del index
+    token = SecretStr(secrets.token_urlsafe(16))  # this run's router alone takes it
     config = RouterConfig(port=0, metrics_port=0, snapshot_path=snap,
-                          snapshot_interval_s=86_400, snapshot_max_age_s=86_400)
+                          snapshot_interval_s=86_400, snapshot_max_age_s=86_400,
+                          security=SecurityConfig(internal_token=token))
     cfg = dump_settings(config, run_dir / f"router-{n_workers}.json")
     ready = run_dir / f"router-{n_workers}.ready"
     proc = spawn([sys.executable, "-m", "kvmesh.router", "--config", str(cfg),
                   "--ready-file", str(ready)], run_dir / f"router-{n_workers}.log", router_core)
     with running(proc):
         target = wait_ready_file(ready, 120, proc, "router")["grpc"]
-        held = asyncio.run(register(target, worker, ids, blocks))
+        held = asyncio.run(register(target, worker, ids, blocks, token))
         common = ["--concurrency", str(settings["concurrency"]),
                   "--duration-s", str(settings["duration_s"])]
         if not settings["finish"]:
