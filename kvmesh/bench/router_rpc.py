@@ -36,7 +36,7 @@ from kvmesh.bench.router import BS, chains_of, fill, prompt_of
 from kvmesh.core.config import RouterConfig
 from kvmesh.core.grpc_util import internal_channel
 from kvmesh.core.internal_auth import token_metadata
-from kvmesh.core.processes import die_with_parent, terminate
+from kvmesh.core.processes import dying_with_parent, terminate
 from kvmesh.core.security_config import SecurityConfig
 from kvmesh.core.settings import dump_settings
 from kvmesh.launch.procs import wait_ready_file
@@ -48,17 +48,18 @@ from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 MODEL = "SmolLM2-135M-Instruct"
 
 
+def pinned(args: list[str], cores: set[int] | None) -> list[str]:
+    """``args`` run on ``cores`` when given (util-linux ``taskset``: no Python between
+    fork and exec, which a parent running gRPC threads must not have)."""
+    return ["taskset", "-c", ",".join(map(str, sorted(cores))), *args] if cores else args
+
+
 def spawn(args: list[str], log_path: Path, cores: set[int] | None) -> subprocess.Popen[bytes]:
     """A child process, on ``cores`` when given, that dies with this one."""
-
-    def setup() -> None:
-        die_with_parent()
-        if cores:
-            os.sched_setaffinity(0, cores)
-
+    argv, preexec = dying_with_parent(pinned(args, cores))
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, preexec_fn=setup)
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, preexec_fn=preexec)
 
 
 @contextlib.contextmanager
@@ -115,10 +116,9 @@ def load(target: str, prompts: Path, run_dir: Path, cpus: set[int] | None,
     out = run_dir / "load.json"
     with open(out, "wb") as f:
         proc = subprocess.run(
-            [sys.executable, "-m", "kvmesh.bench.route_load", "--target", target,
-             "--prompts", str(prompts), "--model", MODEL, *extra],
-            stdout=f, stderr=subprocess.PIPE, timeout=600, check=False,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+            pinned([sys.executable, "-m", "kvmesh.bench.route_load", "--target", target,
+                    "--prompts", str(prompts), "--model", MODEL, *extra], cpus),
+            stdout=f, stderr=subprocess.PIPE, timeout=600, check=False)
     if proc.returncode:
         raise RuntimeError(f"route_load failed: {proc.stderr.decode()[-2000:]}")
     result: dict[str, Any] = json.loads(out.read_text())

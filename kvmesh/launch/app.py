@@ -26,6 +26,7 @@ from kvmesh.core.config import WorkerConfig
 from kvmesh.core.errors import ModelExistsError, ModelNotFoundError
 from kvmesh.core.mesh_config import MeshConfig
 from kvmesh.core.model_config import ModelConfig
+from kvmesh.core.net import free_port
 from kvmesh.core.roles import WorkerRole
 from kvmesh.launch import placement
 from kvmesh.launch.loop_thread import LoopThread
@@ -114,9 +115,7 @@ class MeshApp:
             await asyncio.to_thread(self.services.init_ray, self.verbose)
             planned = plan_pools(cfg, router, self.run_dir)
             # A data-parallel worker is one actor per rank, its gang in a group of its own.
-            from kvmesh.worker.worker import free_port
-
-            ranks = with_ranks(cfg, planned, lambda: free_port("127.0.0.1"))
+            ranks = with_ranks(cfg, planned, free_port)
             everyone = [w for pool in ranks for w in pool]
             self._group = await asyncio.to_thread(
                 placement.Placement, everyone, cfg.placement, cfg.startup_timeout_s)

@@ -4,7 +4,6 @@ the gateway replicas `kvmesh up` started."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from kvmesh.core.config import EdgeConfig
+from kvmesh.core.net import free_port
 from kvmesh.edge.control_plane import EdgeControlPlane
 from kvmesh.edge.envoy import start_envoy, wait_envoy_live
 from kvmesh.edge.resources import Gateway
@@ -31,17 +31,11 @@ class RunningEdge:
         await self.control_plane.stop()
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 async def start_edge(config: EdgeConfig, host: str, port: int, gateways: list[Gateway],
                      run_dir: Path, timeout_s: float = 60.0) -> RunningEdge:
     """Control plane up with the gateways, Envoy started from it, ready when Envoy
     answers /health through a gateway."""
-    address = f"{host}:{port or _free_port(host)}"
+    address = f"{host}:{port or free_port(host)}"
     control_plane = EdgeControlPlane(address, port=config.control_plane_port,
                                      picker=config.picker)
     await control_plane.start()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from kvmesh.core.grpc_util import (
     use_security,
 )
 from kvmesh.core.metrics_http import MetricsEndpoint
+from kvmesh.core.net import free_port
 from kvmesh.core.registration import Registration
 from kvmesh.core.roles import WorkerRole, role_to_proto
 from kvmesh.core.service_main import write_ready_file
@@ -73,12 +73,6 @@ def engine_parallel(engine: Any) -> dict[str, Any]:
     return {name: getattr(parallel, name) for name in (
         "data_parallel_size", "data_parallel_rank", "data_parallel_external_lb",
         "enable_expert_parallel", "tensor_parallel_size")}
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def served_name(config: WorkerConfig, model_path: Path) -> str:

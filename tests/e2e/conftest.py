@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,16 +16,11 @@ from typing import Any
 import pytest
 
 from kvmesh.core.grpc_util import wait_serving
+from kvmesh.core.net import free_port
 from kvmesh.launch.procs import pid_alive, spawn_module, terminate, wait_ready_file
 
 MODEL = "SmolLM2-135M-Instruct"
 ENGINE_FLAGS = ["--enforce-eager", "--block-size", "32"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class UpProcess:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from kvmesh.core.net import free_port  # noqa: F401 - tests import it from here
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
 
 
@@ -63,14 +63,6 @@ class Mesh:
         return "\n".join(
             f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.dir.glob("*.log"))
         )
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 now (for addresses a process must be told in advance,
-    like Envoy's listener, which comes from the control plane's resources)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spawn_router(mesh: Mesh, name: str = "router", *extra: str,

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,15 +35,10 @@ from kvmesh.bench.routing.oracle import oracle_hit_rate
 from kvmesh.bench.routing.workloads import SimRequest
 from kvmesh.bench.sse import chunk_text, completion_chunks
 from kvmesh.bench.stats import ttft_summary
+from kvmesh.core.net import free_port
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _flush(endpoints: list[str]) -> None:
@@ -194,11 +188,11 @@ class RealBench:
 
     def smg_front(self, policy: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
         assert self.smg is not None
-        port = _free_port()
+        port = free_port()
         log_file = open(self.dir / f"smg-{policy}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [self.smg, "launch", "--host", "127.0.0.1", "--port", str(port),
-             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port()),
+             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
              "--worker-urls", *[f"grpc://{e}" for e in self.endpoints],
              "--policy", policy, "--backend", "vllm", "--model-path", str(self.model_dir)],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
