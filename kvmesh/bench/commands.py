@@ -30,7 +30,7 @@ def bench_routing(args: argparse.Namespace) -> int:
     report = run_routing_bench(
         args.workload.split(","), args.policies.split(","), args.workers, args.requests,
         args.rate_per_worker, args.seed, args.out, mode=args.mode, real=real,
-        replicas=args.replicas,
+        replicas=args.replicas, concurrency=args.concurrency, misses=args.misses,
         params=PRESETS[args.engine].__class__(**{
             **PRESETS[args.engine].__dict__,
             **({"capacity_blocks": args.num_kv_blocks} if args.num_kv_blocks else {})}),
@@ -38,7 +38,10 @@ def bench_routing(args: argparse.Namespace) -> int:
     for name, data in report["workloads"].items():
         print(f"== {name}")
         for policy, metrics in data["results"].items():
-            print(f"  {policy:14s} " + "  ".join(f"{k}={v}" for k, v in metrics.items()))
+            print(f"  {policy:14s} " + "  ".join(f"{k}={v}" for k, v in metrics.items()
+                                                 if k not in ("misses", "per_worker_by_turn")))
+            if metrics.get("misses"):
+                print(f"  {policy:14s} avoidable misses: " + json.dumps(metrics["misses"]))
         print("  ratios: " + json.dumps(data["ratios"]))
     return 0
 
@@ -106,6 +109,14 @@ def add_router_benches(bench_sub: Any) -> None:
     routing.add_argument("--rate-per-worker", type=float, default=3.5,
                          help="arrivals per second per worker")
     routing.add_argument("--seed", type=int, default=1)
+    routing.add_argument("--concurrency", type=int, default=0,
+                         help="closed loop: this many requests out at once, the next sent "
+                         "as one finishes (vllm bench serve --max-concurrency; arrival "
+                         "times ignored); 0 = open loop at --rate-per-worker")
+    routing.add_argument("--misses", action="store_true",
+                         help="sim: put each of kv_aware's avoidable misses down to the "
+                         "rule that caused it (real mode always does, from the router's "
+                         "decision log)")
     routing.add_argument("--out", type=Path, default=None,
                          help="write report.json and per-workload results.json + PNG here")
     routing.set_defaults(func=bench_routing)

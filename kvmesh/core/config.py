@@ -100,6 +100,10 @@ class RouterConfig(ServiceSettings):
         None, description="Where the prefix index is snapshotted and restored from on "
         "restart (None: no snapshots).")
     snapshot_interval_s: float = Field(30.0, gt=0, description="Seconds between snapshots.")
+    decision_log: Path | None = Field(
+        None, description="Append every kv_aware decision's workings (each candidate's "
+        "cached prefix, load bound, cost terms) to this JSON-lines file, to explain "
+        "routing after the fact (docs/routing.md). Off by default.")
     snapshot_max_age_s: float = Field(
         600.0, gt=0, description="An older snapshot is ignored at start (too stale).")
     metrics_port: int | None = Field(

@@ -30,12 +30,15 @@ def main(argv: list[str] | None = None) -> int:
                         "at the router (default 0: no limit)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="Prometheus /metrics port (0 = free port)")
+    parser.add_argument("--decision-log", type=Path, default=None,
+                        help="append every kv_aware decision's workings here (JSON lines)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write the address here")
     args = parser.parse_args(argv)
     config = load_settings(
         RouterConfig, args.config, host=args.host, port=args.port, policy=args.policy,
         static_workers=args.static_workers, metrics_port=args.metrics_port,
         disaggregation=args.disaggregation, max_inflight_per_worker=args.max_inflight_per_worker,
+        decision_log=args.decision_log,
         **observability_settings(args),
     )
     setup_logging("router", args.log_level, config.logging.json_format)

@@ -27,6 +27,7 @@ from kvmesh.core.errors import ModelNotFoundError, RateLimitedError
 from kvmesh.core.roles import GATEWAY
 from kvmesh.router.admission import Admission, AdmissionTimeout
 from kvmesh.router.autoscale import PoolLoad, PoolScaler
+from kvmesh.router.decision_log import DecisionLog
 from kvmesh.router.metrics import RouterMetrics, WorkerSample
 from kvmesh.router.pd import PdDecision, decide
 from kvmesh.router.policy.base import Policy, RouteContext
@@ -81,6 +82,8 @@ class RouterCore:
         self._policy_names: dict[str, str] = {}
         self._policy_names_version = -1
         self._rng = random.Random(config.seed)
+        self.decision_log = (DecisionLog(config.decision_log, self.index, self.cost_params)
+                             if config.decision_log else None)
         self._changed = asyncio.Condition()
         self._admission: dict[str, Admission] = {}
         #: Per pool (model, role): its autoscaler (RouterConfig.autoscale).
@@ -277,6 +280,10 @@ class RouterCore:
             time.perf_counter() - started)
         self.metrics.decisions.labels(policy.name, choice.reason).inc()
         self.metrics.matched_prefix_tokens.observe(choice.expected_cached_tokens)
+        explained = getattr(policy, "last", None)  # kv_aware's workings, when logged
+        if (self.decision_log is not None and explained is not None
+                and choice.prefill_worker is None and len(explained.cached) == len(workers)):
+            self.decision_log.write(ctx, explained, workers)
         return choice
 
     def _book(self, ctx: RouteContext, choice: PdDecision) -> None:

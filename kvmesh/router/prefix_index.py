@@ -325,9 +325,10 @@ class PrefixIndex:
         self._pkeys, self._pmasks, self._pexpiry = keys, masks, expiry
 
     def match(self, hashes: Sequence[int] | np.ndarray,
-              worker_ids: Iterable[str]) -> dict[str, int]:
+              worker_ids: Iterable[str], pending_marks: bool = True) -> dict[str, int]:
         """Longest cached prefix, in blocks, of ``hashes`` on each of ``worker_ids``:
-        blocks its events confirmed, deepened by its unexpired pending marks."""
+        blocks its events confirmed, deepened by its unexpired pending marks (unless
+        ``pending_marks`` is false: what the events alone say)."""
         ids = list(worker_ids)
         owner: dict[int, str] = {}
         alive = 0
@@ -345,7 +346,7 @@ class PrefixIndex:
                                     for w in range(words)], dtype=np.uint64)
             pending_alive = alive_words.copy()
             tables.match(self._keys, self._masks, array, alive_words, found)
-            if self._pcount:
+            if self._pcount and pending_marks:
                 pending.pending_match(
                     self._pkeys, self._pmasks, self._pexpiry, self._clock(), array,
                     _positions(len(array), False), _CHECKPOINT_STRIDE, pending_alive, found)

@@ -4,7 +4,8 @@ prefix-heavy workloads, the oracle, and router replicas that agree."""
 
 import pytest
 
-from kvmesh.bench.routing.sim import FLEET, best_prefix, simulate
+from kvmesh.bench.routing.sim import FLEET, simulate
+from kvmesh.bench.routing.sim_stats import best_prefix
 from kvmesh.bench.routing.workloads import make_workload
 
 pytestmark = pytest.mark.unit

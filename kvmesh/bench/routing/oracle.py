@@ -15,17 +15,23 @@ from collections.abc import Iterable, Sequence
 from kvmesh.router.block_hash import namespace_seed, prompt_hashes
 
 
-def oracle_hit_rate(prompts: Iterable[Sequence[int]], block_size: int) -> float:
+def oracle_hits(prompts: Iterable[Sequence[int]], block_size: int) -> list[int]:
+    """Per request, in order: the prompt tokens the unbounded fleet-wide cache holds."""
     seen: set[int] = set()
     seed = namespace_seed("oracle")
-    hits = total = 0
+    hits = []
     for prompt in prompts:
         hashes = prompt_hashes(list(prompt), block_size, seed)
         usable = max(len(prompt) - 1, 0) // block_size
         depth = 0
         while depth < usable and hashes[depth] in seen:
             depth += 1
-        hits += depth * block_size
-        total += len(prompt)
+        hits.append(depth * block_size)
         seen.update(hashes)
-    return hits / total if total else 0.0
+    return hits
+
+
+def oracle_hit_rate(prompts: Iterable[Sequence[int]], block_size: int) -> float:
+    listed = [list(p) for p in prompts]
+    total = sum(map(len, listed))
+    return sum(oracle_hits(listed, block_size)) / total if total else 0.0

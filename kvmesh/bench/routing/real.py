@@ -31,12 +31,14 @@ import httpx
 from smg_grpc_proto import vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 
-from kvmesh.bench.routing.oracle import oracle_hit_rate
+from kvmesh.bench.routing.misses import classify_logged, tally
+from kvmesh.bench.routing.oracle import oracle_hits
 from kvmesh.bench.routing.workloads import SimRequest
 from kvmesh.bench.sse import chunk_text, completion_chunks
 from kvmesh.bench.stats import ttft_summary
 from kvmesh.core.net import free_port
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
+from kvmesh.router import decision_log
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +51,30 @@ async def _flush(endpoints: list[str]) -> None:
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str,
-               max_tokens: int, delay: float) -> dict[str, float]:
-    await asyncio.sleep(delay)
+               max_tokens: int, delay: float, slots: asyncio.Semaphore | None
+               ) -> dict[str, Any]:
+    if slots is None:
+        await asyncio.sleep(delay)
+    else:
+        await slots.acquire()
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft = 0.0
     usage: dict[str, Any] = {}
-    async for chunk in completion_chunks(client, url, body):
-        if not ttft and chunk_text(chunk):
-            ttft = time.perf_counter() - start
-        if chunk.get("usage"):
-            usage = chunk["usage"]
+    response_id = ""
+    try:
+        async for chunk in completion_chunks(client, url, body):
+            response_id = response_id or str(chunk.get("id", ""))
+            if not ttft and chunk_text(chunk):
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    finally:
+        if slots is not None:
+            slots.release()
     details = usage.get("prompt_tokens_details") or {}
-    return {"ttft": ttft or time.perf_counter() - start,
+    return {"id": response_id, "ttft": ttft or time.perf_counter() - start,
             "prompt": float(usage.get("prompt_tokens", 0)),
             "cached": float(details.get("cached_tokens", 0) or 0),
             "completion": float(usage.get("completion_tokens", 0)),
@@ -70,13 +82,17 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str,
 
 
 async def _drive(url: str, model: str, prompts: list[tuple[float, str, int]],
-                 timeout_s: float) -> tuple[list[dict[str, float]], float]:
-    """Send the workload; per-request results and the run's wall time."""
+                 timeout_s: float, concurrency: int = 0
+                 ) -> tuple[list[dict[str, Any]], float]:
+    """Send the workload (open loop at the arrival times, or a closed loop of
+    ``concurrency`` requests out at once, in order); per-request results and the run's
+    wall time."""
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    slots = asyncio.Semaphore(concurrency) if concurrency else None
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*[
-            _one(client, url, model, text, max_tokens, arrival)
+            _one(client, url, model, text, max_tokens, arrival, slots)
             for arrival, text, max_tokens in prompts
         ])
     return list(results), max(r["end"] for r in results) - start
@@ -168,10 +184,12 @@ class RealBench:
         ``--max-inflight-per-worker``, requests wait at the router beyond it)."""
         policy, _, inflight = spec.partition("/")
         tag = spec.replace("/", "-")
-        for stale in (f"router-{tag}.ready", f"gateway-{tag}.ready"):  # an earlier turn's
+        for stale in (f"router-{tag}.ready", f"gateway-{tag}.ready",  # an earlier turn's
+                      f"decisions-{tag}.jsonl"):
             (self.dir / stale).unlink(missing_ok=True)
         args = ["--port", "0", "--metrics-port", "0", "--policy", policy,
-                "--ready-file", str(self.dir / f"router-{tag}.ready")]
+                "--ready-file", str(self.dir / f"router-{tag}.ready"),
+                "--decision-log", str(self.decision_log(spec))]
         if inflight:
             args += ["--max-inflight-per-worker", inflight]
         for endpoint in self.endpoints:
@@ -185,6 +203,10 @@ class RealBench:
             self.dir / f"gateway-{tag}.log")
         url = wait_ready_file(self.dir / f"gateway-{tag}.ready", 60, gateway)["http"]
         return url, [gateway, router]
+
+    def decision_log(self, spec: str) -> Path:
+        """Where the kvmesh router of ``spec`` logs its kv_aware decisions."""
+        return self.dir / f"decisions-{spec.replace('/', '-')}.jsonl"
 
     def smg_front(self, policy: str) -> tuple[str, list[subprocess.Popen[bytes]]]:
         assert self.smg is not None
@@ -222,20 +244,32 @@ class RealBench:
             terminate(proc, 30)
 
 
+def explain_misses(log: Path, results: list[dict[str, Any]], oracle: list[int]
+                   ) -> list[tuple[str, int] | None]:
+    """Each request's avoidable miss and its rule, from the router's decision log."""
+    if not log.exists():
+        return []
+    entries = decision_log.read(log)
+    return [classify_logged(entries[r["id"]], int(r["cached"]), hits)
+            for r, hits in zip(results, oracle, strict=True) if r["id"] in entries]
+
+
 def run_real(workload: list[SimRequest], policies: list[str], workers: int,
              model_dir: Path, smg_binary: str | None, engine_flags: dict[str, Any],
-             timeout_s: float = 600, repeat: int = 1) -> dict[str, dict[str, Any]]:
+             timeout_s: float = 600, repeat: int = 1, concurrency: int = 0
+             ) -> dict[str, dict[str, Any]]:
     """Each policy runs the workload ``repeat`` times, the policies taking turns
     (A B C A B C ...), so slow drifts of a shared machine hit every policy alike;
-    metrics pool every request of every turn."""
+    metrics pool every request of every turn. kv_aware's avoidable misses are put
+    down to the rule that caused each (``misses``, from its router's decision log)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompts = [(r.arrival_s, str(tok.decode(list(r.prompt))), r.output_tokens) for r in workload]
     # What the engines see is the text tokenized again: replay exactly those ids.
-    oracle = round(oracle_hit_rate(
-        [tok(text, add_special_tokens=False)["input_ids"] for _, text, _ in prompts],
-        int(engine_flags.get("block_size") or 32)), 4)
+    replayed = [tok(text, add_special_tokens=False)["input_ids"] for _, text, _ in prompts]
+    per_request = oracle_hits(replayed, int(engine_flags.get("block_size") or 32))
+    oracle = round(sum(per_request) / max(sum(map(len, replayed)), 1), 4)
     if not smg_binary:
         for policy in [p for p in policies if p.startswith("smg:")]:
             log.warning("skipping %s: no smg binary (pass --smg PATH)", policy)
@@ -243,6 +277,7 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
     raw: dict[str, list[dict[str, float]]] = {p: [] for p in policies}
     walls = dict.fromkeys(policies, 0.0)
     engines: dict[str, list[list[dict[str, float]]]] = {p: [] for p in policies}
+    misses: dict[str, list[tuple[str, int] | None]] = {p: [] for p in policies}
     with tempfile.TemporaryDirectory(prefix="kvm-real-") as d:
         bench = RealBench(model_dir, workers, Path(d), smg_binary, engine_flags)
         try:
@@ -257,7 +292,10 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
                         log.info("running %s, turn %d/%d (%d requests)", policy, turn + 1,
                                  repeat, len(prompts))
                         before = bench.engine_counters()
-                        results, wall = asyncio.run(_drive(url, model, prompts, timeout_s))
+                        results, wall = asyncio.run(_drive(url, model, prompts, timeout_s,
+                                                           concurrency))
+                        misses[policy] += explain_misses(bench.decision_log(policy), results,
+                                                         per_request)
                         per_worker = counter_deltas(before, bench.engine_counters())
                         (Path(d) / f"requests-{policy.replace('/', '-')}-{turn}.json").write_text(
                             json.dumps(results))
@@ -275,5 +313,8 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(d, kept, ignore=shutil.ignore_patterns("*-kv", "*-kvr"))
     return {policy: {**summarize(raw[policy], walls[policy]), "oracle_hit_rate": oracle,
-                     "turns": repeat, "per_worker_by_turn": engines[policy]}
+                     "turns": repeat, "per_worker_by_turn": engines[policy],
+                     **({"misses": tally(misses[policy],
+                                         int(sum(r["prompt"] for r in raw[policy])),
+                                         len(misses[policy]))} if misses[policy] else {})}
             for policy in policies}

@@ -68,20 +68,23 @@ def run_routing_bench(
     workloads: list[str], policies: list[str], workers: int, requests: int,
     rate_per_worker: float, seed: int, out: Path | None,
     params: SimParams | None = None, mode: str = "sim", real: dict[str, Any] | None = None,
-    replicas: int = 1,
+    replicas: int = 1, concurrency: int = 0, misses: bool = False,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {
         "mode": mode, "workers": workers, "requests": requests,
-        "rate_per_worker": rate_per_worker, "seed": seed, "workloads": {},
+        "rate_per_worker": rate_per_worker, "concurrency": concurrency, "seed": seed,
+        "workloads": {},
     }
     for name in workloads:
         workload = make_workload(name, requests, rate_per_worker * workers, seed)
         if mode == "real":
             from kvmesh.bench.routing.real import run_real
 
-            results = run_real(workload, policies, workers, **(real or {}))
+            results = run_real(workload, policies, workers, concurrency=concurrency,
+                               **(real or {}))
         else:
-            results = run_all(policies, workload, workers, seed, params, replicas)
+            results = run_all(policies, workload, workers, seed, params, replicas,
+                              concurrency, misses)
         report["workloads"][name] = {"results": results, "ratios": ratios(results)}
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

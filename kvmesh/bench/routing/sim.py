@@ -15,13 +15,15 @@ import heapq
 import random
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from smg_grpc_proto.generated import common_pb2
 
+from kvmesh.bench.routing.misses import MissAnalysis
+from kvmesh.bench.routing.sim_stats import PolicyResult, best_prefix
 from kvmesh.bench.routing.workloads import SimRequest
-from kvmesh.bench.stats import ttft_summary
 from kvmesh.core.config import CostParams
 from kvmesh.router.kv_events import FollowerStats, apply_batch
 from kvmesh.router.policy.base import RouteContext, pick
@@ -57,22 +59,6 @@ FLEET = SimParams(capacity_blocks=4096, step_base_s=0.004, decode_s_per_seq=0.00
 PRESETS = {"cpu": SimParams(), "fleet": FLEET}
 
 
-def best_prefix(holders: dict[int, set[str]], hashes: list[int]) -> int:
-    """Blocks of ``hashes`` the best single worker holds as a prefix (the oracle), from
-    the fleet's block → holders map: the holders of every block so far, intersected."""
-    alive: set[str] | None = None
-    depth = 0
-    for h in hashes:
-        held = holders.get(h)
-        if not held:
-            break
-        alive = set(held) if alive is None else alive & held
-        if not alive:
-            break
-        depth += 1
-    return depth
-
-
 @dataclass
 class _Queued:
     rid: int
@@ -91,8 +77,10 @@ class _Running:
 
 class SimWorker:
     def __init__(self, worker_id: str, params: SimParams,
-                 holders: dict[int, set[str]] | None = None) -> None:
+                 holders: dict[int, set[str]] | None = None,
+                 on_schedule: Callable[[_Queued], None] | None = None) -> None:
         self.worker_id = worker_id
+        self.on_schedule = on_schedule  # a request's prefill starts (the miss analysis)
         self.p = params
         #: The fleet's block hash → workers holding it (shared, for the oracle).
         self.holders: dict[int, set[str]] = {} if holders is None else holders
@@ -185,6 +173,8 @@ class SimWorker:
                                   len(item.request.prompt) - 1)
                 item.remaining = len(item.request.prompt) - item.cached
                 self.pending += item.remaining - item.uncached_estimate
+                if self.on_schedule is not None:
+                    self.on_schedule(item)
             take = min(budget, item.remaining)
             item.remaining -= take
             self.pending -= take
@@ -200,26 +190,6 @@ class SimWorker:
 
 
 @dataclass
-class PolicyResult:
-    ttfts: list[float] = field(default_factory=list)
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    oracle_tokens: int = 0
-    output_tokens: int = 0
-    first_arrival: float = 0.0
-    last_done: float = 0.0
-
-    def summary(self) -> dict[str, float]:
-        return {
-            **ttft_summary(self.ttfts),
-            "throughput_tok_s": round(
-                self.output_tokens / max(self.last_done - self.first_arrival, 1e-9), 1),
-            "hit_rate": round(self.cached_tokens / max(self.prompt_tokens, 1), 4),
-            "oracle_hit_rate": round(self.oracle_tokens / max(self.prompt_tokens, 1), 4),
-        }
-
-
-@dataclass
 class _Replica:
     """One router replica: its own registry, index and policy."""
 
@@ -232,7 +202,8 @@ class _Replica:
 def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
              params: SimParams | None = None, seed: int = 0,
              cost: CostParams | None = None, replicas: int = 1,
-             shared_view: bool = False) -> dict[str, float]:
+             shared_view: bool = False, analysis: MissAnalysis | None = None,
+             concurrency: int = 0) -> dict[str, float]:
     """Run one policy over one workload; return its metrics.
 
     With ``replicas`` > 1 (kv_aware), that many router replicas each get every worker's
@@ -241,7 +212,11 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
     choice for the same request is computed too (without booking it), giving
     ``agreement``: the share of (request, replica) pairs that chose the deciding
     replica's worker. ``shared_view`` also tells every replica of every booking, so
-    their views are the same (the determinism check: agreement 1.0)."""
+    their views are the same (the determinism check: agreement 1.0). ``analysis``
+    (kv_aware) is told every decision and what each worker really held. With
+    ``concurrency`` > 0 the run is a closed loop, as ``vllm bench serve
+    --max-concurrency`` drives a server: that many requests are out at once, the next
+    sent as one finishes (arrival times ignored; TTFT counts from the send)."""
     p = params or SimParams()
     clock = [0.0]
     if replicas > 1 and policy_name != "kv_aware":
@@ -252,7 +227,16 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
         routers.append(_Replica(WorkerRegistry(lease_ttl_s=1e12, clock=lambda: clock[0]),
                                 index, make_policy(policy_name, seed, index, cost)))
     holders: dict[int, set[str]] = {}
-    workers = {f"w{i:03d}": SimWorker(f"w{i:03d}", p, holders) for i in range(n_workers)}
+    ids = [f"w{i:03d}" for i in range(n_workers)]
+
+    def truth(prompt: tuple[int, ...]) -> list[int]:
+        hashes = workers[ids[0]].engine_hashes(prompt)
+        return [p.block_size * workers[w].cached_blocks(hashes) for w in ids]
+
+    def schedule(item: _Queued) -> None:
+        if analysis is not None:
+            analysis.scheduled(str(item.rid), item.cached, truth(item.request.prompt))
+    workers = {w: SimWorker(w, p, holders, schedule) for w in ids}
     for wid in workers:
         for r in routers:
             r.registry.upsert(WorkerState(worker_id=wid, endpoint=wid, model=MODEL,
@@ -284,13 +268,20 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
         w.stepping = True
         push(now + duration, "step", (w, finished))
 
-    for rid, request in enumerate(requests):
-        push(request.arrival_s, "arrive", (rid, request))
+    unsent = deque(enumerate(requests))
+    start = requests[0].arrival_s if requests else 0.0
+    while unsent and (not concurrency or len(unsent) > len(requests) - concurrency):
+        rid, request = unsent.popleft()
+        push(start if concurrency else request.arrival_s, "arrive",
+             (rid, replace(request, arrival_s=start) if concurrency else request))
 
     def finish(worker_id: str, rid: str) -> None:
         for r in owner.pop(rid):
             r.registry.finished(worker_id, rid)
             r.policy.finished(rid)
+        if concurrency and unsent:  # closed loop: the next request goes out now
+            nid, request = unsent.popleft()
+            push(clock[0], "arrive", (nid, replace(request, arrival_s=clock[0])))
 
     while heap:
         now, _, kind, payload = heapq.heappop(heap)
@@ -305,6 +296,11 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
                      for r in others]
             choice = pick(deciding.policy, ctx, deciding.registry.candidates(MODEL))
             wid = choice.worker.worker_id
+            if analysis is not None:
+                ev = deciding.policy.last
+                confirmed = deciding.index.match(ev.hashes_by_size[p.block_size], ids, False)
+                analysis.decided(str(rid), ev, len(request.prompt), truth(request.prompt),
+                                 [p.block_size * confirmed[w] for w in ids])
             agree += sum(1 for x in peeks if x == wid)
             compared += len(peeks)
             booked = [deciding]
@@ -361,15 +357,22 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
 
 def run_all(policies: list[str], workload: list[SimRequest], n_workers: int,
             seed: int = 0, params: SimParams | None = None,
-            replicas: int = 1) -> dict[str, dict[str, float]]:
+            replicas: int = 1, concurrency: int = 0, misses: bool = False
+            ) -> dict[str, dict[str, Any]]:
     """Each policy over the workload; with ``replicas`` > 1 also kv_aware behind that
-    many router replicas (own bookings, then the same view), with their agreement."""
+    many router replicas (own bookings, then the same view), with their agreement;
+    with ``misses``, kv_aware's avoidable misses by rule (``misses.py``)."""
     rng = random.Random(seed)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for name in policies:
         started = time.perf_counter()
-        results[name] = simulate(name, workload, n_workers, params, rng.randrange(2**31))
+        analysis = (MissAnalysis(CostParams(), (params or SimParams()).block_size)
+                    if misses and name == "kv_aware" else None)
+        results[name] = simulate(name, workload, n_workers, params, rng.randrange(2**31),
+                                 analysis=analysis, concurrency=concurrency)
         results[name]["sim_wall_s"] = round(time.perf_counter() - started, 1)
+        if analysis is not None:
+            results[name]["misses"] = analysis.summary()
     if replicas > 1:
         for shared, label in ((False, ""), (True, ", same view")):
             started = time.perf_counter()

@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Sequence
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -53,6 +53,8 @@ class KvAwarePolicy:
         self.params = params or CostParams()
         # request id -> (worker, marked hashes, expiry): cleared when it finishes.
         self._marks: dict[str, tuple[str, U64Array, float]] = {}
+        #: The last decision's workings (``evaluate``), for explaining it.
+        self.last: Evaluation | None = None
 
     def finished(self, request_id: str) -> None:
         """The request is done: blocks it marked pending and its events never
@@ -121,6 +123,17 @@ class KvAwarePolicy:
                ) -> tuple[Choice, U64Array | None]:
         """The choice and the prompt's hashes at the chosen worker's block size,
         without booking it (nothing marked pending): what ``choose`` picks."""
+        ev = self.evaluate(ctx, workers)
+        self.last = ev
+        chosen = workers[ev.chosen]
+        hits = int(ev.cached[ev.chosen])
+        return (Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits),
+                ev.hashes_by_size.get(chosen.block_size))
+
+    def evaluate(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Evaluation:
+        """Every step of the decision over ``workers`` (nothing booked): what each
+        holds, its load, who passes the load bound, their costs, the near-equals and
+        the pick among them."""
         cached, hashes_by_size, sizes = self._match(ctx, workers)
         loads = load_arrays(workers, ctx.adapter, self.params.adapter_load_tokens)
         kept = np.flatnonzero(bounded(self.params, loads.active))
@@ -139,10 +152,21 @@ class KvAwarePolicy:
         else:
             scores = rendezvous_scores(key, salts([workers[i] for i in near.tolist()]))
             at = int(near[int(np.argmax(scores))])
-        chosen = workers[at]
-        hits = int(cached[at])
-        return (Choice(chosen, "kv_aware:prefix" if hits else "kv_aware:load", hits),
-                hashes_by_size.get(chosen.block_size))
+        return Evaluation(cached, loads, kept, costs, near, key, at, hashes_by_size)
+
+
+class Evaluation(NamedTuple):
+    """One decision's workings, per candidate in the candidates' order (``kept``,
+    ``near`` and ``chosen`` are positions in it; ``costs`` is per kept candidate)."""
+
+    cached: F64
+    loads: LoadArrays
+    kept: I64
+    costs: F64
+    near: I64
+    placement_key: int | None
+    chosen: int
+    hashes_by_size: dict[int, U64Array]
 
 
 def placement_key(hashes_by_size: dict[int, U64Array], sizes: I64, near: I64,
