@@ -176,3 +176,18 @@ def test_a_short_mark_does_not_cut_another_workers_long_one() -> None:
     index.mark_pending("short", hashes, ttl_s=1.0)
     now[0] = 5.0
     assert index.match(hashes, ["long"])["long"] == len(hashes)
+
+
+def test_a_cache_full_of_other_prefixes_is_priced_though_vllm_reports_it_idle() -> None:
+    # vLLM's KV usage counts only blocks running requests hold: both workers report 0.
+    # By its events, "a"'s cache is full of other prefixes, "b"'s is empty: storing a
+    # new prefix on "a" evicts something, so every cold prompt goes to "b" whatever its
+    # rendezvous home.
+    index = PrefixIndex()
+    cache(index, "a", list(range(50_000, 50_000 + 64 * BS)))  # 64 blocks
+    a, b = worker("a"), worker("b")
+    a.kv_capacity_tokens = b.kv_capacity_tokens = 64 * BS
+    chosen = {policy(index).choose(ctx([7_000 + 997 * i + t for t in range(20 * BS)],
+                                       f"r{i}"), [a, b]).worker.worker_id
+              for i in range(12)}
+    assert chosen == {"b"}

@@ -155,6 +155,11 @@ class SimWorker:
         self.queue.append(item)
         self.pending += item.uncached_estimate
 
+    def blocks_in_use(self) -> int:
+        """KV blocks the running sequences hold (prompt and answer so far)."""
+        return sum(-(-(len(s.request.prompt) + s.request.output_tokens - s.left)
+                     // self.p.block_size) for s in self.running)
+
     def pending_prefill_tokens(self) -> int:
         """Prefill tokens queued (estimates until scheduled), kept as a running sum:
         an overloaded worker's queue holds thousands."""
@@ -254,11 +259,12 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
         heapq.heappush(heap, (t, counter, kind, payload))
 
     def report(w: SimWorker) -> None:
-        # Like the servicer: running/waiting counts, KV usage, and the prefill work the
-        # engine holds that has produced no output yet.
+        # Like the servicer: running/waiting counts, KV usage as vLLM reports it (blocks
+        # running requests use; cached blocks nobody uses count as free), and the
+        # prefill work the engine holds that has produced no output yet.
         for r in routers:
             r.registry.report_load(w.worker_id, len(w.running), len(w.queue),
-                                   len(w.cache) / p.capacity_blocks,
+                                   w.blocks_in_use() / p.capacity_blocks,
                                    w.pending_prefill_tokens())
 
     def step(w: SimWorker, now: float) -> None:

@@ -31,6 +31,7 @@ from kvmesh.router.registry import WorkerState
 PLACEMENT_BLOCKS = 4
 _BLOCK_SIZE = attrgetter("block_size")
 _WORKER_ID = attrgetter("worker_id")
+_CAPACITY = attrgetter("kv_capacity_tokens")
 MAX_REMEMBERED_MARKS = 65536
 _MASK64 = (1 << 64) - 1
 
@@ -100,6 +101,17 @@ class KvAwarePolicy:
             cached[at] = np.fromiter(depth.values(), np.float64, len(ids)) * block_size
         return cached, hashes_by_size, sizes
 
+    def _held(self, workers: Sequence[WorkerState]) -> F64:
+        """Each worker's cache as full as its events say: indexed blocks over capacity.
+        vLLM's own KV usage counts only blocks running requests hold (cached blocks
+        nobody uses are free to it), so an idle worker whose cache is full of other
+        prefixes reports ~0 — yet every block it stores evicts one of them."""
+        n = len(workers)
+        held = np.fromiter(map(self._index.blocks, map(_WORKER_ID, workers)), np.float64, n)
+        capacity = np.fromiter(map(_CAPACITY, workers), np.float64, n)
+        blocks = np.fromiter(map(_BLOCK_SIZE, workers), np.float64, n)
+        return np.divide(held * blocks, capacity, out=np.zeros(n), where=capacity > 0)
+
     def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
         choice, hashes = self.decide(ctx, workers)
         self._book(ctx, choice.worker, hashes)
@@ -136,6 +148,7 @@ class KvAwarePolicy:
         the pick among them."""
         cached, hashes_by_size, sizes = self._match(ctx, workers)
         loads = load_arrays(workers, ctx.adapter, self.params.adapter_load_tokens)
+        loads = loads._replace(kv_usage=np.maximum(loads.kv_usage, self._held(workers)))
         kept = np.flatnonzero(bounded(self.params, loads.active))
         prompt_tokens = len(ctx.token_ids)
         costs = ttft_costs(self.params, LoadArrays(*(a[kept] for a in loads)),
