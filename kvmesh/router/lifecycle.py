@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class WorkerLifecycle:
         self._watchers: dict[str, list[asyncio.Task[None]]] = {}
         self.followers: dict[str, KvEventFollower] = {}
         self._incarnations: dict[str, float] = {}
+        self._pushed_at: dict[str, float] = {}  # last load record from the event stream
         self._restorable: dict[str, snapshot.WorkerSnapshot] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # Every worker heartbeats (and so re-registers) within one interval, plus its
@@ -207,27 +209,17 @@ class WorkerLifecycle:
         for task in self._watchers.pop(worker_id, []):
             task.cancel()
         self.followers.pop(worker_id, None)
+        self._pushed_at.pop(worker_id, None)
 
     def _follow(self, state: WorkerState) -> None:
         """Its KV events (with the load they carry) and a GetLoads probe loop."""
         worker_id = state.worker_id
 
-        def on_load(load: smg_common_pb2.EngineLoad) -> None:
-            # Pushed with every event batch and as a heartbeat: fresher than polling.
-            # Prefill work in hand: the engine's pending prompt tokens when the
-            # servicer reports them (running prefills included), else the waiting ones.
-            pending = load.waiting_uncached_tokens
-            if load.HasField("prefill_pending_tokens"):
-                pending = max(pending, load.prefill_pending_tokens)
-            self.core.report_load(
-                worker_id, load.running_requests, load.waiting_requests, load.token_usage,
-                pending, load.cache_hit_rate if load.HasField("cache_hit_rate") else None,
-            )
-
         channel = self._channel(state.endpoint)
         follower = KvEventFollower(
             worker_id, channel, self.core.index, state.model,
-            state.block_size, on_load=on_load, metrics=self.core.metrics,
+            state.block_size, on_load=lambda load: self.pushed_load(worker_id, load),
+            metrics=self.core.metrics,
             incarnation=self._incarnations.get(worker_id, 0.0),
             probe_incarnation=lambda: worker_probe.incarnation(
                 channel, self._config.probe_timeout_s),
@@ -238,6 +230,20 @@ class WorkerLifecycle:
             asyncio.create_task(self._probe_loop(worker_id, state.endpoint)),
             asyncio.create_task(follower.run()),
         ]
+
+    def pushed_load(self, worker_id: str, load: smg_common_pb2.EngineLoad) -> None:
+        """A load record from the worker's event stream (with every batch, and as a
+        heartbeat): fresher than polling, and it carries the prefill work in hand (the
+        engine's pending prompt tokens, running prefills included), which GetLoads
+        does not."""
+        pending = load.waiting_uncached_tokens
+        if load.HasField("prefill_pending_tokens"):
+            pending = max(pending, load.prefill_pending_tokens)
+        self._pushed_at[worker_id] = time.monotonic()
+        self.core.report_load(
+            worker_id, load.running_requests, load.waiting_requests, load.token_usage,
+            pending, load.cache_hit_rate if load.HasField("cache_hit_rate") else None,
+        )
 
     async def _probe_loop(self, worker_id: str, endpoint: str) -> None:
         """Poll GetLoads: it is both the load feed and the liveness probe."""
@@ -259,10 +265,15 @@ class WorkerLifecycle:
                     self.core.set_reachable(worker_id, False):
                 await self.core.notify()
             return False
-        self.core.report_load(
-            worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
-            sample.waiting_uncached_tokens, sample.cache_hit_rate,
-        )
+        # The poll feeds the load only while the event stream does not: its sample,
+        # answered and read at another moment, would overwrite a fresher pushed record
+        # with one that lacks the prefill in hand.
+        if time.monotonic() - self._pushed_at.get(worker_id, -math.inf) > \
+                2 * self._config.probe_interval_s:
+            self.core.report_load(
+                worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
+                sample.waiting_uncached_tokens, sample.cache_hit_rate,
+            )
         if self.core.set_reachable(worker_id, True):
             await self.core.notify()
         return True
