@@ -142,3 +142,33 @@ async def test_the_router_logs_each_kv_aware_decision(tmp_path: Path) -> None:
     # ... and r1's queued prefill is in that worker's cost terms.
     assert second["terms"][str(first)]["queued_prefill"] == pytest.approx(400 / 2500)
     assert set(second["terms"]) == {str(i) for i in second["kept"]}
+
+
+def test_a_real_run_joins_the_decision_log_by_completion_id(tmp_path: Path) -> None:
+    from kvmesh.bench.routing.real import explain_misses, front_cpu_s
+
+    entry = {"block_size": BS, "chosen": 0, "view": [0, 0], "confirmed": [0, 0],
+             "kept": [0, 1], "near": [0, 1], "terms": {}}
+    log = tmp_path / "decisions.jsonl"
+    log.write_text("".join(json.dumps({**entry, "request_id": rid}) + "\n"
+                           for rid in ("cmpl-1", "cmpl-2")))
+    results = [{"id": "cmpl-1", "cached": 640.0}, {"id": "cmpl-2", "cached": 0.0},
+               {"id": "cmpl-3", "cached": 0.0}]  # not routed by kv_aware: not joined
+    found = explain_misses(log, results, [640, 640, 640])
+    assert found == [None, ("not_held", 640)]
+    assert explain_misses(tmp_path / "none.jsonl", results, [0, 0, 0]) == []
+    import subprocess
+    import sys
+    import time
+    spin = subprocess.Popen([sys.executable, "-c",
+                             "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while front_cpu_s([spin]) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert 0.3 <= front_cpu_s([spin]) < 5
+    finally:
+        spin.kill()
+        spin.wait()
+    assert front_cpu_s([spin]) == 0.0  # gone: counts nothing, raises nothing

@@ -16,6 +16,7 @@ and the prefix-cache hit rate vLLM itself reports (`usage.prompt_tokens_details`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from typing import Any
 
 import grpc
 import httpx
+import psutil
 from smg_grpc_proto import vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 
@@ -244,6 +246,17 @@ class RealBench:
             terminate(proc, 30)
 
 
+def front_cpu_s(procs: list[subprocess.Popen[bytes]]) -> float:
+    """CPU seconds the front end's processes (router + gateway, or smg) used so far:
+    on these 2 cores, time the engines did not get."""
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(proc.pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def explain_misses(log: Path, results: list[dict[str, Any]], oracle: list[int]
                    ) -> list[tuple[str, int] | None]:
     """Each request's avoidable miss and its rule, from the router's decision log."""
@@ -278,6 +291,7 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
     walls = dict.fromkeys(policies, 0.0)
     engines: dict[str, list[list[dict[str, float]]]] = {p: [] for p in policies}
     misses: dict[str, list[tuple[str, int] | None]] = {p: [] for p in policies}
+    front_cpu = dict.fromkeys(policies, 0.0)
     with tempfile.TemporaryDirectory(prefix="kvm-real-") as d:
         bench = RealBench(model_dir, workers, Path(d), smg_binary, engine_flags)
         try:
@@ -291,9 +305,10 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
                         asyncio.run(_flush(bench.endpoints))
                         log.info("running %s, turn %d/%d (%d requests)", policy, turn + 1,
                                  repeat, len(prompts))
-                        before = bench.engine_counters()
+                        before, cpu = bench.engine_counters(), front_cpu_s(fronts)
                         results, wall = asyncio.run(_drive(url, model, prompts, timeout_s,
                                                            concurrency))
+                        front_cpu[policy] += front_cpu_s(fronts) - cpu
                         misses[policy] += explain_misses(bench.decision_log(policy), results,
                                                          per_request)
                         per_worker = counter_deltas(before, bench.engine_counters())
@@ -314,6 +329,8 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
             shutil.copytree(d, kept, ignore=shutil.ignore_patterns("*-kv", "*-kvr"))
     return {policy: {**summarize(raw[policy], walls[policy]), "oracle_hit_rate": oracle,
                      "turns": repeat, "per_worker_by_turn": engines[policy],
+                     "front_cpu_ms_per_request": round(
+                         1000 * front_cpu[policy] / max(len(raw[policy]), 1), 2),
                      **({"misses": tally(misses[policy],
                                          int(sum(r["prompt"] for r in raw[policy])),
                                          len(misses[policy]))} if misses[policy] else {})}
