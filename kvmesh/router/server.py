@@ -95,3 +95,5 @@ class RouterServer:
         await self.lifecycle.stop()
         if self._server is not None:
             await self._server.stop(grace=1.0)
+        if self.core.decision_log is not None:
+            self.core.decision_log.close()
