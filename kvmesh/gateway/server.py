@@ -80,8 +80,13 @@ class GatewayServer:
         self._health = health
         self._grpc = server
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on connections
+        # accepted from a socket that says it is TCP. With Nagle on, a response's (or an
+        # SSE chunk's) second write waited for the client's delayed ACK: +40 ms on every
+        # kept-alive request and streamed chunk.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.config.host, self.config.port))
         self.http_port = sock.getsockname()[1]
         self.core.http_address = f"{self.config.host}:{self.http_port}"

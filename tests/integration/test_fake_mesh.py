@@ -45,6 +45,24 @@ def test_models_and_health(fake_mesh: Mesh, client: openai.OpenAI) -> None:
     assert health.status_code == 200 and health.json()["models"] == [MODEL]
 
 
+def test_kept_alive_requests_are_not_held_by_nagle(fake_mesh: Mesh) -> None:
+    # With Nagle on at the gateway, every response after a connection's first waited
+    # for the client's delayed ACK (>= 40 ms on Linux) before its second write left.
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(fake_mesh.http)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+    took = []
+    for _ in range(8):
+        started = time.perf_counter()
+        conn.request("GET", "/v1/models")
+        conn.getresponse().read()
+        took.append(time.perf_counter() - started)
+    conn.close()
+    assert min(took[1:]) < 0.035, took
+
+
 def test_chat_tokenizes_once_and_detokenizes(
     client: openai.OpenAI, model_dir: Path, chat_prompt_ids: list[int]
 ) -> None:
