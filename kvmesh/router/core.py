@@ -19,9 +19,13 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
+from operator import attrgetter
+from typing import Any
 
 from opentelemetry import trace
 
+import kvmesh.core.tracing as tracing
 from kvmesh.core.config import RouterConfig
 from kvmesh.core.errors import ModelNotFoundError, RateLimitedError
 from kvmesh.core.roles import GATEWAY
@@ -36,6 +40,9 @@ from kvmesh.router.registry import WorkerRegistry, WorkerState
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
+
+_ROLE = attrgetter("role")
+_IS_DECODE = "decode".__eq__
 
 #: Seconds of the Route caller's deadline kept for answering "busy" before it expires.
 ADMISSION_DEADLINE_MARGIN_S = 0.5
@@ -83,6 +90,7 @@ class RouterCore:
         self._rng = random.Random(config.seed)
         self._changed = asyncio.Condition()
         self._admission: dict[str, Admission] = {}
+        self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         #: Per pool (model, role): its autoscaler (RouterConfig.autoscale).
         self.scalers: dict[tuple[str, str], PoolScaler] = {}
         fresh_s = 2 * max(config.heartbeat_interval_s, config.probe_interval_s)
@@ -246,7 +254,7 @@ class RouterCore:
             workers = pinned
         prefill = self.registry.candidates(ctx.model, ctx.adapter, query.exclude,
                                            roles=("prefill",))
-        decode = [w for w in workers if w.role == "decode"]
+        decode = list(compress(workers, map(_IS_DECODE, map(_ROLE, workers))))  # C passes
         choice = self._decide(ctx, workers, prefill, decode)
         if not query.preview:
             self._book(ctx, choice)
@@ -262,22 +270,36 @@ class RouterCore:
                 prefill: list[WorkerState], decode: list[WorkerState]) -> PdDecision:
         started = time.perf_counter()
         policy = self.policy_for(ctx.model)
-        with tracer.start_as_current_span("decide") as span:
+        if not tracing.enabled():  # no span to make (a no-op one still costs ~10 µs)
             choice = decide(policy, ctx, workers, prefill, decode,
                             self.config.disaggregation, self.cost_params, self._rng)
-            span.set_attributes({
-                "kvmesh.route.policy": policy.name,
-                "kvmesh.route.reason": choice.reason,
-                "kvmesh.worker": choice.worker.worker_id,
-                "kvmesh.route.expected_cached_tokens": choice.expected_cached_tokens,
-                "kvmesh.route.candidates": len(workers),
-                "kvmesh.route.disaggregated": choice.prefill_worker is not None,
-            })
-        self.metrics.decision_seconds.labels(policy.name).observe(
-            time.perf_counter() - started)
-        self.metrics.decisions.labels(policy.name, choice.reason).inc()
+        else:
+            with tracer.start_as_current_span("decide") as span:
+                choice = decide(policy, ctx, workers, prefill, decode,
+                                self.config.disaggregation, self.cost_params, self._rng)
+                span.set_attributes({
+                    "kvmesh.route.policy": policy.name,
+                    "kvmesh.route.reason": choice.reason,
+                    "kvmesh.worker": choice.worker.worker_id,
+                    "kvmesh.route.expected_cached_tokens": choice.expected_cached_tokens,
+                    "kvmesh.route.candidates": len(workers),
+                    "kvmesh.route.disaggregated": choice.prefill_worker is not None,
+                })
+        seconds, count = self._decision_metrics(policy.name, choice.reason)
+        seconds.observe(time.perf_counter() - started)
+        count.inc()
         self.metrics.matched_prefix_tokens.observe(choice.expected_cached_tokens)
         return choice
+
+    def _decision_metrics(self, policy: str, reason: str) -> tuple[Any, Any]:
+        """The decision histogram and counter children for (policy, reason), looked up
+        once (``labels`` takes a lock and builds a key on every call)."""
+        children = self._metric_children.get((policy, reason))
+        if children is None:
+            children = self._metric_children[policy, reason] = (
+                self.metrics.decision_seconds.labels(policy),
+                self.metrics.decisions.labels(policy, reason))
+        return children
 
     def _book(self, ctx: RouteContext, choice: PdDecision) -> None:
         uncached = max(len(ctx.token_ids) - choice.expected_cached_tokens, 0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from kvmesh.core.errors import WorkerNotFoundError
 from kvmesh.core.roles import GATEWAY
+from kvmesh.router.load_table import LoadTable
 
 
 @dataclass
@@ -67,6 +68,10 @@ class WorkerState:
     #: Its last probe failed to connect (or a gateway lost it and the probe that
     #: followed failed): out of the routing set until a probe succeeds again.
     unreachable: bool = False
+    #: Its row in the registry's load table (-1: not registered) and that table: set
+    #: by the registry, read by ``cost_vector.load_arrays``.
+    row: int = field(default=-1, repr=False, compare=False)
+    loads: LoadTable | None = field(default=None, repr=False, compare=False)
 
     @property
     def active(self) -> int:
@@ -88,6 +93,8 @@ class WorkerRegistry:
         self._selected_version = -1
         self._models: list[str] = []
         self._models_version = -1
+        #: Every registered worker's load numbers as columns (kept exact here).
+        self.loads = LoadTable()
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -95,19 +102,24 @@ class WorkerRegistry:
     def upsert(self, worker: WorkerState) -> WorkerState:
         """Add or replace a worker; keeps in-flight accounting across re-registration."""
         old = self._workers.get(worker.worker_id)
-        if old is not None:
+        if old is not None and old is not worker:
             worker.in_flight = old.in_flight
             worker.load = old.load
+            worker.row = old.row  # the replacement takes its row over
+            old.row, old.loads = -1, None
         worker.last_seen = self._clock()
         self._workers[worker.worker_id] = worker
+        self.loads.add(worker)
         self.version += 1
         return worker
 
     def remove(self, worker_id: str) -> bool:
-        removed = self._workers.pop(worker_id, None) is not None
-        if removed:
-            self.version += 1
-        return removed
+        worker = self._workers.pop(worker_id, None)
+        if worker is None:
+            return False
+        self.loads.remove(worker)
+        self.version += 1
+        return True
 
     def drain(self, worker_id: str) -> WorkerState | None:
         """Take a worker out of the routing set, keeping it registered; None when
@@ -156,6 +168,7 @@ class WorkerRegistry:
             num_running, num_waiting, kv_usage, now, waiting_uncached_tokens, cache_hit_rate)
         worker.unreported_prefill_tokens = 0
         worker.last_seen = now
+        self.loads.write(worker)
 
     def lapsed(self) -> list[str]:
         """Workers not seen within the lease (still registered)."""
@@ -197,11 +210,13 @@ class WorkerRegistry:
         if worker is not None:
             worker.in_flight.add(request_id)
             worker.unreported_prefill_tokens += uncached_tokens
+            self.loads.write_routed(worker)
 
     def finished(self, worker_id: str, request_id: str) -> None:
         worker = self._workers.get(worker_id)
         if worker is not None:
             worker.in_flight.discard(request_id)
+            self.loads.write_routed(worker)
 
     def all(self) -> list[WorkerState]:
         return list(self._workers.values())

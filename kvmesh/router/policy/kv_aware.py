@@ -94,8 +94,7 @@ class KvAwarePolicy:
             else:
                 at = np.flatnonzero(sizes == block_size)
                 ids = [workers[i].worker_id for i in at.tolist()]
-            depth = self._index.match(hashes, ids)
-            cached[at] = np.fromiter(depth.values(), np.float64, len(ids)) * block_size
+            cached[at] = self._index.match_array(hashes, ids) * block_size
         return cached, hashes_by_size, sizes
 
     def choose(self, ctx: RouteContext, workers: Sequence[WorkerState]) -> Choice:
