@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kvmesh.core.errors import WorkerNotFoundError
 from kvmesh.core.roles import GATEWAY
 from kvmesh.router.load_table import LoadTable
@@ -80,6 +82,30 @@ class WorkerState:
         return max(len(self.in_flight), self.load.num_running + self.load.num_waiting)
 
 
+class Candidates(list[WorkerState]):
+    """A candidate selection (``WorkerRegistry.candidates``; read-only by convention),
+    with what every decision over it reads worked out once per selection: the ids,
+    block sizes and load-table rows in its order."""
+
+    __slots__ = ("ids", "block_sizes", "rows", "loads")
+    ids: list[str]
+    block_sizes: np.ndarray
+    rows: np.ndarray
+    loads: LoadTable | None
+
+    def __init__(self, workers: Iterable[WorkerState] = (),
+                 like: Candidates | None = None, loads: LoadTable | None = None) -> None:
+        super().__init__(workers)
+        if like is not None:  # a copy of a selection: the same numbers
+            self.ids, self.block_sizes = like.ids, like.block_sizes
+            self.rows, self.loads = like.rows, like.loads
+            return
+        self.ids = [w.worker_id for w in self]
+        self.block_sizes = np.array([w.block_size for w in self], dtype=np.int64)
+        self.rows = np.array([w.row for w in self], dtype=np.intp)
+        self.loads = loads
+
+
 class WorkerRegistry:
     """Registered workers, keyed by id; changes bump :attr:`version`."""
 
@@ -89,7 +115,7 @@ class WorkerRegistry:
         self._clock = clock
         self.version = 0
         self._selected: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]],
-                             list[WorkerState]] = {}
+                             Candidates] = {}
         self._selected_version = -1
         self._models: list[str] = []
         self._models_version = -1
@@ -228,14 +254,15 @@ class WorkerRegistry:
     def candidates(
         self, model: str, adapter: str = "", exclude: Iterable[str] = (),
         roles: Iterable[str] = ("both", "decode"),
-    ) -> list[WorkerState]:
+    ) -> Candidates:
         """Workers of ``roles`` serving ``model`` (and able to serve ``adapter``: it is
         loaded there or loadable on demand), in id order.
 
         The default roles are the ones that can run a whole request (a decode worker
         prefills locally when it gets no KV). The selection is kept until the worker
         set changes (every decision asks; at hundreds of workers filtering and
-        sorting would cost more than the decision)."""
+        sorting would cost more than the decision), with its ids, block sizes and
+        load-table rows (``Candidates``)."""
         key = (model, adapter, tuple(exclude), tuple(roles))
         if self._selected_version != self.version:
             self._selected.clear()
@@ -244,8 +271,9 @@ class WorkerRegistry:
         if selected is None:
             if len(self._selected) > 1024:  # many distinct exclude lists: start over
                 self._selected.clear()
-            selected = self._selected[key] = self._select(model, adapter, key[2], key[3])
-        return list(selected)
+            selected = self._selected[key] = Candidates(
+                self._select(model, adapter, key[2], key[3]), loads=self.loads)
+        return Candidates(selected, like=selected)
 
     def _select(self, model: str, adapter: str, exclude: Iterable[str],
                 roles: Iterable[str]) -> list[WorkerState]:

@@ -103,3 +103,20 @@ def test_a_worker_of_no_registry_reads_one_by_one() -> None:
     outside = WorkerState("b", "b:1", "m")
     assert registry.loads.rows([inside, outside]) is None
     assert load_arrays([inside, outside]).running.tolist() == [5.0, 0.0]
+
+
+def test_a_kept_selection_sees_reports_made_after_it() -> None:
+    """The registry keeps its candidate selection across decisions: the load read
+    through it is the table's of now, not of when it was selected."""
+    registry = WorkerRegistry(lease_ttl_s=10)
+    for wid in ("a", "b"):
+        registry.upsert(WorkerState(wid, f"{wid}:1", "m"))
+    before = registry.candidates("m")
+    assert load_arrays(before).running.tolist() == [0.0, 0.0]
+    registry.report_load("b", 7, 2, 0.5, 900)
+    registry.routed("a", "r1", 300)
+    again = registry.candidates("m")
+    assert again.rows is before.rows  # the same selection, kept
+    arrays = load_arrays(again)
+    assert arrays.running.tolist() == [1.0, 7.0]  # a: its routed request counts
+    assert arrays.queued_prefill_tokens.tolist() == [300.0, 900.0]

@@ -26,7 +26,7 @@ from kvmesh.router.cost_vector import (
 )
 from kvmesh.router.policy.base import Choice, RouteContext
 from kvmesh.router.prefix_index import PrefixIndex
-from kvmesh.router.registry import WorkerState
+from kvmesh.router.registry import Candidates, WorkerState
 
 PLACEMENT_BLOCKS = 4
 _BLOCK_SIZE = attrgetter("block_size")
@@ -82,15 +82,20 @@ class KvAwarePolicy:
         pending on the chosen worker)."""
         seed = namespace_seed(ctx.model, ctx.adapter)
         cached = np.zeros(len(workers))
-        sizes = np.fromiter(map(_BLOCK_SIZE, workers), np.int64, len(workers))
+        selection = workers if isinstance(workers, Candidates) else None
+        if selection is not None:  # the registry's selection: worked out once
+            sizes = selection.block_sizes
+        else:
+            sizes = np.fromiter(map(_BLOCK_SIZE, workers), np.int64, len(workers))
         hashes_by_size: dict[int, U64Array] = {}
-        present = set(sizes.tolist())
+        present = set(np.unique(sizes).tolist())
         for block_size in present - {0}:
             hashes = prompt_hash_array(ctx.token_ids, block_size, seed)
             hashes_by_size[block_size] = hashes
             if len(present) == 1:  # one block size: every worker, no gather
                 at: Any = slice(None)
-                ids = list(map(_WORKER_ID, workers))
+                ids = selection.ids if selection is not None else list(
+                    map(_WORKER_ID, workers))
             else:
                 at = np.flatnonzero(sizes == block_size)
                 ids = [workers[i].worker_id for i in at.tolist()]
