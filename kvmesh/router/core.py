@@ -19,8 +19,6 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import compress
-from operator import attrgetter
 from typing import Any
 
 from opentelemetry import trace
@@ -36,13 +34,10 @@ from kvmesh.router.pd import PdDecision, decide
 from kvmesh.router.policy.base import Policy, RouteContext
 from kvmesh.router.policy.factory import make_policy
 from kvmesh.router.prefix_index import PrefixIndex
-from kvmesh.router.registry import WorkerRegistry, WorkerState
+from kvmesh.router.registry import Candidates, WorkerRegistry, WorkerState
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
-
-_ROLE = attrgetter("role")
-_IS_DECODE = "decode".__eq__
 
 #: Seconds of the Route caller's deadline kept for answering "busy" before it expires.
 ADMISSION_DEADLINE_MARGIN_S = 0.5
@@ -60,6 +55,9 @@ class RouteQuery:
     preview: bool = False
     #: A worker chosen by an earlier preview: kept when it is still a candidate.
     prefer: str = ""
+    #: Raise ``AdmissionDeferred`` rather than wait for a worker slot (a RouteBatch
+    #: request: its caller asks again on a Route call of its own).
+    defer_wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,6 +243,7 @@ class RouterCore:
         ctx = query.ctx
         if ctx.model not in self.registry.models():
             raise ModelNotFoundError(f"the model `{ctx.model}` does not exist", param="model")
+        workers: Sequence[WorkerState]
         if query.preview:
             workers = self.registry.candidates(ctx.model, ctx.adapter, query.exclude)
         else:
@@ -254,7 +253,11 @@ class RouterCore:
             workers = pinned
         prefill = self.registry.candidates(ctx.model, ctx.adapter, query.exclude,
                                            roles=("prefill",))
-        decode = list(compress(workers, map(_IS_DECODE, map(_ROLE, workers))))  # C passes
+        if isinstance(workers, Candidates):  # the whole selection: its decode part, kept
+            decode: Sequence[WorkerState] = self.registry.candidates(
+                ctx.model, ctx.adapter, query.exclude, roles=("decode",))
+        else:
+            decode = [w for w in workers if w.role == "decode"]
         choice = self._decide(ctx, workers, prefill, decode)
         if not query.preview:
             self._book(ctx, choice)
@@ -266,8 +269,8 @@ class RouterCore:
             policy.finished(request_id)
         self.wake_admission()
 
-    def _decide(self, ctx: RouteContext, workers: list[WorkerState],
-                prefill: list[WorkerState], decode: list[WorkerState]) -> PdDecision:
+    def _decide(self, ctx: RouteContext, workers: Sequence[WorkerState],
+                prefill: Sequence[WorkerState], decode: Sequence[WorkerState]) -> PdDecision:
         started = time.perf_counter()
         policy = self.policy_for(ctx.model)
         if not tracing.enabled():  # no span to make (a no-op one still costs ~10 µs)
@@ -339,7 +342,8 @@ class RouterCore:
         self.metrics.admission_waiting.inc()
         try:
             # This router's own count: exact and immediate (reports lag a finish).
-            return await queue.admit(candidates, lambda w: len(w.in_flight), wait_s)
+            return await queue.admit(candidates, lambda w: len(w.in_flight), wait_s,
+                                     defer=query.defer_wait)
         except AdmissionTimeout as exc:
             raise RateLimitedError(
                 f"every worker serving `{ctx.model}` has {limit} requests in flight "
