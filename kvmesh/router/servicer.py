@@ -207,8 +207,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         remaining = context.time_remaining()
         requests, defer = request.requests, request.defer_waits
         self.core.metrics.route_batch_size.observe(len(requests))
-        if len(requests) == 1:
-            results = [await batch_result(self._route(requests[0], remaining, defer))]
+        if len(requests) == 1 or defer or self.core.config.max_inflight_per_worker <= 0:
+            # No request can wait for a slot here: one after the other, no task each.
+            results = [await batch_result(self._route(r, remaining, defer))
+                       for r in requests]
         else:
             results = await asyncio.gather(
                 *(batch_result(self._route(r, remaining, defer)) for r in requests))
