@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvmesh.router.block_hash import (
-    ROOT,
-    ChainState,
-    TokenIds,
-    chain_arrays,
-    namespace_seed,
-)
+from kvmesh.router.block_hash import ROOT, ChainState, TokenIds, chain_arrays, namespace_seed
 from kvmesh.router.kernels import pending, tables
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -138,13 +133,6 @@ def _positions(n_blocks: int, marks: bool) -> np.ndarray:
 Views = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-class _Slots(dict[str, int]):
-    """worker id -> slot; -1 for a worker the index has no view of."""
-
-    def __missing__(self, worker_id: str) -> int:
-        return -1
-
-
 def pack_views(views: Views) -> dict[str, Arrays]:
     """Engine tables (``export_views``) as arrays: engine hashes (int64), router
     hashes, chain sums, chain lengths. Runs off the event loop (the kernel drops the
@@ -184,7 +172,8 @@ class PrefixIndex:
         self._pexpiry = np.zeros(_MIN_CAPACITY)
         self._pcount = 0
         self._views: dict[str, _WorkerView] = {}
-        self._slots = _Slots()  # worker id -> its view's slot (-1: none), for match
+        # worker id -> its view's slot (-1: none, kept until the worker is removed).
+        self._slots: defaultdict[str, int] = defaultdict(lambda: -1)
         self._free: list[int] = []  # slots of removed workers, reused first
         self._clock = clock
         self.unknown_parent_blocks = 0
