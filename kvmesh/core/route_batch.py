@@ -93,6 +93,21 @@ class RouteBatcher:
             self._finish_timer = asyncio.get_running_loop().call_later(
                 FINISH_DELAY_S, self._finish_due)
 
+    async def close(self) -> None:
+        """Send the finished reports still waiting (a gateway shutting down) and wait
+        for the batches out, up to the batch timeout."""
+        if self._finish_timer is not None:
+            self._finish_timer.cancel()
+            self._finish_timer = None
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        while (self._finished or self._tasks) and asyncio.get_running_loop().time() < deadline:
+            if self._finished:
+                self._schedule()
+            await asyncio.sleep(0)  # the flush runs
+            if self._tasks:
+                await asyncio.wait(set(self._tasks),
+                                   timeout=deadline - asyncio.get_running_loop().time())
+
     def _finish_due(self) -> None:
         self._finish_timer = None
         if self._finished:

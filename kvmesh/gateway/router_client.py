@@ -207,5 +207,7 @@ class RouterClient:
             backoff = min(backoff * 2, 2.0)
 
     async def close(self) -> None:
+        for batcher in self.batchers.values():  # finished reports still waiting
+            await batcher.close()
         for channel in self._channels.values():
             await channel.close()
