@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import grpc
 
@@ -29,6 +30,7 @@ FINISH_DELAY_S = 0.05
 
 SendBatch = Callable[[router_pb2.RouteBatchRequest, float], Awaitable[
     router_pb2.RouteBatchResponse]]
+SendOne = Callable[[router_pb2.RouteRequest, float], Awaitable[router_pb2.RouteDecision]]
 
 
 def result_error(result: router_pb2.RouteBatchResult) -> grpc.aio.AioRpcError:
@@ -47,12 +49,16 @@ class RouteBatcher:
     """Coalesces concurrent Route calls and RequestFinished reports.
 
     ``send`` makes one RouteBatch call (request, timeout). At most ``max_in_flight``
-    batches are out at once, each with at most ``max_batch`` routes.
+    batches are out at once, each with at most ``max_batch`` routes. With ``send_one``
+    (one Route call), a request that would wait at the router for a worker slot
+    (admission) does not hold its batch: the router answers it ``deferred`` and it is
+    asked again on a Route call of its own, which waits there.
     """
 
     def __init__(self, send: SendBatch, timeout_s: float, max_batch: int = 128,
-                 max_in_flight: int = 2) -> None:
+                 max_in_flight: int = 2, send_one: SendOne | None = None) -> None:
         self._send = send
+        self._send_one = send_one
         self._timeout_s = timeout_s
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
@@ -87,6 +93,21 @@ class RouteBatcher:
             self._finish_timer = asyncio.get_running_loop().call_later(
                 FINISH_DELAY_S, self._finish_due)
 
+    async def close(self) -> None:
+        """Send the finished reports still waiting (a gateway shutting down) and wait
+        for the batches out, up to the batch timeout."""
+        if self._finish_timer is not None:
+            self._finish_timer.cancel()
+            self._finish_timer = None
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        while (self._finished or self._tasks) and asyncio.get_running_loop().time() < deadline:
+            if self._finished:
+                self._schedule()
+            await asyncio.sleep(0)  # the flush runs
+            if self._tasks:
+                await asyncio.wait(set(self._tasks),
+                                   timeout=deadline - asyncio.get_running_loop().time())
+
     def _finish_due(self) -> None:
         self._finish_timer = None
         if self._finished:
@@ -107,10 +128,39 @@ class RouteBatcher:
             routes = [r for r in self._routes[:self._max_batch] if not r[1].done()]
             del self._routes[:self._max_batch]
             finished, self._finished = self._finished, []
+            if not routes and not finished:  # every caller gave up meanwhile
+                continue
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._run(routes, finished))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._run(routes, finished))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _one(self, request: router_pb2.RouteRequest,
+                   future: asyncio.Future[router_pb2.RouteDecision]) -> None:
+        """A deferred request asked again on a Route call of its own."""
+        assert self._send_one is not None
+        try:
+            decision = await self._send_one(request, self._timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the caller's, as its Route raised it
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            self._settle(request, future, decision)
+
+    def _settle(self, request: router_pb2.RouteRequest,
+                future: asyncio.Future[router_pb2.RouteDecision],
+                decision: router_pb2.RouteDecision) -> None:
+        if not future.done():
+            future.set_result(decision)
+        elif not request.preview:
+            # The caller gave up (cancelled) after the router booked the request:
+            # release it there, as the caller would have once done.
+            for worker in (decision.worker, decision.prefill_worker):
+                if worker.worker_id:
+                    self.finished(request.request_id, worker.worker_id)
 
     async def _run(self, routes: list[tuple[router_pb2.RouteRequest,
                                             asyncio.Future[router_pb2.RouteDecision]]],
@@ -118,23 +168,26 @@ class RouteBatcher:
         self.batches += 1
         self.routed += len(routes)
         request = router_pb2.RouteBatchRequest(requests=[r for r, _ in routes],
-                                               finished=finished)
+                                               finished=finished,
+                                               defer_waits=self._send_one is not None)
         try:
             response = await self._send(request, self._timeout_s)
-        except grpc.aio.AioRpcError as exc:
+        except Exception as exc:  # noqa: BLE001 - each caller's, as its Route raised it
             if not routes:
-                log.debug("RequestFinished batch failed: %s", exc.code().name)
+                log.debug("RequestFinished batch failed: %r", exc)
             for _, future in routes:
                 if not future.done():
                     future.set_exception(exc)
         else:
-            for (_, future), result in zip(routes, response.results, strict=True):
-                if future.done():  # the caller gave up (cancelled)
-                    continue
-                if result.code:
-                    future.set_exception(result_error(result))
+            for (route, future), result in zip(routes, response.results, strict=True):
+                if result.deferred and self._send_one is not None:
+                    if not future.done():
+                        self._spawn(self._one(route, future))
+                elif result.code:
+                    if not future.done():
+                        future.set_exception(result_error(result))
                 else:
-                    future.set_result(result.decision)
+                    self._settle(route, future, result.decision)
         finally:
             self._in_flight -= 1
             if self._routes or (self._finished and self._finish_timer is None):

@@ -9,6 +9,11 @@ first replica in the configured order that has not failed in the last
 that long and the next one is asked. With none left the gateway routes locally over
 the last worker set it watched, and goes back to the routers once their retry time has
 passed. The worker-set watch follows whichever replica answers.
+
+Routes and finished reports to a replica ride in its RouteBatch calls
+(``kvmesh.core.route_batch``): concurrent requests share a round trip, each keeping its
+own answer or error. With tracing on, each request keeps Route/RequestFinished calls of
+its own (its spans); a lost worker's report goes to every replica on calls of its own.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+import kvmesh.core.tracing as tracing
 from kvmesh.core.errors import NoWorkerAvailableError
 from kvmesh.core.grpc_util import GRPC_DETAILS_METADATA_KEY, internal_channel
+from kvmesh.core.route_batch import RouteBatcher
 from kvmesh.gateway.failover_metrics import FailoverMetrics
 from kvmesh.gateway.local_route import LocalRouter
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -94,9 +101,22 @@ class RouterClient:
         self._channels = {a: internal_channel(a) for a in self.replicas.addresses}
         self._stubs = {a: router_pb2_grpc.RouterStub(c) for a, c in self._channels.items()}
         self._route_timeout_s = route_timeout_s
+        #: Per replica: its routes and finished reports coalesced into RouteBatch calls.
+        self.batchers = {a: self._batcher(stub) for a, stub in self._stubs.items()}
         self._workers = workers
         self.local = LocalRouter()
         self.metrics = metrics or FailoverMetrics()
+
+    def _batcher(self, stub: router_pb2_grpc.RouterStub) -> RouteBatcher:
+        async def send(request: router_pb2.RouteBatchRequest, timeout: float
+                       ) -> router_pb2.RouteBatchResponse:
+            return await stub.RouteBatch(request, timeout=timeout)
+
+        async def send_one(request: router_pb2.RouteRequest, timeout: float
+                           ) -> router_pb2.RouteDecision:
+            return await stub.Route(request, timeout=timeout)
+
+        return RouteBatcher(send, self._route_timeout_s, send_one=send_one)
 
     def known_workers(self) -> list[common_pb2.WorkerInfo]:
         """The last watched worker set."""
@@ -118,8 +138,7 @@ class RouterClient:
             prefer_worker_id=preferred_worker.get())
         for address in self.replicas.available():
             try:
-                decision = await self._stubs[address].Route(
-                    request, timeout=self._route_timeout_s)
+                decision = await self._ask(address, request)
             except grpc.aio.AioRpcError as exc:
                 if not replica_failed(exc):
                     raise
@@ -139,10 +158,24 @@ class RouterClient:
                  decision.worker.worker_id)
         return Routed(decision, None)
 
+    async def _ask(self, address: str, request: router_pb2.RouteRequest
+                   ) -> router_pb2.RouteDecision:
+        """One decision from the replica: in its next RouteBatch call, or with tracing
+        on, a Route call of its own (the request's span in the router is that call's).
+        Either way a failure is the AioRpcError a Route call raises (a batch that fails
+        on the way fails each of its requests alike: each then tries the next replica)."""
+        if tracing.enabled():
+            return await self._stubs[address].Route(request, timeout=self._route_timeout_s)
+        return await self.batchers[address].route(request)
+
     async def finished(self, request_id: str, worker_id: str, router: str | None,
                        worker_failed: bool = False) -> None:
-        """RequestFinished to the replica that routed the request (it booked it); a
-        lost worker is reported to every replica that answers, so each probes it."""
+        """RequestFinished to the replica that routed the request (it booked it), with
+        that replica's next RouteBatch call; a lost worker is reported on calls of its
+        own to every replica that answers, so each probes it."""
+        if router and not worker_failed and not tracing.enabled():
+            self.batchers[router].finished(request_id, worker_id)
+            return
         targets = self.replicas.available() if worker_failed else [router] if router else []
         message = router_pb2.RequestFinishedRequest(
             request_id=request_id, worker_id=worker_id, worker_failed=worker_failed)
@@ -174,5 +207,7 @@ class RouterClient:
             backoff = min(backoff * 2, 2.0)
 
     async def close(self) -> None:
+        for batcher in self.batchers.values():  # finished reports still waiting
+            await batcher.close()
         for channel in self._channels.values():
             await channel.close()

@@ -25,6 +25,11 @@ class AdmissionTimeout(Exception):
         self.waited_s = waited_s
 
 
+class AdmissionDeferred(Exception):
+    """The request would wait for a slot and its caller asked not to (a RouteBatch
+    with ``defer_waits``: it asks again on a call of its own)."""
+
+
 class Admission:
     """FIFO wait for a free slot; ``limit`` 0 admits everything at once."""
 
@@ -44,20 +49,23 @@ class Admission:
 
     async def admit(
         self, candidates: Callable[[], Sequence[T]], in_flight: Callable[[T], int],
-        max_wait_s: float,
+        max_wait_s: float, defer: bool = False,
     ) -> list[T]:
         """The candidates with a free slot, waiting up to ``max_wait_s`` for one.
 
         ``candidates`` is re-read at every wake-up (workers come and go). Requests
         already waiting go first: a newcomer waits behind them even if a slot is
         free, so a steady stream of arrivals cannot starve an earlier request.
-        Raises :class:`AdmissionTimeout` when no slot frees in time; an empty
+        Raises :class:`AdmissionTimeout` when no slot frees in time, and
+        :class:`AdmissionDeferred` instead of waiting at all with ``defer``; an empty
         candidate list is returned as is (the caller reports "no worker").
         """
         pool = candidates()
         ready = self.free(pool, in_flight)
         if not pool or (ready and not self._waiters):
             return ready
+        if defer:
+            raise AdmissionDeferred
         event = asyncio.Event()
         self._waiters.append(event)
         started = time.monotonic()

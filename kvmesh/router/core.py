@@ -19,9 +19,11 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import trace
 
+import kvmesh.core.tracing as tracing
 from kvmesh.core.config import RouterConfig
 from kvmesh.core.errors import ModelNotFoundError, RateLimitedError
 from kvmesh.core.roles import GATEWAY
@@ -33,7 +35,7 @@ from kvmesh.router.pd import PdDecision, decide
 from kvmesh.router.policy.base import Policy, RouteContext
 from kvmesh.router.policy.factory import make_policy
 from kvmesh.router.prefix_index import PrefixIndex
-from kvmesh.router.registry import WorkerRegistry, WorkerState
+from kvmesh.router.registry import Candidates, WorkerRegistry, WorkerState
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -54,6 +56,9 @@ class RouteQuery:
     preview: bool = False
     #: A worker chosen by an earlier preview: kept when it is still a candidate.
     prefer: str = ""
+    #: Raise ``AdmissionDeferred`` rather than wait for a worker slot (a RouteBatch
+    #: request: its caller asks again on a Route call of its own).
+    defer_wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class RouterCore:
                              if config.decision_log else None)
         self._changed = asyncio.Condition()
         self._admission: dict[str, Admission] = {}
+        self._metric_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         #: Per pool (model, role): its autoscaler (RouterConfig.autoscale).
         self.scalers: dict[tuple[str, str], PoolScaler] = {}
         fresh_s = 2 * max(config.heartbeat_interval_s, config.probe_interval_s)
@@ -240,6 +246,7 @@ class RouterCore:
         ctx = query.ctx
         if ctx.model not in self.registry.models():
             raise ModelNotFoundError(f"the model `{ctx.model}` does not exist", param="model")
+        workers: Sequence[WorkerState]
         if query.preview:
             workers = self.registry.candidates(ctx.model, ctx.adapter, query.exclude)
         else:
@@ -249,7 +256,11 @@ class RouterCore:
             workers = pinned
         prefill = self.registry.candidates(ctx.model, ctx.adapter, query.exclude,
                                            roles=("prefill",))
-        decode = [w for w in workers if w.role == "decode"]
+        if isinstance(workers, Candidates):  # the whole selection: its decode part, kept
+            decode: Sequence[WorkerState] = self.registry.candidates(
+                ctx.model, ctx.adapter, query.exclude, roles=("decode",))
+        else:
+            decode = [w for w in workers if w.role == "decode"]
         choice = self._decide(ctx, workers, prefill, decode)
         if not query.preview:
             self._book(ctx, choice)
@@ -261,30 +272,44 @@ class RouterCore:
             policy.finished(request_id)
         self.wake_admission()
 
-    def _decide(self, ctx: RouteContext, workers: list[WorkerState],
-                prefill: list[WorkerState], decode: list[WorkerState]) -> PdDecision:
+    def _decide(self, ctx: RouteContext, workers: Sequence[WorkerState],
+                prefill: Sequence[WorkerState], decode: Sequence[WorkerState]) -> PdDecision:
         started = time.perf_counter()
         policy = self.policy_for(ctx.model)
-        with tracer.start_as_current_span("decide") as span:
+        if not tracing.enabled():  # no span to make (a no-op one still costs ~10 µs)
             choice = decide(policy, ctx, workers, prefill, decode,
                             self.config.disaggregation, self.cost_params, self._rng)
-            span.set_attributes({
-                "kvmesh.route.policy": policy.name,
-                "kvmesh.route.reason": choice.reason,
-                "kvmesh.worker": choice.worker.worker_id,
-                "kvmesh.route.expected_cached_tokens": choice.expected_cached_tokens,
-                "kvmesh.route.candidates": len(workers),
-                "kvmesh.route.disaggregated": choice.prefill_worker is not None,
-            })
-        self.metrics.decision_seconds.labels(policy.name).observe(
-            time.perf_counter() - started)
-        self.metrics.decisions.labels(policy.name, choice.reason).inc()
+        else:
+            with tracer.start_as_current_span("decide") as span:
+                choice = decide(policy, ctx, workers, prefill, decode,
+                                self.config.disaggregation, self.cost_params, self._rng)
+                span.set_attributes({
+                    "kvmesh.route.policy": policy.name,
+                    "kvmesh.route.reason": choice.reason,
+                    "kvmesh.worker": choice.worker.worker_id,
+                    "kvmesh.route.expected_cached_tokens": choice.expected_cached_tokens,
+                    "kvmesh.route.candidates": len(workers),
+                    "kvmesh.route.disaggregated": choice.prefill_worker is not None,
+                })
+        seconds, count = self._decision_metrics(policy.name, choice.reason)
+        seconds.observe(time.perf_counter() - started)
+        count.inc()
         self.metrics.matched_prefix_tokens.observe(choice.expected_cached_tokens)
         explained = getattr(policy, "last", None)  # kv_aware's workings, when logged
         if (self.decision_log is not None and explained is not None
                 and choice.prefill_worker is None and len(explained.cached) == len(workers)):
             self.decision_log.write(ctx, explained, workers)
         return choice
+
+    def _decision_metrics(self, policy: str, reason: str) -> tuple[Any, Any]:
+        """The decision histogram and counter children for (policy, reason), looked up
+        once (``labels`` takes a lock and builds a key on every call)."""
+        children = self._metric_children.get((policy, reason))
+        if children is None:
+            children = self._metric_children[policy, reason] = (
+                self.metrics.decision_seconds.labels(policy),
+                self.metrics.decisions.labels(policy, reason))
+        return children
 
     def _book(self, ctx: RouteContext, choice: PdDecision) -> None:
         uncached = max(len(ctx.token_ids) - choice.expected_cached_tokens, 0)
@@ -324,7 +349,8 @@ class RouterCore:
         self.metrics.admission_waiting.inc()
         try:
             # This router's own count: exact and immediate (reports lag a finish).
-            return await queue.admit(candidates, lambda w: len(w.in_flight), wait_s)
+            return await queue.admit(candidates, lambda w: len(w.in_flight), wait_s,
+                                     defer=query.defer_wait)
         except AdmissionTimeout as exc:
             raise RateLimitedError(
                 f"every worker serving `{ctx.model}` has {limit} requests in flight "

@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kvmesh.core.config import CostParams
-from kvmesh.router.registry import WorkerState
+from kvmesh.router.load_table import LoadTable
+from kvmesh.router.registry import Candidates, WorkerState
 
 F64 = np.ndarray[Any, np.dtype[np.float64]]
 I64 = np.ndarray[Any, np.dtype[np.int64]]
@@ -43,17 +44,34 @@ def column(values: Iterable[float], n: int) -> F64:
     return np.fromiter(values, np.float64, n)
 
 
+def _rows(workers: Sequence[WorkerState]) -> tuple[LoadTable | None, Any]:
+    """The workers' load table and rows: a registry selection's own, else looked up
+    (None, None unless they are all in one table)."""
+    if isinstance(workers, Candidates) and workers.loads is not None \
+            and len(workers.rows) == len(workers):
+        return workers.loads, workers.rows
+    table = workers[0].loads if workers else None
+    return table, table.rows(workers) if table is not None else None
+
+
 def load_arrays(workers: Sequence[WorkerState], adapter: str = "",
                 adapter_load_tokens: int = 0) -> LoadArrays:
-    """The workers' raw numbers read column by column (C-level ``map`` passes, no
-    per-worker Python frame); the formulas in numpy. A request for ``adapter`` that a
-    worker has not loaded queues ``adapter_load_tokens`` of prefill-equivalent work
-    there first (``cost_model.load_input``)."""
+    """The workers' raw numbers, gathered from the registry's load table
+    (``load_table.py``) when they are all registered in one, else read column by
+    column (C-level ``map`` passes); the formulas in numpy. A request for ``adapter``
+    that a worker has not loaded queues ``adapter_load_tokens`` of prefill-equivalent
+    work there first (``cost_model.load_input``)."""
     n = len(workers)
-    loads = list(map(_LOAD, workers))
-    routed = column(map(len, map(_IN_FLIGHT, workers)), n)
-    running, waiting, uncached, kv = (column(map(get, loads), n) for get in _RAW)
-    queued = uncached + column(map(_UNREPORTED, workers), n)
+    table, rows = _rows(workers)
+    if table is not None and rows is not None:  # the registry's columns: a gather each
+        routed, running = table.routed[rows], table.running[rows]
+        waiting, kv = table.waiting[rows], table.kv_usage[rows]
+        queued = table.uncached[rows] + table.unreported[rows]
+    else:  # workers of no registry (tests, simulations): read them one by one
+        loads = list(map(_LOAD, workers))
+        routed = column(map(len, map(_IN_FLIGHT, workers)), n)
+        running, waiting, uncached, kv = (column(map(get, loads), n) for get in _RAW)
+        queued = uncached + column(map(_UNREPORTED, workers), n)
     if adapter and adapter_load_tokens:
         queued = queued + adapter_load_tokens * column(
             (adapter not in w.adapters for w in workers), n)

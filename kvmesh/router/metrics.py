@@ -90,6 +90,10 @@ class RouterMetrics:
             "kvmesh_router_matched_prefix_tokens",
             "Prompt tokens the chosen worker was expected to have cached",
             buckets=_PREFIX_BUCKETS, registry=r)
+        self.route_batch_size = Histogram(
+            "kvmesh_router_route_batch_size",
+            "Routes per RouteBatch call (count: the calls; sum: the routes they carried)",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.kv_event_blocks = Counter(
             "kvmesh_router_kv_event_blocks", "Blocks in KV events applied", ["kind"],
             registry=r)

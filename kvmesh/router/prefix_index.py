@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvmesh.router.block_hash import (
-    ROOT,
-    ChainState,
-    TokenIds,
-    chain_arrays,
-    namespace_seed,
-)
+from kvmesh.router.block_hash import ROOT, ChainState, TokenIds, chain_arrays, namespace_seed
 from kvmesh.router.kernels import pending, tables
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -177,8 +172,10 @@ class PrefixIndex:
         self._pexpiry = np.zeros(_MIN_CAPACITY)
         self._pcount = 0
         self._views: dict[str, _WorkerView] = {}
+        # worker id -> its view's slot (-1: none, kept until the worker is removed).
+        self._slots: defaultdict[str, int] = defaultdict(lambda: -1)
         self._free: list[int] = []  # slots of removed workers, reused first
-        self._clock = clock
+        self._clock = self.clock = clock
         self.unknown_parent_blocks = 0
 
     # ---- tables ----------------------------------------------------------------
@@ -230,6 +227,7 @@ class PrefixIndex:
             # Slots 0..len-1 are all taken when none was freed.
             slot = self._free.pop() if self._free else len(self._views)
             view = self._views[worker_id] = _WorkerView(slot)
+            self._slots[worker_id] = slot
         return view
 
     def clear_worker(self, worker_id: str) -> None:
@@ -245,6 +243,7 @@ class PrefixIndex:
     def remove_worker(self, worker_id: str) -> None:
         self.clear_worker(worker_id)
         view = self._views.pop(worker_id, None)
+        self._slots.pop(worker_id, None)
         if view is not None:
             if view.word < self._pmasks.shape[1]:
                 pending.pending_clear_slot(self._pmasks, view.word, view.bit)
@@ -330,32 +329,33 @@ class PrefixIndex:
         blocks its events confirmed, deepened by its unexpired pending marks (unless
         ``pending_marks`` is false: what the events alone say)."""
         ids = list(worker_ids)
-        owner: dict[int, str] = {}
-        alive = 0
-        for worker_id in ids:
-            view = self._views.get(worker_id)
-            if view is not None:
-                owner[view.slot] = worker_id
-                alive |= 1 << view.slot
+        return dict(zip(ids, self.match_array(hashes, ids, pending_marks).tolist(),
+                        strict=True))
+
+    def match_array(self, hashes: Sequence[int] | np.ndarray,
+                    worker_ids: Sequence[str], pending_marks: bool = True) -> np.ndarray:
+        """``match`` as an int array in ``worker_ids``' order: the ids' slots looked
+        up in one C-level pass and the rest in numpy (no Python per worker)."""
+        slots = np.fromiter(map(self._slots.__getitem__, worker_ids), np.int64,
+                            len(worker_ids))
         words = self._masks.shape[1]
-        alive &= (1 << (64 * words)) - 1  # slots past the table's width hold nothing yet
+        # Slots past the table's width (or none: -1) hold nothing yet.
+        held = (slots >= 0) & (slots < 64 * words)
+        if not held.any():
+            return np.zeros(len(slots), np.int64)
+        live = slots[held].astype(np.uint64)
+        alive_words = np.zeros(words, np.uint64)
+        np.bitwise_or.at(alive_words, (live >> np.uint64(6)).astype(np.intp),
+                         np.left_shift(np.uint64(1), live & np.uint64(63)))
         found = np.zeros(words * 64, np.int32)
-        if alive:
-            array = as_hash_array(hashes)
-            alive_words = np.array([(alive >> (64 * w)) & 0xFFFF_FFFF_FFFF_FFFF
-                                    for w in range(words)], dtype=np.uint64)
-            pending_alive = alive_words.copy()
-            tables.match(self._keys, self._masks, array, alive_words, found)
-            if self._pcount and pending_marks:
-                pending.pending_match(
-                    self._pkeys, self._pmasks, self._pexpiry, self._clock(), array,
-                    _positions(len(array), False), _CHECKPOINT_STRIDE, pending_alive, found)
-        depth = dict.fromkeys(ids, 0)
-        by_slot = found.tolist()
-        for slot, worker_id in owner.items():
-            if slot < len(by_slot):
-                depth[worker_id] = by_slot[slot]
-        return depth
+        array = as_hash_array(hashes)
+        pending_alive = alive_words.copy()
+        tables.match(self._keys, self._masks, array, alive_words, found)
+        if self._pcount and pending_marks:
+            pending.pending_match(
+                self._pkeys, self._pmasks, self._pexpiry, self._clock(), array,
+                _positions(len(array), False), _CHECKPOINT_STRIDE, pending_alive, found)
+        return np.where(held, found[np.where(held, slots, 0)], 0).astype(np.int64)
 
     # ---- snapshots -------------------------------------------------------------
     def export_views(self) -> Views:

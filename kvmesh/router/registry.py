@@ -12,8 +12,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kvmesh.core.errors import WorkerNotFoundError
 from kvmesh.core.roles import GATEWAY
+from kvmesh.router.load_table import LoadTable
 
 
 @dataclass
@@ -67,12 +70,40 @@ class WorkerState:
     #: Its last probe failed to connect (or a gateway lost it and the probe that
     #: followed failed): out of the routing set until a probe succeeds again.
     unreachable: bool = False
+    #: Its row in the registry's load table (-1: not registered) and that table: set
+    #: by the registry, read by ``cost_vector.load_arrays``.
+    row: int = field(default=-1, repr=False, compare=False)
+    loads: LoadTable | None = field(default=None, repr=False, compare=False)
 
     @property
     def active(self) -> int:
         """Requests believed to be on the worker: the larger of what we routed and
         what it reports (a plain vLLM worker may also take traffic from elsewhere)."""
         return max(len(self.in_flight), self.load.num_running + self.load.num_waiting)
+
+
+class Candidates(list[WorkerState]):
+    """A candidate selection (``WorkerRegistry.candidates``; read-only by convention),
+    with what every decision over it reads worked out once per selection: the ids,
+    block sizes and load-table rows in its order."""
+
+    __slots__ = ("ids", "block_sizes", "rows", "loads")
+    ids: list[str]
+    block_sizes: np.ndarray
+    rows: np.ndarray
+    loads: LoadTable | None
+
+    def __init__(self, workers: Iterable[WorkerState] = (),
+                 like: Candidates | None = None, loads: LoadTable | None = None) -> None:
+        super().__init__(workers)
+        if like is not None:  # a copy of a selection: the same numbers
+            self.ids, self.block_sizes = like.ids, like.block_sizes
+            self.rows, self.loads = like.rows, like.loads
+            return
+        self.ids = [w.worker_id for w in self]
+        self.block_sizes = np.array([w.block_size for w in self], dtype=np.int64)
+        self.rows = np.array([w.row for w in self], dtype=np.intp)
+        self.loads = loads
 
 
 class WorkerRegistry:
@@ -84,10 +115,12 @@ class WorkerRegistry:
         self._clock = clock
         self.version = 0
         self._selected: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]],
-                             list[WorkerState]] = {}
+                             Candidates] = {}
         self._selected_version = -1
         self._models: list[str] = []
         self._models_version = -1
+        #: Every registered worker's load numbers as columns (kept exact here).
+        self.loads = LoadTable()
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -95,19 +128,24 @@ class WorkerRegistry:
     def upsert(self, worker: WorkerState) -> WorkerState:
         """Add or replace a worker; keeps in-flight accounting across re-registration."""
         old = self._workers.get(worker.worker_id)
-        if old is not None:
+        if old is not None and old is not worker:
             worker.in_flight = old.in_flight
             worker.load = old.load
+            worker.row = old.row  # the replacement takes its row over
+            old.row, old.loads = -1, None
         worker.last_seen = self._clock()
         self._workers[worker.worker_id] = worker
+        self.loads.add(worker)
         self.version += 1
         return worker
 
     def remove(self, worker_id: str) -> bool:
-        removed = self._workers.pop(worker_id, None) is not None
-        if removed:
-            self.version += 1
-        return removed
+        worker = self._workers.pop(worker_id, None)
+        if worker is None:
+            return False
+        self.loads.remove(worker)
+        self.version += 1
+        return True
 
     def drain(self, worker_id: str) -> WorkerState | None:
         """Take a worker out of the routing set, keeping it registered; None when
@@ -156,6 +194,7 @@ class WorkerRegistry:
             num_running, num_waiting, kv_usage, now, waiting_uncached_tokens, cache_hit_rate)
         worker.unreported_prefill_tokens = 0
         worker.last_seen = now
+        self.loads.write(worker)
 
     def lapsed(self) -> list[str]:
         """Workers not seen within the lease (still registered)."""
@@ -197,11 +236,13 @@ class WorkerRegistry:
         if worker is not None:
             worker.in_flight.add(request_id)
             worker.unreported_prefill_tokens += uncached_tokens
+            self.loads.write_routed(worker)
 
     def finished(self, worker_id: str, request_id: str) -> None:
         worker = self._workers.get(worker_id)
         if worker is not None:
             worker.in_flight.discard(request_id)
+            self.loads.write_routed(worker)
 
     def all(self) -> list[WorkerState]:
         return list(self._workers.values())
@@ -213,14 +254,15 @@ class WorkerRegistry:
     def candidates(
         self, model: str, adapter: str = "", exclude: Iterable[str] = (),
         roles: Iterable[str] = ("both", "decode"),
-    ) -> list[WorkerState]:
+    ) -> Candidates:
         """Workers of ``roles`` serving ``model`` (and able to serve ``adapter``: it is
         loaded there or loadable on demand), in id order.
 
         The default roles are the ones that can run a whole request (a decode worker
         prefills locally when it gets no KV). The selection is kept until the worker
         set changes (every decision asks; at hundreds of workers filtering and
-        sorting would cost more than the decision)."""
+        sorting would cost more than the decision), with its ids, block sizes and
+        load-table rows (``Candidates``)."""
         key = (model, adapter, tuple(exclude), tuple(roles))
         if self._selected_version != self.version:
             self._selected.clear()
@@ -229,8 +271,9 @@ class WorkerRegistry:
         if selected is None:
             if len(self._selected) > 1024:  # many distinct exclude lists: start over
                 self._selected.clear()
-            selected = self._selected[key] = self._select(model, adapter, key[2], key[3])
-        return list(selected)
+            selected = self._selected[key] = Candidates(
+                self._select(model, adapter, key[2], key[3]), loads=self.loads)
+        return Candidates(selected, like=selected)
 
     def _select(self, model: str, adapter: str, exclude: Iterable[str],
                 roles: Iterable[str]) -> list[WorkerState]:

@@ -40,8 +40,9 @@ class RouterServer:
         self.servicer = RouterServicer(self.core, self.lifecycle)
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
-        #: Route calls in flight (held for a worker slot included): what a drain awaits.
-        self.inflight = InflightCalls(("Route",))
+        #: Route and RouteBatch calls in flight (held for a worker slot included): what
+        #: a drain awaits.
+        self.inflight = InflightCalls(("Route", "RouteBatch"))
         self._metrics_http: Any = None
         self.port = 0
         self.metrics_port = 0

@@ -20,6 +20,7 @@ from kvmesh.core.errors import InvalidRequestError, KvmeshError
 from kvmesh.core.internal_auth import check_internal_token
 from kvmesh.core.logs import request_id_var
 from kvmesh.core.roles import GATEWAY, role_to_proto
+from kvmesh.router.admission import AdmissionDeferred
 from kvmesh.router.core import RouteQuery, RouterCore, WorkerStatus
 from kvmesh.router.lifecycle import WorkerLifecycle
 from kvmesh.router.policy.base import RouteContext
@@ -86,6 +87,8 @@ async def batch_result(decision: Awaitable[router_pb2.RouteDecision]
     """One request of a RouteBatch: its decision, or its error as Route would send it."""
     try:
         return router_pb2.RouteBatchResult(decision=await decision)
+    except AdmissionDeferred:
+        return router_pb2.RouteBatchResult(deferred=True)
     except KvmeshError as exc:
         return router_pb2.RouteBatchResult(
             code=grpc_code_for(exc).value[0], message=exc.message,
@@ -163,8 +166,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 f"router restarted; waiting for {len(missing)} worker(s) to register again")
 
-    async def _route(self, request: router_pb2.RouteRequest,
-                     time_remaining_s: float | None) -> router_pb2.RouteDecision:
+    async def _route(self, request: router_pb2.RouteRequest, time_remaining_s: float | None,
+                     defer_wait: bool = False) -> router_pb2.RouteDecision:
         request_id_var.set(request.request_id)  # this RPC's task: its log lines carry it
         ctx = RouteContext(
             request_id=request.request_id,
@@ -175,7 +178,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         )
         choice = await self.core.route(RouteQuery(
             ctx, request.exclude_worker_ids, time_remaining_s,
-            preview=request.preview, prefer=request.prefer_worker_id))
+            preview=request.preview, prefer=request.prefer_worker_id, defer_wait=defer_wait))
         return router_pb2.RouteDecision(
             mode=router_pb2.RouteDecision.MODE_DISAGGREGATED if choice.disaggregated
             else router_pb2.RouteDecision.MODE_AGGREGATED,
@@ -202,12 +205,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self.core.finish(done.worker_id, done.request_id)
         await self._refuse_while_warming(context)
         remaining = context.time_remaining()
-        requests = request.requests
-        if len(requests) == 1:
-            results = [await batch_result(self._route(requests[0], remaining))]
+        requests, defer = request.requests, request.defer_waits
+        self.core.metrics.route_batch_size.observe(len(requests))
+        if len(requests) == 1 or defer or self.core.config.max_inflight_per_worker <= 0:
+            # No request can wait for a slot here: one after the other, no task each.
+            results = [await batch_result(self._route(r, remaining, defer))
+                       for r in requests]
         else:
             results = await asyncio.gather(
-                *(batch_result(self._route(r, remaining)) for r in requests))
+                *(batch_result(self._route(r, remaining, defer)) for r in requests))
         return router_pb2.RouteBatchResponse(results=results)
 
     async def RequestFinished(

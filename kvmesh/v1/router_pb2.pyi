@@ -127,26 +127,30 @@ class RequestFinishedResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RouteBatchRequest(_message.Message):
-    __slots__ = ("requests", "finished")
+    __slots__ = ("requests", "finished", "defer_waits")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    DEFER_WAITS_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[RouteRequest]
     finished: _containers.RepeatedCompositeFieldContainer[RequestFinishedRequest]
-    def __init__(self, requests: _Optional[_Iterable[_Union[RouteRequest, _Mapping]]] = ..., finished: _Optional[_Iterable[_Union[RequestFinishedRequest, _Mapping]]] = ...) -> None: ...
+    defer_waits: bool
+    def __init__(self, requests: _Optional[_Iterable[_Union[RouteRequest, _Mapping]]] = ..., finished: _Optional[_Iterable[_Union[RequestFinishedRequest, _Mapping]]] = ..., defer_waits: _Optional[bool] = ...) -> None: ...
 
 class RouteBatchResult(_message.Message):
-    __slots__ = ("decision", "code", "message", "status_details", "param")
+    __slots__ = ("decision", "code", "message", "status_details", "param", "deferred")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STATUS_DETAILS_FIELD_NUMBER: _ClassVar[int]
     PARAM_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_FIELD_NUMBER: _ClassVar[int]
     decision: RouteDecision
     code: int
     message: str
     status_details: bytes
     param: str
-    def __init__(self, decision: _Optional[_Union[RouteDecision, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., status_details: _Optional[bytes] = ..., param: _Optional[str] = ...) -> None: ...
+    deferred: bool
+    def __init__(self, decision: _Optional[_Union[RouteDecision, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., status_details: _Optional[bytes] = ..., param: _Optional[str] = ..., deferred: _Optional[bool] = ...) -> None: ...
 
 class RouteBatchResponse(_message.Message):
     __slots__ = ("results",)

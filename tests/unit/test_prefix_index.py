@@ -150,3 +150,26 @@ def test_pending_marks_sit_at_checkpoints() -> None:
     # Confirmed blocks always count exactly, whatever the pending marks say.
     store(index, "w0", tokens[: 12 * BS], 500)
     assert index.match(shared, ["w0"]) == {"w0": 12}
+
+
+def test_match_array_over_many_slots_and_unknown_workers() -> None:
+    """Past 64 workers (several mask words), with removed slots reused, and ids the
+    index never saw: each worker's depth in the order asked."""
+    rng = random.Random(5)
+    index = PrefixIndex()
+    tokens = [rng.randrange(50_000) for _ in range(20 * BS)]
+    depths: dict[str, int] = {}
+    for i in range(140):
+        wid = f"w{i:03d}"
+        depths[wid] = rng.randrange(0, 21)
+        store(index, wid, tokens[:depths[wid] * BS], 1000 * i)
+    for i in (3, 70, 130):
+        index.remove_worker(f"w{i:03d}")
+        depths[f"w{i:03d}"] = 0
+    store(index, "late", tokens[:7 * BS], 999_000)  # takes a freed slot
+    depths["late"] = 7
+    asked = [*rng.sample(sorted(depths), len(depths)), "never-seen"]
+    hashes = prompt_hashes(tokens, BS, namespace_seed("m"))
+    got = index.match_array(hashes, asked).tolist()
+    assert got == [depths.get(w, 0) for w in asked]
+    assert index.match(hashes, asked) == {w: depths.get(w, 0) for w in asked}

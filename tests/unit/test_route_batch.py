@@ -153,3 +153,14 @@ async def test_finished_reports_ride_with_routes_or_go_alone_after_a_short_delay
     await asyncio.sleep(route_batch.FINISH_DELAY_S * 3)
     assert len(router.calls) == 2 and not router.calls[1].requests
     assert [f.request_id for f in router.calls[1].finished] == ["f1"]  # alone, later
+
+
+async def test_close_sends_the_finished_reports_still_waiting() -> None:
+    router = Router()
+    router.release.set()
+    batcher = RouteBatcher(router.send, timeout_s=5)
+    batcher.finished("done", "a")
+    assert router.calls == []  # waiting for routes to ride with
+    await batcher.close()
+    assert [f.request_id for c in router.calls for f in c.finished] == ["done"]
+    assert not batcher._tasks

@@ -26,13 +26,14 @@ from kvmesh.router.cost_vector import (
 )
 from kvmesh.router.policy.base import Choice, RouteContext
 from kvmesh.router.prefix_index import PrefixIndex
-from kvmesh.router.registry import WorkerState
+from kvmesh.router.registry import Candidates, WorkerState
 
 PLACEMENT_BLOCKS = 4
 _BLOCK_SIZE = attrgetter("block_size")
 _WORKER_ID = attrgetter("worker_id")
 _CAPACITY = attrgetter("kv_capacity_tokens")
 MAX_REMEMBERED_MARKS = 65536
+HELD_REFRESH_S = 0.05
 _MASK64 = (1 << 64) - 1
 
 
@@ -56,6 +57,7 @@ class KvAwarePolicy:
         self._marks: dict[str, tuple[str, U64Array, float]] = {}
         #: The last decision's workings (``evaluate``), for explaining it.
         self.last: Evaluation | None = None
+        self._held_kept: tuple[float, list[str], F64] | None = None  # (when, ids, held)
 
     def finished(self, request_id: str) -> None:
         """The request is done: blocks it marked pending and its events never
@@ -85,27 +87,42 @@ class KvAwarePolicy:
         pending on the chosen worker)."""
         seed = namespace_seed(ctx.model, ctx.adapter)
         cached = np.zeros(len(workers))
-        sizes = np.fromiter(map(_BLOCK_SIZE, workers), np.int64, len(workers))
+        selection = workers if isinstance(workers, Candidates) else None
+        if selection is not None:  # the registry's selection: worked out once
+            sizes = selection.block_sizes
+        else:
+            sizes = np.fromiter(map(_BLOCK_SIZE, workers), np.int64, len(workers))
         hashes_by_size: dict[int, U64Array] = {}
-        present = set(sizes.tolist())
+        present = set(np.unique(sizes).tolist())
         for block_size in present - {0}:
             hashes = prompt_hash_array(ctx.token_ids, block_size, seed)
             hashes_by_size[block_size] = hashes
             if len(present) == 1:  # one block size: every worker, no gather
                 at: Any = slice(None)
-                ids = list(map(_WORKER_ID, workers))
+                ids = selection.ids if selection is not None else list(
+                    map(_WORKER_ID, workers))
             else:
                 at = np.flatnonzero(sizes == block_size)
                 ids = [workers[i].worker_id for i in at.tolist()]
-            depth = self._index.match(hashes, ids)
-            cached[at] = np.fromiter(depth.values(), np.float64, len(ids)) * block_size
+            cached[at] = self._index.match_array(hashes, ids) * block_size
         return cached, hashes_by_size, sizes
 
     def _held(self, workers: Sequence[WorkerState]) -> F64:
         """Each worker's cache as full as its events say: indexed blocks over capacity.
         vLLM's own KV usage counts only blocks running requests hold (cached blocks
         nobody uses are free to it), so an idle worker whose cache is full of other
-        prefixes reports ~0 — yet every block it stores evicts one of them."""
+        prefixes reports ~0 — yet every block it stores evicts one of them. A cache
+        fills over seconds: for a registry selection the figures are kept for
+        ``HELD_REFRESH_S`` (of the index's clock) rather than read per decision."""
+        if not isinstance(workers, Candidates):
+            return self._read_held(workers)
+        now = self._index.clock()
+        kept = self._held_kept
+        if kept is None or kept[1] is not workers.ids or now - kept[0] >= HELD_REFRESH_S:
+            kept = self._held_kept = (now, workers.ids, self._read_held(workers))
+        return kept[2]
+
+    def _read_held(self, workers: Sequence[WorkerState]) -> F64:
         n = len(workers)
         held = np.fromiter(map(self._index.blocks, map(_WORKER_ID, workers)), np.float64, n)
         capacity = np.fromiter(map(_CAPACITY, workers), np.float64, n)
