@@ -145,12 +145,16 @@ async def _errors_as_status(context: grpc.aio.ServicerContext) -> AsyncIterator[
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented here")
 
 
+#: Trailing metadata naming the request field an error is about (OpenAI's ``param``).
+ERROR_PARAM_KEY = "kvmesh-error-param"
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: KvmeshError) -> None:
     """Abort with the status code, message and google.rpc.Status details."""
     metadata: list[tuple[str, str | bytes]] = [
         (GRPC_DETAILS_METADATA_KEY, rich_status(exc).SerializeToString())]
     if exc.param:
-        metadata.append(("kvmesh-error-param", exc.param))
+        metadata.append((ERROR_PARAM_KEY, exc.param))
     await context.abort(grpc_code_for(exc), exc.message, trailing_metadata=tuple(metadata))
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from kvmesh.core.grpc_util import ERROR_PARAM_KEY
 from kvmesh.v1 import router_pb2
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def result_error(result: router_pb2.RouteBatchResult) -> grpc.aio.AioRpcError:
     if result.status_details:
         trailing.append((DETAILS_KEY, result.status_details))
     if result.param:
-        trailing.append(("kvmesh-error-param", result.param))
+        trailing.append((ERROR_PARAM_KEY, result.param))
     return grpc.aio.AioRpcError(
         grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == result.code)),
         grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), result.message)

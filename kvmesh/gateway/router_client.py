@@ -30,7 +30,7 @@ import numpy as np
 
 import kvmesh.core.tracing as tracing
 from kvmesh.core.errors import NoWorkerAvailableError
-from kvmesh.core.grpc_util import GRPC_DETAILS_METADATA_KEY, internal_channel
+from kvmesh.core.grpc_util import ERROR_PARAM_KEY, GRPC_DETAILS_METADATA_KEY, internal_channel
 from kvmesh.core.route_batch import RouteBatcher
 from kvmesh.gateway.failover_metrics import FailoverMetrics
 from kvmesh.gateway.local_route import LocalRouter
@@ -140,7 +140,7 @@ class RouterClient:
             try:
                 decision = await self._ask(address, request)
             except grpc.aio.AioRpcError as exc:
-                if not replica_failed(exc):
+                if not (replica_failed(exc) or self._behind(exc, model)):
                     raise
                 log.warning("%s: router %s failed (%s); trying the next replica",
                             request_id, address, exc.code().name)
@@ -157,6 +157,16 @@ class RouterClient:
         log.info("%s: no router answers; routed locally to %s", request_id,
                  decision.worker.worker_id)
         return Routed(decision, None)
+
+    def _behind(self, exc: grpc.aio.AioRpcError, model: str) -> bool:
+        """The replica does not know ``model`` though the watched worker set serves it:
+        it has just (re)started and its workers have not registered again yet — not the
+        client's mistake, so another replica (or the gateway itself) routes it."""
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            return False
+        if dict(exc.trailing_metadata() or ()).get(ERROR_PARAM_KEY) != "model":
+            return False
+        return any(w.model == model for w in self._workers()[0])
 
     async def _ask(self, address: str, request: router_pb2.RouteRequest
                    ) -> router_pb2.RouteDecision:

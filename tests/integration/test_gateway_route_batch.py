@@ -24,7 +24,7 @@ from kvmesh.router.core import RouterCore
 from kvmesh.router.lifecycle import WorkerLifecycle
 from kvmesh.router.registry import WorkerState
 from kvmesh.router.servicer import RouterServicer
-from kvmesh.v1 import router_pb2_grpc
+from kvmesh.v1 import common_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
 PROMPT = list(range(256))
@@ -214,4 +214,24 @@ async def test_with_tracing_on_each_request_has_its_route_call(
     await routers.finished("t0", routed[0].decision.worker.worker_id, routed[0].router)
     assert "t0" not in booked(r0)  # a RequestFinished call of its own, answered
     assert batches(r0)[0] == 0
+    await routers.close()
+
+
+async def test_a_replica_that_does_not_know_a_served_model_yet_is_passed_over(
+        replicas: list[Replica]) -> None:
+    # r0 has just restarted: no worker has registered with it again. The gateway's
+    # watched worker set (from r1) serves the model, so r0's "model not found" is the
+    # router being behind, not the client's mistake: r1 answers.
+    r0, r1 = replicas
+    for wid in ("a", "b", "c"):
+        r0.core.registry.remove(wid)
+    watched = [common_pb2.WorkerInfo(worker_id="a", model="m")]
+    routers = RouterClient([r0.address, r1.address], route_timeout_s=5, retry_s=60,
+                           workers=lambda: (watched, set()))
+    routed = await routers.route("q", "m", PROMPT, 8)
+    assert routed.router == r1.address
+    # A model no worker serves is the client's mistake, whichever replica says so.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await routers.route("bad", "no-such-model", PROMPT, 8)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
     await routers.close()

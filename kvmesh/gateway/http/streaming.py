@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from kvmesh.core.error_map import http_error_for, http_error_of, openai_error_body
 from kvmesh.core.errors import AuthenticationError, KvmeshError, RateLimitedError
+from kvmesh.core.grpc_util import ERROR_PARAM_KEY
 from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.pipeline import Finished
 from kvmesh.gateway.schemas import Usage
@@ -38,7 +39,7 @@ def error_response(exc: Exception, request_id: str | None = None,
             headers["www-authenticate"] = "Bearer"
     elif isinstance(exc, grpc.aio.AioRpcError):
         http = http_error_for(exc.code())
-        param = dict(exc.trailing_metadata() or ()).get("kvmesh-error-param")
+        param = dict(exc.trailing_metadata() or ()).get(ERROR_PARAM_KEY)
         body = openai_error_body(
             exc.details() or exc.code().name, http.openai_type, param=param, code=http.status
         )
