@@ -7,7 +7,10 @@ and a WatchWorkers subscriber would be told workers vanished. So while warming u
 router refuses Route as *unavailable* (a gateway then asks another replica, or routes
 on its own) and holds WatchWorkers; warm-up ends when every snapshotted worker is back
 or after ``max_s`` (a worker that died meanwhile never comes back). A router without
-a snapshot cannot tell a restart from a first start and is warm at once.
+a snapshot (or one listing no workers) cannot tell a restart from a first start: for
+its first ``max_s`` it is *young*: until some worker registers it refuses Route as
+unavailable and holds WatchWorkers, rather than tell a gateway that the model does not
+exist or that every worker vanished.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class Warmup:
     def __init__(self, max_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._max_s = max_s
+        self._born = clock()
         self._until = 0.0
         self._expected: frozenset[str] = frozenset()
 
@@ -27,6 +31,10 @@ class Warmup:
         """The snapshot's workers: wait for them, at most ``max_s`` from now."""
         self._expected = frozenset(worker_ids)
         self._until = self._clock() + self._max_s if self._expected else 0.0
+
+    def young(self) -> bool:
+        """Within ``max_s`` of start: every live worker has not heartbeated yet."""
+        return self._clock() - self._born < self._max_s
 
     def missing(self, registered: Iterable[str]) -> list[str]:
         """The workers still awaited (empty: warm)."""
