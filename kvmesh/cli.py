@@ -85,8 +85,15 @@ def _bench_gateway(args: argparse.Namespace) -> int:
     from kvmesh.bench.gateway import run_gateway_bench
 
     config = bench_mesh_config(args, workers=1)
-    result = run_gateway_bench(config, args.requests, args.concurrency, args.max_tokens,
-                               args.out)
+    if args.against == "vllm-serve":
+        from kvmesh.bench.vs_serve import ClientLoad, run_vs_serve
+
+        load = ClientLoad(num_prompts=args.requests, concurrency=args.concurrency,
+                          input_len=args.input_len, output_len=args.max_tokens, seed=args.seed)
+        result = run_vs_serve(config, load, args.rounds, args.out, args.profile)
+    else:
+        result = run_gateway_bench(config, args.requests, args.concurrency, args.max_tokens,
+                                   args.out)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -250,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--enforce-eager", action="store_true")
     gw.add_argument("--block-size", type=int, default=None)
     gw.add_argument("--out", type=Path, default=None, help="write results.json here")
+    gw.add_argument("--against", choices=("worker", "vllm-serve"), default="worker",
+                    help="worker: the mesh's own worker called directly (kvmesh's client); "
+                    "vllm-serve: vLLM's OpenAI server on the same engine settings, both "
+                    "sides driven by `vllm bench serve` (chat, streaming), one at a time")
+    gw.add_argument("--rounds", type=int, default=2,
+                    help="--against vllm-serve: rounds of both sides, alternating the order")
+    gw.add_argument("--input-len", type=int, default=128,
+                    help="--against vllm-serve: random prompt length in tokens")
+    gw.add_argument("--seed", type=int, default=0, help="--against vllm-serve: dataset seed")
+    gw.add_argument("--profile", default=None,
+                    help="--against vllm-serve: py-spy these processes while measuring "
+                    "(comma-separated: gateway, router, workers, server)")
     gw.set_defaults(func=_bench_gateway)
 
     pdb = bench_sub.add_parser(

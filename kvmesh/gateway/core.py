@@ -175,10 +175,11 @@ class GatewayCore:
                                                    constraint)
             return spec, tokenizer, plan
         with tracer.start_as_current_span("tokenize") as span:
-            text = await asyncio.to_thread(
-                tokenizer.render_chat, messages, req.add_generation_prompt, tools
+            # One trip to a thread for both (each trip waits for a thread and then
+            # for the loop again: a scheduling delay on a busy host, paid per request).
+            text, ids = await asyncio.to_thread(
+                tokenizer.render_and_encode, messages, req.add_generation_prompt, tools
             )
-            ids = await asyncio.to_thread(tokenizer.encode, text, False)
             span.set_attribute("kvmesh.prompt_tokens", len(ids))
         spec = self._spec(req, entry, ids, text, constraint, tokenizer.vocab_size)
         return spec, tokenizer, plan

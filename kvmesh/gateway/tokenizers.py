@@ -67,6 +67,21 @@ class ModelTokenizer:
             raise InvalidRequestError(f"chat template failed: {exc}", param="messages") from exc
         return str(rendered)
 
+    def render_and_encode(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> tuple[str, list[int]]:
+        """The chat prompt and its token ids (the template adds the special tokens)."""
+        text = self.render_chat(messages, add_generation_prompt, tools)
+        return text, self.backend_encode(text)
+
+    def backend_encode(self, text: str) -> list[int]:
+        """``encode(text, add_special_tokens=False)`` straight on the Rust tokenizer
+        (the same ids, without transformers' Python layer around it)."""
+        return list(self.backend.encode(text, add_special_tokens=False).ids)
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 

@@ -44,3 +44,17 @@ def test_held_back_tail_is_released_at_finish(backend_tokenizer) -> None:
 def test_special_tokens_are_skipped(backend_tokenizer) -> None:
     ids = backend_tokenizer.encode("<|im_start|>hi<|im_end|>", add_special_tokens=False).ids
     assert feed_one_by_one(TextAssembler(backend_tokenizer), ids) == "hi"
+
+
+def test_render_and_encode_gives_the_ids_transformers_gives(model_dir) -> None:
+    """The prompt's ids from the Rust tokenizer directly are those transformers'
+    ``encode(text, add_special_tokens=False)`` gave (the template adds the specials)."""
+    from kvmesh.gateway.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": TEXT + "  double  spaces\n\tand <|im_end|> text"}]
+    text, ids = tokenizer.render_and_encode(messages, True)
+    assert text == tokenizer.render_chat(messages, True)
+    assert ids == tokenizer.encode(text, False)
+    assert tokenizer.backend_encode("") == tokenizer.encode("", False)

@@ -9,7 +9,9 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.types import Message, Receive, Scope, Send
 
 from kvmesh.core.error_map import openai_error_body
 from kvmesh.core.errors import AuthenticationError, KvmeshError
@@ -26,8 +28,8 @@ from kvmesh.gateway.router_client import PREFERRED_WORKER_HEADER, preferred_work
 def create_app(core: GatewayCore) -> FastAPI:
     app = FastAPI(title="kvmesh gateway", version="0.1.0")
     app.add_middleware(ChunkedBodyLimit, max_body_bytes=core.config.max_body_bytes)
+    app.add_middleware(RequestGuard, core=core)
     app.state.core = core
-    _guard_requests(app, core)
     _map_errors(app, core.metrics)
     for family in (chat, completions, embeddings, models, lora):
         app.include_router(family.router)
@@ -43,36 +45,60 @@ def _refused(request: Request, status: int) -> None:
     record.done()
 
 
-def _guard_requests(app: FastAPI, core: GatewayCore) -> None:
-    """Every request gets an id (the client's ``x-request-id`` or a new one) and a log
-    record; /v1/ requests are authenticated and their body size checked first."""
-    metrics = core.metrics
+class RequestGuard:
+    """Every request gets an id (the client's ``x-request-id`` or a new one, echoed on
+    the response) and a log record; /v1/ requests are authenticated and their body size
+    checked first; the answer is counted when its status line goes out.
 
-    @app.middleware("http")
-    async def request_id_auth_and_limits(request: Request, call_next: Any) -> Any:
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware
+    relays every body message of a response through a memory stream and a task of its
+    own, a task switch per streamed token."""
+
+    def __init__(self, app: Any, core: GatewayCore) -> None:
+        self.app = app
+        self.core = core
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        core, request = self.core, Request(scope)
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("req")
         request.state.request_id = request_id
         request.state.record = arrived(request_id)
         preferred_worker.set(request.headers.get(PREFERRED_WORKER_HEADER, ""))
+        refusal = self._refusal(request, request_id)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+
+        async def answer(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                _count(request, message["status"], core)
+            await send(message)
+
+        await self.app(scope, receive, answer)
+
+    def _refusal(self, request: Request, request_id: str) -> JSONResponse | None:
+        """The answer to a request refused before routing (401, 413), else None."""
+        core = self.core
         if request.url.path.startswith("/v1/"):
             try:
                 request.state.key = authenticate(core, request.headers.get("authorization"))
             except AuthenticationError as exc:
                 _refused(request, 401)
-                return error_response(exc, request_id, metrics)
+                return error_response(exc, request_id, core.metrics)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > core.config.max_body_bytes:
             body = openai_error_body(
                 f"request body of {length} bytes exceeds the limit of "
                 f"{core.config.max_body_bytes}", "invalid_request_error", code=413,
             )
-            metrics.errors.labels("invalid_request_error").inc()
+            core.metrics.errors.labels("invalid_request_error").inc()
             _refused(request, 413)
             return JSONResponse(body, status_code=413, headers={REQUEST_ID_HEADER: request_id})
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        _count(request, response.status_code, core)
-        return response
+        return None
 
 
 def _count(request: Request, status: int, core: GatewayCore) -> None:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from kvmesh.gateway.chat import ChatChoiceEvent, ChatChoiceResult, collect_chat, stream_chat
+from kvmesh.gateway.http.chunk_json import ChatChunkTemplate
 from kvmesh.gateway.http.generation import Renderer, core_of, serve_generation
 from kvmesh.gateway.http.streaming import (
     event_frames,
@@ -36,6 +37,7 @@ def chat_renderer(prepared: Prepared, rid: str, created: int, include_usage: boo
     plan, tokenizer, n, model = prepared.plan, prepared.tokenizer, prepared.n, prepared.model
     assert plan is not None  # a chat request always has its plan
     metrics = core_of(request).metrics
+    plain = ChatChunkTemplate(rid, created, model)
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         payload = without_null_usage(ChatCompletionChunk(
@@ -46,6 +48,9 @@ def chat_renderer(prepared: Prepared, rid: str, created: int, include_usage: boo
         return sse(payload)
 
     def frame(event: ChatChoiceEvent) -> str:
+        if not (event.reasoning or event.tool_calls or
+                (plan.top_logprobs is not None and event.logprobs)):
+            return plain.content(event.index, event.content or "", event.finish_reason)
         lp = None
         if plan.top_logprobs is not None and event.logprobs:
             lp = chat_logprobs(event.logprobs, plan.top_logprobs, tokenizer.token_text)

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from kvmesh.gateway.http.chunk_json import CompletionChunkTemplate
 from kvmesh.gateway.http.generation import Renderer, core_of, serve_generation
 from kvmesh.gateway.http.streaming import (
     event_frames,
@@ -32,6 +33,7 @@ def completion_renderer(prepared: Prepared, rid: str, created: int, include_usag
     n, model, tokenizer = prepared.n, prepared.model, prepared.tokenizer
     prefixes, logprobs = prepared.echoes, prepared.logprobs
     metrics = core_of(request).metrics
+    plain = CompletionChunkTemplate(rid, created, model)
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return sse(without_null_usage(CompletionResponse(
@@ -54,6 +56,8 @@ def completion_renderer(prepared: Prepared, rid: str, created: int, include_usag
             offsets[event.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
         if not (text or event.finish_reason or lp):
             return None
+        if lp is None:
+            return plain.text(event.index, text, event.finish_reason)
         return chunk([CompletionChoice(index=event.index, text=text,
                                        finish_reason=event.finish_reason, logprobs=lp)])
 
