@@ -82,13 +82,15 @@ class RouteBatcher:
         return await future
 
     def finished(self, request_id: str, worker_id: str) -> None:
-        """Report a finished request with the next batch (never waited for). It rides
-        with the next routes; without any, it goes on its own after
-        ``FINISH_DELAY_S`` (or once ``max_batch`` reports wait), so a report rarely
-        costs a round trip of its own."""
+        """Report a finished request (never waited for). With nothing out it goes at
+        once — the router's view of the worker (in flight, pending marks) must not lag
+        a finish another gateway's next request is routed on; while batches are out it
+        rides with the next one, or goes on its own after ``FINISH_DELAY_S`` (or once
+        ``max_batch`` reports wait), so under load a report rarely costs a round trip
+        of its own."""
         self._finished.append(
             router_pb2.RequestFinishedRequest(request_id=request_id, worker_id=worker_id))
-        if len(self._finished) >= self._max_batch:
+        if len(self._finished) >= self._max_batch or not self._in_flight:
             self._schedule()
         elif self._finish_timer is None:
             self._finish_timer = asyncio.get_running_loop().call_later(

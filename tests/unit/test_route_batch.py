@@ -138,29 +138,46 @@ async def test_a_failed_batch_fails_every_route_in_it() -> None:
                and r.code() == grpc.StatusCode.UNAVAILABLE for r in results)
 
 
-async def test_finished_reports_ride_with_routes_or_go_alone_after_a_short_delay() -> None:
+async def test_finished_reports_go_at_once_when_idle_and_ride_along_under_load() -> None:
     router = Router()
-    router.release.set()
-    batcher = RouteBatcher(router.send, timeout_s=5)
+    batcher = RouteBatcher(router.send, timeout_s=5, max_in_flight=1)
+    # Nothing out: the report goes at once (another gateway's next request is routed on
+    # the router's view of that worker).
     batcher.finished("f0", "a")
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    assert router.calls == []  # not a round trip of its own at once
-    await batcher.route(router_pb2.RouteRequest(request_id="r0"))
-    assert len(router.calls) == 1
-    assert [f.request_id for f in router.calls[0].finished] == ["f0"]  # rode along
+    assert len(router.calls) == 1 and [f.request_id for f in router.calls[0].finished] == [
+        "f0"]
+    # A batch out: reports wait and ride with the next batch.
     batcher.finished("f1", "a")
+    pending = asyncio.create_task(batcher.route(router_pb2.RouteRequest(request_id="r0")))
+    await asyncio.sleep(0)
+    assert len(router.calls) == 1  # the first call still out
+    router.release.set()
+    await pending
+    assert [f.request_id for f in router.calls[1].finished] == ["f1"]
+    assert [r.request_id for r in router.calls[1].requests] == ["r0"]  # rode along
+    # Under load, with nothing to ride with: alone after FINISH_DELAY_S.
+    router.release.clear()
+    busy = asyncio.create_task(batcher.route(router_pb2.RouteRequest(request_id="r1")))
+    await asyncio.sleep(0)
+    batcher.finished("f2", "a")
+    router.release.set()
+    await busy
     await asyncio.sleep(route_batch.FINISH_DELAY_S * 3)
-    assert len(router.calls) == 2 and not router.calls[1].requests
-    assert [f.request_id for f in router.calls[1].finished] == ["f1"]  # alone, later
+    assert [f.request_id for f in router.calls[-1].finished] == ["f2"]
 
 
 async def test_close_sends_the_finished_reports_still_waiting() -> None:
     router = Router()
+    batcher = RouteBatcher(router.send, timeout_s=5, max_in_flight=1)
+    held = asyncio.create_task(batcher.route(router_pb2.RouteRequest(request_id="r")))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    batcher.finished("done", "a")  # a batch is out: the report waits for the next
+    assert len(router.calls) == 1 and not router.calls[0].finished
     router.release.set()
-    batcher = RouteBatcher(router.send, timeout_s=5)
-    batcher.finished("done", "a")
-    assert router.calls == []  # waiting for routes to ride with
+    await held
     await batcher.close()
     assert [f.request_id for c in router.calls for f in c.finished] == ["done"]
     assert not batcher._tasks
