@@ -39,8 +39,13 @@ def free_ports(n: int) -> list[int]:
 
 
 def node_ports() -> list[str]:
-    manager, objects, client, agent, grpc_agent, metrics, runtime_env = free_ports(7)
     low = free_ports(1)[0]
+    # The components' ports outside the worker port range (Ray refuses an overlap).
+    ports: list[int] = []
+    while len(ports) < 7:
+        ports += [p for p in free_ports(7 - len(ports))
+                  if not low <= p <= low + 40 and p not in ports]
+    manager, objects, client, agent, grpc_agent, metrics, runtime_env = ports
     return ["--node-manager-port", str(manager), "--object-manager-port", str(objects),
             "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
             "--dashboard-agent-grpc-port", str(grpc_agent), "--metrics-export-port", str(metrics),
