@@ -295,10 +295,10 @@ class RouterCore:
         seconds.observe(time.perf_counter() - started)
         count.inc()
         self.metrics.matched_prefix_tokens.observe(choice.expected_cached_tokens)
-        explained = getattr(policy, "last", None)  # kv_aware's workings, when logged
-        if (self.decision_log is not None and explained is not None
-                and choice.prefill_worker is None and len(explained.cached) == len(workers)):
-            self.decision_log.write(ctx, explained, workers)
+        if self.decision_log is not None and choice.prefill_worker is None:
+            explained = getattr(policy, "last", None)  # kv_aware's workings
+            if explained is not None and len(explained.cached) == len(workers):
+                self.decision_log.write(ctx, explained, workers)
         return choice
 
     def _decision_metrics(self, policy: str, reason: str) -> tuple[Any, Any]:

@@ -89,17 +89,28 @@ def bounded(params: CostParams, active: F64) -> np.ndarray[Any, np.dtype[np.bool
     return keep if keep.any() else np.ones(len(active), dtype=bool)
 
 
+#: The cost model's load terms, in the order ``load_terms`` returns them.
+TERMS = ("queued_prefill", "backlog", "eviction", "running")
+
+
+def load_terms(params: CostParams, loads: LoadArrays, per_token: F64
+               ) -> tuple[F64, F64, F64, F64]:
+    """What each load term adds to every candidate's cost, in seconds (``TERMS``):
+    prefill queued there, the backlog's and the eviction's price of this prompt's
+    uncached tokens (``per_token``: their prefill time), the decode pressure."""
+    return (loads.queued_prefill_tokens / params.prefill_tokens_per_s,
+            params.backlog_weight * np.maximum(loads.waiting, 0.0) * per_token,
+            params.eviction_weight * np.clip(loads.kv_usage, 0.0, 1.0) * per_token,
+            loads.running * params.decode_step_s_per_seq)
+
+
 def ttft_costs(params: CostParams, loads: LoadArrays, prompt_tokens: int,
                cached_tokens: F64) -> F64:
-    """``ttft_cost`` for every candidate."""
-    uncached = np.maximum(prompt_tokens - cached_tokens, 0.0)
-    rate = params.prefill_tokens_per_s
-    per_token = uncached / rate
-    fullness = np.clip(loads.kv_usage, 0.0, 1.0)
-    waiting = np.maximum(loads.waiting, 0.0)
-    return ((uncached + loads.queued_prefill_tokens) / rate
-            + (params.backlog_weight * waiting + params.eviction_weight * fullness)
-            * per_token + loads.running * params.decode_step_s_per_seq)
+    """``ttft_cost`` for every candidate: the prompt's uncached prefill plus the load
+    terms."""
+    per_token = np.maximum(prompt_tokens - cached_tokens, 0.0) / params.prefill_tokens_per_s
+    queued, backlog, eviction, running = load_terms(params, loads, per_token)
+    return per_token + queued + backlog + eviction + running
 
 
 def rendezvous_scores(key: int, salts: np.ndarray[Any, np.dtype[np.uint64]]

@@ -16,31 +16,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+import numpy as np
+
 from kvmesh.core.config import CostParams
+from kvmesh.router.cost_vector import TERMS, LoadArrays, load_terms
 from kvmesh.router.policy.base import RouteContext
 from kvmesh.router.policy.kv_aware import Evaluation
 from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import WorkerState
 
-TERMS = ("queued_prefill", "backlog", "eviction", "running")
-
 
 def cost_terms(params: CostParams, ev: Evaluation, prompt_tokens: int
                ) -> dict[int, dict[str, float]]:
-    """Each kept candidate's cost split into the cost model's load terms (seconds)."""
-    rate = params.prefill_tokens_per_s
-    out: dict[int, dict[str, float]] = {}
-    for at in ev.kept.tolist():
-        loads = [float(a[at]) for a in ev.loads]
-        _, running, queued, kv_usage, waiting = loads
-        per_token = max(prompt_tokens - float(ev.cached[at]), 0.0) / rate
-        out[at] = {
-            "queued_prefill": queued / rate,
-            "backlog": params.backlog_weight * max(waiting, 0.0) * per_token,
-            "eviction": params.eviction_weight * min(max(kv_usage, 0.0), 1.0) * per_token,
-            "running": running * params.decode_step_s_per_seq,
-        }
-    return out
+    """Each kept candidate's cost split into the cost model's load terms (seconds),
+    by its position among the candidates."""
+    kept = ev.kept
+    per_token = (np.maximum(prompt_tokens - ev.cached[kept], 0.0)
+                 / params.prefill_tokens_per_s)
+    terms = load_terms(params, LoadArrays(*(a[kept] for a in ev.loads)), per_token)
+    return {at: {name: float(values[i]) for name, values in zip(TERMS, terms, strict=True)}
+            for i, at in enumerate(kept.tolist())}
 
 
 def record(ctx: RouteContext, ev: Evaluation, workers: Sequence[WorkerState],

@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmesh.core.config import CostParams
-from kvmesh.router.decision_log import TERMS, cost_terms
+from kvmesh.router.cost_vector import TERMS
+from kvmesh.router.decision_log import cost_terms
 from kvmesh.router.policy.kv_aware import Evaluation
 
 
@@ -101,32 +102,20 @@ class MissAnalysis:
         if best_then >= best_later:
             if d.truth[d.chosen] >= best_then:
                 return "evicted_while_queued", lost
-            # among the best holders, the one the router liked most
-            better = self._rank([i for i, t in enumerate(d.truth) if t == best_then], d)
+            better = _most_liked([i for i, t in enumerate(d.truth) if t == best_then],
+                                 d.kept, d.near, d.terms)
             if d.view[better] < d.truth[better]:
                 return "index_behind", lost
         else:
-            better = self._rank([i for i, t in enumerate(later) if t == best_later], d)
+            better = _most_liked([i for i, t in enumerate(later) if t == best_later],
+                                 d.kept, d.near, d.terms)
             if d.view[better] < later[better]:
                 return "arrived_later", lost
         if d.view[d.chosen] > d.truth[d.chosen] + self.block_size - 1:
             if d.confirmed[d.chosen] <= d.truth[d.chosen]:
                 return "pending_unrealized", lost
             return "stale_holder", lost
-        if better not in d.kept:
-            return "bounded_load", lost
-        if better in d.near:
-            return "placement_home", lost
-        mine, theirs = d.terms[d.chosen], d.terms[better]
-        term = max(TERMS, key=lambda t: theirs[t] - mine[t])
-        return f"load:{term}", lost
-
-    @staticmethod
-    def _rank(holders: list[int], d: _Decision) -> int:
-        def score(i: int) -> tuple[int, float]:
-            costs = d.terms.get(i)
-            return (i in d.near) + (i in d.kept), -(sum(costs.values()) if costs else math.inf)
-        return max(holders, key=score)
+        return _passed_over(better, d.chosen, d.kept, d.near, d.terms), lost
 
     def summary(self) -> dict[str, object]:
         """Avoidable misses by rule: requests and prompt tokens lost, with the totals."""
@@ -154,15 +143,31 @@ def classify_logged(entry: dict[str, Any], reused: int, oracle: int
         return "not_held", lost
     terms = {int(k): v for k, v in entry["terms"].items()}
     kept, near = set(entry["kept"]), set(entry["near"])
-    better = max((i for i, v in enumerate(view) if v == best),
-                 key=lambda i: ((i in near) + (i in kept),
-                                -sum(terms[i].values()) if i in terms else -math.inf))
+    better = _most_liked([i for i, v in enumerate(view) if v == best], kept, near, terms)
+    return _passed_over(better, chosen, kept, near, terms), lost
+
+
+def _most_liked(holders: list[int], kept: set[int], near: set[int],
+                terms: dict[int, dict[str, float]]) -> int:
+    """Of the workers holding the best prefix, the one the router came closest to
+    choosing: near-equal before merely kept, then the cheapest."""
+    def score(i: int) -> tuple[int, float]:
+        costs = terms.get(i)
+        return (i in near) + (i in kept), -(sum(costs.values()) if costs else math.inf)
+    return max(holders, key=score)
+
+
+def _passed_over(better: int, chosen: int, kept: set[int], near: set[int],
+                 terms: dict[int, dict[str, float]]) -> str:
+    """Why the router, seeing ``better`` hold more, chose ``chosen``: the load bound
+    excluded it, the rendezvous home among near-equals was another, or a load term
+    (the one that differed most) priced it higher."""
     if better not in kept:
-        return "bounded_load", lost
+        return "bounded_load"
     if better in near:
-        return "placement_home", lost
-    term = max(TERMS, key=lambda t: terms[better][t] - terms[chosen][t])
-    return f"load:{term}", lost
+        return "placement_home"
+    mine, theirs = terms[chosen], terms[better]
+    return "load:" + max(TERMS, key=lambda t: theirs[t] - mine[t])
 
 
 def tally(found: Iterable[tuple[str, int] | None], prompt_tokens: int, requests: int
