@@ -73,9 +73,15 @@ class WorkerLifecycle:
         for channel in self._channels.values():
             await channel.close()
 
-    def warming(self) -> list[str]:
-        """Workers of the snapshot not registered again yet (empty: ready to route)."""
-        return self.warmup.missing(w.worker_id for w in self.core.registry.all())
+    def warming(self) -> str:
+        """Why the router cannot route or tell its worker set yet ("" when it can): the
+        snapshot's workers not registered again, or, just started, none at all."""
+        missing = self.warmup.missing(w.worker_id for w in self.core.registry.all())
+        if missing:
+            return f"router restarted; waiting for {len(missing)} worker(s) to register again"
+        if self.warmup.young() and not self.core.registry.models():
+            return "router just started; no worker registered yet"
+        return ""
 
     # ---- snapshots ---------------------------------------------------------------
     async def take_snapshot(self, path: Path) -> None:

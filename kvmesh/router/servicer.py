@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import grpc
 import numpy as np
@@ -155,21 +155,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteDecision:
-        await self._refuse_while_warming(context, [request.model])
+        await self._refuse_while_warming(context)
         return await self._route(request, context.time_remaining())
 
-    async def _refuse_while_warming(self, context: grpc.aio.ServicerContext,
-                                    models: Iterable[str]) -> None:
-        # Not kvmesh errors (no details): the gateway asks another replica.
-        missing = self.lifecycle.warming()
-        if missing:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"router restarted; waiting for {len(missing)} worker(s) to register again")
-        if self.lifecycle.warmup.young() and not self.core.registry.models():
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"router just started; no worker of {sorted(set(models))} registered yet")
+    async def _refuse_while_warming(self, context: grpc.aio.ServicerContext) -> None:
+        why = self.lifecycle.warming()
+        if why:  # not a kvmesh error (no details): the gateway asks another replica
+            await context.abort(grpc.StatusCode.UNAVAILABLE, why)
 
     async def _route(self, request: router_pb2.RouteRequest, time_remaining_s: float | None,
                      defer_wait: bool = False) -> router_pb2.RouteDecision:
@@ -208,7 +200,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.RouteBatchResponse:
         for done in request.finished:
             self.core.finish(done.worker_id, done.request_id)
-        await self._refuse_while_warming(context, [r.model for r in request.requests])
+        await self._refuse_while_warming(context)
         remaining = context.time_remaining()
         requests, defer = request.requests, request.defer_waits
         self.core.metrics.route_batch_size.observe(len(requests))
@@ -245,8 +237,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.WatchWorkersRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.WorkerSet]:
         # A partial (or, just started, an empty) set would drop models from gateways.
-        while self.lifecycle.warming() or (self.lifecycle.warmup.young()
-                                           and not self.core.registry.models()):
+        while self.lifecycle.warming():
             await asyncio.sleep(0.05)
         sent = -1
         while True:
