@@ -239,9 +239,9 @@ def simulate(policy_name: str, requests: list[SimRequest], n_workers: int,
         return [p.block_size * workers[w].cached_blocks(hashes) for w in ids]
 
     def schedule(item: _Queued) -> None:
-        if analysis is not None:
-            analysis.scheduled(str(item.rid), item.cached, truth(item.request.prompt))
-    workers = {w: SimWorker(w, p, holders, schedule) for w in ids}
+        assert analysis is not None
+        analysis.scheduled(str(item.rid), item.cached, truth(item.request.prompt))
+    workers = {w: SimWorker(w, p, holders, schedule if analysis else None) for w in ids}
     for wid in workers:
         for r in routers:
             r.registry.upsert(WorkerState(worker_id=wid, endpoint=wid, model=MODEL,
