@@ -8,7 +8,6 @@ Rendezvous scores likewise: splitmix64 over uint64 arrays.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from operator import attrgetter
 from typing import Any, NamedTuple
@@ -18,6 +17,7 @@ import numpy as np
 from kvmesh.core.config import CostParams
 from kvmesh.router.load_table import LoadTable
 from kvmesh.router.registry import Candidates, WorkerState
+from kvmesh.router.salts import id_salts
 
 F64 = np.ndarray[Any, np.dtype[np.float64]]
 I64 = np.ndarray[Any, np.dtype[np.int64]]
@@ -124,22 +124,16 @@ def rendezvous_scores(key: int, salts: np.ndarray[Any, np.dtype[np.uint64]]
         return x ^ (x >> np.uint64(31))
 
 
-class _Salts(dict[str, int]):
-    """worker id -> its 64-bit rendezvous salt (blake2b of the id), computed once."""
-
-    def __missing__(self, worker_id: str) -> int:
-        salt = int.from_bytes(hashlib.blake2b(worker_id.encode(), digest_size=8).digest(),
-                              "little")
-        if len(self) < 65536:
-            self[worker_id] = salt
-        return salt
-
-
-_SALTS = _Salts()
-worker_salt = _SALTS.__getitem__
-_WORKER_ID = attrgetter("worker_id")
-
-
 def salts(workers: Sequence[WorkerState]) -> np.ndarray[Any, np.dtype[np.uint64]]:
-    """The workers' rendezvous salts (C-level lookups)."""
-    return np.fromiter(map(worker_salt, map(_WORKER_ID, workers)), np.uint64, len(workers))
+    """The workers' rendezvous salts."""
+    return id_salts([w.worker_id for w in workers])
+
+
+def near_salts(workers: Sequence[WorkerState], near: np.ndarray
+               ) -> np.ndarray[Any, np.dtype[np.uint64]]:
+    """The salts of ``workers[near]``: gathered from the selection's own array (worked
+    out once per selection: no Python list per decision), or looked up for a plain
+    sequence."""
+    if isinstance(workers, Candidates):
+        return workers.salts[near]
+    return id_salts([workers[i].worker_id for i in near.tolist()])

@@ -17,6 +17,7 @@ import numpy as np
 from kvmesh.core.errors import WorkerNotFoundError
 from kvmesh.core.roles import GATEWAY
 from kvmesh.router.load_table import LoadTable
+from kvmesh.router.salts import id_salts
 
 
 @dataclass
@@ -87,23 +88,25 @@ class Candidates(list[WorkerState]):
     with what every decision over it reads worked out once per selection: the ids,
     block sizes and load-table rows in its order."""
 
-    __slots__ = ("ids", "block_sizes", "rows", "loads")
+    __slots__ = ("ids", "block_sizes", "rows", "loads", "salts")
     ids: list[str]
     block_sizes: np.ndarray
     rows: np.ndarray
     loads: LoadTable | None
+    salts: np.ndarray  # the rendezvous salts in its order
 
     def __init__(self, workers: Iterable[WorkerState] = (),
                  like: Candidates | None = None, loads: LoadTable | None = None) -> None:
         super().__init__(workers)
         if like is not None:  # a copy of a selection: the same numbers
             self.ids, self.block_sizes = like.ids, like.block_sizes
-            self.rows, self.loads = like.rows, like.loads
+            self.rows, self.loads, self.salts = like.rows, like.loads, like.salts
             return
         self.ids = [w.worker_id for w in self]
         self.block_sizes = np.array([w.block_size for w in self], dtype=np.int64)
         self.rows = np.array([w.row for w in self], dtype=np.intp)
         self.loads = loads
+        self.salts = id_salts(self.ids)
 
 
 class WorkerRegistry:

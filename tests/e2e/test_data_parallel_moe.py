@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -48,6 +49,20 @@ def tiny_moe(model_dir: Path, out: Path) -> Path:
         "torch_dtype": "bfloat16", "tie_word_embeddings": False, "bos_token_id": 1,
         "eos_token_id": 2, "hidden_act": "silu", "sliding_window": None}))
     return out
+
+
+def refused_on_cpu(log: Path, wait_s: float = 30) -> bool:
+    """Whether the engine's log shows the CPU backend's refusal. The dead rank's
+    traceback reaches `kvmesh up`'s log through Ray's log forwarding, which can lag
+    the 503 its group's removal answers by seconds: wait for it that long."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = log.read_text()
+        if all(s in text for s in CPU_REFUSAL):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
 
 
 async def _workers(router: str) -> list[router_pb2.WorkerStatus]:
@@ -108,9 +123,8 @@ def test_dp_ep_gang_on_real_vllm(model_dir: Path, tmp_path: Path) -> None:
                 except httpx.TimeoutException:  # a dead engine may never answer
                     answers.append(None)
                     break
-        log = up.log.read_text()
         failed = any(a is None or a.status_code != 200 for a in answers)
-        if failed and all(s in log for s in CPU_REFUSAL):
+        if failed and refused_on_cpu(up.log):
             pytest.skip("vLLM's CPU backend started the DP/EP gang but refuses its first "
                         "MoE forward: NotImplementedError in "
                         "CpuCommunicator.all_gatherv (docs/data-parallel.md)")

@@ -100,6 +100,7 @@ class PrefixLoad:
         self.base_url = base_url
         self.n = 0
         self.log: list[tuple[float, str, bool, float]] = []  # time, phase, ok, hit rate
+        self.errors: list[str] = []  # what the failed ones answered
 
     async def one(self, client: httpx.AsyncClient, phase: str) -> None:
         self.n += 1
@@ -109,7 +110,9 @@ class PrefixLoad:
             "messages": [{"role": "system", "content": PREFIXES[k]},
                          {"role": "user", "content": f"Question {self.n}?"}]})
         hit = 0.0
-        if reply.status_code == 200:
+        if reply.status_code != 200:
+            self.errors.append(f"{phase}: {reply.status_code} {reply.text[:300]}")
+        else:
             usage = reply.json()["usage"]
             hit = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) / \
                 usage["prompt_tokens"]
@@ -174,7 +177,9 @@ def test_router_replicas_killed_and_restarted(mesh: Mesh) -> None:
     phases = {p: load.phase(p) for p in ("baseline", "one replica killed", "no router",
                                          "router back")}
     print(f"\nrouter replicas on real vLLM: {json.dumps(phases)}; {found}")
-    assert all(p["failed"] == 0 for p in phases.values()), phases
+    if any(p["failed"] for p in phases.values()):
+        print(mesh.logs())
+    assert all(p["failed"] == 0 for p in phases.values()), (phases, load.errors[:5])
     assert phases["baseline"]["hit_rate"] > 0.5
     assert float(found["hit_rate_back_after_ready_s"]) < 60  # type: ignore[arg-type]
     assert found["indexed_blocks_after"] >= 0.9 * found["indexed_blocks_before"]  # type: ignore[operator]

@@ -11,12 +11,13 @@ from kvmesh.router.cost_model import load_input, ttft_cost, within_bound
 from kvmesh.router.cost_vector import (
     bounded,
     load_arrays,
+    near_salts,
     rendezvous_scores,
     salts,
     ttft_costs,
 )
 from kvmesh.router.policy.kv_aware import rendezvous_score
-from kvmesh.router.registry import WorkerLoadView, WorkerState
+from kvmesh.router.registry import WorkerLoadView, WorkerRegistry, WorkerState
 
 pytestmark = pytest.mark.unit
 
@@ -58,3 +59,18 @@ def test_vector_rendezvous_scores_equal_the_scalar_ones() -> None:
     for key in (0, 1, 2**63 + 12345, 2**64 - 1):
         scores = rendezvous_scores(key, salts(workers)).tolist()
         assert scores == [rendezvous_score(key, w.worker_id) for w in workers]
+
+
+def test_a_selection_keeps_the_salts_of_its_workers() -> None:
+    """A registry selection carries its salts (worked out once, kept by its per-call
+    copies): the near-equals' salts gathered from it equal those looked up per id."""
+    registry = WorkerRegistry(lease_ttl_s=10)
+    for w in _fleet(random.Random(3), 64):
+        registry.upsert(w)
+    selection = registry.candidates(model="m")
+    again = registry.candidates(model="m")
+    assert again is not selection and again.salts is selection.salts
+    near = np.array([0, 5, 17, len(selection) - 1])
+    assert near_salts(selection, near).tolist() == \
+        salts([selection[i] for i in near.tolist()]).tolist()
+    assert near_salts(list(selection), near).tolist() == near_salts(selection, near).tolist()

@@ -2,13 +2,16 @@
 overwritten by the GetLoads poll (which lacks the prefill in hand and is read at
 another moment); the poll feeds the load only while no record is pushed."""
 
+import asyncio
+import random
+
 import pytest
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
 from kvmesh.core.config import RouterConfig
 from kvmesh.router import worker_probe
 from kvmesh.router.core import RouterCore
-from kvmesh.router.lifecycle import WorkerLifecycle
+from kvmesh.router.lifecycle import WorkerLifecycle, probe_pauses
 from kvmesh.router.registry import WorkerState
 
 pytestmark = pytest.mark.unit
@@ -41,3 +44,41 @@ async def test_a_pushed_load_is_not_overwritten_by_the_poll(monkeypatch) -> None
     life._pushed_at["w"] -= 1.0
     assert await life.probe("w", "127.0.0.1:1")
     assert life.core.registry.get("w").load.waiting_uncached_tokens == 0
+
+
+async def test_workers_registered_together_are_not_polled_together(monkeypatch) -> None:
+    """256 probe loops started in the same instant (a fleet registering at once, or
+    restored after a router restart) poll at their own phases: no burst of 256 calls
+    once per interval that routing decisions queue behind."""
+    life = lifecycle()
+    interval = life._config.probe_interval_s
+    loop = asyncio.get_running_loop()
+    polled: list[float] = []
+
+    async def probe(worker_id: str, endpoint: str) -> bool:
+        polled.append(loop.time())
+        return True
+
+    monkeypatch.setattr(life, "probe", probe)
+    start = loop.time()
+    tasks = [asyncio.create_task(life._probe_loop(f"w{i}", "127.0.0.1:1"))
+             for i in range(256)]
+    await asyncio.sleep(3.5 * interval)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    later = sorted(t - start for t in polled if t - start > interval * 1.2)
+    # About one interval's worth of polls per interval (the mean pause is the
+    # interval), and in any tenth of an interval at most a fifth of the fleet.
+    assert 256 * 1.5 < len(later) < 256 * 2.6
+    tenth = interval / 10
+    busiest = max(sum(1 for t in later if s <= t < s + tenth) for s in later)
+    assert busiest <= 256 // 5, busiest
+
+
+def test_probe_pauses_keep_the_interval_on_average() -> None:
+    pauses = probe_pauses(2.0, random.Random(1))
+    assert 0.0 <= next(pauses) <= 2.0  # the phase
+    rest = [next(pauses) for _ in range(2000)]
+    assert all(1.8 <= p <= 2.2 for p in rest)
+    assert abs(sum(rest) / len(rest) - 2.0) < 0.02

@@ -19,14 +19,14 @@ from kvmesh.router.cost_vector import (
     LoadArrays,
     bounded,
     load_arrays,
+    near_salts,
     rendezvous_scores,
-    salts,
     ttft_costs,
-    worker_salt,
 )
 from kvmesh.router.policy.base import Choice, RouteContext
 from kvmesh.router.prefix_index import PrefixIndex
 from kvmesh.router.registry import Candidates, WorkerState
+from kvmesh.router.salts import worker_salt
 
 PLACEMENT_BLOCKS = 4
 _BLOCK_SIZE = attrgetter("block_size")
@@ -180,7 +180,7 @@ class KvAwarePolicy:
         if key is None:
             at = self._rng.choice(near.tolist())
         else:
-            scores = rendezvous_scores(key, salts([workers[i] for i in near.tolist()]))
+            scores = rendezvous_scores(key, near_salts(workers, near))
             at = int(near[int(np.argmax(scores))])
         return Evaluation(cached, loads, kept, costs, near, key, at, hashes_by_size)
 
