@@ -135,9 +135,10 @@ def measured(pid: int, target: str, prompts: Path, run_dir: Path, cpus: set[int]
              extra: list[str]) -> dict[str, Any]:
     """One load run, with the router's CPU time over it: decisions per CPU-second is
     what one core of its own would answer, however busy the shared machine is."""
-    before = cpu_seconds(pid)
+    before, started = cpu_seconds(pid), time.monotonic()
     result = load(target, prompts, run_dir, cpus, extra)
     used = cpu_seconds(pid) - before
+    result["router_busy"] = round(used / (time.monotonic() - started), 3)
     result["router_cpu_s"] = round(used, 2)
     result["decisions_per_router_cpu_s"] = round(result["decisions"] / max(used, 1e-9), 1)
     return result
@@ -215,5 +216,30 @@ def run_router_rpc_bench(blocks: int = 1_000_000, fleets: tuple[int, ...] = (16,
                 report["fleets"].append(run_fleet(n, blocks, chains, run_dir, endpoint,
                                                   incarnation, prompts, settings))
     report["load_avg_after"] = os.getloadavg()
+    warning = rt_throttle_warning(report)
+    if warning:
+        report["warning"] = warning
     return report
+
+
+def rt_throttle_warning(report: dict[str, Any]) -> str:
+    """Under a real-time policy (``chrt -f``, inherited by the router) Linux runs
+    real-time tasks at most ``sched_rt_runtime_us`` of every ``sched_rt_period_us``
+    (950 ms of each second by default): a router busier than that on its core is
+    parked for the rest of each second, a stall that lands in the latency tail."""
+    if os.sched_getscheduler(0) not in (os.SCHED_FIFO, os.SCHED_RR):
+        return ""
+    try:
+        runtime = int(Path("/proc/sys/kernel/sched_rt_runtime_us").read_text())
+        period = int(Path("/proc/sys/kernel/sched_rt_period_us").read_text())
+    except (OSError, ValueError):
+        return ""
+    cap = runtime / period if runtime >= 0 else 1.0
+    busy = max((run.get("router_busy", 0.0) for fleet in report["fleets"]
+                for run in (fleet["saturated"], fleet["at_fixed_rate"])), default=0.0)
+    if busy < cap - 0.05:
+        return ""
+    return (f"real-time scheduling: the kernel runs real-time tasks at most {cap:.0%} of "
+            f"each second and the router was {busy:.0%} busy; the pause it is then given "
+            "each second is in the latency tail (run without chrt)")
 

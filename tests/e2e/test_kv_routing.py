@@ -63,6 +63,8 @@ def test_shared_prefix_goes_to_the_worker_that_cached_it(
             if s.indexed_blocks - before.get(s.worker.worker_id, 0) >= 600 // 32:
                 holder = s.worker.worker_id
         time.sleep(0.1)
+    if holder is None:
+        kvmesh_up.dump()  # the workers' and router's logs: why no event arrived
     assert holder is not None, list_workers(router)
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
