@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kvmesh.core.config import CostParams
+from kvmesh.router.kernels import costs
 from kvmesh.router.load_table import LoadTable
 from kvmesh.router.registry import Candidates, WorkerState
 from kvmesh.router.salts import id_salts
@@ -85,32 +86,48 @@ def bounded(params: CostParams, active: F64) -> np.ndarray[Any, np.dtype[np.bool
     """Mask of workers not above (1+ε)·mean active + 1 (all when none qualifies)."""
     if not len(active):
         return np.zeros(0, dtype=bool)
-    keep = active <= (1 + params.balance_epsilon) * active.mean() + 1
-    return keep if keep.any() else np.ones(len(active), dtype=bool)
+    return costs.within_bound(active, params.balance_epsilon)  # type: ignore[no-any-return]
 
 
 #: The cost model's load terms, in the order ``load_terms`` returns them.
 TERMS = ("queued_prefill", "backlog", "eviction", "running")
 
 
-def load_terms(params: CostParams, loads: LoadArrays, per_token: F64
+def _coefficients(params: CostParams) -> tuple[float, float, float, float]:
+    return (params.prefill_tokens_per_s, params.backlog_weight, params.eviction_weight,
+            params.decode_step_s_per_seq)
+
+
+def load_terms(params: CostParams, loads: LoadArrays, prompt_tokens: int, cached_tokens: F64
                ) -> tuple[F64, F64, F64, F64]:
     """What each load term adds to every candidate's cost, in seconds (``TERMS``):
     prefill queued there, the backlog's and the eviction's price of this prompt's
-    uncached tokens (``per_token``: their prefill time), the decode pressure."""
-    return (loads.queued_prefill_tokens / params.prefill_tokens_per_s,
-            params.backlog_weight * np.maximum(loads.waiting, 0.0) * per_token,
-            params.eviction_weight * np.clip(loads.kv_usage, 0.0, 1.0) * per_token,
-            loads.running * params.decode_step_s_per_seq)
+    uncached tokens, the decode pressure."""
+    rows = costs.load_terms(float(prompt_tokens), cached_tokens,
+                            loads.queued_prefill_tokens, loads.waiting, loads.kv_usage,
+                            loads.running, *_coefficients(params))
+    return rows[1], rows[2], rows[3], rows[4]
 
 
 def ttft_costs(params: CostParams, loads: LoadArrays, prompt_tokens: int,
                cached_tokens: F64) -> F64:
     """``ttft_cost`` for every candidate: the prompt's uncached prefill plus the load
     terms."""
-    per_token = np.maximum(prompt_tokens - cached_tokens, 0.0) / params.prefill_tokens_per_s
-    queued, backlog, eviction, running = load_terms(params, loads, per_token)
-    return per_token + queued + backlog + eviction + running
+    return costs.ttft_costs(  # type: ignore[no-any-return]
+        float(prompt_tokens), cached_tokens, loads.queued_prefill_tokens, loads.waiting,
+        loads.kv_usage, loads.running, *_coefficients(params))
+
+
+def near_equals(params: CostParams, loads: LoadArrays, prompt_tokens: int,
+                cached_tokens: F64) -> tuple[I64, F64, I64]:
+    """One compiled pass from the candidates' loads to the near-equals: the positions
+    within the load bound (``bounded``), their costs (``ttft_costs``), and the positions
+    among them within the placement slack of the cheapest."""
+    slack = params.placement_slack * prompt_tokens / params.prefill_tokens_per_s
+    kept, kept_costs, near = costs.near_equals(
+        *loads, cached_tokens, float(prompt_tokens), params.balance_epsilon,
+        *_coefficients(params), slack)
+    return kept, kept_costs, near
 
 
 def rendezvous_scores(key: int, salts: np.ndarray[Any, np.dtype[np.uint64]]

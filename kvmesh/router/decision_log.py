@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-import numpy as np
-
 from kvmesh.core.config import CostParams
 from kvmesh.router.cost_vector import TERMS, LoadArrays, load_terms
 from kvmesh.router.policy.base import RouteContext
@@ -31,9 +29,8 @@ def cost_terms(params: CostParams, ev: Evaluation, prompt_tokens: int
     """Each kept candidate's cost split into the cost model's load terms (seconds),
     by its position among the candidates."""
     kept = ev.kept
-    per_token = (np.maximum(prompt_tokens - ev.cached[kept], 0.0)
-                 / params.prefill_tokens_per_s)
-    terms = load_terms(params, LoadArrays(*(a[kept] for a in ev.loads)), per_token)
+    terms = load_terms(params, LoadArrays(*(a[kept] for a in ev.loads)), prompt_tokens,
+                       ev.cached[kept])
     return {at: {name: float(values[i]) for name, values in zip(TERMS, terms, strict=True)}
             for i, at in enumerate(kept.tolist())}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from kvmesh.core.grpc_util import wait_serving
@@ -52,13 +54,24 @@ class UpProcess:
         return [self.proc.pid, pids["router"], pids["gateway"], *pids["workers"]]
 
     def interrupt(self, timeout_s: float = 90) -> int:
-        """Ctrl-C, as a user would."""
+        """Ctrl-C, as a user would; then no process it started outlives it (Ray's
+        daemons and actors, engine cores): one left spinning would slow, or share
+        sockets with, the next test's mesh. Survivors are reported and ended."""
+        try:
+            started = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            started = []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                return self.proc.wait(timeout=timeout_s)
+                self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 terminate(self.proc, 5)
+        _, alive = psutil.wait_procs(started, timeout=15)
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                print(f"kvmesh up left {child.pid} ({' '.join(child.cmdline())[:80]}); ended")
+                child.kill()
         return int(self.proc.returncode)
 
     def dump(self) -> None:

@@ -11,6 +11,8 @@ from kvmesh.router.cost_model import load_input, ttft_cost, within_bound
 from kvmesh.router.cost_vector import (
     bounded,
     load_arrays,
+    load_terms,
+    near_equals,
     near_salts,
     rendezvous_scores,
     salts,
@@ -74,3 +76,32 @@ def test_a_selection_keeps_the_salts_of_its_workers() -> None:
     assert near_salts(selection, near).tolist() == \
         salts([selection[i] for i in near.tolist()]).tolist()
     assert near_salts(list(selection), near).tolist() == near_salts(selection, near).tolist()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_pass_near_equals_equal_the_per_candidate_steps(seed: int) -> None:
+    """The compiled pass a decision takes (bound, costs, near-equals in one call) picks
+    what the per-candidate model picks, with the same costs, and its load terms add up
+    to those costs."""
+    rng = random.Random(100 + seed)
+    params = CostParams(balance_epsilon=rng.choice([0.1, 0.5, 2.0]),
+                        placement_slack=rng.choice([0.0, 0.1, 0.5]))
+    workers = _fleet(rng, rng.choice([1, 3, 16, 256]))
+    cached = [rng.choice([0, 32 * rng.randrange(200)]) for _ in workers]
+    inputs = [load_input(w) for w in workers]
+    prompt = rng.choice([100, 4096, 8192])
+    kept, costs, near = near_equals(params, load_arrays(workers), prompt,
+                                    np.array(cached, dtype=float))
+    by_bound = {x.worker_id for x in within_bound(params, inputs)}
+    assert {workers[i].worker_id for i in kept.tolist()} == by_bound
+    scalar = [ttft_cost(params, inputs[i], prompt, cached[i]) for i in kept.tolist()]
+    assert costs.tolist() == pytest.approx(scalar, rel=1e-12)
+    slack = params.placement_slack * prompt / params.prefill_tokens_per_s
+    assert near.tolist() == [i for i, c in zip(kept.tolist(), scalar, strict=True)
+                             if c <= min(scalar) + slack + 1e-9]
+    arrays = load_arrays(workers)
+    terms = load_terms(params, type(arrays)(*(a[kept] for a in arrays)), prompt,
+                       np.array(cached, dtype=float)[kept])
+    uncached = np.maximum(prompt - np.array(cached, dtype=float)[kept], 0) / \
+        params.prefill_tokens_per_s
+    assert (uncached + sum(terms)).tolist() == pytest.approx(costs.tolist(), rel=1e-12)

@@ -3,15 +3,16 @@
 Everything works on flat numpy arrays, so the index costs a few bytes per block and no
 Python objects (nothing for the garbage collector to walk): ``tables`` has the block
 hash chain, the holder and engine tables and prompt matching; ``pending`` the table of
-routed-but-unconfirmed blocks. Each kernel compiles once and is cached on disk;
-``warm_up`` loads them all before the first request.
+routed-but-unconfirmed blocks; ``costs`` the cost model over a decision's candidates.
+Each kernel compiles once and is cached on disk; ``warm_up`` loads them all before the
+first request.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from kvmesh.router.kernels import pending, tables
+from kvmesh.router.kernels import costs, pending, tables
 
 
 def warm_up() -> None:
@@ -42,3 +43,9 @@ def warm_up() -> None:
     pending.pending_clear(pkeys, pmasks, hashes, 0, np.uint64(2))
     pending.pending_clear_slot(pmasks, 0, np.uint64(2))
     pending.rehash_pending(pkeys, pmasks, pexp, 0.0, pkeys.copy(), pmasks.copy(), pexp.copy())
+    column = np.ones(4)
+    costs.within_bound(column, 0.1)
+    costs.load_terms(8.0, column, column, column, column, column, 1.0, 1.0, 1.0, 1.0)
+    costs.ttft_costs(8.0, column, column, column, column, column, 1.0, 1.0, 1.0, 1.0)
+    costs.near_equals(column, column, column, column, column, column, 8.0, 0.1, 1.0, 1.0,
+                      1.0, 1.0, 0.1)

@@ -17,11 +17,10 @@ from kvmesh.router.cost_vector import (
     F64,
     I64,
     LoadArrays,
-    bounded,
     load_arrays,
+    near_equals,
     near_salts,
     rendezvous_scores,
-    ttft_costs,
 )
 from kvmesh.router.policy.base import Choice, RouteContext
 from kvmesh.router.prefix_index import PrefixIndex
@@ -166,16 +165,12 @@ class KvAwarePolicy:
         cached, hashes_by_size, sizes = self._match(ctx, workers)
         loads = load_arrays(workers, ctx.adapter, self.params.adapter_load_tokens)
         loads = loads._replace(kv_usage=np.maximum(loads.kv_usage, self._held(workers)))
-        kept = np.flatnonzero(bounded(self.params, loads.active))
-        prompt_tokens = len(ctx.token_ids)
-        costs = ttft_costs(self.params, LoadArrays(*(a[kept] for a in loads)),
-                           prompt_tokens, cached[kept])
-        # Capacity-aware placement: among the workers within a small slack of the best
-        # cost, prefer the prompt's rendezvous "home". A prefix that is cold everywhere
-        # then always lands on the same worker, so the fleet's caches partition the hot
-        # set instead of each caching a copy of it (and thrashing when it outgrows one).
-        slack = self.params.placement_slack * prompt_tokens / self.params.prefill_tokens_per_s
-        near = kept[costs <= costs.min() + slack + 1e-9]
+        # The load bound, every kept worker's cost, and capacity-aware placement:
+        # among the workers within a small slack of the best cost, prefer the prompt's
+        # rendezvous "home". A prefix that is cold everywhere then always lands on the
+        # same worker, so the fleet's caches partition the hot set instead of each
+        # caching a copy of it (and thrashing when it outgrows one).
+        kept, costs, near = near_equals(self.params, loads, len(ctx.token_ids), cached)
         key = placement_key(hashes_by_size, sizes, near, cached)
         if key is None:
             at = self._rng.choice(near.tolist())

@@ -1,0 +1,101 @@
+"""The cost model over all candidates in one compiled pass (numba; pure).
+
+``cost_model`` states the formulas per candidate; ``cost_vector`` applies them to every
+candidate of a decision through these kernels. One decision used to be ~30 numpy calls
+over a few to a few hundred candidates (the load bound, a gather per load column, the
+cost's terms, the near-equals), each a microsecond or more of call overhead whatever
+the size: ``near_equals`` does the whole step in one call. Every kernel goes through
+``_terms`` and ``_within``, so the formulas are written once; the arithmetic is done in
+the same order as the per-candidate formulas (no fastmath), so the results are the same
+floats (``tests/unit/test_cost_vector.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+F64 = np.ndarray[Any, np.dtype[np.float64]]
+I64 = np.ndarray[Any, np.dtype[np.int64]]
+
+
+@njit(cache=True, inline="always")
+def _terms(prompt_tokens: float, cached: float, queued: float, waiting: float, kv: float,
+           running: float, tokens_per_s: float, backlog_weight: float,
+           eviction_weight: float, decode_step_s: float
+           ) -> tuple[float, float, float, float, float]:
+    """The prompt's uncached prefill time, then the load terms (``cost_vector.TERMS``:
+    queued prefill, backlog, eviction, running), in seconds."""
+    per_token = max(prompt_tokens - cached, 0.0) / tokens_per_s
+    return (per_token, queued / tokens_per_s,
+            backlog_weight * max(waiting, 0.0) * per_token,
+            eviction_weight * min(max(kv, 0.0), 1.0) * per_token,
+            running * decode_step_s)
+
+
+@njit(cache=True, inline="always")
+def _bound(active: F64, epsilon: float) -> float:
+    """The load bound: (1+ε)·mean active + 1."""
+    return (1 + epsilon) * (active.sum() / len(active)) + 1
+
+
+@njit(cache=True, nogil=True)
+def within_bound(active: F64, epsilon: float) -> Any:
+    """Mask of candidates within the load bound (all when none is)."""
+    keep = active <= _bound(active, epsilon)
+    return keep if keep.any() else np.ones(len(active), np.bool_)
+
+
+@njit(cache=True, nogil=True)
+def load_terms(prompt_tokens: float, cached: F64, queued: F64, waiting: F64, kv: F64,
+               running: F64, tokens_per_s: float, backlog_weight: float,
+               eviction_weight: float, decode_step_s: float) -> Any:
+    """Rows: each candidate's uncached prefill time and its four load terms."""
+    out = np.empty((5, len(cached)))
+    for i in range(len(cached)):
+        out[:, i] = _terms(prompt_tokens, cached[i], queued[i], waiting[i], kv[i],
+                           running[i], tokens_per_s, backlog_weight, eviction_weight,
+                           decode_step_s)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def ttft_costs(prompt_tokens: float, cached: F64, queued: F64, waiting: F64, kv: F64,
+               running: F64, tokens_per_s: float, backlog_weight: float,
+               eviction_weight: float, decode_step_s: float) -> Any:
+    """Each candidate's cost: its uncached prefill plus its load terms."""
+    out = np.empty(len(cached))
+    for i in range(len(cached)):
+        p, q, b, e, r = _terms(prompt_tokens, cached[i], queued[i], waiting[i], kv[i],
+                               running[i], tokens_per_s, backlog_weight, eviction_weight,
+                               decode_step_s)
+        out[i] = p + q + b + e + r
+    return out
+
+
+@njit(cache=True, nogil=True)
+def near_equals(active: F64, running: F64, queued: F64, kv: F64, waiting: F64,
+                cached: F64, prompt_tokens: float, epsilon: float, tokens_per_s: float,
+                backlog_weight: float, eviction_weight: float, decode_step_s: float,
+                slack_s: float) -> Any:
+    """One decision's step from loads to the near-equals: the candidates within the
+    load bound (``kept``, positions), their costs, and the kept ones within
+    ``slack_s`` of the cheapest (``near``, positions)."""
+    n = len(active)
+    bound = _bound(active, epsilon)
+    kept = np.nonzero(active <= bound)[0]
+    if len(kept) == 0:
+        kept = np.arange(n)
+    costs = np.empty(len(kept))
+    cheapest = np.inf
+    for j in range(len(kept)):
+        i = kept[j]
+        p, q, b, e, r = _terms(prompt_tokens, cached[i], queued[i], waiting[i], kv[i],
+                               running[i], tokens_per_s, backlog_weight, eviction_weight,
+                               decode_step_s)
+        costs[j] = p + q + b + e + r
+        cheapest = min(cheapest, costs[j])
+    near = kept[costs <= cheapest + slack_s + 1e-9]
+    return kept, costs, near
