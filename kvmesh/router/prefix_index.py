@@ -21,16 +21,17 @@ enough.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from kvmesh.router.block_hash import ROOT, ChainState, TokenIds, chain_arrays, namespace_seed
 from kvmesh.router.kernels import pending, tables
+from kvmesh.router.marks import CHECKPOINT_STRIDE, block_positions
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 # Tables grow (double) past this load factor; linear probing stays short below it.
@@ -98,38 +99,6 @@ class StoredBlocks:
     adapter: str = ""
 
 
-_CHECKPOINT_STRIDE = 16
-
-
-def checkpoints(n_blocks: int) -> list[int]:
-    """Block positions a prompt is looked up at for pending marks: 0, 1, 3, 7, 15, then
-    every 16th block, and the last one."""
-    out: list[int] = []
-    k = 1
-    while k <= min(n_blocks, _CHECKPOINT_STRIDE):
-        out.append(k - 1)
-        k *= 2
-    out.extend(range(2 * _CHECKPOINT_STRIDE - 1, n_blocks, _CHECKPOINT_STRIDE))
-    if n_blocks and out[-1] != n_blocks - 1:
-        out.append(n_blocks - 1)
-    return out
-
-
-def mark_positions(n_blocks: int) -> list[int]:
-    """Where a routed prompt leaves pending marks: its checkpoints plus every block of
-    its tail after the last full stride, so a later prompt that extends it (the next
-    turn of a conversation) finds its exact length by scanning at most one stride."""
-    marks = checkpoints(n_blocks)
-    tail_start = max((n_blocks - 1) // _CHECKPOINT_STRIDE * _CHECKPOINT_STRIDE, 0)
-    return sorted(set(marks) | set(range(tail_start, n_blocks)))
-
-
-@functools.lru_cache(maxsize=1024)
-def _positions(n_blocks: int, marks: bool) -> np.ndarray:
-    positions = mark_positions(n_blocks) if marks else checkpoints(n_blocks)
-    return np.array(positions, dtype=np.int64)
-
-
 Views = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
@@ -175,6 +144,8 @@ class PrefixIndex:
         # worker id -> its view's slot (-1: none, kept until the worker is removed).
         self._slots: defaultdict[str, int] = defaultdict(lambda: -1)
         self._free: list[int] = []  # slots of removed workers, reused first
+        self._slot_version = 0  # bumped when a slot is given or taken back
+        self._live_kept: tuple[Sequence[str], tuple[int, int], Any] | None = None
         self._clock = self.clock = clock
         self.unknown_parent_blocks = 0
 
@@ -228,6 +199,7 @@ class PrefixIndex:
             slot = self._free.pop() if self._free else len(self._views)
             view = self._views[worker_id] = _WorkerView(slot)
             self._slots[worker_id] = slot
+            self._slot_version += 1
         return view
 
     def clear_worker(self, worker_id: str) -> None:
@@ -244,6 +216,7 @@ class PrefixIndex:
         self.clear_worker(worker_id)
         view = self._views.pop(worker_id, None)
         self._slots.pop(worker_id, None)
+        self._slot_version += 1
         if view is not None:
             if view.word < self._pmasks.shape[1]:
                 pending.pending_clear_slot(self._pmasks, view.word, view.bit)
@@ -294,7 +267,7 @@ class PrefixIndex:
         finishes)."""
         view = self._view(worker_id)
         now = self._clock()
-        positions = _positions(len(hashes), True)
+        positions = block_positions(len(hashes), True)
         self._reserve(0, view.word + 1)
         self._reserve_pending(len(positions), view.word + 1, now)
         self._pcount += pending.pending_mark(
@@ -307,7 +280,7 @@ class PrefixIndex:
         view = self._views.get(worker_id)
         if view is None or not self._pcount or view.word >= self._pmasks.shape[1]:
             return
-        positions = _positions(len(hashes), True)
+        positions = block_positions(len(hashes), True)
         pending.pending_clear(self._pkeys, self._pmasks, as_hash_array(hashes)[positions],
                               view.word, view.bit)
 
@@ -336,26 +309,42 @@ class PrefixIndex:
                     worker_ids: Sequence[str], pending_marks: bool = True) -> np.ndarray:
         """``match`` as an int array in ``worker_ids``' order: the ids' slots looked
         up in one C-level pass and the rest in numpy (no Python per worker)."""
-        slots = np.fromiter(map(self._slots.__getitem__, worker_ids), np.int64,
-                            len(worker_ids))
-        words = self._masks.shape[1]
-        # Slots past the table's width (or none: -1) hold nothing yet.
-        held = (slots >= 0) & (slots < 64 * words)
-        if not held.any():
-            return np.zeros(len(slots), np.int64)
-        live = slots[held].astype(np.uint64)
-        alive_words = np.zeros(words, np.uint64)
-        np.bitwise_or.at(alive_words, (live >> np.uint64(6)).astype(np.intp),
-                         np.left_shift(np.uint64(1), live & np.uint64(63)))
-        found = np.zeros(words * 64, np.int32)
+        live = self._live(worker_ids)
+        if live is None:
+            return np.zeros(len(worker_ids), np.int64)
+        at, held, alive = live
+        found = np.zeros(self._masks.shape[1] * 64, np.int32)
         array = as_hash_array(hashes)
-        pending_alive = alive_words.copy()
+        alive_words, pending_alive = alive.copy(), alive.copy()  # the kernels clear bits
         tables.match(self._keys, self._masks, array, alive_words, found)
         if self._pcount and pending_marks:
             pending.pending_match(
                 self._pkeys, self._pmasks, self._pexpiry, self._clock(), array,
-                _positions(len(array), False), _CHECKPOINT_STRIDE, pending_alive, found)
-        return np.where(held, found[np.where(held, slots, 0)], 0).astype(np.int64)
+                block_positions(len(array), False), CHECKPOINT_STRIDE, pending_alive, found)
+        return np.where(held, found[at], 0).astype(np.int64)
+
+    def _live(self, worker_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray,
+                                                         np.ndarray] | None:
+        """Where each id's count is read (its slot, 0 for none), which ids the table is
+        wide enough to hold (no slot: -1), and the bitmask words of those: None when
+        none is. Kept while the same id list
+        (a candidate selection's, the same object decision after decision) meets the
+        same slots and table width."""
+        kept, version = self._live_kept, (self._slot_version, self._masks.shape[1])
+        if kept is not None and kept[0] is worker_ids and kept[1] == version:
+            return kept[2]
+        slots = np.fromiter(map(self._slots.__getitem__, worker_ids), np.int64,
+                            len(worker_ids))
+        held = (slots >= 0) & (slots < 64 * version[1])
+        live = None
+        if held.any():
+            bits = slots[held].astype(np.uint64)
+            alive = np.zeros(version[1], np.uint64)
+            np.bitwise_or.at(alive, (bits >> np.uint64(6)).astype(np.intp),
+                             np.left_shift(np.uint64(1), bits & np.uint64(63)))
+            live = np.where(held, slots, 0), held, alive
+        self._live_kept = (worker_ids, version, live)
+        return live
 
     # ---- snapshots -------------------------------------------------------------
     def export_views(self) -> Views:

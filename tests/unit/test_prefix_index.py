@@ -134,7 +134,7 @@ def test_against_a_reference_model() -> None:
 
 
 def test_pending_marks_sit_at_checkpoints() -> None:
-    from kvmesh.router.prefix_index import checkpoints
+    from kvmesh.router.marks import checkpoints
 
     assert checkpoints(0) == [] and checkpoints(1) == [0]
     assert checkpoints(20) == [0, 1, 3, 7, 15, 19]
@@ -173,3 +173,25 @@ def test_match_array_over_many_slots_and_unknown_workers() -> None:
     got = index.match_array(hashes, asked).tolist()
     assert got == [depths.get(w, 0) for w in asked]
     assert index.match(hashes, asked) == {w: depths.get(w, 0) for w in asked}
+
+
+def test_a_kept_id_list_sees_slots_given_taken_and_the_table_widened() -> None:
+    """match_array keeps the slots of an id list it is asked about again (a candidate
+    selection's, the same object each decision): a worker that gets its first blocks,
+    one removed, and the table growing past 64 slots all show on the next ask."""
+    rng = random.Random(8)
+    index = PrefixIndex()
+    tokens = [rng.randrange(50_000) for _ in range(12 * BS)]
+    hashes = prompt_hashes(tokens, BS, namespace_seed("m"))
+    asked = ["a", "b", "w070"]  # one list object, asked again and again
+    store(index, "a", tokens[:5 * BS], 1000)
+    assert index.match_array(hashes, asked).tolist() == [5, 0, 0]
+    store(index, "b", tokens[:9 * BS], 2000)  # b's first blocks: a new slot
+    assert index.match_array(hashes, asked).tolist() == [5, 9, 0]
+    index.remove_worker("a")
+    assert index.match_array(hashes, asked).tolist() == [0, 9, 0]
+    for i in range(71):  # past one mask word: w070 gets slot 71
+        store(index, f"w{i:03d}", tokens[:(i % 12) * BS], 10_000 * (i + 1))
+    assert index.match_array(hashes, asked).tolist() == [0, 9, 70 % 12]
+    store(index, "a", tokens[:3 * BS], 3000)  # back, in a freed or new slot
+    assert index.match_array(hashes, asked).tolist() == [3, 9, 70 % 12]
