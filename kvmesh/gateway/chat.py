@@ -91,6 +91,7 @@ async def stream_chat(
     streams = [plan.tool_stream() for _ in range(n)]
     parsers = [plan.output_parser(tokenizer) for _ in range(n)]
     called = [False] * n
+    started = False
     async with contextlib.aclosing(events):  # type: ignore[type-var]
         async for event in events:
             if isinstance(event, Finished):
@@ -114,7 +115,14 @@ async def stream_chat(
                 out.content = event.text
             called[i] = called[i] or bool(out.tool_calls)
             out.finish_reason = _final_reason(plan, event.finish_reason, called[i])
-            if out.content or out.reasoning or out.tool_calls or out.finish_reason:
+            if out.content or out.reasoning or out.tool_calls or out.finish_reason or (
+                    event.token_ids and (not started or (forced_stream is None
+                                                         and parser is None))):
+                # New tokens whose text is held back (bytes of a character not yet
+                # whole) still go out as an empty content delta, as vLLM sends them —
+                # and the first one starts the stream: a client's first chunk (and its
+                # time to first token) must not wait for the first whole character.
+                started = True
                 yield out
 
 

@@ -151,3 +151,35 @@ def test_a_parser_the_tokenizer_cannot_serve_is_a_clear_error(model_dir: Path) -
     plain = AutoTokenizer.from_pretrained(str(model_dir))  # no <think> tokens
     with pytest.raises(KvmeshError, match="reasoning parser 'deepseek_r1' cannot run"):
         OutputParser(plain, chat(), None, "deepseek_r1")
+
+
+@pytest.mark.parametrize("reasoning", [None, "deepseek_r1"])
+async def test_the_stream_starts_at_the_first_token_whose_text_is_held_back(
+    tokenizer: ModelTokenizer, reasoning: str | None,
+) -> None:
+    """An answer that opens with a character of several byte tokens (its text held back
+    until whole) still starts the stream at its first token: the first event (which
+    starts the HTTP response and its role chunk) must not wait for a whole character —
+    a generation that never forms one would otherwise send nothing until it ends (5 s
+    TTFT on vLLM's own bench's random prompts). Without a parser, every token goes out
+    as vLLM sends it, an empty content delta while its text is held back."""
+    text = "😀🙂 ok"
+    deltas = token_deltas(tokenizer, text)
+    assert deltas[0] == ("", deltas[0][1])  # the first token is part of a character
+    plan = _plan(chat(), reasoning)
+    seen: list[int] = []
+
+    async def events() -> Any:
+        for i, (t, ids) in enumerate(deltas):
+            seen.append(i)
+            yield ChoiceDelta(0, t, ids, "stop" if i == len(deltas) - 1 else None)
+        yield Finished(usage(5, len(deltas), 0))
+
+    stream = aiter(stream_chat(events(), plan, tokenizer, 1))
+    first = await anext(stream)
+    assert seen == [0] and not first.content
+    rest = [e async for e in stream if not isinstance(e, Finished)]
+    said = "".join((e.content or "") + (e.reasoning or "") for e in [first, *rest])
+    assert said == text  # (deepseek_r1 takes an answer without </think> as reasoning)
+    if reasoning is None:
+        assert 1 + len(rest) == len(deltas)  # one event per token, as vLLM streams

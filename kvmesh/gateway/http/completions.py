@@ -54,8 +54,8 @@ def completion_renderer(prepared: Prepared, rid: str, created: int, include_usag
             start = offsets.get(event.index, len(prefix))
             lp = _logprobs(event.prompt_logprobs, event.logprobs, logprobs, tokenizer, start)
             offsets[event.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-        if not (text or event.finish_reason or lp):
-            return None
+        if not (text or event.finish_reason or lp or event.token_ids):
+            return None  # tokens with their text held back still go out, as vLLM sends
         if lp is None:
             return plain.text(event.index, text, event.finish_reason)
         return chunk([CompletionChoice(index=event.index, text=text,
