@@ -115,13 +115,14 @@ async def stream_chat(
                 out.content = event.text
             called[i] = called[i] or bool(out.tool_calls)
             out.finish_reason = _final_reason(plan, event.finish_reason, called[i])
-            if out.content or out.reasoning or out.tool_calls or out.finish_reason or (
-                    event.token_ids and (not started or (forced_stream is None
-                                                         and parser is None))):
-                # New tokens whose text is held back (bytes of a character not yet
-                # whole) still go out as an empty content delta, as vLLM sends them —
-                # and the first one starts the stream: a client's first chunk (and its
-                # time to first token) must not wait for the first whole character.
+            # New tokens whose text is held back (bytes of a character not yet whole)
+            # still go out as an empty content delta when no parser holds text back
+            # itself, as vLLM sends them — and the first one starts the stream in any
+            # case: a client's first chunk (its time to first token) must not wait for
+            # the first whole character.
+            plain = forced_stream is None and parser is None
+            held_back = bool(event.token_ids) and (plain or not started)
+            if out.content or out.reasoning or out.tool_calls or out.finish_reason or held_back:
                 started = True
                 yield out
 

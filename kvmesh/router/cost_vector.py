@@ -82,13 +82,6 @@ def load_arrays(workers: Sequence[WorkerState], adapter: str = "",
                       np.maximum(active - running, waiting))
 
 
-def bounded(params: CostParams, active: F64) -> np.ndarray[Any, np.dtype[np.bool_]]:
-    """Mask of workers not above (1+ε)·mean active + 1 (all when none qualifies)."""
-    if not len(active):
-        return np.zeros(0, dtype=bool)
-    return costs.within_bound(active, params.balance_epsilon)  # type: ignore[no-any-return]
-
-
 #: The cost model's load terms, in the order ``load_terms`` returns them.
 TERMS = ("queued_prefill", "backlog", "eviction", "running")
 
@@ -109,20 +102,12 @@ def load_terms(params: CostParams, loads: LoadArrays, prompt_tokens: int, cached
     return rows[1], rows[2], rows[3], rows[4]
 
 
-def ttft_costs(params: CostParams, loads: LoadArrays, prompt_tokens: int,
-               cached_tokens: F64) -> F64:
-    """``ttft_cost`` for every candidate: the prompt's uncached prefill plus the load
-    terms."""
-    return costs.ttft_costs(  # type: ignore[no-any-return]
-        float(prompt_tokens), cached_tokens, loads.queued_prefill_tokens, loads.waiting,
-        loads.kv_usage, loads.running, *_coefficients(params))
-
-
 def near_equals(params: CostParams, loads: LoadArrays, prompt_tokens: int,
                 cached_tokens: F64) -> tuple[I64, F64, I64]:
     """One compiled pass from the candidates' loads to the near-equals: the positions
-    within the load bound (``bounded``), their costs (``ttft_costs``), and the positions
-    among them within the placement slack of the cheapest."""
+    within the load bound ((1+ε)·mean active + 1; all when none is), their costs
+    (``cost_model.ttft_cost``: the uncached prefill plus the load terms), and the
+    positions among them within the placement slack of the cheapest."""
     slack = params.placement_slack * prompt_tokens / params.prefill_tokens_per_s
     kept, kept_costs, near = costs.near_equals(
         *loads, cached_tokens, float(prompt_tokens), params.balance_epsilon,
@@ -153,4 +138,4 @@ def near_salts(workers: Sequence[WorkerState], near: np.ndarray
     sequence."""
     if isinstance(workers, Candidates):
         return workers.salts[near]
-    return id_salts([workers[i].worker_id for i in near.tolist()])
+    return salts([workers[i] for i in near.tolist()])

@@ -327,9 +327,8 @@ class PrefixIndex:
                                                          np.ndarray] | None:
         """Where each id's count is read (its slot, 0 for none), which ids the table is
         wide enough to hold (no slot: -1), and the bitmask words of those: None when
-        none is. Kept while the same id list
-        (a candidate selection's, the same object decision after decision) meets the
-        same slots and table width."""
+        none is. Kept while the same id list (a candidate selection's, the same object
+        decision after decision) meets the same slots and table width."""
         kept, version = self._live_kept, (self._slot_version, self._masks.shape[1])
         if kept is not None and kept[0] is worker_ids and kept[1] == version:
             return kept[2]

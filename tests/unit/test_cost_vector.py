@@ -9,15 +9,14 @@ import pytest
 from kvmesh.core.config import CostParams
 from kvmesh.router.cost_model import load_input, ttft_cost, within_bound
 from kvmesh.router.cost_vector import (
-    bounded,
     load_arrays,
     load_terms,
     near_equals,
     near_salts,
     rendezvous_scores,
     salts,
-    ttft_costs,
 )
+from kvmesh.router.kernels import costs as kernel_costs
 from kvmesh.router.policy.kv_aware import rendezvous_score
 from kvmesh.router.registry import WorkerLoadView, WorkerRegistry, WorkerState
 
@@ -48,9 +47,14 @@ def test_vector_costs_equal_the_per_candidate_costs(seed: int) -> None:
                               "waiting"), arrays, strict=True):
         assert column.tolist() == [float(getattr(x, field)) for x in inputs], field
     kept = {x.worker_id for x in within_bound(params, inputs)}
-    mask = bounded(params, arrays.active)
-    assert {w.worker_id for w, keep in zip(workers, mask, strict=True) if keep} == kept
-    costs = ttft_costs(params, arrays, 4096, np.array(cached, dtype=float))
+    bound, _, _ = near_equals(params, arrays, 4096, np.array(cached, dtype=float))
+    assert {workers[i].worker_id for i in bound.tolist()} == kept
+    # Every candidate's cost, kept or not: its uncached prefill and load terms, from the
+    # formula the compiled decision sums.
+    costs = kernel_costs.load_terms(
+        4096.0, np.array(cached, dtype=float), arrays.queued_prefill_tokens, arrays.waiting,
+        arrays.kv_usage, arrays.running, params.prefill_tokens_per_s, params.backlog_weight,
+        params.eviction_weight, params.decode_step_s_per_seq).sum(axis=0)
     assert costs.tolist() == pytest.approx(
         [ttft_cost(params, x, 4096, c) for x, c in zip(inputs, cached, strict=True)],
         rel=1e-12)

@@ -44,8 +44,6 @@ def warm_up() -> None:
     pending.pending_clear_slot(pmasks, 0, np.uint64(2))
     pending.rehash_pending(pkeys, pmasks, pexp, 0.0, pkeys.copy(), pmasks.copy(), pexp.copy())
     column = np.ones(4)
-    costs.within_bound(column, 0.1)
     costs.load_terms(8.0, column, column, column, column, column, 1.0, 1.0, 1.0, 1.0)
-    costs.ttft_costs(8.0, column, column, column, column, column, 1.0, 1.0, 1.0, 1.0)
     costs.near_equals(column, column, column, column, column, column, 8.0, 0.1, 1.0, 1.0,
                       1.0, 1.0, 0.1)

@@ -5,7 +5,7 @@ candidate of a decision through these kernels. One decision used to be ~30 numpy
 over a few to a few hundred candidates (the load bound, a gather per load column, the
 cost's terms, the near-equals), each a microsecond or more of call overhead whatever
 the size: ``near_equals`` does the whole step in one call. Every kernel goes through
-``_terms`` and ``_within``, so the formulas are written once; the arithmetic is done in
+``_terms`` and ``_bound``, so the formulas are written once; the arithmetic is done in
 the same order as the per-candidate formulas (no fastmath), so the results are the same
 floats (``tests/unit/test_cost_vector.py``).
 """
@@ -42,36 +42,16 @@ def _bound(active: F64, epsilon: float) -> float:
 
 
 @njit(cache=True, nogil=True)
-def within_bound(active: F64, epsilon: float) -> Any:
-    """Mask of candidates within the load bound (all when none is)."""
-    keep = active <= _bound(active, epsilon)
-    return keep if keep.any() else np.ones(len(active), np.bool_)
-
-
-@njit(cache=True, nogil=True)
 def load_terms(prompt_tokens: float, cached: F64, queued: F64, waiting: F64, kv: F64,
                running: F64, tokens_per_s: float, backlog_weight: float,
                eviction_weight: float, decode_step_s: float) -> Any:
-    """Rows: each candidate's uncached prefill time and its four load terms."""
+    """Rows: each candidate's uncached prefill time and its four load terms (they add
+    up to its cost)."""
     out = np.empty((5, len(cached)))
     for i in range(len(cached)):
         out[:, i] = _terms(prompt_tokens, cached[i], queued[i], waiting[i], kv[i],
                            running[i], tokens_per_s, backlog_weight, eviction_weight,
                            decode_step_s)
-    return out
-
-
-@njit(cache=True, nogil=True)
-def ttft_costs(prompt_tokens: float, cached: F64, queued: F64, waiting: F64, kv: F64,
-               running: F64, tokens_per_s: float, backlog_weight: float,
-               eviction_weight: float, decode_step_s: float) -> Any:
-    """Each candidate's cost: its uncached prefill plus its load terms."""
-    out = np.empty(len(cached))
-    for i in range(len(cached)):
-        p, q, b, e, r = _terms(prompt_tokens, cached[i], queued[i], waiting[i], kv[i],
-                               running[i], tokens_per_s, backlog_weight, eviction_weight,
-                               decode_step_s)
-        out[i] = p + q + b + e + r
     return out
 
 
