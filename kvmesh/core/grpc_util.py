@@ -37,7 +37,16 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", True),
 ]
 
+#: Longest pause between a client channel's attempts to reach a peer that is down.
+#: gRPC's default backoff grows to 120 s: a worker whose router was away for seconds
+#: would re-register seconds after the router is back, after the restarted router's
+#: warm-up gave up waiting for it (router/warmup.py). Mesh peers are few and local.
+RECONNECT_BACKOFF_MAX_S = 1.0
+
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", int(RECONNECT_BACKOFF_MAX_S * 1000)),
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
     ("grpc.keepalive_time_ms", 30000),

@@ -18,7 +18,7 @@ import grpc
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
 from kvmesh.core.errors import InvalidRequestError, KvmeshError
-from kvmesh.core.grpc_util import internal_channel
+from kvmesh.core.grpc_util import RECONNECT_BACKOFF_MAX_S, internal_channel
 from kvmesh.core.roles import GATEWAY, is_gateway, role_from_proto
 from kvmesh.router import snapshot, worker_probe
 from kvmesh.router.core import RouterCore
@@ -55,7 +55,10 @@ class WorkerLifecycle:
         self._rng = random.Random()  # the probe loops' phases
         # Every worker heartbeats (and so re-registers) within one interval, plus its
         # registration's probes.
-        self.warmup = Warmup(2 * self._config.heartbeat_interval_s + 1.0)
+        # A worker re-registers at its next beat once its channel is back: within a
+        # reconnect backoff (jittered by up to 20%) and a beat of the restart.
+        self.warmup = Warmup(2 * self._config.heartbeat_interval_s + 1.0
+                             + 1.2 * RECONNECT_BACKOFF_MAX_S)
 
     # ---- start and stop ----------------------------------------------------------
     async def start(self) -> None:

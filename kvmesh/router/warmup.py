@@ -1,8 +1,9 @@
 """A restarted router routes only once it knows its workers again (pure).
 
 A router that restarts from a snapshot knows which workers it had. Until they have
-registered again (each re-registers within one heartbeat interval, when its heartbeat
-is answered "unknown"), its worker set is partial: a Route would say "model not found"
+registered again (each re-registers within one heartbeat interval of reaching it, when
+its heartbeat is answered "unknown"; its channel retries a router that was down at
+least every ``core.grpc_util.RECONNECT_BACKOFF_MAX_S``), its worker set is partial: a Route would say "model not found"
 and a WatchWorkers subscriber would be told workers vanished. So while warming up the
 router refuses Route as *unavailable* (a gateway then asks another replica, or routes
 on its own) and holds WatchWorkers; warm-up ends when every snapshotted worker is back
