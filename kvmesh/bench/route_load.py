@@ -163,15 +163,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await closed_loop(warm, bodies, args.concurrency, args.warmup_s)
         await warm.close()
     caller = Caller(args.target, args.channels, args.finish, args.batch)
+    cpu = time.process_time()
     if args.rate > 0:
         elapsed = await open_loop(caller, bodies, args.rate, args.duration_s)
     else:
         elapsed = await closed_loop(caller, bodies, args.concurrency, args.duration_s)
+    cpu = time.process_time() - cpu
     await caller.close()
     mode = (f"open loop at {args.rate:g}/s" if args.rate > 0
             else f"closed loop, {args.concurrency} concurrent")
     return {"mode": mode + (", RouteBatch" if args.batch else ", Route per request"),
-            **summary(caller, elapsed)}
+            **summary(caller, elapsed),
+            # This process's own share of a core: near 1, its queueing is in the latency.
+            "load_busy": round(cpu / elapsed, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:

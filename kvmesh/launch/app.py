@@ -244,7 +244,8 @@ class MeshApp:
             def make(i: int, role: WorkerRole = role) -> WorkerConfig:
                 return scaled_worker(cfg, pool.model, self._router, self.run_dir, role, i)
 
-            self._scaling.track(RayPool(pool, role.value, make, self._changed))
+            self._scaling.track(RayPool(pool, role.value, make, self._changed,
+                                        startup_timeout_s=cfg.startup_timeout_s))
 
     def _one_change(self) -> asyncio.Lock:
         if self._lock is None:

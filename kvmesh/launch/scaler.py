@@ -118,8 +118,9 @@ class ProcessPool:
     own id and free port per worker)."""
 
     def __init__(self, template: WorkerConfig, model: str, run_dir: Path,
-                 drain_timeout_s: float = 60.0) -> None:
+                 drain_timeout_s: float = 60.0, startup_timeout_s: float = 600.0) -> None:
         self.template, self.model = template, model
+        self.startup_timeout_s = startup_timeout_s
         self.role = template.role.value
         self.run_dir = run_dir
         self.drain_timeout_s = drain_timeout_s
@@ -140,7 +141,12 @@ class ProcessPool:
                 "kvmesh.worker",
                 ["--no-ray", "--config", str(dump_settings(config, self.run_dir / f"{name}.json")),
                  "--ready-file", str(ready)], self.run_dir / f"{name}.log")
-            await asyncio.to_thread(wait_ready_file, ready, 600, proc, name)
+            try:
+                await asyncio.to_thread(wait_ready_file, ready, self.startup_timeout_s, proc,
+                                        name)
+            except BaseException:  # too slow (or cancelled): not left running half started
+                await asyncio.to_thread(terminate, proc, 5.0)
+                raise
             self.procs[name] = proc
         finally:
             self._starting -= 1
@@ -168,8 +174,10 @@ class RayPool:
 
     def __init__(self, running: RunningPool, role: str,
                  make_config: Callable[[int], WorkerConfig],
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None,
+                 startup_timeout_s: float = 600.0) -> None:
         self.running, self.role = running, role
+        self.startup_timeout_s = startup_timeout_s
         self.model = running.model_id
         self.make_config, self.on_change = make_config, on_change
         self._next = itertools.count()
@@ -187,7 +195,7 @@ class RayPool:
         self._starting += 1
         try:
             actors, infos = await start_actors([self.make_config(next(self._next))], None, 0,
-                                               600.0)
+                                               self.startup_timeout_s)
         finally:
             self._starting -= 1
         self.running.actors.extend(actors)

@@ -60,21 +60,31 @@ def model_table(reply: router_pb2.ListWorkersResponse) -> Table:
 async def print_status(router: str, console: Console | None = None,
                        as_json: bool = False, mesh: dict[str, Any] | None = None) -> int:
     """The router's view as tables, or (``as_json``) one JSON object for scripts: the
-    router's ListWorkers answer plus the `kvmesh up` state it was found through."""
+    router's ListWorkers answer plus the `kvmesh up` state it was found through.
+    ``router`` may list several replicas (comma-separated): the first that answers is
+    asked, and the ones that did not are named."""
     console = console or Console()
     if mesh is not None and mesh.get("tls"):  # a mesh with mutual TLS on
         use_security(SecurityConfig(tls=TlsConfig.model_validate(mesh["tls"])))
-    async with internal_channel(router) as channel:
-        try:
-            reply = await router_pb2_grpc.RouterStub(channel).ListWorkers(
-                router_pb2.ListWorkersRequest(), timeout=5
-            )
-        except grpc.aio.AioRpcError as exc:
-            console.print(f"[red]router {router} unreachable:[/] {exc.details()}")
-            return 1
+    addresses = [a.strip() for a in router.split(",") if a.strip()]
+    if mesh is not None:
+        addresses = list(dict.fromkeys([*addresses, *mesh.get("routers", [])]))
+    unreachable: dict[str, str] = {}
+    reply: router_pb2.ListWorkersResponse | None = None
+    for address in addresses:
+        reply = await _list_workers(address, unreachable)
+        if reply is not None:
+            router = address
+            break
+    errors = Console(stderr=True)  # stdout stays the answer (JSON for scripts)
+    for address, why in unreachable.items():
+        errors.print(f"[red]router {address} unreachable:[/] {why}", highlight=False)
+    if reply is None:
+        return 1
     if as_json:
-        body = {"router": router, **json_format.MessageToDict(
-            reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)}
+        body = {"router": router, "unreachable_routers": sorted(unreachable),
+                **json_format.MessageToDict(reply, preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True)}
         if mesh is not None:
             body["mesh"] = mesh
         print(json.dumps(body, indent=2))
@@ -82,3 +92,14 @@ async def print_status(router: str, console: Console | None = None,
     console.print(worker_table(reply))
     console.print(model_table(reply))
     return 0
+
+
+async def _list_workers(address: str, unreachable: dict[str, str]
+                        ) -> router_pb2.ListWorkersResponse | None:
+    async with internal_channel(address) as channel:
+        try:
+            return await router_pb2_grpc.RouterStub(channel).ListWorkers(
+                router_pb2.ListWorkersRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            unreachable[address] = exc.details() or exc.code().name
+            return None

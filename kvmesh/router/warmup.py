@@ -3,15 +3,15 @@
 A router that restarts from a snapshot knows which workers it had. Until they have
 registered again (each re-registers within one heartbeat interval of reaching it, when
 its heartbeat is answered "unknown"; its channel retries a router that was down at
-least every ``core.grpc_util.RECONNECT_BACKOFF_MAX_S``), its worker set is partial: a Route would say "model not found"
-and a WatchWorkers subscriber would be told workers vanished. So while warming up the
-router refuses Route as *unavailable* (a gateway then asks another replica, or routes
-on its own) and holds WatchWorkers; warm-up ends when every snapshotted worker is back
-or after ``max_s`` (a worker that died meanwhile never comes back). A router without
-a snapshot (or one listing no workers) cannot tell a restart from a first start: for
-its first ``max_s`` it is *young*: until some worker registers it refuses Route as
-unavailable and holds WatchWorkers, rather than tell a gateway that the model does not
-exist or that every worker vanished.
+least every ``core.grpc_util.RECONNECT_BACKOFF_MAX_S``), its worker set is partial: a
+Route would say "model not found" and a WatchWorkers subscriber would be told workers
+vanished. So while warming up the router refuses Route as *unavailable* (a gateway then
+asks another replica, or routes on its own) and holds WatchWorkers; warm-up ends when
+every snapshotted worker is back or after ``max_s`` (a worker that died meanwhile never
+comes back). A router without a snapshot (or one listing no workers) cannot tell a
+restart from a first start: for its first ``max_s`` it is *young*: until some worker
+registers it refuses Route as unavailable and holds WatchWorkers, rather than tell a
+gateway that the model does not exist or that every worker vanished.
 """
 
 from __future__ import annotations

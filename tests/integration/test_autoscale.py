@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from kvmesh.core.config import WorkerConfig
@@ -106,3 +107,21 @@ async def test_a_load_curve_scales_the_pool_up_and_back_down(model_dir: Path) ->
             await asyncio.gather(stepping, *tasks, return_exceptions=True)
             await scaler.close()
             await pool.close()
+
+
+def _workers_running() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if "kvmesh.worker" in " ".join(p.cmdline())]
+
+
+async def test_a_worker_that_does_not_start_in_time_is_stopped(tmp_path: Path) -> None:
+    """The pool waits the mesh's ``startup_timeout_s`` for a new worker, then stops it:
+    no half-started process is left running unseen by the pool."""
+    template = WorkerConfig(router="127.0.0.1:1", engine_kind="fake", run_dir=tmp_path)
+    pool = ProcessPool(template, MODEL, tmp_path, startup_timeout_s=0.3)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="not ready after"):
+        await pool.grow()
+    assert time.monotonic() - started < 10
+    assert pool.size() == 0 and not pool.procs
+    assert not _workers_running()

@@ -4,6 +4,7 @@ mesh of real processes (fake engines)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from kvmesh.core.net import free_port
 from kvmesh.v1 import inference_pb2, inference_pb2_grpc
 from tests.prom import Scrape
 
@@ -105,3 +107,15 @@ def test_status_table(fake_mesh: Mesh) -> None:
     for text in ("w0", "w1", MODEL, "adapters", "cache hit rate", "KV usage", "models",
                  fake_mesh.workers[0]["metrics"]):
         assert text in out, out
+
+
+def test_status_asks_the_next_router_replica_when_one_is_down(fake_mesh: Mesh) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [sys.executable, "-m", "kvmesh.cli", "status", "--json", "--router",
+         f"{dead},{fake_mesh.router}"],
+        capture_output=True, text=True, timeout=60, check=True)
+    body = json.loads(done.stdout)
+    assert body["router"] == fake_mesh.router and body["unreachable_routers"] == [dead]
+    assert {w["worker"]["worker_id"] for w in body["workers"]} == {"w0", "w1"}
+    assert f"router {dead} unreachable" in done.stderr
