@@ -2,7 +2,9 @@
 and ``/v1/unload_lora_adapter`` fan out to every LoRA worker of the model
 (``kvmesh.v1.LoraAdapters``). A load that fails on any worker is rolled back on the
 others, so the adapter is served everywhere or nowhere; the worker's error (naming the
-adapter) is the client's answer.
+adapter) is the client's answer. A LoRA worker that joins later (a scale-up, a restart)
+gets the adapters its model's other workers serve and it does not (``catch_up``), from
+the source a worker that has each reports.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pydantic import BaseModel, Field
 from kvmesh.core.errors import InvalidRequestError, ModelNotFoundError
 from kvmesh.gateway.catalog import ModelCatalog, ModelEntry
 from kvmesh.gateway.mesh import MeshClient
-from kvmesh.v1 import worker_pb2
+from kvmesh.v1 import common_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +130,39 @@ class AdapterAdmin:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await self._mesh.lora_adapters(ep).UnloadLoraAdapter(
                     request, timeout=self._timeout_s)
+
+    async def catch_up(self, joined: list[common_pb2.WorkerInfo],
+                       workers: list[common_pb2.WorkerInfo]) -> None:
+        """Load onto each joined LoRA worker the adapters the other LoRA workers of its
+        model serve and it does not (loaded at run time before it came); failures are
+        logged, the worker still serves what it has (the router routes by that)."""
+        sources: dict[tuple[str, str], str] = {}
+        for worker in joined:
+            if not worker.lora_slots:
+                continue
+            peers = [p for p in workers if p.model == worker.model and p.lora_slots
+                     and p.worker_id != worker.worker_id]
+            missing = sorted({a for p in peers for a in p.servable_adapters}
+                             - set(worker.servable_adapters))
+            for name in missing:
+                holder = next(p for p in peers if name in p.servable_adapters)
+                try:
+                    if (holder.endpoint, name) not in sources:
+                        sources.update(await self._sources(holder.endpoint))
+                    source = sources.get((holder.endpoint, name))
+                    if source is None:  # unloaded there meanwhile
+                        continue
+                    await self._mesh.lora_adapters(worker.endpoint).LoadLoraAdapter(
+                        worker_pb2.LoadLoraAdapterRequest(lora_name=name, lora_path=source),
+                        timeout=self._timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("LoRA adapter %s not loaded on joining worker %s: %s", name,
+                                worker.worker_id, exc.details() or exc.code().name)
+                    continue
+                log.info("LoRA adapter %s of %s loaded from %s on joining worker %s", name,
+                         worker.model, source, worker.worker_id)
+
+    async def _sources(self, endpoint: str) -> dict[tuple[str, str], str]:
+        reply = await self._mesh.lora_adapters(endpoint).ListLoraAdapters(
+            worker_pb2.ListLoraAdaptersRequest(), timeout=self._timeout_s)
+        return {(endpoint, a.name): a.source for a in reply.adapters}

@@ -52,6 +52,8 @@ class ModelCatalog:
         self.changed = asyncio.Event()
         #: Models the last snapshot no longer serves.
         self.gone: list[str] = []
+        #: Workers of the last snapshot that the one before did not have.
+        self.joined: list[common_pb2.WorkerInfo] = []
 
     def apply(self, worker_set: router_pb2.WorkerSet) -> list[str]:
         """Replace the view with a router snapshot; return newly seen models (the ones
@@ -76,6 +78,8 @@ class ModelCatalog:
                 )
         new = [m for m in fresh if m not in self._models]
         self.gone = [m for m in self._models if m not in fresh]
+        known = {w.worker_id for w in self.workers}
+        self.joined = [w for w in worker_set.workers if w.worker_id not in known]
         self._models = fresh
         self.workers = list(worker_set.workers)
         self.gateways = list(worker_set.gateways)
@@ -151,9 +155,11 @@ class ModelCatalog:
 
 def follow(catalog: ModelCatalog, on_new_model: Callable[[ModelEntry], None],
            on_gone_model: Callable[[str], None] | None = None,
+           on_joined: Callable[[list[common_pb2.WorkerInfo]], None] | None = None,
            ) -> Callable[[router_pb2.WorkerSet], None]:
     """What to do with each worker set the router sends: apply it, announce new models,
-    forget a model whose last worker left (its pool may come back with other weights)."""
+    forget a model whose last worker left (its pool may come back with other weights),
+    hand over the workers that joined."""
 
     def on_set(worker_set: router_pb2.WorkerSet) -> None:
         for model in catalog.apply(worker_set):
@@ -163,5 +169,7 @@ def follow(catalog: ModelCatalog, on_new_model: Callable[[ModelEntry], None],
             log.info("model %s is no longer served", model)
             if on_gone_model is not None:
                 on_gone_model(model)
+        if catalog.joined and on_joined is not None:
+            on_joined(catalog.joined)
 
     return on_set

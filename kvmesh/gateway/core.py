@@ -42,6 +42,7 @@ from kvmesh.gateway.translate import (
     sampling_params,
 )
 from kvmesh.gateway.vision import image_bytes, multimodal_inputs, open_image
+from kvmesh.v1 import common_pb2
 
 tracer = trace.get_tracer(__name__)
 
@@ -82,6 +83,8 @@ class GatewayCore:
             config.retry_after_s,
         )
         self._watch: asyncio.Task[None] | None = None
+        #: Adapter catch-ups of joining workers under way.
+        self._background: set[asyncio.Task[None]] = set()
         #: host:port of the HTTP API once bound (the gateway's own /metrics target).
         self.http_address = ""
         #: Set when the gateway drains (SIGTERM): /health answers 503.
@@ -90,16 +93,22 @@ class GatewayCore:
     async def start(self) -> None:
         self._watch = asyncio.create_task(
             self.mesh.routers.watch(follow(self.catalog, self._on_new_model,
-                                           self.tokenizers.forget)))
+                                           self.tokenizers.forget, self._on_joined)))
+
+    def _on_joined(self, workers: list[common_pb2.WorkerInfo]) -> None:
+        if any(w.lora_slots for w in workers):
+            task = asyncio.create_task(self.adapters.catch_up(workers, self.catalog.workers))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _on_new_model(self, entry: ModelEntry) -> None:
         self.tokenizers.prefetch(entry.name, entry.endpoints)
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in [*([self._watch] if self._watch else []), *self._background]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+                await task
         await self.mesh.close()
 
     def ready_models(self) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +216,31 @@ def test_three_adapters_over_two_workers_with_one_slot_each(
         assert loaded == [1, 1]
     finally:
         post(lora_mesh, "/v1/unload_lora_adapter", {"lora_name": "chef"})
+
+
+def test_a_worker_that_joins_later_gets_the_adapters_loaded_at_run_time(
+        model_dir: Path) -> None:
+    """A scale-up (or a restarted worker) serves what its model's workers serve, the
+    adapters loaded at run time before it came included."""
+    with running_mesh("kvm-lora-join-") as mesh:
+        chef = str(make_adapter(mesh.dir / "adapters" / "chef"))
+        config = mesh.dir / "worker.yaml"
+        config.write_text(json.dumps({"engine": {"lora": {
+            "max_loras": 1, "max_lora_rank": 8,
+            "adapters": {"sql": str(make_adapter(mesh.dir / "adapters" / "sql"))}}}}))
+        mesh.router = start_router(mesh, "router")
+        mesh.workers = [mesh.start_worker("w0", "--config", str(config))]
+        mesh.start_gateway()
+        loaded = post(mesh, "/v1/load_lora_adapter", {"lora_name": "chef", "lora_path": chef})
+        assert loaded.status_code == 200, loaded.text
+        mesh.workers.append(mesh.start_worker("w1", "--config", str(config)))
+        for _ in range(200):
+            late = adapters_on(mesh)["w1"]
+            if "chef" in late:
+                break
+            time.sleep(0.1)
+        assert "chef" in late and late["chef"].source == chef, late
+        assert set(late) == {"sql", "chef"}
+        client = openai.OpenAI(base_url=mesh.http, api_key="unused", max_retries=0)
+        for _ in range(6):
+            assert complete(client, "chef") != PROMPT
