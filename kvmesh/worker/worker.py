@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.core.config import WorkerConfig
@@ -26,12 +28,14 @@ from kvmesh.core.grpc_util import (
 )
 from kvmesh.core.metrics_http import MetricsEndpoint
 from kvmesh.core.net import free_port
+from kvmesh.core.processes import terminate
 from kvmesh.core.registration import Registration
 from kvmesh.core.roles import WorkerRole, role_to_proto
 from kvmesh.core.service_main import write_ready_file
 from kvmesh.models.source import resolve_model
 from kvmesh.models.source import served_name as default_served_name
 from kvmesh.v1 import common_pb2, worker_pb2_grpc
+from kvmesh.worker import reaper
 from kvmesh.worker.engine_args import (
     dp_socket_links,
     engine_env,
@@ -88,6 +92,7 @@ class WorkerServer:
         self._ready_file = ready_file
         self._server: grpc.aio.Server | None = None
         self._engine: Any = None
+        self._reaper: subprocess.Popen[bytes] | None = None
         self._registrations: list[Registration] = []
         self.adapters: AdapterManager | None = None
         self._reports: set[asyncio.Task[None]] = set()
@@ -240,10 +245,14 @@ class WorkerServer:
         kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
         if kv_transfer_config(self.config) is not None:
             kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])
+        before = {c.pid for c in psutil.Process().children()}
         engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(**kwargs), usage_context=UsageContext.OPENAI_API_SERVER
         )
         self._engine = engine
+        # The engine's processes end with this one, however it ends (reaper.py).
+        self._reaper = reaper.start(
+            [c for c in psutil.Process().children() if c.pid not in before])
         self.adapters = self._adapter_manager(VllmLoraEngine(engine))
         servicer = KvmeshVllmEngineServicer(engine, time.time(), self.adapters)
         # vLLM's own health servicer reports the engine's real state.
@@ -279,6 +288,9 @@ class WorkerServer:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+        if self._reaper is not None:  # it exits once the engine is gone; now, at least
+            terminate(self._reaper, 5.0)
+            self._reaper = None
         if self._metrics is not None:
             self._metrics.stop()
             self._metrics = None

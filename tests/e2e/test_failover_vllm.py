@@ -15,6 +15,7 @@ Every figure is printed (docs/reliability.md records them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -82,15 +83,25 @@ def mesh(model_dir: Path) -> Iterator[Mesh]:
 
 
 def kill(mesh: Mesh, name: str) -> None:
-    """SIGKILL the process; a vLLM worker's engine-core child exits when its parent
-    dies (vLLM watches it): one still alive after 10 s is ended too (and reported)."""
+    """SIGKILL the process; a vLLM worker's engine processes (engine core, its
+    workers) end with it (the worker's reaper ends them): one still alive after 10 s
+    fails the test (after it is ended)."""
     children = psutil.Process(mesh.procs[name].pid).children(recursive=True)
     os.kill(mesh.procs[name].pid, signal.SIGKILL)
     mesh.procs[name].wait(10)
     _, alive = psutil.wait_procs(children, timeout=10)
+    outlived = [f"{child.pid} {child.name()}" for child in alive if _running(child)]
     for child in alive:
-        print(f"{name}: child {child.pid} outlived it; ended")
-        child.kill()
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    assert not outlived, f"{name}: children outlived it: {outlived}"
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class PrefixLoad:
