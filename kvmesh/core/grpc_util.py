@@ -45,7 +45,6 @@ RECONNECT_BACKOFF_MAX_S = 1.0
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", int(RECONNECT_BACKOFF_MAX_S * 1000)),
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
