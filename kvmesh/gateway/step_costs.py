@@ -48,8 +48,9 @@ def request_costs(tokenizer: Any) -> dict[str, float]:
 
     return {
         "chat_template_us": _per_call(lambda: tokenizer.render_chat(messages, True), 200),
-        "tokenize_transformers_us": _per_call(lambda: tokenizer.encode(text, False), 200),
-        "tokenize_rust_us": _per_call(lambda: tokenizer.backend_encode(text), 200),
+        "tokenize_transformers_us": _per_call(lambda: tokenizer.hf.encode(
+            text, add_special_tokens=False), 200),
+        "tokenize_rust_us": _per_call(lambda: tokenizer.encode(text, False), 200),
         "thread_trips_2_us": round(asyncio.run(threads(2)), 2),
         "thread_trips_1_us": round(asyncio.run(threads(1)), 2),
     }
@@ -62,7 +63,7 @@ def token_costs(tokenizer: Any) -> dict[str, float]:
     from kvmesh.gateway.http.streaming import sse, without_null_usage
     from kvmesh.gateway.schemas import ChatChunkChoice, ChatCompletionChunk, ChatDelta
 
-    ids = tokenizer.backend_encode(REPLY)
+    ids = tokenizer.encode(REPLY, False)
 
     def detokenize() -> None:
         assembler = TextAssembler(tokenizer.backend)

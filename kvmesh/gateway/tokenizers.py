@@ -75,15 +75,12 @@ class ModelTokenizer:
     ) -> tuple[str, list[int]]:
         """The chat prompt and its token ids (the template adds the special tokens)."""
         text = self.render_chat(messages, add_generation_prompt, tools)
-        return text, self.backend_encode(text)
-
-    def backend_encode(self, text: str) -> list[int]:
-        """``encode(text, add_special_tokens=False)`` straight on the Rust tokenizer
-        (the same ids, without transformers' Python layer around it)."""
-        return list(self.backend.encode(text, add_special_tokens=False).ids)
+        return text, self.encode(text, add_special_tokens=False)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        """The ids transformers' ``encode`` gives, straight from the Rust tokenizer (its
+        post-processor adds the special tokens), without transformers' Python layer."""
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     @cached_property
     def processor(self) -> Any:
@@ -118,8 +115,8 @@ class ModelTokenizer:
     def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         if not texts:
             return []
-        encoded = self.hf(texts, add_special_tokens=add_special_tokens)["input_ids"]
-        return [list(ids) for ids in encoded]
+        return [list(e.ids) for e in
+                self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int]) -> str:
         return str(self.hf.decode(ids, skip_special_tokens=True))

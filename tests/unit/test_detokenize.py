@@ -47,14 +47,22 @@ def test_special_tokens_are_skipped(backend_tokenizer) -> None:
 
 
 def test_render_and_encode_gives_the_ids_transformers_gives(model_dir) -> None:
-    """The prompt's ids from the Rust tokenizer directly are those transformers'
-    ``encode(text, add_special_tokens=False)`` gave (the template adds the specials)."""
+    """The ids from the Rust tokenizer directly are those transformers' ``encode``
+    gives, with and without special tokens, one text or a batch; for the chat model and
+    the embedding model (BERT's [CLS]/[SEP] come from the post-processor)."""
     from kvmesh.gateway.tokenizers import load_tokenizer
+    from kvmesh.models.embedded import prepare_embedded_embedding_model
 
+    texts = ["", TEXT, TEXT + "  double  spaces\n\tand <|im_end|> text", "é中文 🙂 [SEP]"]
+    for folder in (model_dir, prepare_embedded_embedding_model()):
+        tokenizer = load_tokenizer(folder)
+        for special in (False, True):
+            expected = [tokenizer.hf.encode(t, add_special_tokens=special) for t in texts]
+            assert [tokenizer.encode(t, special) for t in texts] == expected, folder
+            assert tokenizer.encode_batch(texts, special) == expected, folder
     tokenizer = load_tokenizer(model_dir)
     messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": TEXT + "  double  spaces\n\tand <|im_end|> text"}]
+                {"role": "user", "content": texts[2]}]
     text, ids = tokenizer.render_and_encode(messages, True)
     assert text == tokenizer.render_chat(messages, True)
-    assert ids == tokenizer.encode(text, False)
-    assert tokenizer.backend_encode("") == tokenizer.encode("", False)
+    assert ids == tokenizer.hf.encode(text, add_special_tokens=False)
