@@ -15,19 +15,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
 
+from kvmesh.core.grpc_util import WrappingInterceptor
+
 log = logging.getLogger(__name__)
 
 
-class InflightCalls(grpc.aio.ServerInterceptor):
+class InflightCalls(WrappingInterceptor):
     """Counts the calls in flight of the named methods (``/pkg.Service/Method``'s
     last part), unary or server-streaming, so a drain knows when they are done."""
 
     def __init__(self, methods: Iterable[str]) -> None:
+        super().__init__()
         self._methods = frozenset(methods)
         self.count = 0
 
@@ -37,14 +40,8 @@ class InflightCalls(grpc.aio.ServerInterceptor):
     def _exit(self) -> None:
         self.count -= 1
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method.rpartition("/")[2]
-        if handler is None or method not in self._methods:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method.rpartition("/")[2] not in self._methods:
             return handler
         if handler.unary_unary:
             inner_uu = handler.unary_unary

@@ -58,9 +58,14 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps :class:`KvmeshError` raised by a handler to its gRPC status, in one place
-    (and passes a failed upstream call's status through)."""
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps a method's handler once, not on every call: the
+    handler the chain returns for a method is the same object call after call, so its
+    wrapped handler is kept and handed out again (each call then costs the chain's
+    lookup, not new closures and handler objects)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -70,6 +75,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        method = handler_call_details.method
+        kept = self._wrapped.get(method)
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        wrapped = self.wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class ErrorInterceptor(WrappingInterceptor):
+    """Maps :class:`KvmeshError` raised by a handler to its gRPC status, in one place
+    (and passes a failed upstream call's status through)."""
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
