@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+from smg_grpc_proto import vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
 from kvmesh.core.errors import InvalidRequestError, KvmeshError
@@ -46,6 +47,7 @@ class WorkerLifecycle:
         self.core = core
         self._config = core.config
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._engines: dict[str, vllm_engine_pb2_grpc.VllmEngineStub] = {}
         self._watchers: dict[str, list[asyncio.Task[None]]] = {}
         self.followers: dict[str, KvEventFollower] = {}
         self._incarnations: dict[str, float] = {}
@@ -133,7 +135,7 @@ class WorkerLifecycle:
             raise InvalidRequestError(
                 f"unknown routing policy {info.routing_policy!r}; choose one of "
                 f"{', '.join(POLICY_NAMES)}", param="worker.routing_policy")
-        facts = await worker_probe.describe(self._channel(info.endpoint),
+        facts = await worker_probe.describe(self._engine(info.endpoint),
                                             self._config.probe_timeout_s)
         state = WorkerState(
             worker_id=info.worker_id or info.endpoint,
@@ -226,6 +228,13 @@ class WorkerLifecycle:
             channel = self._channels[endpoint] = internal_channel(endpoint)
         return channel
 
+    def _engine(self, endpoint: str) -> vllm_engine_pb2_grpc.VllmEngineStub:
+        stub = self._engines.get(endpoint)
+        if stub is None:
+            stub = self._engines[endpoint] = vllm_engine_pb2_grpc.VllmEngineStub(
+                self._channel(endpoint))
+        return stub
+
     def _stop_watching(self, worker_id: str) -> None:
         for task in self._watchers.pop(worker_id, []):
             task.cancel()
@@ -243,7 +252,7 @@ class WorkerLifecycle:
             metrics=self.core.metrics,
             incarnation=self._incarnations.get(worker_id, 0.0),
             probe_incarnation=lambda: worker_probe.incarnation(
-                channel, self._config.probe_timeout_s),
+                self._engine(state.endpoint), self._config.probe_timeout_s),
             idle_timeout_s=self._config.kv_event_idle_timeout_s,
         )
         self.followers[worker_id] = follower
@@ -281,7 +290,7 @@ class WorkerLifecycle:
         process). A slow answer (deadline) says nothing about liveness. True when the
         worker answered."""
         try:
-            sample = await worker_probe.sample_load(self._channel(endpoint),
+            sample = await worker_probe.sample_load(self._engine(endpoint),
                                                     self._config.probe_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.debug("probe of %s failed: %s", worker_id, exc.code().name)

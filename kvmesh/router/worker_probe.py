@@ -1,11 +1,12 @@
-"""What the router learns from a worker over its VllmEngine contract."""
+"""What the router learns from a worker over its VllmEngine contract (through the
+worker's stub, kept by the caller: building one registers every method of the contract
+with its channel, which a probe a second would pay each time)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-import grpc
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 PROBE_TIMEOUT_S = 5.0
@@ -31,13 +32,12 @@ class LoadSample:
     cache_hit_rate: float = 0.0
 
 
-async def describe(channel: grpc.aio.Channel,
+async def describe(stub: vllm_engine_pb2_grpc.VllmEngineStub,
                    timeout_s: float = PROBE_TIMEOUT_S) -> WorkerFacts:
     """Model name, block size, context length and KV capacity of a worker."""
-    stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
     info = await stub.GetModelInfo(vllm_engine_pb2.GetModelInfoRequest(), timeout=timeout_s)
     server = await stub.GetServerInfo(vllm_engine_pb2.GetServerInfoRequest(), timeout=timeout_s)
-    load = await sample_load(channel, timeout_s)
+    load = await sample_load(stub, timeout_s)
     return WorkerFacts(
         model=info.served_model_name or info.model_path,
         block_size=server.block_size,
@@ -51,17 +51,16 @@ def _started_at(server: vllm_engine_pb2.GetServerInfoResponse) -> float:
     return time.time() - server.uptime_seconds if server.uptime_seconds else 0.0
 
 
-async def incarnation(channel: grpc.aio.Channel, timeout_s: float = PROBE_TIMEOUT_S) -> float:
+async def incarnation(stub: vllm_engine_pb2_grpc.VllmEngineStub,
+                      timeout_s: float = PROBE_TIMEOUT_S) -> float:
     """When the worker's server started (0: it does not say): a restart changes it."""
-    stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
     server = await stub.GetServerInfo(vllm_engine_pb2.GetServerInfoRequest(), timeout=timeout_s)
     return _started_at(server)
 
 
-async def sample_load(channel: grpc.aio.Channel,
+async def sample_load(stub: vllm_engine_pb2_grpc.VllmEngineStub,
                       timeout_s: float = PROBE_TIMEOUT_S) -> LoadSample:
     """Sum the worker's per-DP-rank loads into one sample."""
-    stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
     reply = await stub.GetLoads(vllm_engine_pb2.GetLoadsRequest(), timeout=timeout_s)
     loads = list(reply.loads)
     if not loads:

@@ -88,8 +88,9 @@ async def publisher() -> AsyncIterator[tuple[ScriptedPublisher, KvEventFollower,
     index = PrefixIndex()
     follower = KvEventFollower(
         "w0", channel, index, "m", BS, retry_s=0.1, idle_timeout_s=IDLE_S,
-        incarnation=await worker_probe.incarnation(channel),
-        probe_incarnation=lambda: worker_probe.incarnation(channel))
+        incarnation=await worker_probe.incarnation(vllm_engine_pb2_grpc.VllmEngineStub(channel)),
+        probe_incarnation=lambda: worker_probe.incarnation(
+            vllm_engine_pb2_grpc.VllmEngineStub(channel)))
     task = asyncio.create_task(follower.run())
     try:
         yield scripted, follower, index
