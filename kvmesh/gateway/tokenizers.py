@@ -77,10 +77,22 @@ class ModelTokenizer:
         text = self.render_chat(messages, add_generation_prompt, tools)
         return text, self.encode(text, add_special_tokens=False)
 
+    @cached_property
+    def encoder(self) -> Any:
+        """A copy of the Rust tokenizer that neither truncates nor pads: a model's
+        tokenizer.json may carry both (all-MiniLM-L6-v2: truncate and pad to 128), which
+        transformers switches off on every call of its own."""
+        from tokenizers import Tokenizer
+
+        encoder = Tokenizer.from_str(self.backend.to_str())
+        encoder.no_truncation()
+        encoder.no_padding()
+        return encoder
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """The ids transformers' ``encode`` gives, straight from the Rust tokenizer (its
         post-processor adds the special tokens), without transformers' Python layer."""
-        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self.encoder.encode(text, add_special_tokens=add_special_tokens).ids)
 
     @cached_property
     def processor(self) -> Any:
@@ -116,7 +128,7 @@ class ModelTokenizer:
         if not texts:
             return []
         return [list(e.ids) for e in
-                self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+                self.encoder.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int]) -> str:
         return str(self.hf.decode(ids, skip_special_tokens=True))

@@ -53,13 +53,18 @@ def test_render_and_encode_gives_the_ids_transformers_gives(model_dir) -> None:
     from kvmesh.gateway.tokenizers import load_tokenizer
     from kvmesh.models.embedded import prepare_embedded_embedding_model
 
-    texts = ["", TEXT, TEXT + "  double  spaces\n\tand <|im_end|> text", "é中文 🙂 [SEP]"]
+    texts = ["", TEXT, TEXT + "  double  spaces\n\tand <|im_end|> text", "é中文 🙂 [SEP]",
+             " ".join(f"word{i}" for i in range(300))]  # longer than MiniLM's 128
     for folder in (model_dir, prepare_embedded_embedding_model()):
+        # Ours first: transformers switches the Rust tokenizer's own truncation and
+        # padding (tokenizer.json's) off in place when it is called.
         tokenizer = load_tokenizer(folder)
+        ours = {special: ([tokenizer.encode(t, special) for t in texts],
+                          tokenizer.encode_batch(texts, special)) for special in (False, True)}
+        assert len(ours[True][0][-1]) > 300, folder  # neither truncated nor padded
         for special in (False, True):
             expected = [tokenizer.hf.encode(t, add_special_tokens=special) for t in texts]
-            assert [tokenizer.encode(t, special) for t in texts] == expected, folder
-            assert tokenizer.encode_batch(texts, special) == expected, folder
+            assert ours[special] == (expected, expected), folder
     tokenizer = load_tokenizer(model_dir)
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": texts[2]}]
