@@ -136,7 +136,7 @@ class AdapterAdmin:
         """Load onto each joined LoRA worker the adapters the other LoRA workers of its
         model serve and it does not (loaded at run time before it came); failures are
         logged, the worker still serves what it has (the router routes by that)."""
-        sources: dict[tuple[str, str], str] = {}
+        sources: dict[str, dict[str, str]] = {}  # per holder: its adapters' sources
         for worker in joined:
             if not worker.lora_slots:
                 continue
@@ -147,9 +147,9 @@ class AdapterAdmin:
             for name in missing:
                 holder = next(p for p in peers if name in p.servable_adapters)
                 try:
-                    if (holder.endpoint, name) not in sources:
-                        sources.update(await self._sources(holder.endpoint))
-                    source = sources.get((holder.endpoint, name))
+                    if holder.endpoint not in sources:
+                        sources[holder.endpoint] = await self._sources(holder.endpoint)
+                    source = sources[holder.endpoint].get(name)
                     if source is None:  # unloaded there meanwhile
                         continue
                     await self._mesh.lora_adapters(worker.endpoint).LoadLoraAdapter(
@@ -162,7 +162,7 @@ class AdapterAdmin:
                 log.info("LoRA adapter %s of %s loaded from %s on joining worker %s", name,
                          worker.model, source, worker.worker_id)
 
-    async def _sources(self, endpoint: str) -> dict[tuple[str, str], str]:
+    async def _sources(self, endpoint: str) -> dict[str, str]:
         reply = await self._mesh.lora_adapters(endpoint).ListLoraAdapters(
             worker_pb2.ListLoraAdaptersRequest(), timeout=self._timeout_s)
-        return {(endpoint, a.name): a.source for a in reply.adapters}
+        return {a.name: a.source for a in reply.adapters}

@@ -55,10 +55,9 @@ class WorkerLifecycle:
         self._restorable: dict[str, snapshot.WorkerSnapshot] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._rng = random.Random()  # the probe loops' phases
-        # Every worker heartbeats (and so re-registers) within one interval, plus its
+        # Once its channel is back (within a reconnect backoff, jittered by up to 20%),
+        # every worker heartbeats (and so re-registers) within one interval, plus its
         # registration's probes.
-        # A worker re-registers at its next beat once its channel is back: within a
-        # reconnect backoff (jittered by up to 20%) and a beat of the restart.
         self.warmup = Warmup(2 * self._config.heartbeat_interval_s + 1.0
                              + 1.2 * RECONNECT_BACKOFF_MAX_S)
 
