@@ -54,8 +54,9 @@ def bench_router(args: argparse.Namespace) -> int:
 
         fleets = tuple(int(n) for n in args.workers.split(","))
         report = run_router_rpc_bench(args.blocks, fleets, args.concurrency, args.duration_s,
-                                      args.rate, finish=args.finish, batch=args.batch,
-                                      seed=args.seed)
+                                      args.rate, finish=args.finish,
+                                      transports=tuple(args.transports.split(",")),
+                                      rounds=args.rounds, seed=args.seed)
         name = "router-rpc.json"
     else:
         from kvmesh.bench.router import run_router_bench
@@ -141,8 +142,12 @@ def add_router_benches(bench_sub: Any) -> None:
                        "closed-loop rate)")
     micro.add_argument("--no-finish", dest="finish", action="store_false",
                        help="--rpc: no RequestFinished after each Route")
-    micro.add_argument("--no-batch", dest="batch", action="store_false",
-                       help="--rpc: one Route call per request instead of the gateway's "
-                       "RouteBatch batching")
+    micro.add_argument("--transports", default="stream",
+                       help="--rpc: how requests reach the router, comma-separated, "
+                       "measured in turns: stream (batches on a RouteStream, the "
+                       "gateway's way), batch (unary RouteBatch calls), route (a Route "
+                       "call per request)")
+    micro.add_argument("--rounds", type=int, default=1,
+                       help="--rpc: turns of every transport per fleet")
     micro.set_defaults(func=bench_router)
 

@@ -23,8 +23,15 @@ import numpy as np
 
 from kvmesh.bench.stats import percentile
 from kvmesh.core.route_batch import RouteBatcher
+from kvmesh.core.route_stream import RouteStreamSender
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
+#: How requests reach the router.
+TRANSPORTS = {
+    "route": "Route per request",
+    "batch": "RouteBatch calls (the gateway's RouteBatcher)",
+    "stream": "RouteBatch on a RouteStream (the gateway's default)",
+}
 ROUTE = "/kvmesh.v1.Router/Route"
 FINISHED = "/kvmesh.v1.Router/RequestFinished"
 
@@ -43,20 +50,36 @@ def with_id(body: bytes, request_id: str) -> bytes:
 
 class Caller:
     """Route (+ RequestFinished) over a few channels, raw bytes in and out; or, with
-    ``batch``, through the gateway's RouteBatcher on one channel."""
+    through the gateway's RouteBatcher on one channel: ``transport`` (TRANSPORTS)."""
 
-    def __init__(self, target: str, channels: int, finish: bool, batch: bool = False) -> None:
+    def __init__(self, target: str, channels: int, finish: bool,
+                 transport: str = "route") -> None:
         self._channels = [grpc.aio.insecure_channel(target) for _ in range(channels)]
         self._route = [c.unary_unary(ROUTE) for c in self._channels]
         self._finished = [c.unary_unary(FINISHED) for c in self._channels]
         self._finish = finish
         self.batcher: RouteBatcher | None = None
-        if batch:
+        self.stream: RouteStreamSender | None = None
+        if transport in ("batch", "stream"):
             stub = router_pb2_grpc.RouterStub(self._channels[0])
-            self.batcher = RouteBatcher(
-                lambda request, timeout: stub.RouteBatch(request, timeout=timeout), 10.0)
+
+            async def unary(request: router_pb2.RouteBatchRequest, timeout: float
+                            ) -> router_pb2.RouteBatchResponse:
+                return await stub.RouteBatch(request, timeout=timeout)
+
+            async def one(request: router_pb2.RouteRequest, timeout: float
+                          ) -> router_pb2.RouteDecision:
+                return await stub.Route(request, timeout=timeout)
+
+            send = unary
+            if transport == "stream":
+                self.stream = RouteStreamSender(stub.RouteStream, fallback=unary)
+                send = self.stream.send
+            self.batcher = RouteBatcher(send, 10.0, send_one=one)
         self.latencies: list[float] = []
         self.errors = 0
+        #: Failures by status code and message (the first of each).
+        self.error_kinds: dict[str, str] = {}
         self.workers: dict[str, int] = {}
 
     async def call(self, i: int, body: bytes) -> None:
@@ -68,8 +91,8 @@ class Caller:
         started = time.perf_counter()
         try:
             raw = await self._route[k](with_id(body, rid), timeout=10.0)
-        except grpc.aio.AioRpcError:
-            self.errors += 1
+        except grpc.aio.AioRpcError as exc:
+            self._failed(exc)
             return
         self.latencies.append(time.perf_counter() - started)
         decision = router_pb2.RouteDecision.FromString(raw)
@@ -79,8 +102,8 @@ class Caller:
             finished = router_pb2.RequestFinishedRequest(request_id=rid, worker_id=worker)
             try:
                 await self._finished[k](finished.SerializeToString(), timeout=10.0)
-            except grpc.aio.AioRpcError:
-                self.errors += 1
+            except grpc.aio.AioRpcError as exc:
+                self._failed(exc)
 
     async def _batched(self, i: int, body: bytes) -> None:
         assert self.batcher is not None
@@ -90,8 +113,8 @@ class Caller:
             # As the gateway builds it: a message per request around the packed prompt.
             decision = await self.batcher.route(router_pb2.RouteRequest.FromString(
                 with_id(body, rid)))
-        except grpc.aio.AioRpcError:
-            self.errors += 1
+        except grpc.aio.AioRpcError as exc:
+            self._failed(exc)
             return
         self.latencies.append(time.perf_counter() - started)
         worker = decision.worker.worker_id
@@ -99,7 +122,13 @@ class Caller:
         if self._finish:
             self.batcher.finished(rid, worker)
 
+    def _failed(self, exc: grpc.aio.AioRpcError) -> None:
+        self.errors += 1
+        self.error_kinds.setdefault(exc.code().name, str(exc.details()))
+
     async def close(self) -> None:
+        if self.stream is not None:
+            await self.stream.close()
         for channel in self._channels:
             await channel.close()
 
@@ -148,6 +177,7 @@ def summary(caller: Caller, elapsed_s: float) -> dict[str, Any]:
         "p50_ms": round(percentile(lat, 0.5) * 1e3, 3) if lat else None,
         "p99_ms": round(percentile(lat, 0.99) * 1e3, 3) if lat else None,
         "errors": caller.errors,
+        **({"error_kinds": caller.error_kinds} if caller.errors else {}),
         "workers_chosen": len(caller.workers),
         **({"batches": caller.batcher.batches,
             "mean_batch": round(caller.batcher.routed / max(caller.batcher.batches, 1), 1)}
@@ -159,10 +189,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = np.load(args.prompts)
     bodies = request_bodies(prompts, args.model, args.max_tokens)
     if args.warmup_s > 0:
-        warm = Caller(args.target, args.channels, args.finish, args.batch)
+        warm = Caller(args.target, args.channels, args.finish, args.transport)
         await closed_loop(warm, bodies, args.concurrency, args.warmup_s)
         await warm.close()
-    caller = Caller(args.target, args.channels, args.finish, args.batch)
+    caller = Caller(args.target, args.channels, args.finish, args.transport)
     cpu = time.process_time()
     if args.rate > 0:
         elapsed = await open_loop(caller, bodies, args.rate, args.duration_s)
@@ -172,7 +202,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await caller.close()
     mode = (f"open loop at {args.rate:g}/s" if args.rate > 0
             else f"closed loop, {args.concurrency} concurrent")
-    return {"mode": mode + (", RouteBatch" if args.batch else ", Route per request"),
+    return {"mode": f"{mode}, {TRANSPORTS[args.transport]}", "transport": args.transport,
             **summary(caller, elapsed),
             # This process's own share of a core: near 1, its queueing is in the latency.
             "load_busy": round(cpu / elapsed, 3)}
@@ -191,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--no-finish", dest="finish", action="store_false",
                         help="skip RequestFinished after each Route")
-    parser.add_argument("--batch", action="store_true",
-                        help="Route through RouteBatch (the gateway's RouteBatcher)")
+    parser.add_argument("--transport", choices=sorted(TRANSPORTS), default="route",
+                        help="; ".join(f"{k}: {v}" for k, v in TRANSPORTS.items()))
     args = parser.parse_args(argv)
     print(json.dumps(asyncio.run(run(args))))
     return 0

@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import SecretStr
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
+from kvmesh.bench.route_load import TRANSPORTS
 from kvmesh.bench.router import BS, chains_of, fill, prompt_of
 from kvmesh.core.config import RouterConfig
 from kvmesh.core.grpc_util import internal_channel
@@ -154,8 +155,10 @@ def prompts_file(chains: list[np.ndarray], tokens: int, count: int, seed: int,
 def run_fleet(n_workers: int, blocks: int, chains: list[np.ndarray], run_dir: Path,
               worker: str, incarnation: float, prompts: Path, settings: dict[str, Any]
               ) -> dict[str, Any]:
-    """One router over ``n_workers`` workers holding ``blocks``: the closed-loop rate,
-    then the latency at a fixed rate (``settings['rate']``, else 80% of that)."""
+    """One router over ``n_workers`` workers holding ``blocks``: per round and transport
+    (taking turns), the closed-loop rate, then the latency at a fixed rate
+    (``settings['rate']``, else 80% of the first closed loop's, the same for every
+    transport)."""
     router_core, load_cores = cores()
     ids = [f"w{i:03d}" for i in range(n_workers)]
     index = PrefixIndex()
@@ -171,6 +174,7 @@ def run_fleet(n_workers: int, blocks: int, chains: list[np.ndarray], run_dir: Pa
     ready = run_dir / f"router-{n_workers}.ready"
     proc = spawn([sys.executable, "-m", "kvmesh.router", "--config", str(cfg),
                   "--ready-file", str(ready)], run_dir / f"router-{n_workers}.log", router_core)
+    runs: list[dict[str, Any]] = []
     with running(proc):
         target = wait_ready_file(ready, 120, proc, "router")["grpc"]
         held = asyncio.run(register(target, worker, ids, blocks, token))
@@ -178,24 +182,36 @@ def run_fleet(n_workers: int, blocks: int, chains: list[np.ndarray], run_dir: Pa
                   "--duration-s", str(settings["duration_s"])]
         if not settings["finish"]:
             common.append("--no-finish")
-        if settings["batch"]:
-            common.append("--batch")
-        load(target, prompts, run_dir, load_cores, [*common[:2], "--duration-s", "3"])
+        transports = settings["transports"]
+        load(target, prompts, run_dir, load_cores,
+             [*common[:2], "--duration-s", "3", "--transport", transports[0]])
         quiet = ["--warmup-s", "0"]
-        closed = measured(proc.pid, target, prompts, run_dir, load_cores, [*common, *quiet])
-        rate = settings["rate"] or round(0.8 * closed["decisions_per_s"])
-        fixed = measured(proc.pid, target, prompts, run_dir, load_cores,
-                         [*common, *quiet, "--rate", str(rate)])
-    return {"workers": n_workers, "indexed_blocks": held, "saturated": closed,
-            "at_fixed_rate": fixed}
+        rate = settings["rate"]
+        for round_ in range(settings["rounds"]):
+            for transport in transports if round_ % 2 == 0 else transports[::-1]:
+                args = [*common, *quiet, "--transport", transport]
+                closed = measured(proc.pid, target, prompts, run_dir, load_cores, args)
+                rate = rate or round(0.8 * closed["decisions_per_s"])
+                fixed = measured(proc.pid, target, prompts, run_dir, load_cores,
+                                 [*args, "--rate", str(rate)])
+                runs.append({"transport": transport, "round": round_, "saturated": closed,
+                             "at_fixed_rate": fixed})
+    return {"workers": n_workers, "indexed_blocks": held, "runs": runs}
 
 
 def run_router_rpc_bench(blocks: int = 1_000_000, fleets: tuple[int, ...] = (16, 256),
                          concurrency: int = 64, duration_s: float = 10.0, rate: float = 0.0,
-                         prompt_tokens: int = 8192, finish: bool = True, batch: bool = True,
+                         prompt_tokens: int = 8192, finish: bool = True,
+                         transports: tuple[str, ...] = ("stream",), rounds: int = 1,
                          seed: int = 0) -> dict[str, Any]:
+    """``transports``: how the load reaches the router (``route_load.TRANSPORTS``),
+    measured in turns against the same router, ``rounds`` times."""
+    unknown = set(transports) - set(TRANSPORTS)
+    if unknown or not transports:
+        raise ValueError(f"transports must be among {sorted(TRANSPORTS)}, not "
+                         f"{sorted(unknown) or 'none'}")
     settings = {"concurrency": concurrency, "duration_s": duration_s, "rate": rate,
-                "finish": finish, "batch": batch}
+                "finish": finish, "transports": list(transports), "rounds": rounds}
     report: dict[str, Any] = {
         "blocks": blocks, "prompt_tokens": prompt_tokens, "block_size": BS,
         "router_cores": sorted(cores()[0] or []), "load_avg_before": os.getloadavg(),
@@ -236,7 +252,8 @@ def rt_throttle_warning(report: dict[str, Any]) -> str:
         return ""
     cap = runtime / period if runtime >= 0 else 1.0
     busy = max((run.get("router_busy", 0.0) for fleet in report["fleets"]
-                for run in (fleet["saturated"], fleet["at_fixed_rate"])), default=0.0)
+                for turn in fleet["runs"]
+                for run in (turn["saturated"], turn["at_fixed_rate"])), default=0.0)
     if busy < cap - 0.05:
         return ""
     return (f"real-time scheduling: the kernel runs real-time tasks at most {cap:.0%} of "

@@ -10,9 +10,10 @@ that long and the next one is asked. With none left the gateway routes locally o
 the last worker set it watched, and goes back to the routers once their retry time has
 passed. The worker-set watch follows whichever replica answers.
 
-Routes and finished reports to a replica ride in its RouteBatch calls
-(``kvmesh.core.route_batch``): concurrent requests share a round trip, each keeping its
-own answer or error. With tracing on, each request keeps Route/RequestFinished calls of
+Routes and finished reports to a replica ride in batches (``kvmesh.core.route_batch``)
+on one RouteStream per replica (``kvmesh.core.route_stream``; unary RouteBatch calls
+to a router without it): concurrent requests share a round trip, each keeping its own
+answer or error. With tracing on, each request keeps Route/RequestFinished calls of
 its own (its spans); a lost worker's report goes to every replica on calls of its own.
 """
 
@@ -32,6 +33,7 @@ import kvmesh.core.tracing as tracing
 from kvmesh.core.errors import NoWorkerAvailableError
 from kvmesh.core.grpc_util import ERROR_PARAM_KEY, GRPC_DETAILS_METADATA_KEY, internal_channel
 from kvmesh.core.route_batch import RouteBatcher
+from kvmesh.core.route_stream import RouteStreamSender
 from kvmesh.gateway.failover_metrics import FailoverMetrics
 from kvmesh.gateway.local_route import LocalRouter
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -101,7 +103,9 @@ class RouterClient:
         self._channels = {a: internal_channel(a) for a in self.replicas.addresses}
         self._stubs = {a: router_pb2_grpc.RouterStub(c) for a, c in self._channels.items()}
         self._route_timeout_s = route_timeout_s
-        #: Per replica: its routes and finished reports coalesced into RouteBatch calls.
+        #: Per replica: the stream its batches go out on.
+        self.streams: list[RouteStreamSender] = []
+        #: Per replica: its routes and finished reports coalesced into batches.
         self.batchers = {a: self._batcher(stub) for a, stub in self._stubs.items()}
         self._workers = workers
         self.local = LocalRouter()
@@ -116,7 +120,9 @@ class RouterClient:
                            ) -> router_pb2.RouteDecision:
             return await stub.Route(request, timeout=timeout)
 
-        return RouteBatcher(send, self._route_timeout_s, send_one=send_one)
+        stream = RouteStreamSender(stub.RouteStream, fallback=send)
+        self.streams.append(stream)
+        return RouteBatcher(stream.send, self._route_timeout_s, send_one=send_one)
 
     def known_workers(self) -> list[common_pb2.WorkerInfo]:
         """The last watched worker set."""
@@ -219,5 +225,7 @@ class RouterClient:
     async def close(self) -> None:
         for batcher in self.batchers.values():  # finished reports still waiting
             await batcher.close()
+        for stream in self.streams:
+            await stream.close()
         for channel in self._channels.values():
             await channel.close()

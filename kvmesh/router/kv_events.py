@@ -95,10 +95,12 @@ class KvEventTracker:
         self.incarnation = incarnation
         self.sequence = SequenceCursors()
         self.stats = FollowerStats()
+        self._warned_unplaced = False
 
     def reset(self, why: str) -> None:
         log.warning("KV events of %s: %s; rebuilding its view", self.worker_id, why)
         self._index.clear_worker(self.worker_id)
+        self._warned_unplaced = False
         self.stats.resets += 1
         if self._metrics is not None:
             self._metrics.kv_event_resets.inc()
@@ -138,8 +140,13 @@ class KvEventTracker:
             self.stats.skipped += not load_only
             return verdict
         stored, removed = self.stats.stored_blocks, self.stats.removed_blocks
+        unplaced = self._index.unknown_parent_blocks
         apply_batch(self._index, self.worker_id, self._model, self._block_size, batch,
                     self.stats)
+        if self._index.unknown_parent_blocks > unplaced and not self._warned_unplaced:
+            self._warned_unplaced = True  # once per view: descendants repeat it
+            log.warning("KV events of %s: blocks whose parent block is not indexed (batch "
+                        "%d); not indexed", self.worker_id, batch.sequence_number)
         self._observe(batch, stored, removed)
         return verdict
 

@@ -201,8 +201,30 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         for done in request.finished:
             self.core.finish(done.worker_id, done.request_id)
         await self._refuse_while_warming(context)
-        remaining = context.time_remaining()
-        requests, defer = request.requests, request.defer_waits
+        return await self._batch(request.requests, context.time_remaining(),
+                                 request.defer_waits)
+
+    async def RouteStream(  # type: ignore[override]
+        self, requests: AsyncIterator[router_pb2.RouteBatchRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[router_pb2.RouteBatchResponse]:
+        async for request in requests:
+            for done in request.finished:
+                self.core.finish(done.worker_id, done.request_id)
+            why = self.lifecycle.warming()
+            if why:  # as RouteBatch's abort: no details, the gateway asks another replica
+                failed = router_pb2.RouteBatchResult(
+                    code=grpc.StatusCode.UNAVAILABLE.value[0], message=why)
+                answer = router_pb2.RouteBatchResponse(
+                    results=[failed] * len(request.requests))
+            else:  # answered at once: a request that would wait for a slot is deferred
+                answer = await self._batch(request.requests, request.timeout_s or None,
+                                           defer=True)
+            answer.batch_id = request.batch_id
+            yield answer
+
+    async def _batch(self, requests: Sequence[router_pb2.RouteRequest],
+                     remaining: float | None, defer: bool) -> router_pb2.RouteBatchResponse:
         self.core.metrics.route_batch_size.observe(len(requests))
         if len(requests) == 1 or defer or self.core.config.max_inflight_per_worker <= 0:
             # No request can wait for a slot here: one after the other, no task each.

@@ -127,14 +127,18 @@ class RequestFinishedResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RouteBatchRequest(_message.Message):
-    __slots__ = ("requests", "finished", "defer_waits")
+    __slots__ = ("requests", "finished", "defer_waits", "batch_id", "timeout_s")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     DEFER_WAITS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[RouteRequest]
     finished: _containers.RepeatedCompositeFieldContainer[RequestFinishedRequest]
     defer_waits: bool
-    def __init__(self, requests: _Optional[_Iterable[_Union[RouteRequest, _Mapping]]] = ..., finished: _Optional[_Iterable[_Union[RequestFinishedRequest, _Mapping]]] = ..., defer_waits: _Optional[bool] = ...) -> None: ...
+    batch_id: int
+    timeout_s: float
+    def __init__(self, requests: _Optional[_Iterable[_Union[RouteRequest, _Mapping]]] = ..., finished: _Optional[_Iterable[_Union[RequestFinishedRequest, _Mapping]]] = ..., defer_waits: _Optional[bool] = ..., batch_id: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class RouteBatchResult(_message.Message):
     __slots__ = ("decision", "code", "message", "status_details", "param", "deferred")
@@ -153,10 +157,12 @@ class RouteBatchResult(_message.Message):
     def __init__(self, decision: _Optional[_Union[RouteDecision, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., status_details: _Optional[bytes] = ..., param: _Optional[str] = ..., deferred: _Optional[bool] = ...) -> None: ...
 
 class RouteBatchResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "batch_id")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RouteBatchResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[RouteBatchResult, _Mapping]]] = ...) -> None: ...
+    batch_id: int
+    def __init__(self, results: _Optional[_Iterable[_Union[RouteBatchResult, _Mapping]]] = ..., batch_id: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ("model",)

@@ -69,6 +69,11 @@ class RouterStub:
                 request_serializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchResponse.FromString,
                 _registered_method=True)
+        self.RouteStream = channel.stream_stream(
+                '/kvmesh.v1.Router/RouteStream',
+                request_serializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchResponse.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/kvmesh.v1.Router/ListWorkers',
                 request_serializer=kvmesh_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
@@ -141,6 +146,19 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RouteStream(self, request_iterator, context):
+        """RouteBatch without a call per batch: one long-lived stream per gateway and
+        replica carries its batches and their answers, so gRPC's per-call work (about
+        half the router's CPU per batch) is paid once per stream. Each answer carries its
+        batch's `batch_id`. Batches are answered at once, in order: a request that would
+        wait for a worker slot is answered `deferred` (`defer_waits` is implied) and is
+        asked again with a Route call of its own. While the router warms up, every
+        request of a batch fails UNAVAILABLE without details, as a RouteBatch call would.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkers(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -189,6 +207,11 @@ def add_RouterServicer_to_server(servicer, server):
             ),
             'RouteBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.RouteBatch,
+                    request_deserializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchResponse.SerializeToString,
+            ),
+            'RouteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RouteStream,
                     request_deserializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_router__pb2.RouteBatchResponse.SerializeToString,
             ),
@@ -390,6 +413,33 @@ class Router:
             request,
             target,
             '/kvmesh.v1.Router/RouteBatch',
+            kvmesh_dot_v1_dot_router__pb2.RouteBatchRequest.SerializeToString,
+            kvmesh_dot_v1_dot_router__pb2.RouteBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RouteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvmesh.v1.Router/RouteStream',
             kvmesh_dot_v1_dot_router__pb2.RouteBatchRequest.SerializeToString,
             kvmesh_dot_v1_dot_router__pb2.RouteBatchResponse.FromString,
             options,

@@ -290,11 +290,18 @@ def test_an_adapters_kv_blocks_are_indexed_under_the_adapter(
     served = worker_adapters(mesh)
     holder = next(w for w in served if served[w]["c"][0] > served_before[w]["c"][0])
 
-    def settled() -> bool:  # its events applied, its request finished (marks cleared)
-        now = blocks()
-        return now[holder][0] >= before[holder][0] + len(ids) // 32 and now[holder][1] == 0
+    seen: dict[str, tuple[int, int]] = {}
 
-    assert eventually(settled, True, timeout_s=20)
+    def settled() -> bool:  # its events applied, its request finished (marks cleared)
+        seen.update(blocks())
+        indexed, in_flight = seen[holder]
+        return indexed >= before[holder][0] + len(ids) // 32 and in_flight == 0
+
+    if not eventually(settled, True, timeout_s=20):
+        mesh.dump()  # the router's and workers' logs: a reset, a gap, a silent stream
+    assert settled(), (
+        f"(indexed blocks, in flight) of {holder}: {before[holder]} before, {seen[holder]} "
+        f"after; {len(ids) // 32} more blocks expected; all workers now: {seen}")
 
     def preview(adapter: str) -> router_pb2.RouteDecision:
         return asyncio.run(router("Route", router_pb2.RouteRequest(

@@ -37,6 +37,7 @@ class Replica:
     server: grpc.aio.Server
     suspected: list[str]
     route_calls: int = 0
+    unary_batch_calls: int = 0
 
     @property
     def core(self) -> RouterCore:
@@ -53,8 +54,20 @@ class CountingServicer(RouterServicer):
         self.replica.route_calls += 1
         return await super().Route(request, context)
 
+    async def RouteBatch(self, request, context):  # type: ignore[no-untyped-def]
+        self.replica.unary_batch_calls += 1
+        return await super().RouteBatch(request, context)
 
-async def start_replica(config: RouterConfig | None = None) -> Replica:
+
+class OldServicer(CountingServicer):
+    """A router from before RouteStream: the generated base's UNIMPLEMENTED."""
+
+    RouteStream = router_pb2_grpc.RouterServicer.RouteStream  # type: ignore[assignment]
+
+
+async def start_replica(config: RouterConfig | None = None, port: int = 0,
+                        servicer_class: type[CountingServicer] = CountingServicer
+                        ) -> Replica:
     core = RouterCore(config or RouterConfig(metrics_port=None, seed=0))
     for wid, model, adapters in (("a", "m", ()), ("b", "m", ("sql",)), ("c", "m2", ())):
         core.registry.upsert(WorkerState(worker_id=wid, endpoint=f"{wid}:1", model=model,
@@ -66,10 +79,10 @@ async def start_replica(config: RouterConfig | None = None) -> Replica:
         suspected.append(worker_id)
 
     lifecycle.suspect = suspect  # type: ignore[method-assign]
-    servicer = CountingServicer(core, lifecycle)
+    servicer = servicer_class(core, lifecycle)
     server = create_server()
     router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
-    port = bind(server, "127.0.0.1", 0)
+    port = bind(server, "127.0.0.1", port)
     await server.start()
     replica = Replica(f"127.0.0.1:{port}", servicer, server, suspected)
     servicer.replica = replica
@@ -110,9 +123,11 @@ async def test_concurrent_routes_share_routebatch_calls(replicas: list[Replica])
     routed = await asyncio.gather(*(routers.route(f"q{i}", "m", PROMPT, 8)
                                     for i in range(n)))
     calls, carried = batches(r0)
-    print(f"\n{n} concurrent routes: {calls:.0f} RouteBatch calls, {r0.route_calls} Route")
-    assert carried == n and r0.route_calls == 0  # every route rode in a RouteBatch
-    assert calls < n / 2  # ...and they shared calls
+    print(f"\n{n} concurrent routes: {calls:.0f} batches, {r0.route_calls} Route")
+    assert carried == n and r0.route_calls == 0  # every route rode in a batch
+    assert calls < n / 2  # ...and they shared batches
+    # ...on one RouteStream: no unary call each
+    assert r0.unary_batch_calls == 0 and routers.streams[0].opened == 1
     assert all(r.router == r0.address for r in routed)
     assert {r.decision.worker.worker_id for r in routed} <= {"a", "b"}
     assert booked(r0) == {f"q{i}" for i in range(n)}
@@ -234,4 +249,61 @@ async def test_a_replica_that_does_not_know_a_served_model_yet_is_passed_over(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await routers.route("bad", "no-such-model", PROMPT, 8)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    await routers.close()
+
+
+async def test_batches_reach_a_router_without_routestream_as_unary_calls() -> None:
+    old = await start_replica(servicer_class=OldServicer)
+    routers = client([old.address])
+    routed = await asyncio.gather(*(routers.route(f"o{i}", "m", PROMPT, 8) for i in range(8)))
+    assert {r.router for r in routed} == {old.address}  # no failover: it answered
+    assert routers.streams[0].unsupported and old.unary_batch_calls >= 1
+    assert batches(old)[1] == 8 and booked(old) == {f"o{i}" for i in range(8)}
+    await routers.close()
+    await old.server.stop(None)
+
+
+async def test_a_restarted_router_gets_a_new_stream() -> None:
+    """The stream to a router that went away ends; the batches after its restart (same
+    address) go out on a new stream, while the replica's rest lets the other answer."""
+    first, other = await start_replica(), await start_replica()
+    routers = RouterClient([first.address, other.address], route_timeout_s=5,
+                           retry_s=0.2, workers=lambda: ([], set()))
+    assert (await routers.route("before", "m", PROMPT, 8)).router == first.address
+    await first.server.stop(None)
+    during = await routers.route("during", "m", PROMPT, 8)
+    assert during.router == other.address
+    again = await start_replica(port=int(first.address.rsplit(":", 1)[1]))
+    await asyncio.sleep(0.3)  # the replica's rest is over
+    opened = routers.streams[0].opened  # the first, and one that failed meanwhile
+    after = await routers.route("after", "m", PROMPT, 8)
+    assert after.router == again.address and "after" in booked(again)
+    assert routers.streams[0].opened == opened + 1 and again.unary_batch_calls == 0
+    await routers.close()
+    for r in (other, again):
+        await r.server.stop(None)
+
+
+async def test_a_stalled_or_warming_router_is_failed_over(replicas: list[Replica]) -> None:
+    r0, r1 = replicas
+
+    async def stalled(*args, **kwargs):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(30)
+
+    r0.servicer._batch = stalled  # type: ignore[method-assign]
+    routers = RouterClient([r0.address, r1.address], route_timeout_s=0.5, retry_s=60,
+                           workers=lambda: ([], set()))
+    started = asyncio.get_running_loop().time()
+    routed = await routers.route("s", "m", PROMPT, 8)
+    assert routed.router == r1.address  # after the batch's timeout, no longer
+    assert asyncio.get_running_loop().time() - started < 3
+    await routers.close()
+    # Warming up (a restarted router waiting for its workers): each request of the
+    # stream's batch fails UNAVAILABLE without details, as a RouteBatch call would.
+    del r0.servicer._batch
+    r0.servicer.lifecycle.warming = lambda: "warming up"  # type: ignore[method-assign]
+    routers = client([r0.address, r1.address])
+    routed = await routers.route("w", "m", PROMPT, 8)
+    assert routed.router == r1.address and booked(r0) == set()
+    assert routers.metrics.router_failovers.labels(r0.address)._value.get() == 1
     await routers.close()

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.unit
 
 
 def report(*busy: float) -> dict:
-    return {"fleets": [{"saturated": {"router_busy": b}, "at_fixed_rate": {"router_busy": 0.5}}
+    return {"fleets": [{"runs": [{"saturated": {"router_busy": b},
+                                  "at_fixed_rate": {"router_busy": 0.5}}]}
                        for b in busy]}
 
 
