@@ -297,7 +297,7 @@ def test_an_adapters_kv_blocks_are_indexed_under_the_adapter(
         indexed, in_flight = seen[holder]
         return indexed >= before[holder][0] + len(ids) // 32 and in_flight == 0
 
-    if not eventually(settled, True, timeout_s=20):
+    if not eventually(settled, True, timeout_s=45):
         mesh.dump()  # the router's and workers' logs: a reset, a gap, a silent stream
     assert settled(), (
         f"(indexed blocks, in flight) of {holder}: {before[holder]} before, {seen[holder]} "
