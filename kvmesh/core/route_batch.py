@@ -28,6 +28,11 @@ DETAILS_KEY = "grpc-status-details-bin"
 #: Longest a finished report waits for routes to ride with (the router's in-flight
 #: count of a worker may lag a finish by this much).
 FINISH_DELAY_S = 0.05
+#: A finished report whose batch failed on the way is sent again after this long...
+FINISH_RETRY_DELAY_S = 0.5
+#: ...until this long after its first failure (a router that restarted has forgotten
+#: the request anyway; one still up would count it in flight for good without it).
+FINISH_RETRY_S = 30.0
 
 SendBatch = Callable[[router_pb2.RouteBatchRequest, float], Awaitable[
     router_pb2.RouteBatchResponse]]
@@ -69,6 +74,9 @@ class RouteBatcher:
         self._in_flight = 0
         self._scheduled = False
         self._finish_timer: asyncio.TimerHandle | None = None
+        #: (request id, worker id) of reports being sent again -> when to give up.
+        self._retry_until: dict[tuple[str, str], float] = {}
+        self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         #: Batches sent and routes they carried (batching's effect, for tests/metrics).
         self.batches = 0
@@ -99,6 +107,7 @@ class RouteBatcher:
     async def close(self) -> None:
         """Send the finished reports still waiting (a gateway shutting down) and wait
         for the batches out, up to the batch timeout."""
+        self._closing = True
         if self._finish_timer is not None:
             self._finish_timer.cancel()
             self._finish_timer = None
@@ -110,6 +119,33 @@ class RouteBatcher:
             if self._tasks:
                 await asyncio.wait(set(self._tasks),
                                    timeout=deadline - asyncio.get_running_loop().time())
+
+    def _send_again(self, finished: list[router_pb2.RequestFinishedRequest],
+                    exc: Exception) -> None:
+        """Finished reports of a batch that failed on the way go out again (applying
+        one twice is harmless) after ``FINISH_RETRY_DELAY_S``, for ``FINISH_RETRY_S``."""
+        if self._closing:  # one try each while shutting down
+            log.debug("%d finished reports not delivered at close: %r", len(finished), exc)
+            return
+        now = asyncio.get_running_loop().time()
+        again = []
+        for report in finished:
+            key = (report.request_id, report.worker_id)
+            if now < self._retry_until.setdefault(key, now + FINISH_RETRY_S):
+                again.append(report)
+            else:
+                del self._retry_until[key]
+                log.warning("finished report of %s on %s not delivered for %.0f s: %r",
+                            report.request_id, report.worker_id, FINISH_RETRY_S, exc)
+        if not again:
+            return
+        log.debug("%d finished reports failed on the way (%r); sending again",
+                  len(again), exc)
+        self._finished[:0] = again
+        if self._finish_timer is not None:
+            self._finish_timer.cancel()
+        self._finish_timer = asyncio.get_running_loop().call_later(
+            FINISH_RETRY_DELAY_S, self._finish_due)
 
     def _finish_due(self) -> None:
         self._finish_timer = None
@@ -176,12 +212,15 @@ class RouteBatcher:
         try:
             response = await self._send(request, self._timeout_s)
         except Exception as exc:  # noqa: BLE001 - each caller's, as its Route raised it
-            if not routes:
-                log.debug("RequestFinished batch failed: %r", exc)
+            if finished:
+                self._send_again(finished, exc)
             for _, future in routes:
                 if not future.done():
                     future.set_exception(exc)
         else:
+            if self._retry_until:
+                for report in finished:
+                    self._retry_until.pop((report.request_id, report.worker_id), None)
             for (route, future), result in zip(routes, response.results, strict=True):
                 if result.deferred and self._send_one is not None:
                     if not future.done():

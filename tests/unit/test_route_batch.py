@@ -181,3 +181,31 @@ async def test_close_sends_the_finished_reports_still_waiting() -> None:
     await batcher.close()
     assert [f.request_id for c in router.calls for f in c.finished] == ["done"]
     assert not batcher._tasks
+
+
+async def test_finished_reports_of_a_failed_batch_are_sent_again(monkeypatch) -> None:
+    """A batch that fails on the way (the stream broke, the replica blinked) must not
+    lose its finished reports: the router would count those requests in flight for
+    good. They go out again after FINISH_RETRY_DELAY_S, until FINISH_RETRY_S."""
+    monkeypatch.setattr(route_batch, "FINISH_RETRY_DELAY_S", 0.05)
+    router = Router()
+    router.release.set()
+    router.fail = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "blink")
+    batcher = RouteBatcher(router.send, timeout_s=5)
+    batcher.finished("r1", "a")
+    await asyncio.sleep(0.01)
+    assert [f.request_id for f in router.calls[0].finished] == ["r1"]
+    router.fail = None
+    await asyncio.sleep(0.2)
+    assert [f.request_id for c in router.calls[1:] for f in c.finished] == ["r1"]
+    assert len(router.calls) == 2  # delivered once: not sent again after that
+    # A router that stays unreachable: given up after FINISH_RETRY_S, not retried forever.
+    monkeypatch.setattr(route_batch, "FINISH_RETRY_S", 0.3)
+    router.fail = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "gone")
+    batcher.finished("r2", "b")
+    await asyncio.sleep(0.6)
+    tries = len(router.calls) - 2
+    assert 3 <= tries <= 8, tries
+    await asyncio.sleep(0.3)
+    assert len(router.calls) - 2 == tries
+    await batcher.close()
