@@ -23,7 +23,7 @@ import numpy as np
 
 from kvmesh.bench.stats import percentile
 from kvmesh.core.route_batch import RouteBatcher
-from kvmesh.core.route_stream import RouteStreamSender
+from kvmesh.core.route_stream import RouteStreamSender, stub_batcher
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 #: How requests reach the router.
@@ -61,21 +61,9 @@ class Caller:
         self.batcher: RouteBatcher | None = None
         self.stream: RouteStreamSender | None = None
         if transport in ("batch", "stream"):
-            stub = router_pb2_grpc.RouterStub(self._channels[0])
-
-            async def unary(request: router_pb2.RouteBatchRequest, timeout: float
-                            ) -> router_pb2.RouteBatchResponse:
-                return await stub.RouteBatch(request, timeout=timeout)
-
-            async def one(request: router_pb2.RouteRequest, timeout: float
-                          ) -> router_pb2.RouteDecision:
-                return await stub.Route(request, timeout=timeout)
-
-            send = unary
-            if transport == "stream":
-                self.stream = RouteStreamSender(stub.RouteStream, fallback=unary)
-                send = self.stream.send
-            self.batcher = RouteBatcher(send, 10.0, send_one=one)
+            self.batcher, self.stream = stub_batcher(
+                router_pb2_grpc.RouterStub(self._channels[0]), 10.0,
+                stream=transport == "stream")
         self.latencies: list[float] = []
         self.errors = 0
         #: Failures by status code and message (the first of each).

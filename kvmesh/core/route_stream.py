@@ -22,7 +22,8 @@ from typing import Any
 
 import grpc
 
-from kvmesh.v1 import router_pb2
+from kvmesh.core.route_batch import RouteBatcher
+from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +135,21 @@ class RouteStreamSender:
             self._drop(self._call)
         if self._readers:
             await asyncio.gather(*self._readers, return_exceptions=True)
+
+
+def stub_batcher(stub: router_pb2_grpc.RouterStub, timeout_s: float, stream: bool = True
+                 ) -> tuple[RouteBatcher, RouteStreamSender | None]:
+    """A RouteBatcher to the router behind ``stub``: its batches on a RouteStream (or,
+    with ``stream`` False, in unary RouteBatch calls); a request the router defers (it
+    would wait for a worker slot) asked again in a Route call of its own."""
+
+    async def unary(request: router_pb2.RouteBatchRequest, timeout: float
+                    ) -> router_pb2.RouteBatchResponse:
+        return await stub.RouteBatch(request, timeout=timeout)
+
+    async def one(request: router_pb2.RouteRequest, timeout: float
+                  ) -> router_pb2.RouteDecision:
+        return await stub.Route(request, timeout=timeout)
+
+    sender = RouteStreamSender(stub.RouteStream, fallback=unary) if stream else None
+    return RouteBatcher(sender.send if sender else unary, timeout_s, send_one=one), sender

@@ -33,7 +33,7 @@ import kvmesh.core.tracing as tracing
 from kvmesh.core.errors import NoWorkerAvailableError
 from kvmesh.core.grpc_util import ERROR_PARAM_KEY, GRPC_DETAILS_METADATA_KEY, internal_channel
 from kvmesh.core.route_batch import RouteBatcher
-from kvmesh.core.route_stream import RouteStreamSender
+from kvmesh.core.route_stream import RouteStreamSender, stub_batcher
 from kvmesh.gateway.failover_metrics import FailoverMetrics
 from kvmesh.gateway.local_route import LocalRouter
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -112,17 +112,10 @@ class RouterClient:
         self.metrics = metrics or FailoverMetrics()
 
     def _batcher(self, stub: router_pb2_grpc.RouterStub) -> RouteBatcher:
-        async def send(request: router_pb2.RouteBatchRequest, timeout: float
-                       ) -> router_pb2.RouteBatchResponse:
-            return await stub.RouteBatch(request, timeout=timeout)
-
-        async def send_one(request: router_pb2.RouteRequest, timeout: float
-                           ) -> router_pb2.RouteDecision:
-            return await stub.Route(request, timeout=timeout)
-
-        stream = RouteStreamSender(stub.RouteStream, fallback=send)
+        batcher, stream = stub_batcher(stub, self._route_timeout_s)
+        assert stream is not None
         self.streams.append(stream)
-        return RouteBatcher(stream.send, self._route_timeout_s, send_one=send_one)
+        return batcher
 
     def known_workers(self) -> list[common_pb2.WorkerInfo]:
         """The last watched worker set."""
