@@ -52,6 +52,11 @@ class AdapterAdmin:
         self._mesh = mesh
         self._catalog = catalog
         self._timeout_s = timeout_s
+        #: Per (model, adapter): unloads begun, and those under way. A catch-up does not
+        #: load an adapter being unloaded, and takes back one whose unload began while
+        #: it was loading it.
+        self._unloads: dict[tuple[str, str], int] = {}
+        self._unloading: set[tuple[str, str]] = set()
 
     def _lora_model(self, model: str | None) -> ModelEntry:
         if model:
@@ -109,10 +114,22 @@ class AdapterAdmin:
         if body.lora_name not in entry.adapters:
             raise ModelNotFoundError(
                 f"The lora adapter '{body.lora_name}' cannot be found.", param="lora_name")
-        request = worker_pb2.UnloadLoraAdapterRequest(lora_name=body.lora_name)
+        key = (entry.name, body.lora_name)
+        self._unloads[key] = self._unloads.get(key, 0) + 1
+        self._unloading.add(key)
+        try:
+            await self._unload_everywhere(entry, body.lora_name)
+        finally:
+            self._unloading.discard(key)
+        self._catalog.adapter_removed(entry.name, body.lora_name)
+        return entry
+
+    async def _unload_everywhere(self, entry: ModelEntry, name: str) -> None:
+        request = worker_pb2.UnloadLoraAdapterRequest(lora_name=name)
+        endpoints = list(entry.lora_endpoints)
         results = await asyncio.gather(
             *(self._mesh.lora_adapters(ep).UnloadLoraAdapter(request, timeout=self._timeout_s)
-              for ep in entry.lora_endpoints),
+              for ep in endpoints),
             return_exceptions=True)
         for result in results:
             # A worker that never had it (it joined later) is already where we want it.
@@ -121,8 +138,10 @@ class AdapterAdmin:
                 continue
             if isinstance(result, BaseException):
                 raise result
-        self._catalog.adapter_removed(entry.name, body.lora_name)
-        return entry
+        # Workers that joined meanwhile: a catch-up may have loaded it there.
+        with contextlib.suppress(ModelNotFoundError):
+            await self._unload_on([ep for ep in self._catalog.get(entry.name).lora_endpoints
+                                   if ep not in endpoints], name)
 
     async def _unload_on(self, endpoints: list[str], name: str) -> None:
         request = worker_pb2.UnloadLoraAdapterRequest(lora_name=name)
@@ -146,6 +165,9 @@ class AdapterAdmin:
                              - set(worker.servable_adapters))
             for name in missing:
                 holder = next(p for p in peers if name in p.servable_adapters)
+                unloads = self._unloads.get((worker.model, name), 0)
+                if (worker.model, name) in self._unloading:
+                    continue
                 try:
                     if holder.endpoint not in sources:
                         sources[holder.endpoint] = await self._sources(holder.endpoint)
@@ -158,6 +180,10 @@ class AdapterAdmin:
                 except grpc.aio.AioRpcError as exc:
                     log.warning("LoRA adapter %s not loaded on joining worker %s: %s", name,
                                 worker.worker_id, exc.details() or exc.code().name)
+                    continue
+                if self._unloads.get((worker.model, name), 0) != unloads:
+                    # Unloaded everywhere since this catch-up read the holder's list.
+                    await self._unload_on([worker.endpoint], name)
                     continue
                 log.info("LoRA adapter %s of %s loaded from %s on joining worker %s", name,
                          worker.model, source, worker.worker_id)
