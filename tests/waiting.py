@@ -1,10 +1,13 @@
-"""Polling with a deadline: how tests wait for what another process does."""
+"""Polling with a deadline: how tests wait for what another process does (and whether
+one has exited)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+import psutil
 
 T = TypeVar("T")
 
@@ -19,3 +22,11 @@ def eventually(read: Callable[[], T], wanted: T, timeout_s: float,
         time.sleep(interval_s)
         value = read()
     return value
+
+
+def gone(pid: int) -> bool:
+    """The process has exited: no such process, or a zombie its parent has not reaped."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -72,10 +72,13 @@ async def print_status(router: str, console: Console | None = None,
     unreachable: dict[str, str] = {}
     reply: router_pb2.ListWorkersResponse | None = None
     for address in addresses:
-        reply = await _list_workers(address, unreachable)
-        if reply is not None:
-            router = address
-            break
+        try:
+            reply = await _list_workers(address)
+        except grpc.aio.AioRpcError as exc:
+            unreachable[address] = exc.details() or exc.code().name
+            continue
+        router = address
+        break
     errors = Console(stderr=True)  # stdout stays the answer (JSON for scripts)
     for address, why in unreachable.items():
         errors.print(f"[red]router {address} unreachable:[/] {why}", highlight=False)
@@ -94,12 +97,7 @@ async def print_status(router: str, console: Console | None = None,
     return 0
 
 
-async def _list_workers(address: str, unreachable: dict[str, str]
-                        ) -> router_pb2.ListWorkersResponse | None:
+async def _list_workers(address: str) -> router_pb2.ListWorkersResponse:
     async with internal_channel(address) as channel:
-        try:
-            return await router_pb2_grpc.RouterStub(channel).ListWorkers(
-                router_pb2.ListWorkersRequest(), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            unreachable[address] = exc.details() or exc.code().name
-            return None
+        return await router_pb2_grpc.RouterStub(channel).ListWorkers(
+            router_pb2.ListWorkersRequest(), timeout=5)

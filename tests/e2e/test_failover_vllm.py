@@ -41,6 +41,7 @@ from tests.failover_streams import (
 )
 from tests.integration.conftest import Mesh, router_ready, running_mesh, spawn_router, start_router
 from tests.prom import Scrape
+from tests.waiting import gone
 
 pytestmark = pytest.mark.e2e
 MODEL = "SmolLM2-135M-Instruct"
@@ -90,18 +91,11 @@ def kill(mesh: Mesh, name: str) -> None:
     os.kill(mesh.procs[name].pid, signal.SIGKILL)
     mesh.procs[name].wait(10)
     _, alive = psutil.wait_procs(children, timeout=10)
-    outlived = [f"{child.pid} {child.name()}" for child in alive if _running(child)]
+    outlived = [f"{child.pid} {child.name()}" for child in alive if not gone(child.pid)]
     for child in alive:
         with contextlib.suppress(psutil.Error):
             child.kill()
     assert not outlived, f"{name}: children outlived it: {outlived}"
-
-
-def _running(process: psutil.Process) -> bool:
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 class PrefixLoad:

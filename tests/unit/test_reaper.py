@@ -12,6 +12,7 @@ import time
 import psutil
 
 from kvmesh.worker import reaper
+from tests.waiting import gone
 
 PARENT = """
 import subprocess, sys, time
@@ -25,13 +26,6 @@ watcher = reaper.start([psutil.Process(engine.pid)])
 print(engine.pid, watcher.pid, flush=True)
 time.sleep(120)
 """
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def until_gone(pids: list[int], timeout_s: float) -> list[int]:
