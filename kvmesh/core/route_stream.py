@@ -17,20 +17,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from kvmesh.core.route_batch import RouteBatcher
+from kvmesh.core.route_batch import RouteBatcher, SendBatch
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 #: Opens the stream: ``stub.RouteStream`` (a stream-stream call, nothing sent yet).
 OpenStream = Callable[[], Any]
-SendBatch = Callable[[router_pb2.RouteBatchRequest, float],
-                     Awaitable[router_pb2.RouteBatchResponse]]
 
 
 def _status(code: grpc.StatusCode, message: str) -> grpc.aio.AioRpcError:

@@ -198,8 +198,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def RouteBatch(
         self, request: router_pb2.RouteBatchRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteBatchResponse:
-        for done in request.finished:
-            self.core.finish(done.worker_id, done.request_id)
+        self._finish(request)
         await self._refuse_while_warming(context)
         return await self._batch(request.requests, context.time_remaining(),
                                  request.defer_waits)
@@ -209,8 +208,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[router_pb2.RouteBatchResponse]:
         async for request in requests:
-            for done in request.finished:
-                self.core.finish(done.worker_id, done.request_id)
+            self._finish(request)
             why = self.lifecycle.warming()
             if why:  # as RouteBatch's abort: no details, the gateway asks another replica
                 failed = router_pb2.RouteBatchResult(
@@ -222,6 +220,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                            defer=True)
             answer.batch_id = request.batch_id
             yield answer
+
+    def _finish(self, request: router_pb2.RouteBatchRequest) -> None:
+        """A batch's finished reports, applied before its routes (either transport)."""
+        for done in request.finished:
+            self.core.finish(done.worker_id, done.request_id)
 
     async def _batch(self, requests: Sequence[router_pb2.RouteRequest],
                      remaining: float | None, defer: bool) -> router_pb2.RouteBatchResponse:
