@@ -12,6 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import yaml as yaml_lib
 
 from kvmesh.core.net import free_port  # noqa: F401 - tests import it from here
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
@@ -69,12 +70,12 @@ def spawn_router(mesh: Mesh, name: str = "router", *extra: str,
                  env: dict[str, str] | None = None, yaml: str = "") -> Path:
     """Start a router process (from the calling thread: a child dies with the thread
     that forked it) and return its ready file, to wait on with ``router_ready``;
-    ``yaml``: more of its config file."""
+    ``yaml``: more of its config file, over the quick defaults below."""
+    settings = {"policy": "round_robin", "heartbeat_interval_s": 0.5, "lease_ttl_s": 3,
+                "probe_interval_s": 0.2, "metrics_port": 0}
+    settings.update(yaml_lib.safe_load(yaml) or {})
     config = mesh.dir / f"{name}.yaml"
-    config.write_text(
-        "policy: round_robin\nheartbeat_interval_s: 0.5\nlease_ttl_s: 3\nprobe_interval_s: 0.2\n"
-        "metrics_port: 0\n" + yaml
-    )
+    config.write_text(yaml_lib.safe_dump(settings))
     ready = mesh.dir / f"{name}.ready"
     ready.unlink(missing_ok=True)
     mesh.procs[name] = spawn_module(
