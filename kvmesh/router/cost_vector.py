@@ -64,6 +64,11 @@ def load_arrays(workers: Sequence[WorkerState], adapter: str = "",
     work there first (``cost_model.load_input``)."""
     n = len(workers)
     table, rows = _rows(workers)
+    if table is not None and rows is not None and not (adapter and adapter_load_tokens):
+        # The registry's columns: gathered and combined in one compiled pass.
+        return LoadArrays(*costs.load_gather(
+            rows, table.routed, table.running, table.waiting, table.kv_usage,
+            table.uncached, table.unreported))
     if table is not None and rows is not None:  # the registry's columns: a gather each
         routed, running = table.routed[rows], table.running[rows]
         waiting, kv = table.waiting[rows], table.kv_usage[rows]
@@ -124,6 +129,15 @@ def rendezvous_scores(key: int, salts: np.ndarray[Any, np.dtype[np.uint64]]
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
+
+
+def rendezvous_pick(key: int, workers: Sequence[WorkerState], near: I64) -> int:
+    """The position among ``workers`` of the near-equal (``near``: positions) with the
+    highest rendezvous score for ``key``: one compiled pass over a selection's kept
+    salts (``rendezvous_scores``' argmax, without its arrays)."""
+    if isinstance(workers, Candidates):
+        return int(near[costs.rendezvous_pick(np.uint64(key), workers.salts, near)])
+    return int(near[int(np.argmax(rendezvous_scores(key, near_salts(workers, near))))])
 
 
 def salts(workers: Sequence[WorkerState]) -> np.ndarray[Any, np.dtype[np.uint64]]:

@@ -88,9 +88,10 @@ class Candidates(list[WorkerState]):
     with what every decision over it reads worked out once per selection: the ids,
     block sizes and load-table rows in its order."""
 
-    __slots__ = ("ids", "block_sizes", "rows", "loads", "salts")
+    __slots__ = ("ids", "block_sizes", "size_set", "rows", "loads", "salts")
     ids: list[str]
     block_sizes: np.ndarray
+    size_set: frozenset[int]  # the distinct block sizes among them
     rows: np.ndarray
     loads: LoadTable | None
     salts: np.ndarray  # the rendezvous salts in its order
@@ -99,11 +100,13 @@ class Candidates(list[WorkerState]):
                  like: Candidates | None = None, loads: LoadTable | None = None) -> None:
         super().__init__(workers)
         if like is not None:  # a copy of a selection: the same numbers
-            self.ids, self.block_sizes = like.ids, like.block_sizes
+            self.ids, self.block_sizes, self.size_set = like.ids, like.block_sizes, \
+                like.size_set
             self.rows, self.loads, self.salts = like.rows, like.loads, like.salts
             return
         self.ids = [w.worker_id for w in self]
         self.block_sizes = np.array([w.block_size for w in self], dtype=np.int64)
+        self.size_set = frozenset(w.block_size for w in self)
         self.rows = np.array([w.row for w in self], dtype=np.intp)
         self.loads = loads
         self.salts = id_salts(self.ids)

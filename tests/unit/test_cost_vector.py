@@ -13,11 +13,12 @@ from kvmesh.router.cost_vector import (
     load_terms,
     near_equals,
     near_salts,
+    rendezvous_pick,
     rendezvous_scores,
     salts,
 )
 from kvmesh.router.kernels import costs as kernel_costs
-from kvmesh.router.policy.kv_aware import rendezvous_score
+from kvmesh.router.policy.kv_aware import placement_key, rendezvous_score
 from kvmesh.router.registry import WorkerLoadView, WorkerRegistry, WorkerState
 
 pytestmark = pytest.mark.unit
@@ -80,6 +81,42 @@ def test_a_selection_keeps_the_salts_of_its_workers() -> None:
     assert near_salts(selection, near).tolist() == \
         salts([selection[i] for i in near.tolist()]).tolist()
     assert near_salts(list(selection), near).tolist() == near_salts(selection, near).tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_compiled_rendezvous_pick_is_the_highest_score(seed: int) -> None:
+    """A decision over a registry selection picks among the near-equals in one
+    compiled pass over its kept salts: the same worker as the scores' argmax, which a
+    plain list of workers still takes."""
+    rng = random.Random(seed)
+    registry = WorkerRegistry(lease_ttl_s=10)
+    for w in _fleet(rng, rng.choice([2, 16, 256])):
+        registry.upsert(w)
+    selection = registry.candidates(model="m")
+    for _ in range(50):
+        near = np.array(sorted(rng.sample(range(len(selection)),
+                                          rng.randrange(1, len(selection) + 1))))
+        key = rng.getrandbits(64)
+        best = max(near.tolist(), key=lambda i: (rendezvous_score(key, selection[i].worker_id),
+                                                 -i))
+        assert rendezvous_pick(key, selection, near) == best
+        assert rendezvous_pick(key, list(selection), near) == best
+
+
+def test_the_one_size_placement_key_equals_the_general_one() -> None:
+    """With one block size across the candidates the key skips the per-size masks; it
+    is the key the general path finds."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n, blocks = int(rng.integers(1, 40)), int(rng.integers(0, 12))
+        hashes = {32: rng.integers(0, 2**63, blocks, dtype=np.uint64)}
+        sizes = np.full(n, 32, dtype=np.int64)
+        cached = rng.integers(0, blocks + 1, n) * 32.0
+        near = np.flatnonzero(rng.random(n) < 0.5) if n > 1 else np.arange(1)
+        if not len(near):
+            near = np.arange(1)
+        assert placement_key(hashes, sizes, near, cached, 32) == \
+            placement_key(hashes, sizes, near, cached)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -47,3 +47,6 @@ def warm_up() -> None:
     costs.load_terms(8.0, column, column, column, column, column, 1.0, 1.0, 1.0, 1.0)
     costs.near_equals(column, column, column, column, column, column, 8.0, 0.1, 1.0, 1.0,
                       1.0, 1.0, 0.1)
+    costs.load_gather(np.arange(4, dtype=np.intp), column, column, column, column, column,
+                      column)
+    costs.rendezvous_pick(np.uint64(1), np.ones(4, np.uint64), np.arange(4, dtype=np.int64))

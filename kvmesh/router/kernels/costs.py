@@ -79,3 +79,44 @@ def near_equals(active: F64, running: F64, queued: F64, kv: F64, waiting: F64,
         cheapest = min(cheapest, costs[j])
     near = kept[costs <= cheapest + slack_s + 1e-9]
     return kept, costs, near
+
+
+@njit(cache=True, nogil=True)
+def load_gather(rows: Any, routed: F64, running: F64, waiting: F64, kv: F64, uncached: F64,
+                unreported: F64) -> Any:
+    """The candidates' load columns from the registry's table rows, in one pass:
+    (active, running, queued prefill tokens, KV usage, waiting) as
+    ``cost_vector.load_arrays`` defines them (routed since the last report and not yet
+    running count as waiting)."""
+    n = len(rows)
+    active, run, queued = np.empty(n), np.empty(n), np.empty(n)
+    usage, wait = np.empty(n), np.empty(n)
+    for j in range(n):
+        i = rows[j]
+        r, w = running[i], waiting[i]
+        active[j] = max(routed[i], r + w)
+        run[j] = max(routed[i], r)
+        queued[j] = uncached[i] + unreported[i]
+        usage[j] = kv[i]
+        wait[j] = max(active[j] - r, w)
+    return active, run, queued, usage, wait
+
+
+@njit(cache=True, inline="always")
+def _splitmix(x: Any) -> Any:
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def rendezvous_pick(key: Any, salts: Any, near: Any) -> int:
+    """The position in ``near`` whose worker (``salts[near[j]]``) scores highest for
+    ``key`` (splitmix64's finaliser of key xor salt; the first on a tie, as argmax)."""
+    key = np.uint64(key)
+    best, at = _splitmix(key ^ salts[near[0]]), 0
+    for j in range(1, len(near)):
+        score = _splitmix(key ^ salts[near[j]])
+        if score > best:
+            best, at = score, j
+    return at

@@ -19,8 +19,7 @@ from kvmesh.router.cost_vector import (
     LoadArrays,
     load_arrays,
     near_equals,
-    near_salts,
-    rendezvous_scores,
+    rendezvous_pick,
 )
 from kvmesh.router.policy.base import Choice, RouteContext
 from kvmesh.router.prefix_index import PrefixIndex
@@ -87,12 +86,13 @@ class KvAwarePolicy:
         seed = namespace_seed(ctx.model, ctx.adapter)
         cached = np.zeros(len(workers))
         selection = workers if isinstance(workers, Candidates) else None
+        present: frozenset[int] | set[int]
         if selection is not None:  # the registry's selection: worked out once
-            sizes = selection.block_sizes
+            sizes, present = selection.block_sizes, selection.size_set
         else:
             sizes = np.fromiter(map(_BLOCK_SIZE, workers), np.int64, len(workers))
+            present = set(np.unique(sizes).tolist())
         hashes_by_size: dict[int, U64Array] = {}
-        present = set(np.unique(sizes).tolist())
         for block_size in present - {0}:
             hashes = prompt_hash_array(ctx.token_ids, block_size, seed)
             hashes_by_size[block_size] = hashes
@@ -171,12 +171,11 @@ class KvAwarePolicy:
         # same worker, so the fleet's caches partition the hot set instead of each
         # caching a copy of it (and thrashing when it outgrows one).
         kept, costs, near = near_equals(self.params, loads, len(ctx.token_ids), cached)
-        key = placement_key(hashes_by_size, sizes, near, cached)
-        if key is None:
-            at = self._rng.choice(near.tolist())
-        else:
-            scores = rendezvous_scores(key, near_salts(workers, near))
-            at = int(near[int(np.argmax(scores))])
+        uniform = next(iter(workers.size_set)) if isinstance(workers, Candidates) \
+            and len(workers.size_set) == 1 else 0
+        key = placement_key(hashes_by_size, sizes, near, cached, uniform)
+        at = self._rng.choice(near.tolist()) if key is None else \
+            rendezvous_pick(key, workers, near)
         return Evaluation(cached, loads, kept, costs, near, key, at, hashes_by_size)
 
 
@@ -195,22 +194,26 @@ class Evaluation(NamedTuple):
 
 
 def placement_key(hashes_by_size: dict[int, U64Array], sizes: I64, near: I64,
-                  cached: F64) -> int | None:
+                  cached: F64, uniform: int = 0) -> int | None:
     """The prompt's placement key: its chained hash a few blocks past the longest
     prefix cached anywhere — the part that identifies what this prompt adds (a system
     prompt when nothing is cached; the tenant's document after a shared system prompt)
     — or None for sub-block prompts. Prompts that add the same content share a home;
     prompts that add different content spread over the near-equal workers.
     ``sizes`` and ``cached`` are every candidate's block size and cached prompt
-    tokens; ``near`` the positions of the near-equal ones."""
-    near_sizes = set(sizes[near].tolist())
-    if len(near_sizes) != 1:
-        return None
-    size = near_sizes.pop()
+    tokens; ``near`` the positions of the near-equal ones; ``uniform``, when not 0,
+    the one block size every candidate has (no per-size masks to build)."""
+    if uniform:
+        size = uniform
+    else:
+        near_sizes = set(sizes[near].tolist())
+        if len(near_sizes) != 1:
+            return None
+        size = near_sizes.pop()
     hashes = hashes_by_size.get(size)
     if hashes is None or not len(hashes):
         return None
-    start = int(cached[sizes == size].max(initial=0)) // size
+    start = int((cached if uniform else cached[sizes == size]).max(initial=0)) // size
     return int(hashes[min(len(hashes), start + PLACEMENT_BLOCKS) - 1])
 
 
