@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmesh.core.errors import InvalidRequestError, KvmeshError
+from kvmesh.core.service_main import freezing_imports
 from kvmesh.gateway.schemas import (
     ChatCompletionRequest,
     DeltaFunctionCall,
@@ -66,13 +67,14 @@ async def load_parsers(tool_parser: str | None, reasoning_parser: str | None,
     """Import what a request needs without blocking the event loop (``required_calls``:
     vLLM's streaming scanner for a required tool choice)."""
     def load() -> None:
-        if tool_parser:
-            tool_parser_class(tool_parser)
-            _vllm_chat_request_class()
-        if reasoning_parser:
-            reasoning_parser_class(reasoning_parser)
-        if required_calls:
-            _required_call_scanner()
+        with freezing_imports():  # vLLM and torch: out of the collector's walks
+            if tool_parser:
+                tool_parser_class(tool_parser)
+                _vllm_chat_request_class()
+            if reasoning_parser:
+                reasoning_parser_class(reasoning_parser)
+            if required_calls:
+                _required_call_scanner()
     await asyncio.to_thread(load)
 
 

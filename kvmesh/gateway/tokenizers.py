@@ -25,6 +25,7 @@ from smg_grpc_proto.generated import common_pb2
 
 from kvmesh.core.errors import InvalidRequestError, NoWorkerAvailableError
 from kvmesh.core.grpc_util import internal_channel
+from kvmesh.core.service_main import freezing_imports
 
 log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 60.0
@@ -103,7 +104,7 @@ class ModelTokenizer:
             for name in ("processor_config.json", "preprocessor_config.json")
         ):
             return None
-        with _LOAD_LOCK:
+        with _LOAD_LOCK, freezing_imports():
             from transformers import AutoProcessor
 
             return AutoProcessor.from_pretrained(str(folder))
@@ -183,7 +184,7 @@ _LOAD_LOCK = threading.Lock()
 
 
 def load_tokenizer(folder: Path) -> ModelTokenizer:
-    with _LOAD_LOCK:
+    with _LOAD_LOCK, freezing_imports():  # transformers brings torch: out of gc's walks
         from transformers import AutoTokenizer
 
         return ModelTokenizer(AutoTokenizer.from_pretrained(str(folder)), folder)

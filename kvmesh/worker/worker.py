@@ -31,7 +31,7 @@ from kvmesh.core.net import free_port
 from kvmesh.core.processes import terminate
 from kvmesh.core.registration import Registration
 from kvmesh.core.roles import WorkerRole, role_to_proto
-from kvmesh.core.service_main import write_ready_file
+from kvmesh.core.service_main import freeze_heap, write_ready_file
 from kvmesh.models.source import resolve_model
 from kvmesh.models.source import served_name as default_served_name
 from kvmesh.v1 import common_pb2, worker_pb2_grpc
@@ -149,6 +149,9 @@ class WorkerServer:
         self._server = server
         if config.metrics_port is not None:
             self._start_metrics(config.metrics_port)
+        # vLLM, torch and the engine client loaded: hundreds of thousands of objects a
+        # full collection would walk while the token streams wait (as vLLM's own server).
+        freeze_heap()
         log.info(
             "worker %s serving %s on %s (%s engine ready in %.1fs)",
             self.worker_id, self.model, self.endpoint, config.engine_kind,
