@@ -195,16 +195,21 @@ class KvEventFollower:
         heartbeat) for ``idle_timeout_s``: a stalled stream is dropped and resumed."""
         call = self._stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(
             start_sequence_number=start, load_records_before_first_batch=True))
+        received = False
         try:
             while True:
                 try:
                     batch = await asyncio.wait_for(call.read(), self._idle_timeout_s)
                 except TimeoutError:
-                    log.warning("KV event stream of %s silent for %.0f s; resubscribing",
-                                self.worker_id, self._idle_timeout_s)
+                    # An idle worker's relay sends its heartbeats only after a first
+                    # batch: a stream that never brought one is resumed quietly.
+                    log.log(logging.WARNING if received else logging.DEBUG,
+                            "KV event stream of %s silent for %.0f s; resubscribing",
+                            self.worker_id, self._idle_timeout_s)
                     return
                 if batch is grpc.aio.EOF:
                     return
+                received = True
                 if batch.HasField("load") and self._on_load is not None:
                     self._on_load(batch.load)
                 self.tracker.handle(batch)

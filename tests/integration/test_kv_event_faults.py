@@ -7,6 +7,7 @@ index claimed blocks the worker no longer had (the repair window)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -158,11 +159,25 @@ async def test_refused_resume_drops_the_view(
 
 
 async def test_a_silent_stream_is_dropped_and_resumed(
-        publisher: tuple[ScriptedPublisher, KvEventFollower, PrefixIndex]) -> None:
+        publisher: tuple[ScriptedPublisher, KvEventFollower, PrefixIndex],
+        caplog: pytest.LogCaptureFixture) -> None:
     scripted, follower, index = publisher
     await scripted.script.put(stored(0, 100))
     await _until(lambda: index.blocks("w0") == 1, 5)
     # No batch, no heartbeat: the subscription is given up after IDLE_S and resumed.
-    waited = await _until(lambda: scripted.starts == [0, 1], IDLE_S + 3)
+    with caplog.at_level(logging.DEBUG, logger="kvmesh.router.kv_events"):
+        waited = await _until(lambda: scripted.starts == [0, 1], IDLE_S + 3)
     print(f"\nsilent stream resubscribed after {waited:.2f} s (idle timeout {IDLE_S} s)")
     assert waited >= IDLE_S - 0.5 and index.blocks("w0") == 1
+    assert [r.levelno for r in caplog.records if "silent" in r.message] == [logging.WARNING]
+
+
+async def test_a_stream_that_never_brought_a_batch_is_resumed_quietly(
+        publisher: tuple[ScriptedPublisher, KvEventFollower, PrefixIndex],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An idle worker's relay sends no heartbeat before its first batch: its stream is
+    resumed at the idle timeout as any silent one, but that is no stall to warn of."""
+    scripted, _, _ = publisher
+    with caplog.at_level(logging.DEBUG, logger="kvmesh.router.kv_events"):
+        await _until(lambda: scripted.starts == [0, 0], IDLE_S + 3)
+    assert [r.levelno for r in caplog.records if "silent" in r.message] == [logging.DEBUG]
