@@ -1,6 +1,6 @@
 """Each worker's 64-bit rendezvous salt (pure): the blake2b of its id, worked out once
 per id. The registry's candidate selections keep their salts as an array
-(``Candidates.salts``); ``cost_vector.rendezvous_scores`` mixes them with a key."""
+(``Candidates.salts``); ``cost_vector.rendezvous_pick`` mixes them with a key."""
 
 from __future__ import annotations
 
