@@ -59,32 +59,26 @@ def load_arrays(workers: Sequence[WorkerState], adapter: str = "",
                 adapter_load_tokens: int = 0) -> LoadArrays:
     """The workers' raw numbers, gathered from the registry's load table
     (``load_table.py``) when they are all registered in one, else read column by
-    column (C-level ``map`` passes); the formulas in numpy. A request for ``adapter``
-    that a worker has not loaded queues ``adapter_load_tokens`` of prefill-equivalent
-    work there first (``cost_model.load_input``)."""
+    column (C-level ``map`` passes); combined in one compiled pass
+    (``kernels.costs.load_gather``). A request for ``adapter`` that a worker has not
+    loaded queues ``adapter_load_tokens`` of prefill-equivalent work there first
+    (``cost_model.load_input``)."""
     n = len(workers)
     table, rows = _rows(workers)
-    if table is not None and rows is not None and not (adapter and adapter_load_tokens):
-        # The registry's columns: gathered and combined in one compiled pass.
-        return LoadArrays(*costs.load_gather(
-            rows, table.routed, table.running, table.waiting, table.kv_usage,
-            table.uncached, table.unreported))
-    if table is not None and rows is not None:  # the registry's columns: a gather each
-        routed, running = table.routed[rows], table.running[rows]
-        waiting, kv = table.waiting[rows], table.kv_usage[rows]
-        queued = table.uncached[rows] + table.unreported[rows]
+    if table is not None and rows is not None:  # the registry's columns
+        columns = (table.routed, table.running, table.waiting, table.kv_usage,
+                   table.uncached, table.unreported)
     else:  # workers of no registry (tests, simulations): read them one by one
         loads = list(map(_LOAD, workers))
-        routed = column(map(len, map(_IN_FLIGHT, workers)), n)
         running, waiting, uncached, kv = (column(map(get, loads), n) for get in _RAW)
-        queued = uncached + column(map(_UNREPORTED, workers), n)
+        columns = (column(map(len, map(_IN_FLIGHT, workers)), n), running, waiting, kv,
+                   uncached, column(map(_UNREPORTED, workers), n))
+        rows = np.arange(n, dtype=np.intp)
+    arrays = LoadArrays(*costs.load_gather(rows, *columns))
     if adapter and adapter_load_tokens:
-        queued = queued + adapter_load_tokens * column(
+        arrays.queued_prefill_tokens[:] += adapter_load_tokens * column(
             (adapter not in w.adapters for w in workers), n)
-    active = np.maximum(routed, running + waiting)
-    # Routed since the last report and not yet running count as waiting.
-    return LoadArrays(active, np.maximum(routed, running), queued, kv,
-                      np.maximum(active - running, waiting))
+    return arrays
 
 
 #: The cost model's load terms, in the order ``load_terms`` returns them.

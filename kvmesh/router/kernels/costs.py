@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from kvmesh.router.kernels.tables import mix
+
 F64 = np.ndarray[Any, np.dtype[np.float64]]
 I64 = np.ndarray[Any, np.dtype[np.int64]]
 
@@ -102,21 +104,14 @@ def load_gather(rows: Any, routed: F64, running: F64, waiting: F64, kv: F64, unc
     return active, run, queued, usage, wait
 
 
-@njit(cache=True, inline="always")
-def _splitmix(x: Any) -> Any:
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 @njit(cache=True, nogil=True)
 def rendezvous_pick(key: Any, salts: Any, near: Any) -> int:
     """The position in ``near`` whose worker (``salts[near[j]]``) scores highest for
     ``key`` (splitmix64's finaliser of key xor salt; the first on a tie, as argmax)."""
     key = np.uint64(key)
-    best, at = _splitmix(key ^ salts[near[0]]), 0
+    best, at = mix(key ^ salts[near[0]]), 0
     for j in range(1, len(near)):
-        score = _splitmix(key ^ salts[near[j]])
+        score = mix(key ^ salts[near[j]])
         if score > best:
             best, at = score, j
     return at
