@@ -16,6 +16,10 @@ gRPC metadata (``kvmesh.core.lora_config.ADAPTER_METADATA_KEY``); the worker loa
 on demand (``kvmesh.worker.lora``) and hands vLLM the ``LoRARequest`` through the
 engine's ``generate``. The KV-event relay keeps only the adapter's numeric id on
 stored blocks; the adapter's name is filled in, as the router namespaces by name.
+
+KV events: a subscriber that asks for load records before the first batch gets
+heartbeats from the start (``kvmesh.worker.kv_heartbeat``), not only after the
+engine's first batch as the library's relay sends them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 from smg_grpc_servicer.vllm.servicer import VllmEngineServicer
 
 from kvmesh.core.errors import InvalidRequestError
+from kvmesh.worker.kv_heartbeat import early_heartbeat, with_early_heartbeats
 from kvmesh.worker.lora import AdapterManager, adapter_of, lora_request, name_adapter_blocks
+
+#: Seconds between heartbeats before the relay's first batch (its own interval after).
+EARLY_HEARTBEAT_INTERVAL_S = 1.0
 
 
 class _AdapterEngine:
@@ -102,7 +110,12 @@ class KvmeshVllmEngineServicer(VllmEngineServicer):
         self, request: smg_common_pb2.SubscribeKvEventsRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[smg_common_pb2.KvEventBatch]:
-        async for batch in super().SubscribeKvEvents(request, context):
+        batches = super().SubscribeKvEvents(request, context)
+        if request.load_records_before_first_batch:
+            batches = with_early_heartbeats(
+                batches, lambda: early_heartbeat(self._load_record(None)),
+                EARLY_HEARTBEAT_INTERVAL_S)
+        async for batch in batches:
             if self.adapters is not None:
                 name_adapter_blocks(batch, self.adapters.name_of)
             yield batch

@@ -10,6 +10,8 @@ import grpc
 import httpx
 import openai
 import pytest
+from smg_grpc_proto import vllm_engine_pb2_grpc
+from smg_grpc_proto.generated import common_pb2
 from transformers import AutoTokenizer
 
 from kvmesh.v1 import router_pb2, router_pb2_grpc
@@ -108,3 +110,24 @@ def test_router_metrics_show_events_and_prefix_decisions(kvmesh_up: UpProcess) -
     assert samples['kvmesh_router_decisions_total{policy="kv_aware",reason="kv_aware:prefix"}'] >= 1
     assert samples["kvmesh_router_index_blocks"] > 0
     assert samples["kvmesh_router_kv_event_lag_seconds_count"] > 0
+
+
+def test_an_idle_workers_event_stream_beats_before_its_first_batch(
+        kvmesh_up: UpProcess) -> None:
+    """A fresh subscription to an idle real worker carries load-only heartbeats
+    (numbered 0) before any batch: the router never mistakes the silent stream for a
+    stalled one, so it never resubscribes and loses the batch published in between."""
+    endpoint = kvmesh_up.state["workers"][0]["endpoint"]
+
+    async def first_message() -> common_pb2.KvEventBatch:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            call = vllm_engine_pb2_grpc.VllmEngineStub(channel).SubscribeKvEvents(
+                common_pb2.SubscribeKvEventsRequest(load_records_before_first_batch=True))
+            try:
+                return await asyncio.wait_for(call.read(), 5)
+            finally:
+                call.cancel()
+
+    beat = asyncio.run(first_message())
+    assert beat.load.load_only and beat.sequence_number == 0 and not beat.events
+    assert beat.load.max_running_requests > 0

@@ -98,6 +98,7 @@ def fds(pid: int) -> int:
 
 async def _streams(base_url: str, n: int, max_tokens: int) -> list[tuple[int, str | None]]:
     body = {"model": MODEL, "max_tokens": max_tokens, "stream": True, "temperature": 0,
+            "ignore_eos": True,
             "messages": [{"role": "user", "content": "Tell me about the sea."}]}
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
@@ -169,38 +170,49 @@ def test_real_vllm_worker_drains_on_sigterm(mesh: RealMesh) -> None:
     base_url = mesh.info["gateway"]["http"]
     router = router_pb2_grpc.RouterStub(grpc.insecure_channel(mesh.info["router"]["grpc"]))
     w0 = mesh.info["w0"]["endpoint"]
+
+    def listed() -> dict[str, tuple[bool, int]]:
+        workers = router.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5).workers
+        return {w.worker.worker_id: (w.worker.draining, w.load.in_flight) for w in workers}
+
     loop = asyncio.new_event_loop()
     try:
-        # 6 streams of 160 tokens: round robin puts 3 on each worker; a few seconds each.
-        task = loop.create_task(_streams(base_url, 6, 160))
-        loop.run_until_complete(asyncio.sleep(4.0))
-        assert not task.done()
+        # 6 streams of 400 tokens (EOS ignored), many seconds each, spread over both
+        # workers. SIGTERM goes to w0 once the router counts all 6 in flight, so the
+        # drain always has streams to wait for, however fast the host.
+        task = loop.create_task(_streams(base_url, 6, 400))
+        deadline = time.monotonic() + 60
+        while sum(n for _, n in listed().values()) < 6 and time.monotonic() < deadline:
+            loop.run_until_complete(asyncio.sleep(0.05))
+        at_sigterm = listed()
+        assert at_sigterm["w0"][1] >= 1 and not task.done(), at_sigterm
         sent = time.monotonic()
         mesh.procs["w0"].send_signal(signal.SIGTERM)
         to_not_serving = None
-        picks = set()
         while to_not_serving is None and time.monotonic() - sent < 5:
             if _health(w0) == "NOT_SERVING":
                 to_not_serving = time.monotonic() - sent
         assert to_not_serving is not None
-        listed = router.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5).workers
-        assert {w.worker.worker_id: w.worker.draining for w in listed} == {
-            "w0": True, "w1": False}
+        # Out of routing but still listed: its streams are in flight (the router's count).
+        during = listed()
+        assert during["w0"][0] is True and during["w0"][1] >= 1, during
+        assert during["w1"][0] is False, during
+        picks = set()
         for i in range(4):
             decision = router.Route(router_pb2.RouteRequest(
                 request_id=f"probe-{i}", model=MODEL, token_ids=[1, 2, 3]), timeout=5)
             picks.add(decision.worker.worker_id)
             router.RequestFinished(router_pb2.RequestFinishedRequest(
                 request_id=f"probe-{i}", worker_id=decision.worker.worker_id), timeout=5)
-        results = loop.run_until_complete(asyncio.wait_for(task, 120))
+        results = loop.run_until_complete(asyncio.wait_for(task, 180))
         code = mesh.procs["w0"].wait(timeout=60)
         took = time.monotonic() - sent
     finally:
         loop.close()
-    print(f"\nreal vLLM worker drain: NOT_SERVING after {to_not_serving:.2f} s, exit {code} "
-          f"after {took:.1f} s; streams {results}")
+    print(f"\nreal vLLM worker drain: NOT_SERVING after {to_not_serving:.2f} s with "
+          f"{during['w0'][1]} of w0's streams in flight, exit {code} after {took:.1f} s; "
+          f"streams {results}")
     assert picks == {"w1"}
     assert results == [(200, "length")] * 6
     assert code == 0
-    listed = router.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5).workers
-    assert [w.worker.worker_id for w in listed] == ["w1"]
+    assert list(listed()) == ["w1"]
