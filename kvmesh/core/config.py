@@ -160,6 +160,13 @@ class WorkerConfig(ServiceSettings):
         None, description="Cores for the engine's OpenMP threads, e.g. '0-1' or '1'; "
         "None binds all cores."
     )
+    engine_nice: int = Field(
+        0, ge=0, le=19, description="Niceness added to the engine's own processes (vLLM's "
+        "engine core, every thread; not the worker's gRPC front), so that where engines "
+        "share cores with the gateway, the router and the worker's front, those short "
+        "hops get a core first. 0 (default) leaves the engine as started: on the 2-core "
+        "CPU hosts measured, +10 gained nothing and once cost throughput "
+        "(docs/benchmarks.md, 'Engine niceness').")
     num_cpus: float = Field(1.0, ge=0, description="Ray CPUs the worker actor reserves.")
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs the worker actor reserves.")
     resources: dict[str, float] = Field(

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+import psutil
 
 _PR_SET_PDEATHSIG = 1
 
@@ -44,3 +47,27 @@ def terminate(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int | N
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait(timeout=5)
+
+
+def renice(processes: Iterable[psutil.Process], increment: int) -> list[int]:
+    """Add ``increment`` to the niceness of every thread of ``processes`` and of their
+    descendants (Linux keeps a niceness per thread: setting a process's applies to its
+    main thread only). Threads started later inherit their creator's. Returns the pids
+    changed; a process that ended meanwhile is skipped."""
+    if increment <= 0:
+        return []
+    changed = []
+    for process in processes:
+        try:
+            family = [process, *process.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for member in family:
+            try:
+                for thread in member.threads():
+                    current = os.getpriority(os.PRIO_PROCESS, thread.id)
+                    os.setpriority(os.PRIO_PROCESS, thread.id, min(current + increment, 19))
+            except (psutil.Error, ProcessLookupError):
+                continue
+            changed.append(member.pid)
+    return changed

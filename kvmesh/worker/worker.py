@@ -28,7 +28,7 @@ from kvmesh.core.grpc_util import (
 )
 from kvmesh.core.metrics_http import MetricsEndpoint
 from kvmesh.core.net import free_port
-from kvmesh.core.processes import terminate
+from kvmesh.core.processes import renice, terminate
 from kvmesh.core.registration import Registration
 from kvmesh.core.roles import WorkerRole, role_to_proto
 from kvmesh.core.service_main import freeze_heap, write_ready_file
@@ -254,8 +254,11 @@ class WorkerServer:
         )
         self._engine = engine
         # The engine's processes end with this one, however it ends (reaper.py).
-        self._reaper = reaper.start(
-            [c for c in psutil.Process().children() if c.pid not in before])
+        engine_procs = [c for c in psutil.Process().children() if c.pid not in before]
+        self._reaper = reaper.start(engine_procs)
+        if renice(engine_procs, self.config.engine_nice):
+            log.info("engine processes %s at niceness +%d (engine_nice)",
+                     [p.pid for p in engine_procs], self.config.engine_nice)
         self.adapters = self._adapter_manager(VllmLoraEngine(engine))
         servicer = KvmeshVllmEngineServicer(engine, time.time(), self.adapters)
         # vLLM's own health servicer reports the engine's real state.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -30,6 +31,7 @@ from .conftest import ENGINE_FLAGS, MODEL
 pytestmark = pytest.mark.e2e
 MIB = 1024 * 1024
 MAX_CONCURRENT = 24  # the gateway's limit: of 32 streams, the rest get 429
+ENGINE_NICE = 7
 
 
 @dataclass
@@ -38,10 +40,11 @@ class RealMesh:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     info: dict[str, dict] = field(default_factory=dict)
 
-    def spawn(self, name: str, module: str, *args: str, timeout_s: float = 60) -> dict:
+    def spawn(self, name: str, module: str, *args: str, timeout_s: float = 60,
+              env: dict[str, str] | None = None) -> dict:
         ready = self.dir / f"{name}.ready"
         proc = spawn_module(module, [*args, "--ready-file", str(ready)],
-                            self.dir / f"{name}.log")
+                            self.dir / f"{name}.log", env=env)
         self.procs[name] = proc
         self.info[name] = wait_ready_file(ready, timeout_s, proc, name)
         return self.info[name]
@@ -60,10 +63,13 @@ def mesh(model_dir: Path) -> Iterator[RealMesh]:
             config.write_text("heartbeat_interval_s: 0.5\nlease_ttl_s: 5\nmetrics_port: 0\n")
             router = m.spawn("router", "kvmesh.router", "--config", str(config), "--port", "0")
             for i in range(2):
+                # w1's engine runs nicer (engine_nice, from the environment as any
+                # setting): test_engine_nice_reaches_every_engine_thread.
+                env = {**os.environ, "KVMESH_WORKER_ENGINE_NICE": str(ENGINE_NICE * i)}
                 m.spawn(f"w{i}", "kvmesh.worker", "--no-ray", "--model", str(model_dir),
                         "--worker-id", f"w{i}", "--router", router["grpc"], "--port", "0",
                         "--cpu-bind", str(i), "--run-dir", str(m.dir), *ENGINE_FLAGS,
-                        timeout_s=600)
+                        timeout_s=600, env=env)
             gateway_config = m.dir / "gateway.yaml"
             gateway_config.write_text("register_with_router: false\n")
             m.spawn("gateway", "kvmesh.gateway", "--config", str(gateway_config),
@@ -154,6 +160,23 @@ def test_32_streams_on_real_vllm_no_5xx_and_resources_come_back(mesh: RealMesh) 
     assert samples['kvmesh_router_kv_event_blocks_total{kind="stored"}'] > 0
     assert samples["kvmesh_router_kv_event_gaps_total"] == 0
     assert samples["kvmesh_router_kv_event_resets_total"] == 0
+
+
+def _nices(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, t.id) for t in psutil.Process(pid).threads()}
+
+
+def test_engine_nice_reaches_every_engine_thread(mesh: RealMesh) -> None:
+    """`engine_nice` makes every thread of vLLM's engine core (its OpenMP pool
+    included) nicer, and leaves the worker's own process — the gRPC front — as it was."""
+    engines = {name: [p for p in psutil.Process(mesh.procs[name].pid).children(recursive=True)
+                      if "EngineCor" in p.name()] for name in ("w0", "w1")}
+    assert all(len(cores) == 1 for cores in engines.values()), engines
+    assert len(engines["w1"][0].threads()) > 2
+    assert _nices(engines["w1"][0].pid) == {ENGINE_NICE}
+    assert _nices(engines["w0"][0].pid) == {0}
+    assert _nices(mesh.procs["w1"].pid) == {0}
+    assert "at niceness +7 (engine_nice)" in (mesh.dir / "w1.log").read_text()
 
 
 def _health(target: str) -> str:

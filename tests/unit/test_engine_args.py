@@ -101,3 +101,10 @@ def test_lmcache_connector_config() -> None:
     env = engine_env(prefill)
     assert env["LMCACHE_CONFIG_FILE"] == "/etc/lmcache.yaml"
     assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in env
+
+
+def test_engine_nice_is_off_by_default_and_bounded() -> None:
+    assert WorkerConfig().engine_nice == 0
+    assert WorkerConfig(engine_nice=19).engine_nice == 19
+    with pytest.raises(ValueError, match="less than or equal to 19"):
+        WorkerConfig(engine_nice=20)
