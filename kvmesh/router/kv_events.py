@@ -190,9 +190,12 @@ class KvEventFollower:
             return self.tracker.sequence.resume_from()
         return self.tracker.resubscribing(await self._probe_incarnation())
 
-    async def _follow(self, start: int) -> None:
+    async def _follow(self, start: int) -> bool:
         """One subscription, until it ends, fails, or brings nothing (not even a
-        heartbeat) for ``idle_timeout_s``: a stalled stream is dropped and resumed."""
+        heartbeat) for ``idle_timeout_s``: a stalled stream is dropped and resumed.
+        True when it brought nothing at all (an idle worker whose relay sends no
+        heartbeat before its first batch): the next one opens at once, since a batch
+        published between the two subscriptions is lost for good."""
         call = self._stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(
             start_sequence_number=start, load_records_before_first_batch=True))
         received = False
@@ -206,9 +209,9 @@ class KvEventFollower:
                     log.log(logging.WARNING if received else logging.DEBUG,
                             "KV event stream of %s silent for %.0f s; resubscribing",
                             self.worker_id, self._idle_timeout_s)
-                    return
+                    return not received
                 if batch is grpc.aio.EOF:
-                    return
+                    return False
                 received = True
                 if batch.HasField("load") and self._on_load is not None:
                     self._on_load(batch.load)
@@ -222,7 +225,8 @@ class KvEventFollower:
             try:
                 start = await self._start(first)
                 first = False
-                await self._follow(start)
+                if await self._follow(start):
+                    continue
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNIMPLEMENTED:
