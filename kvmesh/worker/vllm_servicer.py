@@ -31,14 +31,12 @@ from typing import Any
 import grpc
 from smg_grpc_proto import vllm_engine_pb2
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
+from smg_grpc_servicer.load_record import HEARTBEAT_INTERVAL
 from smg_grpc_servicer.vllm.servicer import VllmEngineServicer
 
 from kvmesh.core.errors import InvalidRequestError
 from kvmesh.worker.kv_heartbeat import early_heartbeat, with_early_heartbeats
 from kvmesh.worker.lora import AdapterManager, adapter_of, lora_request, name_adapter_blocks
-
-#: Seconds between heartbeats before the relay's first batch (its own interval after).
-EARLY_HEARTBEAT_INTERVAL_S = 1.0
 
 
 class _AdapterEngine:
@@ -114,7 +112,7 @@ class KvmeshVllmEngineServicer(VllmEngineServicer):
         if request.load_records_before_first_batch:
             batches = with_early_heartbeats(
                 batches, lambda: early_heartbeat(self._load_record(None)),
-                EARLY_HEARTBEAT_INTERVAL_S)
+                HEARTBEAT_INTERVAL)  # the relay's own, once its first batch went out
         async for batch in batches:
             if self.adapters is not None:
                 name_adapter_blocks(batch, self.adapters.name_of)

@@ -176,7 +176,7 @@ def test_engine_nice_reaches_every_engine_thread(mesh: RealMesh) -> None:
     assert _nices(engines["w1"][0].pid) == {ENGINE_NICE}
     assert _nices(engines["w0"][0].pid) == {0}
     assert _nices(mesh.procs["w1"].pid) == {0}
-    assert "at niceness +7 (engine_nice)" in (mesh.dir / "w1.log").read_text()
+    assert f"at niceness +{ENGINE_NICE} (engine_nice)" in (mesh.dir / "w1.log").read_text()
 
 
 def _health(target: str) -> str:

@@ -16,9 +16,7 @@ pytestmark = pytest.mark.unit
 
 PARENT = """
 import subprocess, sys, threading, time
-import psutil
-
-from kvmesh.core.processes import dying_with_parent, renice
+from kvmesh.core.processes import dying_with_parent
 # Threads running while forking, as gRPC's are in every kvmesh process.
 for _ in range(4):
     threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
