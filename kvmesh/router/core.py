@@ -254,13 +254,16 @@ class RouterCore:
         pinned = [w for w in workers if w.worker_id == query.prefer] if query.prefer else []
         if pinned and pinned[0].role != "decode":
             workers = pinned
-        prefill = self.registry.candidates(ctx.model, ctx.adapter, query.exclude,
-                                           roles=("prefill",))
-        if isinstance(workers, Candidates):  # the whole selection: its decode part, kept
-            decode: Sequence[WorkerState] = self.registry.candidates(
-                ctx.model, ctx.adapter, query.exclude, roles=("decode",))
-        else:
-            decode = [w for w in workers if w.role == "decode"]
+        prefill: Sequence[WorkerState] = ()
+        decode: Sequence[WorkerState] = ()
+        if "prefill" in self.registry.roles():  # no P/D pools: no P/D decision to make
+            prefill = self.registry.candidates(ctx.model, ctx.adapter, query.exclude,
+                                               roles=("prefill",))
+            if isinstance(workers, Candidates):  # the whole selection: its decode part
+                decode = self.registry.candidates(
+                    ctx.model, ctx.adapter, query.exclude, roles=("decode",))
+            else:
+                decode = [w for w in workers if w.role == "decode"]
         choice = self._decide(ctx, workers, prefill, decode)
         if not query.preview:
             self._book(ctx, choice)

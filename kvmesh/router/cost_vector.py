@@ -41,6 +41,9 @@ _RAW = [attrgetter(name) for name in ("num_running", "num_waiting",
                                       "waiting_uncached_tokens", "kv_usage")]
 
 
+_NO_FLOOR = np.zeros(0)
+
+
 def column(values: Iterable[float], n: int) -> F64:
     return np.fromiter(values, np.float64, n)
 
@@ -56,13 +59,14 @@ def _rows(workers: Sequence[WorkerState]) -> tuple[LoadTable | None, Any]:
 
 
 def load_arrays(workers: Sequence[WorkerState], adapter: str = "",
-                adapter_load_tokens: int = 0) -> LoadArrays:
+                adapter_load_tokens: int = 0, kv_floor: F64 | None = None) -> LoadArrays:
     """The workers' raw numbers, gathered from the registry's load table
     (``load_table.py``) when they are all registered in one, else read column by
     column (C-level ``map`` passes); combined in one compiled pass
     (``kernels.costs.load_gather``). A request for ``adapter`` that a worker has not
     loaded queues ``adapter_load_tokens`` of prefill-equivalent work there first
-    (``cost_model.load_input``)."""
+    (``cost_model.load_input``). ``kv_floor``: a lower bound on each one's KV usage
+    (what its cache holds by the index, ``KvAwarePolicy._held``)."""
     n = len(workers)
     table, rows = _rows(workers)
     if table is not None and rows is not None:  # the registry's columns
@@ -74,7 +78,8 @@ def load_arrays(workers: Sequence[WorkerState], adapter: str = "",
         columns = (column(map(len, map(_IN_FLIGHT, workers)), n), running, waiting, kv,
                    uncached, column(map(_UNREPORTED, workers), n))
         rows = np.arange(n, dtype=np.intp)
-    arrays = LoadArrays(*costs.load_gather(rows, *columns))
+    arrays = LoadArrays(*costs.load_gather(rows, *columns,
+                                           _NO_FLOOR if kv_floor is None else kv_floor))
     if adapter and adapter_load_tokens:
         arrays.queued_prefill_tokens[:] += adapter_load_tokens * column(
             (adapter not in w.adapters for w in workers), n)

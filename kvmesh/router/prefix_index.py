@@ -313,15 +313,12 @@ class PrefixIndex:
         if live is None:
             return np.zeros(len(worker_ids), np.int64)
         at, held, alive = live
-        found = np.zeros(self._masks.shape[1] * 64, np.int32)
         array = as_hash_array(hashes)
-        alive_words, pending_alive = alive.copy(), alive.copy()  # the kernels clear bits
-        tables.match(self._keys, self._masks, array, alive_words, found)
-        if self._pcount and pending_marks:
-            pending.pending_match(
-                self._pkeys, self._pmasks, self._pexpiry, self._clock(), array,
-                block_positions(len(array), False), CHECKPOINT_STRIDE, pending_alive, found)
-        return np.where(held, found[at], 0).astype(np.int64)
+        with_pending = bool(self._pcount and pending_marks)
+        return pending.match_counts(
+            self._keys, self._masks, self._pkeys, self._pmasks, self._pexpiry,
+            self._clock() if with_pending else 0.0, with_pending, array,
+            block_positions(len(array), False), CHECKPOINT_STRIDE, alive, at, held)
 
     def _live(self, worker_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray,
                                                          np.ndarray] | None:

@@ -125,6 +125,8 @@ class WorkerRegistry:
         self._selected_version = -1
         self._models: list[str] = []
         self._models_version = -1
+        self._roles: frozenset[str] = frozenset()
+        self._roles_version = -1
         #: Every registered worker's load numbers as columns (kept exact here).
         self.loads = LoadTable()
 
@@ -319,6 +321,14 @@ class WorkerRegistry:
             return []
         return sorted(w.worker_id for w in self._workers.values()
                       if w.dp_group == worker.dp_group and w.worker_id != worker_id)
+
+    def roles(self) -> frozenset[str]:
+        """The roles registered (asked on every route: kept until the worker set
+        changes)."""
+        if self._roles_version != self.version:
+            self._roles = frozenset(w.role for w in self._workers.values())
+            self._roles_version = self.version
+        return self._roles
 
     def models(self) -> list[str]:
         """The models served (asked on every route: kept until the worker set changes)."""

@@ -23,6 +23,7 @@ from kvmesh.core.roles import GATEWAY, role_to_proto
 from kvmesh.router.admission import AdmissionDeferred
 from kvmesh.router.core import RouteQuery, RouterCore, WorkerStatus
 from kvmesh.router.lifecycle import WorkerLifecycle
+from kvmesh.router.pd import PdDecision
 from kvmesh.router.policy.base import RouteContext
 from kvmesh.router.registry import WorkerState
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
@@ -82,17 +83,26 @@ def status_to_proto(status: WorkerStatus) -> router_pb2.WorkerStatus:
     )
 
 
-async def batch_result(decision: Awaitable[router_pb2.RouteDecision]
-                       ) -> router_pb2.RouteBatchResult:
-    """One request of a RouteBatch: its decision, or its error as Route would send it."""
+def fill_result(result: router_pb2.RouteBatchResult, failure: Exception) -> None:
+    """One failed request of a RouteBatch, as Route would have failed it (``deferred``
+    for a request that would wait for a worker slot)."""
+    if isinstance(failure, AdmissionDeferred):
+        result.deferred = True
+    elif isinstance(failure, KvmeshError):
+        result.code = grpc_code_for(failure).value[0]
+        result.message = failure.message
+        result.status_details = rich_status(failure).SerializeToString()
+        result.param = failure.param or ""
+    else:
+        raise failure
+
+
+async def outcome(choice: Awaitable[PdDecision]) -> PdDecision | Exception:
+    """A decision, or the kvmesh error (or deferral) it failed with."""
     try:
-        return router_pb2.RouteBatchResult(decision=await decision)
-    except AdmissionDeferred:
-        return router_pb2.RouteBatchResult(deferred=True)
-    except KvmeshError as exc:
-        return router_pb2.RouteBatchResult(
-            code=grpc_code_for(exc).value[0], message=exc.message,
-            status_details=rich_status(exc).SerializeToString(), param=exc.param or "")
+        return await choice
+    except (AdmissionDeferred, KvmeshError) as exc:
+        return exc
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -163,8 +173,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if why:  # not a kvmesh error (no details): the gateway asks another replica
             await context.abort(grpc.StatusCode.UNAVAILABLE, why)
 
-    async def _route(self, request: router_pb2.RouteRequest, time_remaining_s: float | None,
-                     defer_wait: bool = False) -> router_pb2.RouteDecision:
+    async def _route(self, request: router_pb2.RouteRequest, time_remaining_s: float | None
+                     ) -> router_pb2.RouteDecision:
+        decision = router_pb2.RouteDecision()
+        self._fill(decision, await self._choose(request, time_remaining_s),
+                   request.model)
+        return decision
+
+    async def _choose(self, request: router_pb2.RouteRequest, time_remaining_s: float | None,
+                      defer_wait: bool = False) -> PdDecision:
         request_id_var.set(request.request_id)  # this RPC's task: its log lines carry it
         ctx = RouteContext(
             request_id=request.request_id,
@@ -173,19 +190,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             token_ids=unpack_tokens(request.packed_token_ids, request.token_ids),
             max_tokens=request.max_tokens,
         )
-        choice = await self.core.route(RouteQuery(
+        return await self.core.route(RouteQuery(
             ctx, request.exclude_worker_ids, time_remaining_s,
             preview=request.preview, prefer=request.prefer_worker_id, defer_wait=defer_wait))
-        return router_pb2.RouteDecision(
-            mode=router_pb2.RouteDecision.MODE_DISAGGREGATED if choice.disaggregated
-            else router_pb2.RouteDecision.MODE_AGGREGATED,
-            worker=self._info(choice.worker),
-            prefill_worker=self._info(choice.prefill_worker)
-            if choice.prefill_worker else None,
-            expected_cached_tokens=choice.expected_cached_tokens,
-            reason=choice.reason,
-            policy=self.core.policy_for(request.model).name,
-        )
+
+    def _fill(self, out: router_pb2.RouteDecision, choice: PdDecision, model: str) -> None:
+        """The decision's message, written in place (into a batch's result it is one
+        message less to build and copy per request)."""
+        if choice.prefill_worker is not None:
+            out.mode = router_pb2.RouteDecision.MODE_DISAGGREGATED
+            out.prefill_worker.CopyFrom(self._info(choice.prefill_worker))
+        else:
+            out.mode = router_pb2.RouteDecision.MODE_AGGREGATED
+        out.worker.CopyFrom(self._info(choice.worker))
+        out.expected_cached_tokens = choice.expected_cached_tokens
+        out.reason = choice.reason
+        out.policy = self.core.policy_for(model).name
 
     def _info(self, w: WorkerState) -> common_pb2.WorkerInfo:
         """The worker's WorkerInfo, built once per registration (the same
@@ -229,14 +249,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def _batch(self, requests: Sequence[router_pb2.RouteRequest],
                      remaining: float | None, defer: bool) -> router_pb2.RouteBatchResponse:
         self.core.metrics.route_batch_size.observe(len(requests))
+        answer = router_pb2.RouteBatchResponse()
         if len(requests) == 1 or defer or self.core.config.max_inflight_per_worker <= 0:
             # No request can wait for a slot here: one after the other, no task each.
-            results = [await batch_result(self._route(r, remaining, defer))
-                       for r in requests]
+            outcomes = [await outcome(self._choose(r, remaining, defer)) for r in requests]
         else:
-            results = await asyncio.gather(
-                *(batch_result(self._route(r, remaining, defer)) for r in requests))
-        return router_pb2.RouteBatchResponse(results=results)
+            outcomes = await asyncio.gather(
+                *(outcome(self._choose(r, remaining, defer)) for r in requests))
+        for request, done in zip(requests, outcomes, strict=True):
+            result = answer.results.add()
+            if isinstance(done, Exception):
+                fill_result(result, done)
+            else:
+                self._fill(result.decision, done, request.model)
+        return answer
 
     async def RequestFinished(
         self, request: router_pb2.RequestFinishedRequest, context: grpc.aio.ServicerContext

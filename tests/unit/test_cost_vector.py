@@ -146,3 +146,16 @@ def test_one_pass_near_equals_equal_the_per_candidate_steps(seed: int) -> None:
     uncached = np.maximum(prompt - np.array(cached, dtype=float)[kept], 0) / \
         params.prefill_tokens_per_s
     assert (uncached + sum(terms)).tolist() == pytest.approx(costs.tolist(), rel=1e-12)
+
+
+def test_a_kv_floor_raises_each_candidates_kv_usage_to_it() -> None:
+    """What the index says a cache holds is a floor under the KV usage a worker
+    reports (kv_aware's ``_held``), applied in the gathering pass."""
+    workers = _fleet(random.Random(3), 16)
+    plain = load_arrays(workers)
+    floor = np.linspace(0.0, 1.0, len(workers))
+    floored = load_arrays(workers, kv_floor=floor)
+    assert floored.kv_usage.tolist() == np.maximum(plain.kv_usage, floor).tolist()
+    assert floored.kv_usage.tolist() != plain.kv_usage.tolist()
+    for name in ("active", "running", "queued_prefill_tokens", "waiting"):
+        assert getattr(floored, name).tolist() == getattr(plain, name).tolist(), name

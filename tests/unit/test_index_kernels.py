@@ -112,3 +112,44 @@ def test_engine_hashes_of_any_sign_and_zero_round_trip_through_export() -> None:
     restored.removed("w", [-5])  # the second block goes: the prefix stops at one block
     assert restored.match(hashes, ["w"]) == {"w": 1}
     assert restored.blocks("w") == 3
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _reference_chain(tokens: list[int], block_size: int, seed: int, parent_total: int,
+                     parent_blocks: int) -> tuple[list[int], list[int]]:
+    """block_hash's formula token by token in plain Python: S_i the wrapping sum of
+    f(token_k, k) up to block i's end, H_i = mix(S_i ^ (i+1)·C1)."""
+    hashes, sums, total = [], [], parent_total
+    position = parent_blocks * block_size
+    for b in range(len(tokens) // block_size):
+        for t in tokens[b * block_size:(b + 1) * block_size]:
+            term = ((t * int(tables.C1)) & _M64) ^ ((position * int(tables.POS)) & _M64) ^ seed
+            total = (total + _mix(term)) & _M64
+            position += 1
+        sums.append(total)
+        hashes.append(_mix(total ^ (((parent_blocks + b + 1) * int(tables.C1)) & _M64)))
+    return hashes, sums
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=300), st.integers(1, 40),
+       st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 1000))
+def test_the_compiled_chain_is_the_documented_formula(
+        tokens: list[int], block_size: int, seed: int, parent_total: int,
+        parent_blocks: int) -> None:
+    """Hashes are what snapshots and every router replica agree on: the compiled pass
+    (its order of additions is the compiler's) must give the formula's values."""
+    hashes, sums = tables.chain(np.array(tokens, np.uint32), block_size, np.uint64(seed),
+                                np.uint64(parent_total), parent_blocks)
+    want_hashes, want_sums = _reference_chain(tokens, block_size, seed, parent_total,
+                                              parent_blocks)
+    assert hashes.tolist() == want_hashes
+    assert sums.tolist() == want_sums

@@ -109,3 +109,16 @@ async def test_core_drains_a_worker_and_reports_what_it_still_has() -> None:
     assert await core.drain_worker("zz") == (False, 0)
     version, workers = await core.next_worker_set(-1)
     assert [(w.worker_id, w.draining) for w in workers] == [("a", True)]
+
+
+def test_roles_follow_the_worker_set() -> None:
+    """``roles`` is kept between changes (the router asks it on every route to skip
+    the P/D pools when there are none) and must not go stale when one registers."""
+    reg = WorkerRegistry(lease_ttl_s=10)
+    reg.upsert(state("a"))
+    assert reg.roles() == {"both"}
+    reg.upsert(state("p", role="prefill"))
+    reg.upsert(state("d", role="decode"))
+    assert reg.roles() == {"both", "prefill", "decode"}
+    reg.remove("p")
+    assert reg.roles() == {"both", "decode"}

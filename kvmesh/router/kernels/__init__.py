@@ -41,12 +41,16 @@ def warm_up() -> None:
     pending.pending_match(pkeys, pmasks, pexp, 0.0, hashes, positions, 16,
                           np.ones(1, np.uint64), np.zeros(64, np.int32))
     pending.pending_clear(pkeys, pmasks, hashes, 0, np.uint64(2))
+    live = np.ones(1, np.uint64)
+    pending.match_counts(keys, masks, pkeys, pmasks, pexp, 0.0, True, hashes, positions, 16,
+                         live, np.zeros(2, np.int64), np.ones(2, np.bool_))
     pending.pending_clear_slot(pmasks, 0, np.uint64(2))
     pending.rehash_pending(pkeys, pmasks, pexp, 0.0, pkeys.copy(), pmasks.copy(), pexp.copy())
     column = np.ones(4)
     costs.load_terms(8.0, column, column, column, column, column, 1.0, 1.0, 1.0, 1.0)
     costs.near_equals(column, column, column, column, column, column, 8.0, 0.1, 1.0, 1.0,
                       1.0, 1.0, 0.1)
-    costs.load_gather(np.arange(4, dtype=np.intp), column, column, column, column, column,
-                      column)
+    for floor in (column, np.zeros(0)):
+        costs.load_gather(np.arange(4, dtype=np.intp), column, column, column, column, column,
+                          column, floor)
     costs.rendezvous_pick(np.uint64(1), np.ones(4, np.uint64), np.arange(4, dtype=np.int64))

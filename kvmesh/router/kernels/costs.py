@@ -85,11 +85,12 @@ def near_equals(active: F64, running: F64, queued: F64, kv: F64, waiting: F64,
 
 @njit(cache=True, nogil=True)
 def load_gather(rows: Any, routed: F64, running: F64, waiting: F64, kv: F64, uncached: F64,
-                unreported: F64) -> Any:
+                unreported: F64, kv_floor: F64) -> Any:
     """The candidates' load columns from the registry's table rows, in one pass:
     (active, running, queued prefill tokens, KV usage, waiting) as
     ``cost_vector.load_arrays`` defines them (routed since the last report and not yet
-    running count as waiting)."""
+    running count as waiting). KV usage is at least ``kv_floor`` (per candidate; empty:
+    no floor)."""
     n = len(rows)
     active, run, queued = np.empty(n), np.empty(n), np.empty(n)
     usage, wait = np.empty(n), np.empty(n)
@@ -99,7 +100,7 @@ def load_gather(rows: Any, routed: F64, running: F64, waiting: F64, kv: F64, unc
         active[j] = max(routed[i], r + w)
         run[j] = max(routed[i], r)
         queued[j] = uncached[i] + unreported[i]
-        usage[j] = kv[i]
+        usage[j] = max(kv[i], kv_floor[j]) if len(kv_floor) else kv[i]
         wait[j] = max(active[j] - r, w)
     return active, run, queued, usage, wait
 

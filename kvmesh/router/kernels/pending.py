@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from kvmesh.router.kernels.tables import _U0, _U1, Array, _find, _key, _slot_for
+from kvmesh.router.kernels.tables import _U0, _U1, Array, _find, _key, _slot_for, match
 
 
 # A pending table is a holder table plus an expiry per row: a row counts until its
@@ -121,3 +121,24 @@ def pending_match(keys: Array, masks: Array, expiry: Array, now: float, hashes: 
                     break
                 position += 1
             depth[slot] = position
+
+
+@njit(cache=True, nogil=True)
+def match_counts(keys: Array, masks: Array, pkeys: Array, pmasks: Array, pexpiry: Array,
+                 now: float, with_pending: bool, hashes: Array, checkpoints: Array,
+                 stride: int, alive: Array, at: Array, held: Array) -> Array:
+    """The prefix index's ``match_array`` in one compiled call: each listed worker's
+    leading ``hashes`` held (``tables.match``), deepened by its unexpired pending marks
+    when ``with_pending`` (``pending_match``), read at its slot ``at`` (0 where
+    ``held`` is false: a worker the table has no slot for). ``alive`` (the listed
+    slots' bitmask words) is left as it was: the walks clear their copies of it."""
+    depth = np.zeros(masks.shape[1] * 64, np.int32)
+    match(keys, masks, hashes, alive.copy(), depth)
+    if with_pending:
+        pending_match(pkeys, pmasks, pexpiry, now, hashes, checkpoints, stride,
+                      alive.copy(), depth)
+    counts = np.zeros(at.shape[0], np.int64)
+    for j in range(at.shape[0]):
+        if held[j]:
+            counts[j] = depth[at[j]]
+    return counts

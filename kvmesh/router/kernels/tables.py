@@ -60,19 +60,24 @@ def chain(tokens: Array, block_size: int, seed: Any, parent_total: Any,
           parent_blocks: int) -> tuple[Array, Array]:
     """Block hashes and running sums of the full blocks of ``tokens`` (uint32),
     continuing a chain that ended after ``parent_blocks`` blocks with sum
-    ``parent_total``."""
+    ``parent_total``.
+
+    Two passes: every token's term first (independent of each other, so the compiler
+    runs several at once in vector registers), then each block's sum of them (uint64
+    addition wraps and is associative, so the sums are the token-by-token ones). One
+    pass adding each term to the running total as it went was ~30% slower for an
+    8k-token prompt: one long chain of dependent additions."""
     n_blocks = tokens.shape[0] // block_size
+    terms = np.empty(n_blocks * block_size, np.uint64)
+    seed = np.uint64(seed)
+    base = np.uint64(parent_blocks * block_size)
+    for k in range(terms.shape[0]):
+        terms[k] = mix((np.uint64(tokens[k]) * C1) ^ ((base + np.uint64(k)) * POS) ^ seed)
     hashes = np.empty(n_blocks, np.uint64)
     sums = np.empty(n_blocks, np.uint64)
     total = np.uint64(parent_total)
-    seed = np.uint64(seed)
-    position = np.uint64(parent_blocks * block_size)
-    k = 0
     for b in range(n_blocks):
-        for _ in range(block_size):
-            total += mix((np.uint64(tokens[k]) * C1) ^ (position * POS) ^ seed)
-            position += _U1
-            k += 1
+        total += terms[b * block_size:(b + 1) * block_size].sum()
         sums[b] = total
         hashes[b] = router_hash(total, parent_blocks + b + 1)
     return hashes, sums

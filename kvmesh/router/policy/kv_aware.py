@@ -163,8 +163,8 @@ class KvAwarePolicy:
         holds, its load, who passes the load bound, their costs, the near-equals and
         the pick among them."""
         cached, hashes_by_size, sizes = self._match(ctx, workers)
-        loads = load_arrays(workers, ctx.adapter, self.params.adapter_load_tokens)
-        loads = loads._replace(kv_usage=np.maximum(loads.kv_usage, self._held(workers)))
+        loads = load_arrays(workers, ctx.adapter, self.params.adapter_load_tokens,
+                            kv_floor=self._held(workers))
         # The load bound, every kept worker's cost, and capacity-aware placement:
         # among the workers within a small slack of the best cost, prefer the prompt's
         # rendezvous "home". A prefix that is cold everywhere then always lands on the
