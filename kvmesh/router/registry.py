@@ -270,7 +270,8 @@ class WorkerRegistry:
         prefills locally when it gets no KV). The selection is kept until the worker
         set changes (every decision asks; at hundreds of workers filtering and
         sorting would cost more than the decision), with its ids, block sizes and
-        load-table rows (``Candidates``)."""
+        load-table rows (``Candidates``): the same object every time until then, so
+        callers must not change it (copy it first: ``Candidates(c, like=c)``)."""
         key = (model, adapter, tuple(exclude), tuple(roles))
         if self._selected_version != self.version:
             self._selected.clear()
@@ -281,7 +282,7 @@ class WorkerRegistry:
                 self._selected.clear()
             selected = self._selected[key] = Candidates(
                 self._select(model, adapter, key[2], key[3]), loads=self.loads)
-        return Candidates(selected, like=selected)
+        return selected
 
     def _select(self, model: str, adapter: str, exclude: Iterable[str],
                 roles: Iterable[str]) -> list[WorkerState]:

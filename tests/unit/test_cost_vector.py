@@ -19,7 +19,7 @@ from kvmesh.router.cost_vector import (
 )
 from kvmesh.router.kernels import costs as kernel_costs
 from kvmesh.router.policy.kv_aware import placement_key, rendezvous_score
-from kvmesh.router.registry import WorkerLoadView, WorkerRegistry, WorkerState
+from kvmesh.router.registry import Candidates, WorkerLoadView, WorkerRegistry, WorkerState
 
 pytestmark = pytest.mark.unit
 
@@ -69,14 +69,17 @@ def test_vector_rendezvous_scores_equal_the_scalar_ones() -> None:
 
 
 def test_a_selection_keeps_the_salts_of_its_workers() -> None:
-    """A registry selection carries its salts (worked out once, kept by its per-call
-    copies): the near-equals' salts gathered from it equal those looked up per id."""
+    """A registry selection carries its salts (worked out once, kept while the worker
+    set stands, and by a copy of it): the near-equals' salts gathered from it equal
+    those looked up per id."""
     registry = WorkerRegistry(lease_ttl_s=10)
     for w in _fleet(random.Random(3), 64):
         registry.upsert(w)
     selection = registry.candidates(model="m")
     again = registry.candidates(model="m")
-    assert again is not selection and again.salts is selection.salts
+    assert again is selection
+    copy = Candidates(selection, like=selection)
+    assert copy is not selection and copy.salts is selection.salts
     near = np.array([0, 5, 17, len(selection) - 1])
     assert near_salts(selection, near).tolist() == \
         salts([selection[i] for i in near.tolist()]).tolist()
