@@ -170,6 +170,7 @@ class KvEventFollower:
         incarnation: float = 0.0,
         probe_incarnation: Callable[[], Awaitable[float]] | None = None,
         idle_timeout_s: float = 15.0,
+        on_break: Callable[[], None] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self._stub = vllm_engine_pb2_grpc.VllmEngineStub(channel)
@@ -179,7 +180,12 @@ class KvEventFollower:
         self._retry_s = retry_s
         self._probe_incarnation = probe_incarnation
         self._idle_timeout_s = idle_timeout_s
+        #: Called when the stream breaks on a lost connection (the worker may be gone).
+        self._on_break = on_break
         self.supported = True
+        #: A subscription is open and has brought at least one message (a batch or a
+        #: heartbeat): while it is, the worker is alive and its load arrives pushed.
+        self.streaming = False
 
     @property
     def stats(self) -> FollowerStats:
@@ -212,11 +218,12 @@ class KvEventFollower:
                     return not received
                 if batch is grpc.aio.EOF:
                     return False
-                received = True
+                received = self.streaming = True
                 if batch.HasField("load") and self._on_load is not None:
                     self._on_load(batch.load)
                 self.tracker.handle(batch)
         finally:
+            self.streaming = False
             call.cancel()
 
     async def run(self) -> None:
@@ -238,4 +245,6 @@ class KvEventFollower:
                     self.tracker.lost_history(f"{code.name}: {exc.details()}")
                 else:
                     log.debug("KV event stream of %s broke: %s", self.worker_id, code.name)
+                    if code == grpc.StatusCode.UNAVAILABLE and self._on_break is not None:
+                        self._on_break()
             await asyncio.sleep(self._retry_s)

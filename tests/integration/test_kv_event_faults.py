@@ -48,6 +48,8 @@ class ScriptedPublisher(vllm_engine_pb2_grpc.VllmEngineServicer):
             asyncio.Queue()
         self.starts: list[int] = []
         self.refuse_resume = False
+        #: The follower's on_break calls (a stream lost on UNAVAILABLE).
+        self.breaks = 0
 
     async def GetServerInfo(self, request: vllm_engine_pb2.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext,
@@ -91,6 +93,7 @@ async def publisher(request: pytest.FixtureRequest,
     index = PrefixIndex()
     follower = KvEventFollower(
         "w0", channel, index, "m", BS, retry_s=retry_s, idle_timeout_s=IDLE_S,
+        on_break=lambda: setattr(scripted, "breaks", scripted.breaks + 1),
         incarnation=await worker_probe.incarnation(vllm_engine_pb2_grpc.VllmEngineStub(channel)),
         probe_incarnation=lambda: worker_probe.incarnation(
             vllm_engine_pb2_grpc.VllmEngineStub(channel)))
@@ -187,3 +190,22 @@ async def test_a_stream_that_never_brought_a_batch_is_resumed_quietly(
     with caplog.at_level(logging.DEBUG, logger="kvmesh.router.kv_events"):
         await _until(lambda: scripted.starts == [0, 0], IDLE_S + 3)
     assert [r.levelno for r in caplog.records if "silent" in r.message] == [logging.DEBUG]
+
+
+async def test_a_stream_lost_on_unavailable_is_reported_at_once(
+        publisher: tuple[ScriptedPublisher, KvEventFollower, PrefixIndex]) -> None:
+    """``streaming`` is what lets the router skip polling a worker (its stream proves
+    it alive); a stream that breaks on a lost connection calls ``on_break`` (the router
+    probes the worker at once), another failure does not."""
+    scripted, follower, index = publisher
+    assert not follower.streaming
+    await scripted.script.put(stored(0, 100))
+    await _until(lambda: follower.streaming and index.blocks("w0") == 1, 5)
+    await scripted.script.put(grpc.StatusCode.INTERNAL)
+    await _until(lambda: len(scripted.starts) == 2, 5)
+    assert scripted.breaks == 0
+    await scripted.script.put(heartbeat(1))
+    await _until(lambda: follower.streaming, 5)
+    await scripted.script.put(grpc.StatusCode.UNAVAILABLE)
+    await _until(lambda: scripted.breaks == 1, 5)
+    assert not follower.streaming

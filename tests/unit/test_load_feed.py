@@ -4,6 +4,7 @@ another moment); the poll feeds the load only while no record is pushed."""
 
 import asyncio
 import random
+from types import SimpleNamespace
 
 import pytest
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
@@ -82,3 +83,64 @@ def test_probe_pauses_keep_the_interval_on_average() -> None:
     rest = [next(pauses) for _ in range(2000)]
     assert all(1.8 <= p <= 2.2 for p in rest)
     assert abs(sum(rest) / len(rest) - 2.0) < 0.02
+
+
+async def test_a_worker_whose_stream_pushes_its_load_is_not_polled(monkeypatch) -> None:
+    """The event stream's load records prove the worker alive and are fresher than a
+    poll: while they arrive the GetLoads poll (a unary call on the router's one event
+    loop) is skipped; once they stop, or the stream closes, polling resumes within an
+    interval. A worker out of the routing set is always polled (its way back in)."""
+    life = lifecycle()
+    interval = life._config.probe_interval_s
+    polled: list[str] = []
+
+    async def probe(worker_id: str, endpoint: str) -> bool:
+        polled.append(worker_id)
+        return True
+
+    monkeypatch.setattr(life, "probe", probe)
+    follower = SimpleNamespace(streaming=True)
+    life.followers["w"] = follower  # type: ignore[assignment]
+    load = smg_common_pb2.EngineLoad(running_requests=1, load_only=True)
+
+    async def pushing(seconds: float) -> None:
+        for _ in range(round(seconds / (interval / 4))):
+            life.pushed_load("w", load)
+            await asyncio.sleep(interval / 4)
+
+    loop_task = asyncio.create_task(life._probe_loop("w", "127.0.0.1:1"))
+    try:
+        await asyncio.sleep(1.5 * interval)  # the first poll, before any push
+        first = len(polled)
+        await pushing(6 * interval)
+        assert len(polled) == first
+        await asyncio.sleep(3 * interval)  # pushes stopped: polled again
+        assert len(polled) > first
+        seen = len(polled)
+        follower.streaming = False  # the stream closed though a push is fresh
+        life.pushed_load("w", load)
+        await asyncio.sleep(2.5 * interval)
+        assert len(polled) > seen
+        follower.streaming = True
+        life.core.set_reachable("w", False)
+        seen = len(polled)
+        await pushing(3 * interval)
+        assert len(polled) > seen
+    finally:
+        loop_task.cancel()
+        await asyncio.gather(loop_task, return_exceptions=True)
+
+
+async def test_a_broken_stream_gets_the_worker_probed_at_once(monkeypatch) -> None:
+    life = lifecycle()
+    probed: list[str] = []
+
+    async def probe(worker_id: str, endpoint: str) -> bool:
+        probed.append(worker_id)
+        return False
+
+    monkeypatch.setattr(life, "probe", probe)
+    life._probe_now("w")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert probed == ["w"]
