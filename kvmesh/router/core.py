@@ -247,7 +247,7 @@ class RouterCore:
         if ctx.model not in self.registry.models():
             raise ModelNotFoundError(f"the model `{ctx.model}` does not exist", param="model")
         workers: Sequence[WorkerState]
-        if query.preview:
+        if query.preview or self.config.max_inflight_per_worker <= 0:  # no slot to wait for
             workers = self.registry.candidates(ctx.model, ctx.adapter, query.exclude)
         else:
             workers = await self._admit(query)

@@ -77,14 +77,14 @@ class _WorkerView:
     # Router hashes this worker holds under more than one engine hash (several seeds or
     # KV groups may map to one): the extra count, so a removal keeps the bit. Rare.
     extra: dict[int, int] = field(default_factory=dict)
+    #: Its slot's word and bit in the tables' masks (a view keeps its slot for life;
+    #: worked out once, since every routed request reads them).
+    word: int = field(init=False)
+    bit: np.uint64 = field(init=False)
 
-    @property
-    def word(self) -> int:
-        return self.slot >> 6
-
-    @property
-    def bit(self) -> np.uint64:
-        return np.uint64(1 << (self.slot & 63))
+    def __post_init__(self) -> None:
+        self.word = self.slot >> 6
+        self.bit = np.uint64(1 << (self.slot & 63))
 
 
 @dataclass(frozen=True)

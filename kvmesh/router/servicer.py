@@ -31,12 +31,15 @@ from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+_PACKED = np.dtype("<u4")  # packed_token_ids: little-endian uint32s
+
+
 def unpack_tokens(packed: bytes, listed: Sequence[int]) -> np.ndarray:
     if packed:
         if len(packed) % 4:
             raise InvalidRequestError("packed_token_ids must hold uint32s",
                                       param="packed_token_ids")
-        return np.frombuffer(packed, dtype="<u4")
+        return np.frombuffer(packed, dtype=_PACKED)
     return np.array(listed, dtype=np.uint32)
 
 
