@@ -208,7 +208,8 @@ class KvEventFollower:
         try:
             while True:
                 try:
-                    batch = await asyncio.wait_for(call.read(), self._idle_timeout_s)
+                    async with asyncio.timeout(self._idle_timeout_s):  # no task per read
+                        batch = await call.read()
                 except TimeoutError:
                     # An idle worker's relay sends its heartbeats only after a first
                     # batch: a stream that never brought one is resumed quietly.

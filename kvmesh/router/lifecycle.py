@@ -33,6 +33,12 @@ from kvmesh.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 
+#: A pushed load record this recent keeps a worker from being polled: two of the
+#: heartbeats a worker's event stream sends each second when it has nothing else to
+#: send (``smg_grpc_servicer.load_record.HEARTBEAT_INTERVAL``).
+PUSH_FRESH_S = 2.0
+
+
 def probe_pauses(interval_s: float, rng: random.Random) -> Iterator[float]:
     """The pauses between one worker's probes: a first one anywhere in the interval
     (its phase), then the interval give or take 10% (phases drift apart rather than
@@ -284,21 +290,24 @@ class WorkerLifecycle:
         polled together, a burst of calls once per interval that stalled routing
         decisions behind it (tens of ms at 256 workers)."""
         for pause in probe_pauses(self._config.probe_interval_s, self._rng):
-            if not self.fed_by_stream(worker_id):
+            if self.fed_by_stream(worker_id):
+                self.core.metrics.load_polls.labels("skipped").inc()
+            else:
                 await self.probe(worker_id, endpoint)
             await asyncio.sleep(pause)
 
     def fed_by_stream(self, worker_id: str) -> bool:
-        """The worker's event stream is open and pushed a load record within the probe
-        interval: that record is fresher than a poll would be and proves the worker
-        alive, so the poll is skipped (a unary call costs the router's one event loop
-        ~0.15 ms: 256 workers polled each second were ~4% of its core). When the
-        stream breaks on a lost connection the worker is probed at once
-        (``_probe_now``); when it falls silent, polls resume within an interval."""
+        """The worker's event stream is open and pushed a load record lately (two probe
+        intervals, at least ``PUSH_FRESH_S``): that record proves the worker alive and
+        feeds its load instead of the poll (``probe``), so the poll is skipped (a unary
+        call costs the router's one event loop ~0.15 ms: 256 workers polled each second
+        were ~4% of its core). When the stream breaks on a lost connection the worker
+        is probed at once (``_probe_now``); when it falls silent, polls resume."""
         follower = self.followers.get(worker_id)
         pushed = self._pushed_at.get(worker_id)
+        fresh_s = max(2 * self._config.probe_interval_s, PUSH_FRESH_S)
         if follower is None or not follower.streaming or pushed is None or \
-                time.monotonic() - pushed > self._config.probe_interval_s:
+                time.monotonic() - pushed > fresh_s:
             return False
         try:
             return not self.core.registry.get(worker_id).unreachable
@@ -322,10 +331,12 @@ class WorkerLifecycle:
                                                     self._config.probe_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.debug("probe of %s failed: %s", worker_id, exc.code().name)
+            self.core.metrics.load_polls.labels("failed").inc()
             if exc.code() == grpc.StatusCode.UNAVAILABLE and \
                     self.core.set_reachable(worker_id, False):
                 await self.core.notify()
             return False
+        self.core.metrics.load_polls.labels("answered").inc()
         # The poll feeds the load only while the event stream does not: its sample,
         # answered and read at another moment, would overwrite a fresher pushed record
         # with one that lacks the prefill in hand.

@@ -113,6 +113,11 @@ class RouterMetrics:
         self.admission_wait_seconds = Histogram(
             "kvmesh_router_admission_wait_seconds",
             "Time a Route call waited for a worker slot", buckets=_WAIT_BUCKETS, registry=r)
+        self.load_polls = Counter(
+            "kvmesh_router_load_polls",
+            "GetLoads polls of workers by outcome: answered, failed, or skipped (the "
+            "worker's KV-event stream pushed its load within the probe interval)",
+            ["outcome"], registry=r)
         self.adapter_routes = Counter(
             "kvmesh_router_adapter_routes",
             "LoRA requests by whether the chosen worker had the adapter loaded "

@@ -27,9 +27,11 @@ from pathlib import Path
 import grpc
 from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
+from smg_grpc_servicer.load_record import HEARTBEAT_INTERVAL
 from smg_grpc_servicer.tokenizer_bundle import tokenizer_bundle, tokenizer_chunks
 
 from kvmesh.core.errors import InvalidRequestError
+from kvmesh.worker.kv_heartbeat import early_heartbeat
 from kvmesh.worker.lora import AdapterManager, adapter_of
 
 log = logging.getLogger(__name__)
@@ -320,6 +322,22 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
             dp_rank_count=1,
             loads=[load],
         )
+
+    async def SubscribeKvEvents(
+        self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.KvEventBatch]:
+        """The fake caches nothing, so it publishes no KV event; asked for load records
+        before a first batch (as the router asks), it sends what a kvmesh worker's
+        stream sends before its first: its load, ``load_only`` and numbered 0, every
+        ``HEARTBEAT_INTERVAL`` (the router then follows its load pushed, not polled).
+        Not asked, the stream stays silent, as the relay's before its first batch."""
+        if not request.load_records_before_first_batch:
+            await asyncio.Event().wait()
+        while True:
+            beat = early_heartbeat(common_pb2.EngineLoad(running_requests=len(self._running)))
+            if beat is not None:
+                yield beat
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def GetTokenizer(
         self, request: common_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext

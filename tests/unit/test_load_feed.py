@@ -10,6 +10,7 @@ import pytest
 from smg_grpc_proto.generated import common_pb2 as smg_common_pb2
 
 from kvmesh.core.config import RouterConfig
+from kvmesh.router import lifecycle as lifecycle_module
 from kvmesh.router import worker_probe
 from kvmesh.router.core import RouterCore
 from kvmesh.router.lifecycle import WorkerLifecycle, probe_pauses
@@ -99,6 +100,7 @@ async def test_a_worker_whose_stream_pushes_its_load_is_not_polled(monkeypatch) 
         return True
 
     monkeypatch.setattr(life, "probe", probe)
+    monkeypatch.setattr(lifecycle_module, "PUSH_FRESH_S", 2 * interval)
     follower = SimpleNamespace(streaming=True)
     life.followers["w"] = follower  # type: ignore[assignment]
     load = smg_common_pb2.EngineLoad(running_requests=1, load_only=True)
