@@ -175,6 +175,12 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         self._chain = output == "chain"
         self._vocab = _vocab_size(tokenizer_dir)
         self.generated_requests = 0
+        #: One event per event-stream subscriber, set when the running set changes.
+        self._load_watchers: set[asyncio.Event] = set()
+
+    def _load_changed(self) -> None:
+        for changed in self._load_watchers:
+            changed.set()
 
     def _handoff(self, rid: str, prompt: list[int]) -> str:
         """What a NIXL prefill worker returns for the decode worker (same keys)."""
@@ -217,6 +223,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         if adapter and self._adapters is not None:  # released in the finally below
             await self._adapters.acquire(adapter)
         self._running.add(rid)
+        self._load_changed()
         self.generated_requests += 1
         output: list[int] = []
         finish = "length"
@@ -264,6 +271,7 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
                 )
         finally:
             self._running.discard(rid)
+            self._load_changed()
             self._aborted.discard(rid)
             if adapter and self._adapters is not None:
                 self._adapters.release(adapter)
@@ -328,16 +336,29 @@ class FakeVllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     ) -> AsyncIterator[common_pb2.KvEventBatch]:
         """The fake caches nothing, so it publishes no KV event; asked for load records
         before a first batch (as the router asks), it sends what a kvmesh worker's
-        stream sends before its first: its load, ``load_only`` and numbered 0, every
-        ``HEARTBEAT_INTERVAL`` (the router then follows its load pushed, not polled).
+        stream sends before its first: its load, ``load_only`` and numbered 0, when it
+        changes and every ``HEARTBEAT_INTERVAL`` (the router then follows its load
+        pushed, not polled).
         Not asked, the stream stays silent, as the relay's before its first batch."""
         if not request.load_records_before_first_batch:
             await asyncio.Event().wait()
-        while True:
-            beat = early_heartbeat(common_pb2.EngineLoad(running_requests=len(self._running)))
-            if beat is not None:
-                yield beat
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
+        changed = asyncio.Event()
+        self._load_watchers.add(changed)
+        try:
+            while True:
+                changed.clear()
+                beat = early_heartbeat(
+                    common_pb2.EngineLoad(running_requests=len(self._running)))
+                if beat is not None:
+                    yield beat
+                # The next record when the load changes (a worker's stream brings one
+                # with each batch of events its requests cause), at the latest after a
+                # heartbeat's interval.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(HEARTBEAT_INTERVAL):
+                        await changed.wait()
+        finally:
+            self._load_watchers.discard(changed)
 
     async def GetTokenizer(
         self, request: common_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext

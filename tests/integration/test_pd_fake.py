@@ -7,7 +7,10 @@ gets one. Real KV transfer is covered by tests/e2e/test_pd_nixl.py.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import openai
 import pytest
 
 from kvmesh.v1 import common_pb2
+from tests.failover_streams import seconds_until_unreachable
 from tests.router_client import list_workers
 
 from .conftest import Mesh, running_mesh, start_router
@@ -23,12 +27,13 @@ from .conftest import Mesh, running_mesh, start_router
 pytestmark = pytest.mark.integration
 MODEL = "SmolLM2-135M-Instruct"
 BLOCK = 32
+PREFILL_TIMEOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def pd_mesh(model_dir: Path) -> Iterator[Mesh]:
     with running_mesh() as mesh:
-        # Probed rarely: the fall-back test kills the prefill worker and needs the router
+        # Probed rarely: the fall-back test stops the prefill worker and needs the router
         # to still route to it (a probe would take it out of the set first: no prefill).
         mesh.router = start_router(mesh, "router", "--disaggregation", "always",
                                    yaml="probe_interval_s: 60\n")
@@ -36,7 +41,8 @@ def pd_mesh(model_dir: Path) -> Iterator[Mesh]:
             mesh.start_worker("p0", "--role", "prefill", "--block-size", str(BLOCK)),
             mesh.start_worker("d0", "--role", "decode", "--block-size", str(BLOCK)),
         ]
-        mesh.start_gateway()
+        mesh.start_gateway(env={**os.environ,
+                                "KVMESH_GATEWAY_PREFILL_TIMEOUT_S": str(PREFILL_TIMEOUT_S)})
         yield mesh
 
 
@@ -95,20 +101,37 @@ def test_prompt_logprobs_prefill_on_the_decode_worker(pd_mesh: Mesh) -> None:
     assert _metric(pd_mesh, name) - before == 1
 
 
-def test_prefill_worker_gone_falls_back_to_local_prefill(pd_mesh: Mesh) -> None:
+def test_prefill_worker_hung_then_gone_falls_back_to_local_prefill(pd_mesh: Mesh) -> None:
+    """A prefill worker that stops answering (SIGSTOP: its connections stay open, so
+    the router still routes to it) costs the request the prefill deadline, then the
+    decode worker prefills locally. Once it is gone (SIGKILL) its event stream breaks,
+    the router probes it at once and routes around it: no prefill leg is tried."""
     client = openai.OpenAI(base_url=pd_mesh.http, api_key="x", max_retries=0)
     prompt = list(range(700, 700 + 2 * BLOCK))
     expected = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
                                          temperature=0).choices[0].text
-    before = _metric(pd_mesh, 'kvmesh_gateway_pd_fallbacks_total{reason="prefill_failed"}')
-    # Killed hard: no deregistration, so the router still routes to it (lease 3 s).
+    timeouts = 'kvmesh_gateway_pd_fallbacks_total{reason="prefill_timeout"}'
+    failures = 'kvmesh_gateway_pd_fallbacks_total{reason="prefill_failed"}'
+    before = _metric(pd_mesh, timeouts), _metric(pd_mesh, failures)
     proc = pd_mesh.procs.pop("p0")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=10)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                          temperature=0)
+        assert reply.choices[0].text == expected
+        assert time.monotonic() - started >= PREFILL_TIMEOUT_S - 0.5
+        # Prefilled on the decode worker: nothing was handed over.
+        assert not reply.usage.prompt_tokens_details \
+            or not reply.usage.prompt_tokens_details.cached_tokens
+        assert _metric(pd_mesh, timeouts) - before[0] == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    killed = time.monotonic()
+    waited = asyncio.run(seconds_until_unreachable(pd_mesh.router, "p0", killed, 5.0))
+    assert waited < 1.5, waited  # the lease (3 s) and the probes (60 s) are slower
     reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
     assert reply.choices[0].text == expected
-    # Prefilled on the decode worker: nothing was handed over.
-    assert not reply.usage.prompt_tokens_details \
-        or not reply.usage.prompt_tokens_details.cached_tokens
-    after = _metric(pd_mesh, 'kvmesh_gateway_pd_fallbacks_total{reason="prefill_failed"}')
-    assert after - before == 1
+    assert (_metric(pd_mesh, timeouts), _metric(pd_mesh, failures)) == (before[0] + 1,
+                                                                        before[1])
