@@ -198,6 +198,12 @@ def test_real_vllm_worker_drains_on_sigterm(mesh: RealMesh) -> None:
         workers = router.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5).workers
         return {w.worker.worker_id: (w.worker.draining, w.load.in_flight) for w in workers}
 
+    # What earlier tests routed has finished and been reported (no in-flight leak): the
+    # count below is this test's streams alone.
+    deadline = time.monotonic() + 30
+    while any(n for _, n in listed().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(n for _, n in listed().values()), listed()
     loop = asyncio.new_event_loop()
     try:
         # 6 streams of 400 tokens (EOS ignored), many seconds each, spread over both
