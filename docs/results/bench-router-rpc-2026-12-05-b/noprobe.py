@@ -1,7 +1,15 @@
-import functools, sys
-import kvmesh.bench.router_rpc as rr
-from kvmesh.core.config import RouterConfig
-rr.RouterConfig = functools.partial(RouterConfig, probe_interval_s=float(sys.argv[1]))
-sys.argv = ["kvmesh", *sys.argv[2:]]
+"""`kvmesh bench router ...` with the router's probe_interval_s set (ad hoc).
+
+python docs/results/bench-router-rpc-2026-12-05-b/noprobe.py SECONDS bench router --rpc ...
+"""
+
+import functools
+import sys
+
+import kvmesh.bench.router_rpc as router_rpc
 from kvmesh.cli import main
-sys.exit(main())
+from kvmesh.core.config import RouterConfig
+
+router_rpc.RouterConfig = functools.partial(  # type: ignore[misc]
+    RouterConfig, probe_interval_s=float(sys.argv[1]))
+sys.exit(main(sys.argv[2:]))
