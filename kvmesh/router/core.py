@@ -335,15 +335,14 @@ class RouterCore:
     async def _admit(self, query: RouteQuery) -> list[WorkerState]:
         """The candidate workers with a free slot; waits at the router while every
         one is full (``max_inflight_per_worker``), as long as the caller's deadline
-        and ``admission_max_wait_s`` allow."""
+        and ``admission_max_wait_s`` allow. Only with a limit set: ``route`` takes the
+        candidates directly otherwise."""
         ctx = query.ctx
 
         def candidates() -> list[WorkerState]:
             return self.registry.candidates(ctx.model, ctx.adapter, query.exclude)
 
         limit = self.config.max_inflight_per_worker
-        if limit <= 0:
-            return candidates()
         queue = self._admission.setdefault(ctx.model, Admission(limit))
         wait_s = self.config.admission_max_wait_s
         if query.time_remaining_s is not None:

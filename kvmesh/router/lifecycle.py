@@ -304,15 +304,17 @@ class WorkerLifecycle:
         were ~4% of its core). When the stream breaks on a lost connection the worker
         is probed at once (``_probe_now``); when it falls silent, polls resume."""
         follower = self.followers.get(worker_id)
-        pushed = self._pushed_at.get(worker_id)
         fresh_s = max(2 * self._config.probe_interval_s, PUSH_FRESH_S)
-        if follower is None or not follower.streaming or pushed is None or \
-                time.monotonic() - pushed > fresh_s:
+        if follower is None or not follower.streaming or self._push_age_s(worker_id) > fresh_s:
             return False
         try:
             return not self.core.registry.get(worker_id).unreachable
         except KvmeshError:
             return False
+
+    def _push_age_s(self, worker_id: str) -> float:
+        """Seconds since the worker's event stream pushed a load record (inf: never)."""
+        return time.monotonic() - self._pushed_at.get(worker_id, -math.inf)
 
     def _probe_now(self, worker_id: str) -> None:
         """The worker's event stream broke on a lost connection: probe it now (it is
@@ -340,8 +342,7 @@ class WorkerLifecycle:
         # The poll feeds the load only while the event stream does not: its sample,
         # answered and read at another moment, would overwrite a fresher pushed record
         # with one that lacks the prefill in hand.
-        if time.monotonic() - self._pushed_at.get(worker_id, -math.inf) > \
-                2 * self._config.probe_interval_s:
+        if self._push_age_s(worker_id) > 2 * self._config.probe_interval_s:
             self.core.report_load(
                 worker_id, sample.num_running, sample.num_waiting, sample.kv_usage,
                 sample.waiting_uncached_tokens, sample.cache_hit_rate,

@@ -116,7 +116,8 @@ class RouterMetrics:
         self.load_polls = Counter(
             "kvmesh_router_load_polls",
             "GetLoads polls of workers by outcome: answered, failed, or skipped (the "
-            "worker's KV-event stream pushed its load within the probe interval)",
+            "worker's KV-event stream is open and pushed its load within two probe "
+            "intervals, at least 2 s)",
             ["outcome"], registry=r)
         self.adapter_routes = Counter(
             "kvmesh_router_adapter_routes",

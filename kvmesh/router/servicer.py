@@ -86,21 +86,21 @@ def status_to_proto(status: WorkerStatus) -> router_pb2.WorkerStatus:
     )
 
 
-def fill_result(result: router_pb2.RouteBatchResult, failure: Exception) -> None:
+def fill_result(result: router_pb2.RouteBatchResult,
+                failure: AdmissionDeferred | KvmeshError) -> None:
     """One failed request of a RouteBatch, as Route would have failed it (``deferred``
     for a request that would wait for a worker slot)."""
     if isinstance(failure, AdmissionDeferred):
         result.deferred = True
-    elif isinstance(failure, KvmeshError):
+    else:
         result.code = grpc_code_for(failure).value[0]
         result.message = failure.message
         result.status_details = rich_status(failure).SerializeToString()
         result.param = failure.param or ""
-    else:
-        raise failure
 
 
-async def outcome(choice: Awaitable[PdDecision]) -> PdDecision | Exception:
+async def outcome(choice: Awaitable[PdDecision]
+                  ) -> PdDecision | AdmissionDeferred | KvmeshError:
     """A decision, or the kvmesh error (or deferral) it failed with."""
     try:
         return await choice
@@ -261,7 +261,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 *(outcome(self._choose(r, remaining, defer)) for r in requests))
         for request, done in zip(requests, outcomes, strict=True):
             result = answer.results.add()
-            if isinstance(done, Exception):
+            if isinstance(done, AdmissionDeferred | KvmeshError):
                 fill_result(result, done)
             else:
                 self._fill(result.decision, done, request.model)
