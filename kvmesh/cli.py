@@ -21,6 +21,7 @@ from kvmesh.core.mesh_config import MeshConfig
 from kvmesh.core.service_main import add_observability_flags, observability_settings
 from kvmesh.core.validation import describe
 from kvmesh.launch.placement import PlacementError
+from kvmesh.launch.pool_runner import WorkerStartError
 from kvmesh.launch.state import NoMeshError
 
 
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.aio.AioRpcError as exc:  # the mesh's admin service refused or is gone
         print(f"kvmesh: {exc.details()} ({exc.code().name})", file=sys.stderr)
         return 1
-    except (NoMeshError, PlacementError) as exc:
+    except (NoMeshError, PlacementError, WorkerStartError) as exc:
         print(f"kvmesh: {exc}", file=sys.stderr)
         return 1
     return result

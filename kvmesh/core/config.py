@@ -179,6 +179,9 @@ class WorkerConfig(ServiceSettings):
     fake_token_delay_s: float = Field(
         0.005, ge=0, description="Fake engine only: seconds per generated token."
     )
+    fake_start_delay_s: float = Field(
+        0.0, ge=0, description="Fake engine only: seconds its start takes (a model load, "
+        "simulated: a slow or stuck start against startup_timeout_s).")
     fake_output: Literal["echo", "chain"] = Field(
         "echo", description="Fake engine only: echo the prompt, or 'chain' (each token a "
         "fixed function of the previous one: resumable like a greedy model).")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kvmesh.core.config import WorkerConfig
@@ -52,13 +53,60 @@ async def start_actors(configs: list[WorkerConfig], group: Any, first_bundle: in
 
     actors = [spawn_worker_actor(c, placement=placement.scheduling(group, first_bundle + i))
               for i, c in enumerate(configs)]
+    # Asked first (an actor runs one caller's calls in order): where each one's output
+    # goes, before a start that may never return.
+    where = [a.where.remote() for a in actors]
+    starts = [asyncio.ensure_future(a.start.remote()) for a in actors]
     try:
-        infos = await asyncio.wait_for(
-            asyncio.gather(*[a.start.remote() for a in actors]), timeout=timeout_s)
+        done, pending = await asyncio.wait(starts, timeout=timeout_s)
+        if pending:
+            late = [i for i, task in enumerate(starts) if task in pending]
+            raise WorkerStartError(await _late_report(
+                {i: configs[i] for i in late}, [where[i] for i in late], timeout_s))
+        infos = [task.result() for task in starts]
     except BaseException:
+        for task in starts:
+            task.cancel()
         await stop_actors(actors)
         raise
-    return actors, list(infos)
+    return actors, infos
+
+
+class WorkerStartError(RuntimeError):
+    """Workers did not report ready within the startup timeout (their logs' tails said)."""
+
+
+#: Lines of a late worker's log shown in the error.
+LOG_TAIL_LINES = 30
+
+
+async def _late_report(configs: dict[int, WorkerConfig], where: list[Any],
+                       timeout_s: float) -> str:
+    lines = [f"{len(configs)} worker(s) not ready after {timeout_s:.0f} s (startup_timeout_s):"]
+    for (index, config), ref in zip(configs.items(), where, strict=True):
+        name = f"worker {config.worker_id or index} ({config.role.value})"
+        try:
+            found = await asyncio.wait_for(ref, timeout=5)
+        except Exception:  # never scheduled (no resources), or its process is wedged
+            lines.append(f"- {name}: its actor never ran (see `ray status` for resources)")
+            continue
+        logs = found.get("logs", [])
+        lines.append(f"- {name}: pid {found.get('pid')}, log {' '.join(logs) or '(none)'}")
+        for path in logs:
+            lines.extend(f"    {line}" for line in log_tail(Path(path), LOG_TAIL_LINES))
+    return "\n".join(lines)
+
+
+def log_tail(path: Path, n: int) -> list[str]:
+    """The last ``n`` lines of a (possibly large, possibly missing) log file."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError as exc:
+        return [f"(unreadable: {exc})"]
+    return text.splitlines()[-n:]
 
 
 async def stop_actors(actors: list[Any]) -> None:
@@ -71,6 +119,8 @@ async def stop_actors(actors: list[Any]) -> None:
     async def stop(actor: Any) -> None:
         try:
             await asyncio.wait_for(actor.stop.remote(), timeout=STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("a worker did not stop within %.0f s; killed", STOP_TIMEOUT_S)
         except Exception as exc:
             log.warning("worker stop failed: %s", exc)
         ray.kill(actor)

@@ -63,6 +63,19 @@ class WorkerActor:
         setup_tracing(self._config.tracing, "worker")
         self._worker: Any = None
 
+    def where(self) -> dict[str, Any]:
+        """This actor's PID and the files its output (and its engine's) goes to: what
+        the launcher shows of a worker that does not start in time."""
+        logs = []
+        for fd in (1, 2):
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if path.startswith("/") and path not in logs:
+                logs.append(path)
+        return {"pid": os.getpid(), "logs": logs}
+
     async def start(self) -> dict[str, Any]:
         from kvmesh.worker.worker import WorkerServer
 

@@ -19,6 +19,7 @@ from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from kvmesh.core.config import WorkerConfig
 from kvmesh.core.drain import InflightCalls, not_serving, wait_idle
+from kvmesh.core.errors import InvalidRequestError
 from kvmesh.core.grpc_util import (
     add_health_and_reflection,
     bind,
@@ -27,7 +28,7 @@ from kvmesh.core.grpc_util import (
     use_security,
 )
 from kvmesh.core.metrics_http import MetricsEndpoint
-from kvmesh.core.net import free_port
+from kvmesh.core.net import bindable, free_port
 from kvmesh.core.processes import renice, terminate
 from kvmesh.core.registration import Registration
 from kvmesh.core.roles import WorkerRole, role_to_proto
@@ -52,9 +53,18 @@ SERVICE_NAME = vllm_engine_pb2.DESCRIPTOR.services_by_name["VllmEngine"].full_na
 
 
 def with_side_channel(config: WorkerConfig) -> WorkerConfig:
-    """Give a NIXL prefill/decode worker a free side-channel port when it has none."""
+    """Give a NIXL prefill/decode worker a free side-channel port when it has none; one
+    it was given must be free (vLLM's NIXL listener dies on a taken port and its engine
+    then never finishes starting)."""
     kv = config.kv_transfer
-    if config.role == WorkerRole.both or kv.connector != "nixl" or kv.side_channel_port:
+    if config.role == WorkerRole.both or kv.connector != "nixl":
+        return config
+    if kv.side_channel_port:
+        if not bindable(kv.side_channel_host, kv.side_channel_port):
+            raise InvalidRequestError(
+                f"kv_transfer.side_channel_port {kv.side_channel_port} is in use on "
+                f"{kv.side_channel_host}: give each engine on a host its own, or 0 for a "
+                "free one", param="kv_transfer.side_channel_port")
         return config
     port = free_port(kv.side_channel_host)
     return config.model_copy(
@@ -125,6 +135,9 @@ class WorkerServer:
         if config.engine_kind == "fake":
             from kvmesh.worker.fake_engine import FakeLoraEngine, FakeVllmEngineServicer
 
+            if config.fake_start_delay_s:
+                log.info("fake engine loading for %.0f s", config.fake_start_delay_s)
+                await asyncio.sleep(config.fake_start_delay_s)
             self.adapters = self._adapter_manager(FakeLoraEngine())
             servicer: Any = FakeVllmEngineServicer(
                 self.model,

@@ -42,8 +42,10 @@ class UpProcess:
             self.log, env=env,
         )
         try:
+            # Longer than kvmesh up's own startup_timeout_s (600 s): a worker that never
+            # starts is reported by kvmesh up itself (which one, the tail of its log).
             self.state: dict[str, Any] = wait_ready_file(
-                self.state_file, 600, self.proc, "kvmesh up")
+                self.state_file, 720, self.proc, "kvmesh up")
         except BaseException:
             self.dump()
             terminate(self.proc, 60)

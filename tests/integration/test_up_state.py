@@ -59,3 +59,24 @@ def test_status_and_down_find_the_running_mesh(tmp_path: Path, model_dir: Path) 
     finally:
         terminate(up, 30)
         print((tmp_path / "up.log").read_text()[-3000:])
+
+
+def test_a_worker_that_does_not_start_in_time_is_named_with_its_log(
+        tmp_path: Path, model_dir: Path) -> None:
+    """A stuck engine start (here a fake engine told to take 120 s) ends `kvmesh up`
+    after startup_timeout_s with which worker, its PID and the tail of its log, and
+    nothing of the mesh left running."""
+    env = {k: v for k, v in os.environ.items() if k != "KVMESH_STATE_FILE"}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    (tmp_path / "mesh.yaml").write_text(
+        "startup_timeout_s: 8\nworker: {fake_start_delay_s: 120}\n")
+    up = subprocess.run(
+        [sys.executable, "-m", "kvmesh.cli", "up", "--engine-kind", "fake", "--workers", "1",
+         "--no-embeddings", "--port", "0", "--config", str(tmp_path / "mesh.yaml")],
+        env=env, capture_output=True, text=True, timeout=150)
+    assert up.returncode == 1, up.stdout + up.stderr
+    assert "1 worker(s) not ready after 8 s (startup_timeout_s)" in up.stderr, up.stderr
+    assert "worker 0 (both): pid " in up.stderr
+    assert "fake engine loading for 120 s" in up.stderr  # the tail of the worker's own log
+    assert "Traceback" not in up.stderr
+    assert not (tmp_path / "kvmesh" / "up.json").exists()

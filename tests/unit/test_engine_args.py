@@ -108,3 +108,23 @@ def test_engine_nice_is_off_by_default_and_bounded() -> None:
     assert WorkerConfig(engine_nice=19).engine_nice == 19
     with pytest.raises(ValueError, match="less than or equal to 19"):
         WorkerConfig(engine_nice=20)
+
+
+def test_a_nixl_worker_gets_a_free_side_channel_and_refuses_a_taken_one() -> None:
+    """vLLM's NIXL listener thread dies on a taken port and its engine never finishes
+    starting: a worker is given a free port, and one it was told to use must be free."""
+    import socket
+
+    from kvmesh.core.errors import InvalidRequestError
+    from kvmesh.worker.worker import with_side_channel
+
+    given = with_side_channel(WorkerConfig(role="prefill"))
+    assert given.kv_transfer.side_channel_port > 0
+    assert with_side_channel(WorkerConfig(role="both")).kv_transfer.side_channel_port == 0
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        with pytest.raises(InvalidRequestError, match=f"side_channel_port {taken} is in use"):
+            with_side_channel(WorkerConfig(role="decode",
+                                           kv_transfer={"side_channel_port": taken}))
