@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from kvmesh.core.net import free_port
 from kvmesh.launch.procs import terminate
 
 #: AWS settings that keep boto on the test's server and away from any other host
@@ -110,9 +110,7 @@ class GcsEmulator:
     """``gcp-storage-emulator`` in memory on a free port (it cannot report a port 0)."""
 
     def __init__(self, workdir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.proc, _ = _start(["-m", "gcp_storage_emulator", "start", "-H", "127.0.0.1",
                                "--port", str(port), "--in-memory"],
                               re.compile(r"All services started"), workdir / "gcs.log")

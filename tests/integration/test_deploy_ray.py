@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
+from kvmesh.core.net import free_port
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
 
 pytestmark = pytest.mark.integration
@@ -29,12 +29,12 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """``n`` distinct free ports, below the ephemeral range (the nodes bind them later)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
     return ports
 
 
