@@ -17,9 +17,13 @@ on demand (``kvmesh.worker.lora``) and hands vLLM the ``LoRARequest`` through th
 engine's ``generate``. The KV-event relay keeps only the adapter's numeric id on
 stored blocks; the adapter's name is filled in, as the router namespaces by name.
 
-KV events: a subscriber that asks for load records before the first batch gets
-heartbeats from the start (``kvmesh.worker.kv_heartbeat``), not only after the
-engine's first batch as the library's relay sends them.
+KV events: the library's relay is run once for the worker's life and shared
+(``kvmesh.worker.kv_fanout``): a subscriber resumes from its cursor while the history
+holds it, and otherwise starts from a snapshot of the blocks the engine holds, where
+the library's relay refuses a cursor and serves live batches only. A subscriber that
+asks for load records before the first batch gets heartbeats from the start
+(``kvmesh.worker.kv_heartbeat``), not only after the engine's first batch as the
+library's relay sends them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from smg_grpc_servicer.load_record import HEARTBEAT_INTERVAL
 from smg_grpc_servicer.vllm.servicer import VllmEngineServicer
 
 from kvmesh.core.errors import InvalidRequestError
+from kvmesh.worker.kv_fanout import KvEventFanout, RelayEnded
 from kvmesh.worker.kv_heartbeat import early_heartbeat, with_early_heartbeats
 from kvmesh.worker.lora import AdapterManager, adapter_of, lora_request, name_adapter_blocks
 
@@ -65,6 +70,17 @@ class KvmeshVllmEngineServicer(VllmEngineServicer):
         self._lora_requests: dict[str, Any] = {}
         if adapters is not None:
             self.engine = _AdapterEngine(engine, self._lora_requests)
+        self.kv_fanout: KvEventFanout | None = None
+        if self._kv_events_config is not None:
+            self.kv_fanout = KvEventFanout(self._relay, self._name_adapters)
+
+    def _relay(self, context: Any) -> AsyncIterator[smg_common_pb2.KvEventBatch]:
+        """The library's relay from the live end, for the fan-out's one subscription."""
+        return super().SubscribeKvEvents(smg_common_pb2.SubscribeKvEventsRequest(), context)
+
+    def _name_adapters(self, batch: smg_common_pb2.KvEventBatch) -> None:
+        if self.adapters is not None:
+            name_adapter_blocks(batch, self.adapters.name_of)
 
     def _scheduler_counts(self, engine_idx: int = 0) -> tuple[int, int, float] | None:
         counts = super()._scheduler_counts(engine_idx)
@@ -108,12 +124,17 @@ class KvmeshVllmEngineServicer(VllmEngineServicer):
         self, request: smg_common_pb2.SubscribeKvEventsRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[smg_common_pb2.KvEventBatch]:
-        batches = super().SubscribeKvEvents(request, context)
+        if self.kv_fanout is None:  # no KV events configured: the library says so
+            async for batch in super().SubscribeKvEvents(request, context):
+                yield batch
+            return
+        batches = self.kv_fanout.subscribe(request.start_sequence_number)
         if request.load_records_before_first_batch:
             batches = with_early_heartbeats(
                 batches, lambda: early_heartbeat(self._load_record(None)),
                 HEARTBEAT_INTERVAL)  # the relay's own, once its first batch went out
-        async for batch in batches:
-            if self.adapters is not None:
-                name_adapter_blocks(batch, self.adapters.name_of)
-            yield batch
+        try:
+            async for batch in batches:
+                yield batch
+        except RelayEnded as exc:
+            await context.abort(exc.code, exc.details)

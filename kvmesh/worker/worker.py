@@ -103,6 +103,7 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._engine: Any = None
         self._reaper: subprocess.Popen[bytes] | None = None
+        self._kv_fanout: Any = None
         self._registrations: list[Registration] = []
         self.adapters: AdapterManager | None = None
         self._reports: set[asyncio.Task[None]] = set()
@@ -274,6 +275,9 @@ class WorkerServer:
                      [p.pid for p in engine_procs], self.config.engine_nice)
         self.adapters = self._adapter_manager(VllmLoraEngine(engine))
         servicer = KvmeshVllmEngineServicer(engine, time.time(), self.adapters)
+        if servicer.kv_fanout is not None:  # follows the engine's events from its start
+            servicer.kv_fanout.start()
+            self._kv_fanout = servicer.kv_fanout
         # vLLM's own health servicer reports the engine's real state.
         health = VllmHealthServicer(engine)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -304,6 +308,9 @@ class WorkerServer:
             await registration.stop()
         if self._server is not None:
             await self._server.stop(grace=1.0)
+        if self._kv_fanout is not None:
+            await self._kv_fanout.close()
+            self._kv_fanout = None
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None

@@ -120,14 +120,116 @@ def test_an_idle_workers_event_stream_beats_before_its_first_batch(
     endpoint = kvmesh_up.state["workers"][0]["endpoint"]
 
     async def first_message() -> common_pb2.KvEventBatch:
+        """The first message after the snapshot of what the worker holds (sent first
+        when it has published before: earlier tests of the session used it)."""
         async with grpc.aio.insecure_channel(endpoint) as channel:
             call = vllm_engine_pb2_grpc.VllmEngineStub(channel).SubscribeKvEvents(
                 common_pb2.SubscribeKvEventsRequest(load_records_before_first_batch=True))
             try:
-                return await asyncio.wait_for(call.read(), 5)
+                while True:
+                    message = await asyncio.wait_for(call.read(), 5)
+                    if not message.HasField("snapshot"):
+                        return message
             finally:
                 call.cancel()
 
     beat = asyncio.run(first_message())
-    assert beat.load.load_only and beat.sequence_number == 0 and not beat.events
+    assert beat.load.load_only and not beat.events
     assert beat.load.max_running_requests > 0
+
+
+def _subscribe(endpoint: str, start: int, count: int = 0,
+               heartbeats: bool = False) -> list[common_pb2.KvEventBatch]:
+    """The first messages of a subscription from ``start`` (load-only heartbeats
+    skipped unless asked for): ``count`` of them, or a whole snapshot's chunks when
+    ``count`` is 0 (the stream's error raises)."""
+    async def run() -> list[common_pb2.KvEventBatch]:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            call = vllm_engine_pb2_grpc.VllmEngineStub(channel).SubscribeKvEvents(
+                common_pb2.SubscribeKvEventsRequest(start_sequence_number=start))
+            got: list[common_pb2.KvEventBatch] = []
+            try:
+                while not got or len(got) < (count or got[0].snapshot.count):
+                    # An idle engine's heartbeats come every 5 s (the relay's backoff).
+                    message = await asyncio.wait_for(call.read(), 12)
+                    if heartbeats or not (message.HasField("load") and message.load.load_only):
+                        got.append(message)
+            finally:
+                call.cancel()
+            return got
+
+    return asyncio.run(run())
+
+
+def _last_sequence(endpoint: str) -> int:
+    """The number a fresh subscription's snapshot carries (-1: nothing published yet,
+    so no snapshot, only live batches)."""
+    async def run() -> int:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            call = vllm_engine_pb2_grpc.VllmEngineStub(channel).SubscribeKvEvents(
+                common_pb2.SubscribeKvEventsRequest())
+            try:
+                first = await asyncio.wait_for(call.read(), 3)
+            except TimeoutError:
+                return -1
+            finally:
+                call.cancel()
+            assert first.HasField("snapshot")
+            return int(first.sequence_number)
+
+    return asyncio.run(run())
+
+
+def test_a_subscriber_resumes_from_its_cursor_or_gets_what_the_worker_holds(
+        kvmesh_up: UpProcess, model_dir: Path) -> None:
+    """The worker follows its engine's events for its whole life: a fresh subscriber
+    (a router that lost its view) first gets the blocks the engine holds as a
+    snapshot, and one that broke off resumes from its cursor with the batches it
+    missed — where the library's relay answered live batches only, and OUT_OF_RANGE to
+    a cursor."""
+    system = "Archive clerk notes, series 7731: " + " ".join(
+        f"shelf {i} holds box {i * 7 % 101}." for i in range(40))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+    client = openai.OpenAI(base_url=kvmesh_up.state["http"], api_key="x", max_retries=0)
+    client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0,
+                                   messages=messages)  # type: ignore[arg-type]
+    # Two more prompts of their own: three batches on two workers, so one of them is
+    # past its first (numbered 0) for the resume below.
+    for series in ("8842", "9953"):
+        client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
+            {"role": "system", "content": system.replace("7731", series)},
+            {"role": "user", "content": "Hi"}])  # type: ignore[arg-type]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True),
+                     add_special_tokens=False)
+    first_block = list(ids[:32])
+
+    holder, snapshot = None, []
+    deadline = time.monotonic() + 20
+    while holder is None and time.monotonic() < deadline:
+        for worker in kvmesh_up.state["workers"]:
+            snapshot = _subscribe(worker["endpoint"], 0)
+            assert all(c.HasField("snapshot") for c in snapshot)
+            assert [c.snapshot.index for c in snapshot] == list(range(len(snapshot)))
+            held = [list(b.token_ids) for chunk in snapshot for e in chunk.events
+                    for b in e.stored.blocks]
+            assert len(held) == snapshot[0].snapshot.blocks > 0
+            if first_block in held:
+                holder = worker["endpoint"]
+                break
+        else:
+            time.sleep(0.2)
+    assert holder is not None, "no worker's snapshot holds the prompt's first block"
+
+    # Resuming (0 means "from the current state", so on a worker past its first batch).
+    last = {w["endpoint"]: _last_sequence(w["endpoint"]) for w in kvmesh_up.state["workers"]}
+    busiest = max(last, key=lambda endpoint: last[endpoint])
+    seq = last[busiest]
+    assert seq >= 1, last
+    replayed = _subscribe(busiest, seq - 1, 2)
+    assert [(b.HasField("snapshot"), b.sequence_number) for b in replayed] == [
+        (False, seq - 1), (False, seq)]
+    # Resumed after the last batch: live from there (a heartbeat while idle), no refusal.
+    (live,) = _subscribe(busiest, seq + 1, 1, heartbeats=True)
+    assert not live.HasField("snapshot") and live.sequence_number >= seq
