@@ -122,7 +122,7 @@ class KvEventFanout:
                 sub.queue.put_nowait(lost)
             self._subscriptions.clear()
             seen = self.history.last
-            self.history = KvHistory(self.history.max_batches)
+            self.history = KvHistory(self.history.max_batches, self.history.max_blocks)
             self.history.unknown_before = (seen or 0) + 1
             await asyncio.sleep(RESTART_DELAY_S)
 

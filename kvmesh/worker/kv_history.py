@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 
 from smg_grpc_proto.generated import common_pb2
 
-#: Batches kept for resuming (a few minutes of a busy engine's steps).
+#: Batches kept for resuming (a few minutes of a busy engine's steps)...
 HISTORY_BATCHES = 4096
+#: ...and at most this many stored blocks in them (their token ids are the bulk).
+HISTORY_BLOCKS = 65_536
 #: Blocks per snapshot chunk (one KvEventBatch each).
 SNAPSHOT_CHUNK_BLOCKS = 1024
 
@@ -48,12 +50,16 @@ class KvHistory:
     """The live blocks and the recent batches of one rank's stream."""
 
     max_batches: int = HISTORY_BATCHES
+    max_blocks: int = HISTORY_BLOCKS
     #: Sequence number of the last batch applied (None: none yet).
     last: int | None = None
     #: Publisher batches before this record began that it never saw (0: it saw all).
     unknown_before: int = 0
     _held: dict[int, _Held] = field(default_factory=dict)
     _batches: deque[common_pb2.KvEventBatch] = field(default_factory=deque)
+    #: Stored blocks in ``_batches`` (each batch's count, to drop it by).
+    _sizes: deque[int] = field(default_factory=deque)
+    _history_blocks: int = 0
 
     @property
     def blocks(self) -> int:
@@ -76,9 +82,14 @@ class KvHistory:
             elif kind == "cleared":
                 self._held.clear()
         self.last = batch.sequence_number
+        size = sum(len(e.stored.blocks) for e in batch.events if e.HasField("stored"))
         self._batches.append(batch)
-        while len(self._batches) > self.max_batches:
+        self._sizes.append(size)
+        self._history_blocks += size
+        while len(self._batches) > 1 and (len(self._batches) > self.max_batches
+                                          or self._history_blocks > self.max_blocks):
             self._batches.popleft()
+            self._history_blocks -= self._sizes.popleft()
 
     def _stored(self, stored: common_pb2.KvBlocksStored) -> None:
         template = common_pb2.KvBlocksStored()

@@ -87,6 +87,11 @@ def test_a_resumed_subscriber_is_replayed_exactly_the_batches_it_missed() -> Non
     assert history.since(last - 3) == batches[-4:]
     assert history.since(last - 4) is None  # rolled out of the history: a snapshot then
     assert history.since(last + 2) is None  # never published
+    # The history is bounded by the blocks its batches store too.
+    few = KvHistory(max_blocks=5)
+    for batch in batches:
+        few.record(batch)
+    assert few.since(last) == batches[-1:] and few.since(last - 3) is None
     heartbeat = worker.heartbeat()
     history.record(heartbeat)  # heartbeats are no history
     assert history.since(last - 1) == batches[-2:]
