@@ -83,6 +83,7 @@ class KvEventFanout:
         self.history = history or KvHistory()
         self._subscriptions: set[_Subscription] = set()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self._context: _RelayContext | None = None
         #: Subscriptions served from the history / from a snapshot (tests, logs).
         self.resumed = 0
@@ -93,6 +94,7 @@ class KvEventFanout:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
+        self._closed = True
         if self._context is not None:
             self._context.closed = True
         if self._task is not None:
@@ -102,7 +104,7 @@ class KvEventFanout:
             self._task = None
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             self._context = context = _RelayContext()
             try:
                 async for batch in self._open_relay(context):
@@ -113,6 +115,8 @@ class KvEventFanout:
             except Exception as exc:  # noqa: BLE001 - a relay bug must not end the worker's
                 log.exception("KV event relay failed")
                 ended = RelayEnded(grpc.StatusCode.DATA_LOSS, f"KV event relay failed: {exc}")
+            if self._closed:  # the relay takes a cancellation for the end of its call
+                return
             log.warning("KV event relay ended (%s); subscribers resubscribe, restarting in "
                         "%.0f s", ended, RESTART_DELAY_S)
             # What the record holds may now miss batches: subscribers rebuild.
