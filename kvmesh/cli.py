@@ -340,14 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:  # a bad config: every faulty key, one line each
         print(f"kvmesh: {describe(exc)}", file=sys.stderr)
         return 2
+    except (NoMeshError, PlacementError, WorkerStartError) as exc:  # the mesh, not the input
+        print(f"kvmesh: {exc}", file=sys.stderr)
+        return 1
     except KvmeshError as exc:  # says what is wrong (a missing model, a bad key, ...)
         print(f"kvmesh: {exc.message}", file=sys.stderr)
         return 2
     except grpc.aio.AioRpcError as exc:  # the mesh's admin service refused or is gone
         print(f"kvmesh: {exc.details()} ({exc.code().name})", file=sys.stderr)
-        return 1
-    except (NoMeshError, PlacementError, WorkerStartError) as exc:
-        print(f"kvmesh: {exc}", file=sys.stderr)
         return 1
     return result
 

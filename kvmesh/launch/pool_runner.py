@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.core.config import WorkerConfig
+from kvmesh.core.errors import ErrorKind, KvmeshError
 from kvmesh.core.model_config import ModelConfig
 from kvmesh.launch import placement
 
@@ -72,8 +73,11 @@ async def start_actors(configs: list[WorkerConfig], group: Any, first_bundle: in
     return actors, infos
 
 
-class WorkerStartError(RuntimeError):
-    """Workers did not report ready within the startup timeout (their logs' tails said)."""
+class WorkerStartError(KvmeshError):
+    """Workers did not report ready within the startup timeout (their logs' tails said):
+    ``kvmesh up`` exits 1 with it; a model added at run time is refused UNAVAILABLE."""
+
+    kind = ErrorKind.UNAVAILABLE
 
 
 #: Lines of a late worker's log shown in the error.

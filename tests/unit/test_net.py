@@ -38,3 +38,4 @@ def test_an_unreadable_range_is_taken_as_linux_default(monkeypatch: pytest.Monke
                                                        tmp_path: Path) -> None:
     monkeypatch.setattr(net, "_EPHEMERAL", tmp_path / "missing")
     assert net.ephemeral_start() == 32768
+
