@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -10,10 +11,15 @@ import grpc
 import httpx
 import openai
 import pytest
+from pydantic import SecretStr
 from smg_grpc_proto import vllm_engine_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 from transformers import AutoTokenizer
 
+from kvmesh.core.internal_auth import token_metadata
+from kvmesh.core.security_config import INTERNAL_TOKEN_ENV
+from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
+from kvmesh.v1 import common_pb2 as kvmesh_common_pb2
 from kvmesh.v1 import router_pb2, router_pb2_grpc
 from tests.prom import Scrape
 from tests.router_client import list_workers
@@ -233,3 +239,79 @@ def test_a_subscriber_resumes_from_its_cursor_or_gets_what_the_worker_holds(
     # Resumed after the last batch: live from there (a heartbeat while idle), no refusal.
     (live,) = _subscribe(busiest, seq + 1, 1, heartbeats=True)
     assert not live.HasField("snapshot") and live.sequence_number >= seq
+
+
+def test_a_router_started_after_the_workers_served_knows_their_caches_at_once(
+        kvmesh_up: UpProcess, model_dir: Path, tmp_path: Path) -> None:
+    """A router that comes up next to a running fleet (a new replica; one restarted
+    without its snapshot file) learns every block the workers hold from their
+    snapshots, before any new request: it routes a cached prefix to its holder at once
+    (with the library's live-only relay it knew nothing until blocks were stored again)."""
+    system = "Ledger of the harbour master, volume 42: " + " ".join(
+        f"pier {i} berths ship {i * 13 % 97}." for i in range(40))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+    client = openai.OpenAI(base_url=kvmesh_up.state["http"], api_key="x", max_retries=0)
+    client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0,
+                                   messages=messages)  # type: ignore[arg-type]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True),
+                     add_special_tokens=False)
+    held = {w["worker_id"]: _held_blocks(w["endpoint"]) for w in kvmesh_up.state["workers"]}
+    holders = [wid for wid, blocks in held.items() if list(ids[:32]) in blocks]
+    assert len(holders) == 1, held.keys()
+
+    ready = tmp_path / "late-router.ready"
+    token = "late-router-token"  # this router alone takes it (the workers are asked
+    # nothing that needs one: they are registered by the test, not by themselves)
+    proc = spawn_module("kvmesh.router", ["--port", "0", "--policy", "kv_aware",
+                                          "--ready-file", str(ready)], tmp_path / "late-router.log",
+                        env={**os.environ, INTERNAL_TOKEN_ENV: token})
+    try:
+        router = wait_ready_file(ready, 60, proc, "router")["grpc"]
+
+        async def register() -> None:
+            async with grpc.aio.insecure_channel(router) as channel:
+                stub = router_pb2_grpc.RouterStub(channel)
+                for w in kvmesh_up.state["workers"]:
+                    await stub.RegisterWorker(router_pb2.RegisterWorkerRequest(
+                        worker=kvmesh_common_pb2.WorkerInfo(
+                            worker_id=w["worker_id"], endpoint=w["endpoint"], model=MODEL,
+                            block_size=32, self_registered=False)), timeout=10,
+                        metadata=token_metadata(SecretStr(token)))
+
+        asyncio.run(register())
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            indexed = {s.worker.worker_id: s.indexed_blocks for s in list_workers(router)}
+            if all(indexed.get(wid, 0) >= len(blocks) > 0 for wid, blocks in held.items()
+                   if blocks):
+                break
+            time.sleep(0.2)
+        assert all(indexed.get(wid, 0) >= len(blocks) for wid, blocks in held.items()), (
+            indexed, {wid: len(b) for wid, b in held.items()})
+        decision = _route(router, ids)
+        assert decision.worker.worker_id == holders[0]
+        assert decision.reason == "kv_aware:prefix"
+        assert decision.expected_cached_tokens >= len(ids) // 32 * 32 - 32
+    finally:
+        terminate(proc, 10)
+
+
+def _held_blocks(endpoint: str) -> list[list[int]]:
+    """The token ids of every block a worker's snapshot lists (none: nothing published)."""
+    async def run() -> list[list[int]]:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            call = vllm_engine_pb2_grpc.VllmEngineStub(channel).SubscribeKvEvents(
+                common_pb2.SubscribeKvEventsRequest())
+            chunks: list[common_pb2.KvEventBatch] = []
+            try:
+                while not chunks or len(chunks) < chunks[0].snapshot.count:
+                    chunks.append(await asyncio.wait_for(call.read(), 3))
+            except TimeoutError:
+                return []
+            finally:
+                call.cancel()
+            return [list(b.token_ids) for c in chunks for e in c.events for b in e.stored.blocks]
+
+    return asyncio.run(run())
