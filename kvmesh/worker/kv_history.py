@@ -72,17 +72,18 @@ class KvHistory:
             return
         if self.last is None and batch.sequence_number > 1:
             self.unknown_before = batch.sequence_number - 1
+        size = 0  # stored blocks, the history's bound
         for event in batch.events:
             kind = event.WhichOneof("data")
             if kind == "stored":
                 self._stored(event.stored)
+                size += len(event.stored.blocks)
             elif kind == "removed":
                 for block_hash in event.removed.block_hashes:
                     self._removed(block_hash)
             elif kind == "cleared":
                 self._held.clear()
         self.last = batch.sequence_number
-        size = sum(len(e.stored.blocks) for e in batch.events if e.HasField("stored"))
         self._batches.append(batch)
         self._sizes.append(size)
         self._history_blocks += size

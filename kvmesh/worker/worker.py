@@ -44,6 +44,7 @@ from kvmesh.worker.engine_args import (
     kv_transfer_config,
     nixl_side_channel,
 )
+from kvmesh.worker.kv_fanout import KvEventFanout
 from kvmesh.worker.lora import AdapterManager, LoraEngine
 from kvmesh.worker.lora_servicer import SERVICE_NAME as LORA_SERVICE_NAME
 from kvmesh.worker.lora_servicer import LoraAdaptersServicer
@@ -103,7 +104,7 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._engine: Any = None
         self._reaper: subprocess.Popen[bytes] | None = None
-        self._kv_fanout: Any = None
+        self._kv_fanout: KvEventFanout | None = None
         self._registrations: list[Registration] = []
         self.adapters: AdapterManager | None = None
         self._reports: set[asyncio.Task[None]] = set()
@@ -275,9 +276,9 @@ class WorkerServer:
                      [p.pid for p in engine_procs], self.config.engine_nice)
         self.adapters = self._adapter_manager(VllmLoraEngine(engine))
         servicer = KvmeshVllmEngineServicer(engine, time.time(), self.adapters)
-        if servicer.kv_fanout is not None:  # follows the engine's events from its start
-            servicer.kv_fanout.start()
-            self._kv_fanout = servicer.kv_fanout
+        self._kv_fanout = servicer.kv_fanout
+        if self._kv_fanout is not None:  # follows the engine's events from its start
+            self._kv_fanout.start()
         # vLLM's own health servicer reports the engine's real state.
         health = VllmHealthServicer(engine)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
