@@ -144,18 +144,17 @@ def test_an_idle_workers_event_stream_beats_before_its_first_batch(
     assert beat.load.max_running_requests > 0
 
 
-def _subscribe(endpoint: str, start: int, count: int = 0,
+def _subscribe(endpoint: str, start: int, count: int,
                heartbeats: bool = False) -> list[common_pb2.KvEventBatch]:
-    """The first messages of a subscription from ``start`` (load-only heartbeats
-    skipped unless asked for): ``count`` of them, or a whole snapshot's chunks when
-    ``count`` is 0 (the stream's error raises)."""
+    """The first ``count`` messages of a subscription from ``start`` (load-only
+    heartbeats skipped unless asked for; the stream's error raises)."""
     async def run() -> list[common_pb2.KvEventBatch]:
         async with grpc.aio.insecure_channel(endpoint) as channel:
             call = vllm_engine_pb2_grpc.VllmEngineStub(channel).SubscribeKvEvents(
                 common_pb2.SubscribeKvEventsRequest(start_sequence_number=start))
             got: list[common_pb2.KvEventBatch] = []
             try:
-                while not got or len(got) < (count or got[0].snapshot.count):
+                while len(got) < count:
                     # An idle engine's heartbeats come every 5 s (the relay's backoff).
                     message = await asyncio.wait_for(call.read(), 12)
                     if heartbeats or not (message.HasField("load") and message.load.load_only):
@@ -167,23 +166,45 @@ def _subscribe(endpoint: str, start: int, count: int = 0,
     return asyncio.run(run())
 
 
-def _last_sequence(endpoint: str) -> int:
-    """The number a fresh subscription's snapshot carries (-1: nothing published yet,
-    so no snapshot, only live batches)."""
-    async def run() -> int:
+def _snapshot(endpoint: str) -> list[common_pb2.KvEventBatch]:
+    """Every chunk of the snapshot a fresh subscription starts with (none: the worker
+    published nothing yet, so only live batches would follow)."""
+    async def run() -> list[common_pb2.KvEventBatch]:
         async with grpc.aio.insecure_channel(endpoint) as channel:
             call = vllm_engine_pb2_grpc.VllmEngineStub(channel).SubscribeKvEvents(
                 common_pb2.SubscribeKvEventsRequest())
+            chunks: list[common_pb2.KvEventBatch] = []
             try:
-                first = await asyncio.wait_for(call.read(), 3)
+                while not chunks or len(chunks) < chunks[0].snapshot.count:
+                    chunks.append(await asyncio.wait_for(call.read(), 3))
             except TimeoutError:
-                return -1
+                return []
             finally:
                 call.cancel()
-            assert first.HasField("snapshot")
-            return int(first.sequence_number)
+            return chunks
 
     return asyncio.run(run())
+
+
+def _token_blocks(chunks: list[common_pb2.KvEventBatch]) -> list[list[int]]:
+    """The token ids of every block the chunks store."""
+    return [list(b.token_ids) for c in chunks for e in c.events for b in e.stored.blocks]
+
+
+def _served_prompt(kvmesh_up: UpProcess, model_dir: Path, system: str,
+                   more_systems: tuple[str, ...] = ()) -> list[int]:
+    """Serve a chat with ``system`` (then one per ``more_systems``) through the mesh;
+    return the first prompt's token ids, as the gateway renders them."""
+    client = openai.OpenAI(base_url=kvmesh_up.state["http"], api_key="x", max_retries=0)
+    for content in (system, *more_systems):
+        client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
+            {"role": "system", "content": content},
+            {"role": "user", "content": "Hi"}])  # type: ignore[arg-type]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+    return list(tok.encode(tok.apply_chat_template(messages, tokenize=False,
+                                                   add_generation_prompt=True),
+                           add_special_tokens=False))
 
 
 def test_a_subscriber_resumes_from_its_cursor_or_gets_what_the_worker_holds(
@@ -195,31 +216,21 @@ def test_a_subscriber_resumes_from_its_cursor_or_gets_what_the_worker_holds(
     a cursor."""
     system = "Archive clerk notes, series 7731: " + " ".join(
         f"shelf {i} holds box {i * 7 % 101}." for i in range(40))
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
-    client = openai.OpenAI(base_url=kvmesh_up.state["http"], api_key="x", max_retries=0)
-    client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0,
-                                   messages=messages)  # type: ignore[arg-type]
     # Two more prompts of their own: three batches on two workers, so one of them is
     # past its first (numbered 0) for the resume below.
-    for series in ("8842", "9953"):
-        client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
-            {"role": "system", "content": system.replace("7731", series)},
-            {"role": "user", "content": "Hi"}])  # type: ignore[arg-type]
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True),
-                     add_special_tokens=False)
-    first_block = list(ids[:32])
+    ids = _served_prompt(kvmesh_up, model_dir, system,
+                         tuple(system.replace("7731", series) for series in ("8842", "9953")))
+    first_block = ids[:32]
 
-    holder, snapshot = None, []
+    holder = None
     deadline = time.monotonic() + 20
     while holder is None and time.monotonic() < deadline:
         for worker in kvmesh_up.state["workers"]:
-            snapshot = _subscribe(worker["endpoint"], 0)
+            snapshot = _snapshot(worker["endpoint"])
+            assert snapshot, f"{worker['endpoint']} sent no snapshot"
             assert all(c.HasField("snapshot") for c in snapshot)
             assert [c.snapshot.index for c in snapshot] == list(range(len(snapshot)))
-            held = [list(b.token_ids) for chunk in snapshot for e in chunk.events
-                    for b in e.stored.blocks]
+            held = _token_blocks(snapshot)
             assert len(held) == snapshot[0].snapshot.blocks > 0
             if first_block in held:
                 holder = worker["endpoint"]
@@ -229,7 +240,10 @@ def test_a_subscriber_resumes_from_its_cursor_or_gets_what_the_worker_holds(
     assert holder is not None, "no worker's snapshot holds the prompt's first block"
 
     # Resuming (0 means "from the current state", so on a worker past its first batch).
-    last = {w["endpoint"]: _last_sequence(w["endpoint"]) for w in kvmesh_up.state["workers"]}
+    last: dict[str, int] = {}
+    for w in kvmesh_up.state["workers"]:
+        chunks = _snapshot(w["endpoint"])
+        last[w["endpoint"]] = chunks[0].sequence_number if chunks else -1
     busiest = max(last, key=lambda endpoint: last[endpoint])
     seq = last[busiest]
     assert seq >= 1, last
@@ -249,16 +263,10 @@ def test_a_router_started_after_the_workers_served_knows_their_caches_at_once(
     (with the library's live-only relay it knew nothing until blocks were stored again)."""
     system = "Ledger of the harbour master, volume 42: " + " ".join(
         f"pier {i} berths ship {i * 13 % 97}." for i in range(40))
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
-    client = openai.OpenAI(base_url=kvmesh_up.state["http"], api_key="x", max_retries=0)
-    client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0,
-                                   messages=messages)  # type: ignore[arg-type]
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    ids = tok.encode(tok.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True),
-                     add_special_tokens=False)
-    held = {w["worker_id"]: _held_blocks(w["endpoint"]) for w in kvmesh_up.state["workers"]}
-    holders = [wid for wid, blocks in held.items() if list(ids[:32]) in blocks]
+    ids = _served_prompt(kvmesh_up, model_dir, system)
+    held = {w["worker_id"]: _token_blocks(_snapshot(w["endpoint"]))
+            for w in kvmesh_up.state["workers"]}
+    holders = [wid for wid, blocks in held.items() if ids[:32] in blocks]
     assert len(holders) == 1, held.keys()
 
     ready = tmp_path / "late-router.ready"
@@ -297,21 +305,3 @@ def test_a_router_started_after_the_workers_served_knows_their_caches_at_once(
     finally:
         terminate(proc, 10)
 
-
-def _held_blocks(endpoint: str) -> list[list[int]]:
-    """The token ids of every block a worker's snapshot lists (none: nothing published)."""
-    async def run() -> list[list[int]]:
-        async with grpc.aio.insecure_channel(endpoint) as channel:
-            call = vllm_engine_pb2_grpc.VllmEngineStub(channel).SubscribeKvEvents(
-                common_pb2.SubscribeKvEventsRequest())
-            chunks: list[common_pb2.KvEventBatch] = []
-            try:
-                while not chunks or len(chunks) < chunks[0].snapshot.count:
-                    chunks.append(await asyncio.wait_for(call.read(), 3))
-            except TimeoutError:
-                return []
-            finally:
-                call.cancel()
-            return [list(b.token_ids) for c in chunks for e in c.events for b in e.stored.blocks]
-
-    return asyncio.run(run())
