@@ -59,7 +59,7 @@ async def start_actors(configs: list[WorkerConfig], group: Any, first_bundle: in
     where = [a.where.remote() for a in actors]
     starts = [asyncio.ensure_future(a.start.remote()) for a in actors]
     try:
-        done, pending = await asyncio.wait(starts, timeout=timeout_s)
+        _, pending = await asyncio.wait(starts, timeout=timeout_s)
         if pending:
             late = [i for i, task in enumerate(starts) if task in pending]
             raise WorkerStartError(await _late_report(
