@@ -22,6 +22,8 @@ import grpc
 import numpy as np
 
 from kvmesh.bench.stats import percentile
+from kvmesh.core.grpc_util import internal_channel
+from kvmesh.core.malloc_tuning import tune_malloc
 from kvmesh.core.route_batch import RouteBatcher
 from kvmesh.core.route_stream import RouteStreamSender, stub_batcher
 from kvmesh.core.service_main import freeze_heap
@@ -55,7 +57,9 @@ class Caller:
 
     def __init__(self, target: str, channels: int, finish: bool,
                  transport: str = "route") -> None:
-        self._channels = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+        # The gateway's own channel (its options: a fixed flow-control window, no BDP
+        # probing), so the router sees the connections a gateway opens.
+        self._channels = [internal_channel(target) for _ in range(channels)]
         self._route = [c.unary_unary(ROUTE) for c in self._channels]
         self._finished = [c.unary_unary(FINISHED) for c in self._channels]
         self._finish = finish
@@ -175,6 +179,7 @@ def summary(caller: Caller, elapsed_s: float) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    tune_malloc()  # the allocator a gateway's RouteBatcher runs with
     prompts = np.load(args.prompts)
     bodies = request_bodies(prompts, args.model, args.max_tokens)
     # As a gateway does once started: a full collection would walk the start-up heap

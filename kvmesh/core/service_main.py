@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from kvmesh.core.malloc_tuning import tune_malloc
+
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
@@ -78,6 +80,7 @@ class Service(Protocol):
 async def run_until_signalled(factory: Callable[[], Service]) -> None:
     """Build a service on the running loop (grpc.aio binds channels to it), start it,
     wait for SIGINT/SIGTERM, stop it."""
+    tune_malloc()
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

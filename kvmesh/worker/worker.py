@@ -27,6 +27,7 @@ from kvmesh.core.grpc_util import (
     set_serving,
     use_security,
 )
+from kvmesh.core.malloc_tuning import tune_malloc
 from kvmesh.core.metrics_http import MetricsEndpoint
 from kvmesh.core.net import bindable, free_port
 from kvmesh.core.processes import renice, terminate
@@ -124,6 +125,7 @@ class WorkerServer:
 
     async def start(self) -> dict[str, Any]:
         """Bind, start the engine, serve, register. Returns what the caller needs."""
+        tune_malloc()  # a Ray actor's process does not go through run_until_signalled
         config = self.config
         server = create_server([self.inflight])
         self.port = bind(server, config.host, config.port)
