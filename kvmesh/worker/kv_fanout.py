@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -151,16 +151,18 @@ class KvEventFanout:
         sub = _Subscription()
         # Nothing runs between reading the record and joining: no batch falls between.
         replay = self.history.since(start) if start else None
+        first: Iterable[common_pb2.KvEventBatch]
         if replay is not None:
             self.resumed += 1
             first = replay
         else:
-            first = self.history.snapshot()
-            self.snapshots += bool(first)
+            # Taken now, built chunk by chunk as the stream is written.
+            first = self.history.snapshot_later()
+            self.snapshots += self.history.last is not None
         self._subscriptions.add(sub)
         return self._stream(sub, first)
 
-    async def _stream(self, sub: _Subscription, first: list[common_pb2.KvEventBatch]
+    async def _stream(self, sub: _Subscription, first: Iterable[common_pb2.KvEventBatch]
                       ) -> AsyncGenerator[common_pb2.KvEventBatch, None]:
         try:
             for batch in first:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from smg_grpc_proto.generated import common_pb2
 
@@ -34,10 +36,11 @@ HISTORY_BLOCKS = 65_536
 SNAPSHOT_CHUNK_BLOCKS = 1024
 
 
-@dataclass
-class _Held:
+class _Held(NamedTuple):
     """One block hash the engine holds: its store (the event's fields, the block,
-    its parent) and how many physical copies of it are live."""
+    its parent) and how many physical copies of it are live. Never changed in place
+    (a new one replaces it), so a snapshot can keep the record's entries as they were
+    when it was taken while the record goes on."""
 
     template: common_pb2.KvBlocksStored
     block: common_pb2.KvBlock
@@ -60,11 +63,13 @@ class KvHistory:
     #: Stored blocks in ``_batches`` (each batch's count, to drop it by).
     _sizes: deque[int] = field(default_factory=deque)
     _history_blocks: int = 0
+    #: Live blocks, physical copies counted (the sum of ``_held``'s copies).
+    _live: int = 0
 
     @property
     def blocks(self) -> int:
         """Live blocks, physical copies counted."""
-        return sum(h.copies for h in self._held.values())
+        return self._live
 
     def record(self, batch: common_pb2.KvEventBatch) -> None:
         """Apply one relayed batch (heartbeats and snapshot chunks are skipped)."""
@@ -83,6 +88,7 @@ class KvHistory:
                     self._removed(block_hash)
             elif kind == "cleared":
                 self._held.clear()
+                self._live = 0
         self.last = batch.sequence_number
         self._batches.append(batch)
         self._sizes.append(size)
@@ -100,34 +106,21 @@ class KvHistory:
         parent = stored.parent_block_hash if stored.HasField("parent_block_hash") else None
         for block in stored.blocks:
             held = self._held.get(block.block_hash)
-            if held is not None:
-                held.copies += 1
-            else:
-                self._held[block.block_hash] = _Held(template, block, parent)
+            self._held[block.block_hash] = (
+                held._replace(copies=held.copies + 1) if held is not None
+                else _Held(template, block, parent))
+            self._live += 1
             parent = block.block_hash
 
     def _removed(self, block_hash: int) -> None:
         held = self._held.get(block_hash)
         if held is None:
             return
-        held.copies -= 1
-        if held.copies <= 0:
+        self._live -= 1
+        if held.copies > 1:
+            self._held[block_hash] = held._replace(copies=held.copies - 1)
+        else:
             del self._held[block_hash]
-
-    def _parents_first(self) -> list[_Held]:
-        """The held blocks, each after its parent when that is held too (a parent
-        evicted and stored again comes after its children in storing order)."""
-        done: set[int] = set()
-        out: list[_Held] = []
-        for first in self._held:
-            chain = []
-            at: int | None = first
-            while at is not None and at in self._held and at not in done:
-                done.add(at)
-                chain.append(self._held[at])
-                at = self._held[at].parent
-            out.extend(reversed(chain))
-        return out
 
     def since(self, start: int) -> list[common_pb2.KvEventBatch] | None:
         """The batches numbered ``start`` and after; None when they are no longer
@@ -148,30 +141,69 @@ class KvHistory:
 
     def snapshot(self, rank: int | None = None,
                  chunk_blocks: int = SNAPSHOT_CHUNK_BLOCKS) -> list[common_pb2.KvEventBatch]:
-        """The live blocks as snapshot chunks (parents before children, as stored),
-        each numbered with the last sequence applied; one empty chunk when nothing
-        is held. Empty when no batch was ever applied (nothing to number it by)."""
+        """The live blocks as snapshot chunks, all built now (``snapshot_later``
+        builds them as they are read)."""
+        return list(self.snapshot_later(rank, chunk_blocks))
+
+    def snapshot_later(self, rank: int | None = None,
+                       chunk_blocks: int = SNAPSHOT_CHUNK_BLOCKS
+                       ) -> Iterator[common_pb2.KvEventBatch]:
+        """The live blocks as of this call as snapshot chunks (parents before
+        children, as stored), each numbered with the last sequence applied; one empty
+        chunk when nothing is held; nothing when no batch was ever applied (nothing to
+        number it by).
+
+        Taking it costs a copy of the record's table (its entries are never changed
+        in place); each chunk is built when it is read, so a stream writing a large
+        cache's snapshot lets its event loop serve others between chunks instead of
+        stalling while every block becomes a message (0.36 s at 96k blocks)."""
         if self.last is None:
-            return []
-        stores: list[common_pb2.KvCacheEvent] = []
-        for held in self._parents_first():
-            for _ in range(held.copies):
-                event = common_pb2.KvCacheEvent()
-                event.stored.CopyFrom(held.template)
-                event.stored.blocks.append(held.block)
-                if held.parent is not None:
-                    event.stored.parent_block_hash = held.parent
-                stores.append(event)
-        chunks = [stores[i:i + chunk_blocks] for i in range(0, len(stores), chunk_blocks)]
-        chunks = chunks or [[]]
-        out = []
-        for index, events in enumerate(chunks):
-            batch = common_pb2.KvEventBatch(sequence_number=self.last, events=events)
-            if rank is not None:
-                batch.dp_rank = rank
-            batch.snapshot.index = index
-            batch.snapshot.count = len(chunks)
-            batch.snapshot.blocks = len(stores)
-            batch.snapshot.unknown_before = self.unknown_before
-            out.append(batch)
+            return iter(())
+        return _chunks(dict(self._held), self._live, self.last, self.unknown_before,
+                       rank, chunk_blocks)
+
+
+def _parents_first(held: dict[int, _Held]) -> Iterator[_Held]:
+    """``held``'s blocks, each after its parent when that is held too (a parent
+    evicted and stored again comes after its children in storing order)."""
+    done: set[int] = set()
+    for first in held:
+        chain = []
+        at: int | None = first
+        while at is not None and at in held and at not in done:
+            done.add(at)
+            chain.append(held[at])
+            at = held[at].parent
+        yield from reversed(chain)
+
+
+def _chunks(held: dict[int, _Held], blocks: int, last: int, unknown_before: int,
+            rank: int | None, chunk_blocks: int) -> Iterator[common_pb2.KvEventBatch]:
+    count = max(1, -(-blocks // chunk_blocks))
+    index = 0
+
+    def batch(events: list[common_pb2.KvCacheEvent]) -> common_pb2.KvEventBatch:
+        out = common_pb2.KvEventBatch(sequence_number=last, events=events)
+        if rank is not None:
+            out.dp_rank = rank
+        out.snapshot.index = index
+        out.snapshot.count = count
+        out.snapshot.blocks = blocks
+        out.snapshot.unknown_before = unknown_before
         return out
+
+    events: list[common_pb2.KvCacheEvent] = []
+    for entry in _parents_first(held):
+        for _ in range(entry.copies):
+            event = common_pb2.KvCacheEvent()
+            event.stored.CopyFrom(entry.template)
+            event.stored.blocks.append(entry.block)
+            if entry.parent is not None:
+                event.stored.parent_block_hash = entry.parent
+            events.append(event)
+            if len(events) == chunk_blocks:
+                yield batch(events)
+                index += 1
+                events = []
+    if events or index == 0:
+        yield batch(events)

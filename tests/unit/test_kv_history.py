@@ -5,6 +5,7 @@ router's own event tracker."""
 from __future__ import annotations
 
 import asyncio
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -112,6 +113,36 @@ def test_copies_and_removals_are_counted_as_vllm_publishes_them() -> None:
     history.record(common_pb2.KvEventBatch(sequence_number=7, events=[remove]))
     (empty,) = history.snapshot()
     assert not empty.events and empty.snapshot.blocks == 0  # "holds nothing", still said
+
+
+def test_a_snapshot_is_taken_at_once_and_built_as_it_is_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvmesh.worker.kv_history as module
+
+    worker = SimWorker(capacity=6)
+    history = KvHistory()
+    for batch in drive(worker, [0, 1, 2]):
+        history.record(batch)
+    expected = history.snapshot(chunk_blocks=2)
+    assert len(expected) >= 3
+    built: list[int] = []
+
+    def counted() -> common_pb2.KvCacheEvent:
+        built.append(1)
+        return common_pb2.KvCacheEvent()
+
+    monkeypatch.setattr(module, "common_pb2", types.SimpleNamespace(
+        KvEventBatch=common_pb2.KvEventBatch, KvBlocksStored=common_pb2.KvBlocksStored,
+        KvCacheEvent=counted))
+    chunks = history.snapshot_later(chunk_blocks=2)
+    assert not built  # taken: nothing built yet
+    first = next(chunks)
+    assert len(built) == 2  # one chunk's events, not the whole cache's
+    # The record goes on (blocks stored, others evicted) while the stream is written:
+    # the rest still describes the moment it was taken.
+    for batch in drive(worker, [3, 4, "clear", 0]):
+        history.record(batch)
+    assert [first, *chunks] == expected
 
 
 class ScriptedRelay:
