@@ -157,7 +157,7 @@ class KvEventFanout:
             first = replay
         else:
             # Taken now, built chunk by chunk as the stream is written.
-            first = self.history.snapshot_later()
+            first = self.history.snapshot()
             self.snapshots += self.history.last is not None
         self._subscriptions.add(sub)
         return self._stream(sub, first)

@@ -139,15 +139,8 @@ class KvHistory:
             return None
         return list(itertools.islice(self._batches, at, None))
 
-    def snapshot(self, rank: int | None = None,
-                 chunk_blocks: int = SNAPSHOT_CHUNK_BLOCKS) -> list[common_pb2.KvEventBatch]:
-        """The live blocks as snapshot chunks, all built now (``snapshot_later``
-        builds them as they are read)."""
-        return list(self.snapshot_later(rank, chunk_blocks))
-
-    def snapshot_later(self, rank: int | None = None,
-                       chunk_blocks: int = SNAPSHOT_CHUNK_BLOCKS
-                       ) -> Iterator[common_pb2.KvEventBatch]:
+    def snapshot(self, rank: int | None = None, chunk_blocks: int = SNAPSHOT_CHUNK_BLOCKS
+                 ) -> Iterator[common_pb2.KvEventBatch]:
         """The live blocks as of this call as snapshot chunks (parents before
         children, as stored), each numbered with the last sequence applied; one empty
         chunk when nothing is held; nothing when no batch was ever applied (nothing to
@@ -156,7 +149,7 @@ class KvHistory:
         Taking it costs a copy of the record's table (its entries are never changed
         in place); each chunk is built when it is read, so a stream writing a large
         cache's snapshot lets its event loop serve others between chunks instead of
-        stalling while every block becomes a message (0.36 s at 96k blocks)."""
+        stalling while every block becomes a message (0.32–0.34 s at 96k blocks)."""
         if self.last is None:
             return iter(())
         return _chunks(dict(self._held), self._live, self.last, self.unknown_before,

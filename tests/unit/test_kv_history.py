@@ -123,7 +123,7 @@ def test_a_snapshot_is_taken_at_once_and_built_as_it_is_read(
     history = KvHistory()
     for batch in drive(worker, [0, 1, 2]):
         history.record(batch)
-    expected = history.snapshot(chunk_blocks=2)
+    expected = list(history.snapshot(chunk_blocks=2))
     assert len(expected) >= 3
     built: list[int] = []
 
@@ -134,7 +134,7 @@ def test_a_snapshot_is_taken_at_once_and_built_as_it_is_read(
     monkeypatch.setattr(module, "common_pb2", types.SimpleNamespace(
         KvEventBatch=common_pb2.KvEventBatch, KvBlocksStored=common_pb2.KvBlocksStored,
         KvCacheEvent=counted))
-    chunks = history.snapshot_later(chunk_blocks=2)
+    chunks = history.snapshot(chunk_blocks=2)
     assert not built  # taken: nothing built yet
     first = next(chunks)
     assert len(built) == 2  # one chunk's events, not the whole cache's
