@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from kvmesh.core.config import WorkerConfig
+from kvmesh.core.malloc_tuning import ENV as MALLOC_ENV
 from kvmesh.core.security_config import REVEAL_SECRETS
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,11 @@ def spawn_worker_actor(config: WorkerConfig, name: str | None = None,
         "max_concurrency": 1000,
         # Offline unless the caller says otherwise: a hub model is fetched by whoever
         # starts the actor (`kvmesh up`), or by the actor when HF_HUB_OFFLINE=0 is set.
+        # The allocator opt-out reaches an actor on a cluster this process did not start.
         "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                     **ray_env()}},
+                                     **ray_env(),
+                                     **{k: os.environ[k] for k in (MALLOC_ENV,)
+                                        if k in os.environ}}},
     }
     if name:
         options["name"] = name

@@ -51,3 +51,31 @@ def test_a_freed_buffer_is_reused_without_page_faults() -> None:
     assert default_faults[1] > PAGES // 2
     # Fixed thresholds: the freed heap is kept and reused.
     assert sum(tuned_faults[1:]) < PAGES // 16
+
+
+def test_the_opt_out_reaches_a_worker_actor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray actor may run on a cluster the launcher did not start (its own
+    environment): the setting goes with the actor's runtime_env."""
+    import ray
+
+    from kvmesh.core.config import WorkerConfig
+    from kvmesh.worker.actor import spawn_worker_actor
+
+    seen: list[dict[str, object]] = []
+
+    class Remote:
+        def options(self, **options: object) -> Remote:
+            seen.append(options)
+            return self
+
+        def remote(self, *args: object) -> None:
+            return None
+
+    monkeypatch.setattr(ray, "remote", lambda cls: Remote())
+    monkeypatch.setenv("KVMESH_MALLOC_TUNING", "0")
+    spawn_worker_actor(WorkerConfig())
+    monkeypatch.delenv("KVMESH_MALLOC_TUNING")
+    spawn_worker_actor(WorkerConfig())
+    envs = [o["runtime_env"]["env_vars"] for o in seen]  # type: ignore[index]
+    assert envs[0]["KVMESH_MALLOC_TUNING"] == "0"
+    assert "KVMESH_MALLOC_TUNING" not in envs[1]
