@@ -145,7 +145,7 @@ async def test_the_router_logs_each_kv_aware_decision(tmp_path: Path) -> None:
 
 
 def test_a_real_run_joins_the_decision_log_by_completion_id(tmp_path: Path) -> None:
-    from kvmesh.bench.routing.real import explain_misses, front_cpu_s
+    from kvmesh.bench.routing.real import explain_misses, front_cpu_per_request, front_cpu_s
 
     entry = {"block_size": BS, "chosen": 0, "view": [0, 0], "confirmed": [0, 0],
              "kept": [0, 1], "near": [0, 1], "terms": {}}
@@ -165,10 +165,16 @@ def test_a_real_run_joins_the_decision_log_by_completion_id(tmp_path: Path) -> N
                              "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
     try:
         deadline = time.monotonic() + 20
-        while front_cpu_s([spin]) < 0.3 and time.monotonic() < deadline:
+        while front_cpu_s([spin])[0] < 0.3 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert 0.3 <= front_cpu_s([spin]) < 5
+        assert 0.3 <= front_cpu_s([spin])[0] < 5
     finally:
         spin.kill()
         spin.wait()
-    assert front_cpu_s([spin]) == 0.0  # gone: counts nothing, raises nothing
+    assert front_cpu_s([spin]) == [0.0]  # gone: counts nothing, raises nothing
+    # Per request, in all and per process (a kvmesh front end: gateway, then router).
+    assert front_cpu_per_request("kv_aware", [3.0, 1.0], 100) == {
+        "front_cpu_ms_per_request": 40.0,
+        "front_cpu_ms_per_request_by_process": {"gateway": 30.0, "router": 10.0}}
+    assert front_cpu_per_request("smg:cache_aware", [2.0], 100)[
+        "front_cpu_ms_per_request_by_process"] == {"smg": 20.0}

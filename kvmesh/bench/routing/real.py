@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -246,15 +247,26 @@ class RealBench:
             terminate(proc, 30)
 
 
-def front_cpu_s(procs: list[subprocess.Popen[bytes]]) -> float:
-    """CPU seconds the front end's processes (router + gateway, or smg) used so far:
-    on these 2 cores, time the engines did not get."""
-    total = 0.0
+def front_cpu_s(procs: list[subprocess.Popen[bytes]]) -> list[float]:
+    """CPU seconds each of the front end's processes (gateway + router, or smg) used so
+    far: on these 2 cores, time the engines did not get."""
+    used = []
     for proc in procs:
+        times = None
         with contextlib.suppress(psutil.Error):
             times = psutil.Process(proc.pid).cpu_times()
-            total += times.user + times.system
-    return total
+        used.append(times.user + times.system if times is not None else 0.0)
+    return used
+
+
+def front_cpu_per_request(policy: str, spent: list[float], requests: int
+                          ) -> dict[str, Any]:
+    """The front end's CPU per request, in all and per process (a kvmesh front end
+    is a gateway and a router, smg one process)."""
+    names = ["smg"] if policy.startswith("smg:") else ["gateway", "router"]
+    per = [round(1000 * s / max(requests, 1), 2) for s in spent]
+    return {"front_cpu_ms_per_request": round(sum(per), 2),
+            "front_cpu_ms_per_request_by_process": dict(zip(names, per, strict=False))}
 
 
 def explain_misses(log: Path, results: list[dict[str, Any]], oracle: list[int]
@@ -291,7 +303,7 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
     walls = dict.fromkeys(policies, 0.0)
     engines: dict[str, list[list[dict[str, float]]]] = {p: [] for p in policies}
     misses: dict[str, list[tuple[str, int] | None]] = {p: [] for p in policies}
-    front_cpu = dict.fromkeys(policies, 0.0)
+    front_cpu: dict[str, list[float]] = {p: [] for p in policies}
     with tempfile.TemporaryDirectory(prefix="kvm-real-") as d:
         bench = RealBench(model_dir, workers, Path(d), smg_binary, engine_flags)
         try:
@@ -308,7 +320,9 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
                         before, cpu = bench.engine_counters(), front_cpu_s(fronts)
                         results, wall = asyncio.run(_drive(url, model, prompts, timeout_s,
                                                            concurrency))
-                        front_cpu[policy] += front_cpu_s(fronts) - cpu
+                        spent = [b - a for a, b in zip(cpu, front_cpu_s(fronts), strict=True)]
+                        front_cpu[policy] = [a + b for a, b in zip_longest(
+                            front_cpu[policy], spent, fillvalue=0.0)]
                         misses[policy] += explain_misses(bench.decision_log(policy), results,
                                                          per_request)
                         per_worker = counter_deltas(before, bench.engine_counters())
@@ -329,8 +343,7 @@ def run_real(workload: list[SimRequest], policies: list[str], workers: int,
             shutil.copytree(d, kept, ignore=shutil.ignore_patterns("*-kv", "*-kvr"))
     return {policy: {**summarize(raw[policy], walls[policy]), "oracle_hit_rate": oracle,
                      "turns": repeat, "per_worker_by_turn": engines[policy],
-                     "front_cpu_ms_per_request": round(
-                         1000 * front_cpu[policy] / max(len(raw[policy]), 1), 2),
+                     **front_cpu_per_request(policy, front_cpu[policy], len(raw[policy])),
                      **({"misses": tally(misses[policy],
                                          int(sum(r["prompt"] for r in raw[policy])),
                                          len(misses[policy]))} if misses[policy] else {})}
