@@ -19,6 +19,12 @@ from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 RPC_TIMEOUT_S = 10.0
+#: A router that refuses this process's token is asked again after this long at most
+#: (doubling from the first interval): a wrong or missing token is a configuration
+#: error, fixed by a restart of one side, not something a tight retry loop mends.
+REFUSED_RETRY_MAX_S = 30.0
+#: Codes that mean the router is up and refuses us, not that it is away.
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 #: A worker's LoRA adapters as of now: (loaded, servable).
 AdapterReport = Callable[[], tuple[Sequence[str], Sequence[str]]]
@@ -79,7 +85,9 @@ class Registration:
     async def _run(self) -> None:
         interval = 1.0
         known = False
+        refused = 0
         while True:
+            wait = interval
             try:
                 if not known:
                     interval = await self._register()
@@ -93,11 +101,24 @@ class Registration:
                                     self._router)
                         known = False
                         continue
+                refused = 0
             except grpc.aio.AioRpcError as exc:
-                log.warning("router %s unreachable (%s); retrying", self._router,
-                            exc.code().name)
                 known = False
-            await asyncio.sleep(interval)
+                if exc.code() in _REFUSED:
+                    refused += 1
+                    wait = min(interval * 2 ** refused, REFUSED_RETRY_MAX_S)
+                    if refused == 1:
+                        log.error(
+                            "router %s refused to register %s (%s: %s): give both the "
+                            "same internal token (security.internal_token or "
+                            "KVMESH_INTERNAL_TOKEN); asking again every %.0f s at most",
+                            self._router, self._info.worker_id, exc.code().name,
+                            exc.details(), REFUSED_RETRY_MAX_S)
+                else:
+                    refused = 0
+                    log.warning("router %s unreachable (%s); retrying", self._router,
+                                exc.code().name)
+            await asyncio.sleep(wait)
 
     async def drain(self) -> None:
         """Ask the router to route nothing new here; heartbeats go on (the lease must

@@ -76,3 +76,50 @@ def test_worker_registers_again_within_a_second_of_the_routers_return() -> None:
     delay = asyncio.run(main())
     # Reconnect backoff (jittered by 20%) plus one beat, and some slack for the loop.
     assert delay < 1.2 * RECONNECT_BACKOFF_MAX_S + BEAT_S + 0.3, delay
+
+
+class RefusingRouter(router_pb2_grpc.RouterServicer):
+    """A router that is up but refuses this process's token, as a router with an
+    internal token refuses a worker or gateway started without it."""
+
+    def __init__(self) -> None:
+        self.attempts: list[float] = []
+
+    async def RegisterWorker(self, request: router_pb2.RegisterWorkerRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> router_pb2.RegisterWorkerResponse:
+        self.attempts.append(time.monotonic())
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing internal token")
+        raise AssertionError("unreachable")
+
+
+def test_a_refused_registration_is_one_clear_error_and_asked_again_less_often(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A refusal is a configuration error: it is logged once, as an error naming the
+    token to set, and asked again at doubling intervals — not warned about and retried
+    every second for as long as the process lives."""
+    async def main() -> list[float]:
+        server, router = grpc.aio.server(), RefusingRouter()
+        router_pb2_grpc.add_RouterServicer_to_server(router, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        registration = Registration(f"127.0.0.1:{port}", common_pb2.WorkerInfo(
+            worker_id="gateway-x", endpoint="127.0.0.1:1", model=""), token=None)
+        registration.start()
+        try:
+            await asyncio.sleep(6.5)
+        finally:
+            await registration.stop()
+            await server.stop(None)
+        return router.attempts
+
+    with caplog.at_level("WARNING", logger="kvmesh.core.registration"):
+        attempts = asyncio.run(main())
+    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    # Asked at 0, ~2 and ~6 s (a 1 s retry would have asked 6 or 7 times).
+    assert len(attempts) == 3, gaps
+    assert gaps[1] > gaps[0] * 1.5, gaps
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelname == "ERROR"
+    assert "KVMESH_INTERNAL_TOKEN" in refusals[0].getMessage()
+    assert not [r for r in caplog.records if "unreachable" in r.getMessage()]

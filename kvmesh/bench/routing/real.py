@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -40,6 +41,7 @@ from kvmesh.bench.routing.workloads import SimRequest
 from kvmesh.bench.sse import chunk_text, completion_chunks
 from kvmesh.bench.stats import ttft_summary
 from kvmesh.core.net import free_port
+from kvmesh.core.security_config import INTERNAL_TOKEN_ENV
 from kvmesh.launch.procs import spawn_module, terminate, wait_ready_file
 from kvmesh.router import decision_log
 
@@ -155,6 +157,9 @@ class RealBench:
         self.endpoints: list[str] = []
         self.metrics: list[str] = []
         self.model = ""
+        #: The kvmesh front end's internal token (router and gateway share it, as under
+        #: ``kvmesh up``): its gateway registers, as a deployed one does.
+        self.front_env = {**os.environ, INTERNAL_TOKEN_ENV: secrets.token_urlsafe(32)}
 
     def start_workers(self) -> None:
         from kvmesh.worker.engine_args import cpu_binding
@@ -197,13 +202,14 @@ class RealBench:
             args += ["--max-inflight-per-worker", inflight]
         for endpoint in self.endpoints:
             args += ["--worker", endpoint]
-        router = spawn_module("kvmesh.router", args, self.dir / f"router-{tag}.log")
+        router = spawn_module("kvmesh.router", args, self.dir / f"router-{tag}.log",
+                              env=self.front_env)
         address = wait_ready_file(self.dir / f"router-{tag}.ready", 60, router)["grpc"]
         gateway = spawn_module(
             "kvmesh.gateway",
             ["--router", address, "--port", "0", "--grpc-port", "0",
              "--ready-file", str(self.dir / f"gateway-{tag}.ready")],
-            self.dir / f"gateway-{tag}.log")
+            self.dir / f"gateway-{tag}.log", env=self.front_env)
         url = wait_ready_file(self.dir / f"gateway-{tag}.ready", 60, gateway)["http"]
         return url, [gateway, router]
 
