@@ -35,6 +35,37 @@ def _per_call(fn: Callable[[], Any], n: int) -> float:
     return round(sorted(runs)[2], 2)
 
 
+def long_prompt_costs(tokenizer: Any) -> dict[str, float]:
+    """Tokenizing vLLM's ``prefix_repetition`` prompts (2,048-token prefixes of random
+    tokens, 32 of them, each with its own 256-token suffix: the routing bench's
+    workload), as the Rust tokenizer did before (``encode``, offsets and all, tokenizers'
+    10,000-word BPE cache) and as the gateway does now; per prompt, warm."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    from kvmesh.bench.routing.workloads import prefix_repetition
+
+    texts = [tokenizer.decode(list(r.prompt))
+             for r in prefix_repetition(random.Random(0), 160, 1.0)]
+    before = Tokenizer.from_str(tokenizer.backend.to_str())
+    before.no_truncation()
+    before.no_padding()
+
+    def each(encode: Callable[[str], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for text in texts:
+                encode(text)
+        return run
+
+    old = each(lambda t: before.encode(t, add_special_tokens=False).ids)
+    new = each(lambda t: tokenizer.encode(t, False))
+    old(), new()  # each tokenizer's cache as a server's after its first requests
+    return {"tokenize_prefix_repetition_prompt_before_us": round(
+                _per_call(old, 1) / len(texts), 2),
+            "tokenize_prefix_repetition_prompt_us": round(_per_call(new, 1) / len(texts), 2)}
+
+
 def request_costs(tokenizer: Any) -> dict[str, float]:
     messages = [{"role": "user", "content": PROMPT}]
     text = tokenizer.render_chat(messages, True)
@@ -53,6 +84,7 @@ def request_costs(tokenizer: Any) -> dict[str, float]:
         "tokenize_rust_us": _per_call(lambda: tokenizer.encode(text, False), 200),
         "thread_trips_2_us": round(asyncio.run(threads(2)), 2),
         "thread_trips_1_us": round(asyncio.run(threads(1)), 2),
+        **long_prompt_costs(tokenizer),
     }
 
 

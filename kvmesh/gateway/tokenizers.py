@@ -29,6 +29,11 @@ from kvmesh.core.service_main import freezing_imports
 
 log = logging.getLogger(__name__)
 FETCH_TIMEOUT_S = 60.0
+#: Words a BPE encoder remembers the merges of (tokenizers' default: 10,000). Prompts
+#: that share long prefixes repeat their words request after request; a hot set of
+#: 32 × 2,048-token prefixes has more distinct words than the default keeps, so every
+#: prompt was merged again in full (8.0 → 6.5 ms per 2,400-token prompt with this).
+ENCODER_CACHE_WORDS = 100_000
 
 
 @dataclass
@@ -88,12 +93,16 @@ class ModelTokenizer:
         encoder = Tokenizer.from_str(self.backend.to_str())
         encoder.no_truncation()
         encoder.no_padding()
+        resize = getattr(encoder.model, "_resize_cache", None)  # BPE models only
+        if resize is not None:
+            resize(ENCODER_CACHE_WORDS)
         return encoder
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """The ids transformers' ``encode`` gives, straight from the Rust tokenizer (its
-        post-processor adds the special tokens), without transformers' Python layer."""
-        return list(self.encoder.encode(text, add_special_tokens=add_special_tokens).ids)
+        post-processor adds the special tokens), without transformers' Python layer and
+        without the character offsets nobody here reads (``encode_batch_fast``)."""
+        return self.encode_batch([text], add_special_tokens)[0]
 
     @cached_property
     def processor(self) -> Any:
@@ -129,7 +138,7 @@ class ModelTokenizer:
         if not texts:
             return []
         return [list(e.ids) for e in
-                self.encoder.encode_batch(texts, add_special_tokens=add_special_tokens)]
+                self.encoder.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int]) -> str:
         return str(self.hf.decode(ids, skip_special_tokens=True))

@@ -71,3 +71,24 @@ def test_render_and_encode_gives_the_ids_transformers_gives(model_dir) -> None:
     text, ids = tokenizer.render_and_encode(messages, True)
     assert text == tokenizer.render_chat(messages, True)
     assert ids == tokenizer.hf.encode(text, add_special_tokens=False)
+
+
+def test_prompts_sharing_long_prefixes_encode_to_the_same_ids_twice(model_dir) -> None:
+    """The gateway's encoder remembers many more BPE words than tokenizers' default and
+    skips offsets (``encode_batch_fast``); on vLLM's ``prefix_repetition`` prompts
+    (random tokens, shared 2,048-token prefixes), first and again from its word cache,
+    its ids are transformers' ids."""
+    import random
+
+    from kvmesh.bench.routing.workloads import prefix_repetition
+    from kvmesh.gateway.tokenizers import ENCODER_CACHE_WORDS, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    texts = [tokenizer.decode(list(r.prompt))
+             for r in prefix_repetition(random.Random(3), 24, 1.0, prefixes=4)]
+    expected = [tokenizer.hf.encode(t, add_special_tokens=False) for t in texts]
+    assert min(map(len, expected)) > 2000
+    for _ in range(2):
+        assert [tokenizer.encode(t, False) for t in texts] == expected
+    assert tokenizer.encode_batch(texts, False) == expected
+    assert ENCODER_CACHE_WORDS > 10_000  # tokenizers' own default
