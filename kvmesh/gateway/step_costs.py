@@ -44,10 +44,13 @@ def long_prompt_costs(tokenizer: Any) -> dict[str, float]:
 
     from tokenizers import Tokenizer
 
-    from kvmesh.bench.routing.workloads import prefix_repetition
+    rng = random.Random(0)
 
-    texts = [tokenizer.decode(list(r.prompt))
-             for r in prefix_repetition(random.Random(0), 160, 1.0)]
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(tokenizer.vocab_size) for _ in range(n)]
+
+    heads = [tokens(2048) for _ in range(32)]
+    texts = [tokenizer.decode(heads[i % 32] + tokens(256)) for i in range(160)]
     before = Tokenizer.from_str(tokenizer.backend.to_str())
     before.no_truncation()
     before.no_padding()
