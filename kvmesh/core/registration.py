@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from kvmesh.core.grpc_util import internal_channel
 from kvmesh.core.internal_auth import token_metadata
+from kvmesh.core.security_config import INTERNAL_TOKEN_ENV
 from kvmesh.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -110,10 +111,10 @@ class Registration:
                     if refused == 1:
                         log.error(
                             "router %s refused to register %s (%s: %s): give both the "
-                            "same internal token (security.internal_token or "
-                            "KVMESH_INTERNAL_TOKEN); asking again every %.0f s at most",
-                            self._router, self._info.worker_id, exc.code().name,
-                            exc.details(), REFUSED_RETRY_MAX_S)
+                            "same internal token (security.internal_token or %s); asking "
+                            "again every %.0f s at most", self._router,
+                            self._info.worker_id, exc.code().name, exc.details(),
+                            INTERNAL_TOKEN_ENV, REFUSED_RETRY_MAX_S)
                 else:
                     refused = 0
                     log.warning("router %s unreachable (%s); retrying", self._router,

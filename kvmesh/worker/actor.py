@@ -117,8 +117,8 @@ def spawn_worker_actor(config: WorkerConfig, name: str | None = None,
         # The allocator opt-out reaches an actor on a cluster this process did not start.
         "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                                      **ray_env(),
-                                     **{k: os.environ[k] for k in (MALLOC_ENV,)
-                                        if k in os.environ}}},
+                                     **({MALLOC_ENV: os.environ[MALLOC_ENV]}
+                                        if MALLOC_ENV in os.environ else {})}},
     }
     if name:
         options["name"] = name

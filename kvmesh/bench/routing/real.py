@@ -272,7 +272,7 @@ def front_cpu_per_request(policy: str, spent: list[float], requests: int
     names = ["smg"] if policy.startswith("smg:") else ["gateway", "router"]
     per = [round(1000 * s / max(requests, 1), 2) for s in spent]
     return {"front_cpu_ms_per_request": round(sum(per), 2),
-            "front_cpu_ms_per_request_by_process": dict(zip(names, per, strict=False))}
+            "front_cpu_ms_per_request_by_process": dict(zip(names, per, strict=True))}
 
 
 def explain_misses(log: Path, results: list[dict[str, Any]], oracle: list[int]
